@@ -1,0 +1,1 @@
+"""The ``trackin-ooc`` command-line application (installed as the ``trackin_ooc_cli`` package)."""

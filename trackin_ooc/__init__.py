@@ -1,0 +1,30 @@
+"""trackin-ooc: TracIn (TracInCP) training-data influence for datasets that do not fit in memory.
+
+    store = capture(model, checkpoints, data, "train.zarr", projection_dim=2048)
+    self_influence(store); influence(test, train, out="inf.zarr"); top_k(test, train, k=10)
+"""
+
+from ._version import __version__
+from .capture import capture
+from .errors import (
+    CaptureError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    EmptyDatasetError,
+    IncompatibleStoresError,
+    IncompleteStoreError,
+    StoreError,
+    StoreExistsError,
+    TrackinError,
+)
+from .scores import influence, plan_for, self_influence, top_k
+from .spec import ProjectionSpec
+from .store import GradientStore, from_arrays, open_store
+
+__all__ = [
+    "__version__",
+    "capture", "from_arrays", "open_store", "GradientStore", "ProjectionSpec",
+    "self_influence", "influence", "top_k", "plan_for",
+    "TrackinError", "StoreError", "StoreExistsError", "IncompleteStoreError", "IncompatibleStoresError",
+    "CheckpointError", "CheckpointNotFoundError", "CaptureError", "EmptyDatasetError",
+]

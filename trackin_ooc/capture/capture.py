@@ -1,0 +1,136 @@
+"""capture(): per-checkpoint per-example gradients → projection → row blocks of a gradient store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CaptureError
+from ..progress import progress_bar
+from ..store import GradientStore, prepare_output
+from ..store.backends import StorageOptions
+from ..store.layout import STORAGE_DTYPES
+from .checkpoints import load_checkpoints
+from .data import as_loader, batches, dataset_length
+from .layers import select_parameters
+from .per_example import LossFn, PerExampleGradients
+from .projection import Projector, make_spec
+from .writer import BlockWriter
+
+log = logging.getLogger("trackin_ooc")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "gpu":
+        device = "cuda"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CaptureError("device 'cuda' was asked for but torch sees no CUDA device; use device='cpu'")
+    return dev
+
+
+def _loss_name(loss_fn) -> str:
+    if loss_fn is None:
+        return "cross_entropy"
+    return getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
+
+
+def capture(
+    model: nn.Module,
+    checkpoints: Sequence[str | os.PathLike | Mapping[str, torch.Tensor]],
+    data,
+    path: str | os.PathLike,
+    *,
+    learning_rates: Sequence[float] | None = None,
+    loss_fn: LossFn | None = None,
+    layers: Sequence[str] | str | None = None,
+    projection_dim: int | None = None,
+    projection: str = "gaussian",
+    seed: int = 0,
+    batch_size: int = 256,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    device: str | torch.device | None = "auto",
+    chunk_rows: int | None = None,
+    storage_options: StorageOptions = None,
+    progress: bool | None = None,
+) -> GradientStore:
+    """Write per-example loss gradients of ``data`` at every checkpoint to a gradient store at ``path``.
+
+    Gradients are computed per batch with ``torch.func``, projected to ``projection_dim`` dims (or kept
+    exact when it is None), and written in whole row blocks as they are produced, so memory holds a
+    few blocks, never the whole matrix. The store is marked complete after its last block.
+    """
+    if dtype not in STORAGE_DTYPES:
+        raise CaptureError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+    dev = resolve_device(device)
+    prepare_output(path, overwrite=overwrite, storage_options=storage_options, what="gradient store")
+    ckpts = load_checkpoints(model, checkpoints, learning_rates)
+    names = select_parameters(model, layers)
+    params = dict(model.named_parameters())
+    spec = make_spec(projection, projection_dim, seed, [(n, tuple(params[n].shape)) for n in names])
+    projector = Projector(spec, device=dev)
+    loader = as_loader(data, batch_size)
+    n = dataset_length(loader)
+
+    model = model.to(dev).eval()
+    states = [{k: v.to(dev) for k, v in ck.state_dict.items()} for ck in ckpts]
+    per_example = PerExampleGradients(model, names, loss_fn)
+
+    store: GradientStore | None = None
+    writer = None
+    seen = 0
+    t0 = time.perf_counter()
+
+    with progress_bar(total=n, desc="capture", unit="ex", enabled=progress) as bar:
+        for inputs, targets in batches(loader, dev):
+            b = targets.shape[0]
+            if seen + b > n:
+                raise CaptureError(f"the data yielded more than len(dataset)={n} examples")
+            labels = targets.detach().cpu().numpy() if targets.ndim == 1 else None
+            if store is None:
+                store = GradientStore.create(
+                    path,
+                    n_checkpoints=len(ckpts),
+                    n_examples=n,
+                    spec=spec,
+                    learning_rates=[ck.learning_rate for ck in ckpts],
+                    dtype=dtype,
+                    checkpoint_names=[ck.name for ck in ckpts],
+                    checkpoint_hashes=[ck.sha256 for ck in ckpts],
+                    loss_name=_loss_name(loss_fn),
+                    label_dtype=None if labels is None else labels.dtype,
+                    chunk_rows=chunk_rows,
+                    overwrite=overwrite,
+                    storage_options=storage_options,
+                )
+                with_labels = labels is not None
+                writer = BlockWriter(store, with_labels=with_labels)
+            feats = np.empty((len(ckpts), b, spec.dim), dtype=np.float32)
+            losses = np.empty((len(ckpts), b), dtype=np.float32)
+            for c, state in enumerate(states):
+                grads, loss = per_example(state, inputs, targets)
+                feats[c] = projector(grads).detach().cpu().numpy()
+                losses[c] = loss.detach().cpu().numpy()
+            writer.add(feats, losses, labels if with_labels else None)
+            seen += b
+            bar.update(b)
+    if writer is None:
+        raise CaptureError("the data yielded no batches although len(dataset) > 0")
+    writer.close()
+    if seen != n:
+        raise CaptureError(f"the data yielded {seen} examples but len(dataset) is {n}; fix the dataset")
+    store.mark_complete()
+    log.info(
+        "captured %d examples × %d checkpoints (%s) into %s in %.1f s, per-example method %s",
+        n, len(ckpts), spec.describe(), store.path, time.perf_counter() - t0, per_example.method,
+    )
+    return store

@@ -1,0 +1,83 @@
+"""Per-example loss gradients: ``torch.func`` (vmap over grad) with a per-example autograd fallback."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+log = logging.getLogger("trackin_ooc")
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy, the default loss."""
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def as_tuple(inputs) -> tuple[torch.Tensor, ...]:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+class PerExampleGradients:
+    """Gradients of each example's own loss with respect to the selected parameters.
+
+    Tries ``vmap(grad(...))`` first; if the model cannot be vmapped (in-place ops on batched
+    tensors, data-dependent control flow, ...) it logs why and loops over examples with autograd,
+    which gives the same numbers more slowly.
+    """
+
+    def __init__(self, model: nn.Module, param_names: Sequence[str], loss_fn: LossFn | None = None):
+        self.model = model
+        self.param_names = list(param_names)
+        self.loss_fn = loss_fn or cross_entropy
+        self.method: str | None = None  # "vmap" or "loop", fixed after the first batch
+
+        def single_loss(selected, rest, x, y):
+            out = functional_call(self.model, (selected, rest), tuple(xi.unsqueeze(0) for xi in x))
+            loss = self.loss_fn(out, y.unsqueeze(0)).sum()
+            return loss, loss.detach()
+
+        self._vmapped = vmap(grad(single_loss, has_aux=True), in_dims=(None, None, 0, 0))
+
+    def _split(self, state: dict[str, torch.Tensor]):
+        selected = {n: state[n] for n in self.param_names}
+        rest = {k: v for k, v in state.items() if k not in selected}
+        return selected, rest
+
+    def __call__(
+        self, state: dict[str, torch.Tensor], inputs, targets: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Return ({name: (batch, *shape)}, losses (batch,)) at the parameters in ``state``."""
+        x = as_tuple(inputs)
+        if self.method in (None, "vmap"):
+            try:
+                grads, losses = self._vmapped(*self._split(state), x, targets)
+                self.method = "vmap"
+                return grads, losses
+            except Exception as e:  # vmap refuses many models; the loop handles all of them
+                if self.method == "vmap":
+                    raise
+                log.warning("per-example gradients: vmap failed (%s: %s); using the per-example loop",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                self.method = "loop"
+        return self._loop(state, x, targets)
+
+    def _loop(self, state, x, targets):
+        selected, rest = self._split(state)
+        leaves = {n: t.detach().requires_grad_(True) for n, t in selected.items()}
+        per_param: dict[str, list[torch.Tensor]] = {n: [] for n in self.param_names}
+        losses = []
+        for i in range(targets.shape[0]):
+            out = functional_call(self.model, (leaves, rest), tuple(xi[i : i + 1] for xi in x))
+            loss = self.loss_fn(out, targets[i : i + 1]).sum()
+            gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            for (n, leaf), g in zip(leaves.items(), gs):
+                per_param[n].append(torch.zeros_like(leaf) if g is None else g)
+            losses.append(loss.detach())
+        return {n: torch.stack(v) for n, v in per_param.items()}, torch.stack(losses)

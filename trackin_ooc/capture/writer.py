@@ -1,0 +1,76 @@
+"""Row blocks assembled from batches and written in the background while the next ones compute."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from ..store import GradientStore
+
+
+class BlockWriter:
+    """Collects per-batch rows into whole store row blocks and writes them on a writer thread.
+
+    At most ``max_pending`` blocks wait to be written, which bounds memory to a few blocks.
+    """
+
+    def __init__(self, store: GradientStore, with_labels: bool, max_pending: int = 2):
+        self.store = store
+        self.blocks = store.row_blocks()
+        self.with_labels = with_labels
+        self.max_pending = max_pending
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trackin-writer")
+        self._pending: list[Future] = []
+        self._index = 0
+        self._fill = 0
+        self._new_buffers()
+
+    def _new_buffers(self) -> None:
+        if self._index >= len(self.blocks):
+            return
+        start, stop = self.blocks[self._index]
+        rows = stop - start
+        s = self.store
+        self._grads = np.empty((s.n_checkpoints, rows, s.feature_dim), dtype=np.float32)
+        self._losses = np.empty((s.n_checkpoints, rows), dtype=np.float32)
+        self._labels = np.empty(rows, dtype=s._array("label").dtype) if self.with_labels else None
+
+    def add(self, grads: np.ndarray, losses: np.ndarray, labels: np.ndarray | None) -> None:
+        """Append rows (C, b, F), (C, b), (b,); whole blocks are sent to the writer as they fill."""
+        b, done = grads.shape[1], 0
+        while done < b:
+            if self._index >= len(self.blocks):
+                raise ValueError("more rows than the store holds")
+            start, stop = self.blocks[self._index]
+            take = min(b - done, stop - start - self._fill)
+            sl = slice(self._fill, self._fill + take)
+            self._grads[:, sl] = grads[:, done : done + take]
+            self._losses[:, sl] = losses[:, done : done + take]
+            if self._labels is not None:
+                self._labels[sl] = labels[done : done + take]
+            self._fill += take
+            done += take
+            if self._fill == stop - start:
+                self._submit(start)
+
+    def _submit(self, start: int) -> None:
+        self._drain(self.max_pending - 1)
+        self._pending.append(
+            self._pool.submit(self.store.write_block, start, self._grads, self._losses, self._labels)
+        )
+        self._index += 1
+        self._fill = 0
+        self._new_buffers()
+
+    def _drain(self, keep: int) -> None:
+        while len(self._pending) > keep:
+            self._pending.pop(0).result()
+
+    def close(self) -> int:
+        """Wait for all writes; return the number of complete blocks written."""
+        try:
+            self._drain(0)
+        finally:
+            self._pool.shutdown(wait=True)
+        return self._index

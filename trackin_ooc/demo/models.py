@@ -1,0 +1,41 @@
+"""Small models for 8×8 digit images (input shape (batch, 1, 8, 8))."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def digits_mlp(hidden: Sequence[int] = (64,), *, seed: int = 0) -> nn.Module:
+    """Flatten → Linear/ReLU stack → 10 logits."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = 64
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, 10))
+    return nn.Sequential(*layers)
+
+
+class DigitsCNN(nn.Module):
+    """Conv2d(1→8, 3×3) → ReLU → Conv2d(8→8, 3×3) → ReLU → Linear(8·4·4 → 10)."""
+
+    def __init__(self, channels: int = 8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, channels, 3)
+        self.conv2 = nn.Conv2d(channels, channels, 3)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(channels * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.conv1(x))
+        x = self.relu(self.conv2(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+def digits_cnn(channels: int = 8, *, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return DigitsCNN(channels)

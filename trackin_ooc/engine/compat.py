@@ -1,0 +1,34 @@
+"""Which stores may be combined: same projection, checkpoints, learning rates and dtype."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import IncompatibleStoresError
+from ..store import GradientStore
+
+
+def check_compatible(test: GradientStore, train: GradientStore) -> None:
+    """Raise IncompatibleStoresError saying how the two stores differ (and how to fix it)."""
+    problems = []
+    if test.feature_dim != train.feature_dim:
+        problems.append(f"feature width {test.feature_dim} vs {train.feature_dim}")
+    if test.fingerprint != train.fingerprint:
+        diff = test.spec.difference(train.spec) or "fingerprints differ"
+        problems.append(f"projection spec differs ({diff})")
+    if test.n_checkpoints != train.n_checkpoints:
+        problems.append(f"{test.n_checkpoints} vs {train.n_checkpoints} checkpoints")
+    elif not np.allclose(test.learning_rates, train.learning_rates, rtol=1e-9, atol=0):
+        problems.append(f"learning rates {list(test.learning_rates)} vs {list(train.learning_rates)}")
+    else:
+        ha, hb = test.checkpoint_hashes, train.checkpoint_hashes
+        bad = [i for i, (a, b) in enumerate(zip(ha, hb)) if a and b and a != b]
+        if bad:
+            problems.append(f"checkpoint {bad[0]} has different weights in the two stores")
+    if test.dtype != train.dtype:
+        problems.append(f"storage dtype {test.dtype} vs {train.dtype}")
+    if problems:
+        raise IncompatibleStoresError(
+            f"stores {test.path} and {train.path} cannot be combined: {'; '.join(problems)}; "
+            "capture both with the same checkpoints, layers, projection, seed and dtype"
+        )

@@ -1,0 +1,39 @@
+"""Exception types: each says what went wrong and how to fix it, in one line."""
+
+from __future__ import annotations
+
+
+class TrackinError(Exception):
+    """Base class for every error trackin-ooc raises on purpose."""
+
+
+class StoreError(TrackinError):
+    """A gradient store cannot be opened, read or written as asked."""
+
+
+class StoreExistsError(StoreError, FileExistsError):
+    """The output location already holds data and ``overwrite`` was not given."""
+
+
+class IncompleteStoreError(StoreError):
+    """The store was never finished (capture interrupted); resume the capture first."""
+
+
+class IncompatibleStoresError(TrackinError, ValueError):
+    """Two stores cannot be combined: different projection, checkpoints or learning rates."""
+
+
+class CheckpointError(TrackinError, ValueError):
+    """A checkpoint is missing, unreadable, or does not fit the model."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint path does not exist."""
+
+
+class CaptureError(TrackinError, ValueError):
+    """The capture arguments are inconsistent (learning rates, layers, data)."""
+
+
+class EmptyDatasetError(CaptureError):
+    """The dataset yields no examples."""

@@ -1,0 +1,156 @@
+"""The public scoring API: self-influence, influence matrices and exact top-k, as xarray objects."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import xarray as xr
+
+from .engine import graphs, planning, resources
+from .engine.backend import resolve_backend
+from .engine.compat import check_compatible
+from .engine.execute import compute
+from .errors import IncompatibleStoresError, TrackinError
+from .store import GradientStore, open_store
+from .store.backends import StorageOptions
+from .store.influence_store import InfluenceStore, open_influence
+
+StoreLike = GradientStore | str | os.PathLike
+
+
+def _open(store: StoreLike, storage_options: StorageOptions = None) -> GradientStore:
+    return open_store(store, storage_options=storage_options).require_complete()
+
+
+def plan_for(test: GradientStore, train: GradientStore, *, memory_limit=None, k: int = 0) -> planning.BlockPlan:
+    """The block plan the engine would use for these stores under the active scheduler."""
+    res = resources.detect(memory_limit)
+    from .store.layout import itemsize
+
+    return planning.plan_blocks(
+        n_test=test.n_examples, n_train=train.n_examples, n_checkpoints=train.n_checkpoints,
+        feature_dim=train.feature_dim, itemsize=itemsize(train.dtype), memory_limit=res.memory_limit,
+        threads=res.threads, k=k, train_align=train.chunk_rows, test_align=test.chunk_rows,
+    )
+
+
+def self_influence(
+    store: StoreLike,
+    *,
+    device: str = "auto",
+    compute_now: bool = True,
+    progress: bool | None = None,
+    storage_options: StorageOptions = None,
+) -> xr.DataArray:
+    """Σ_c η_c ‖g_c(z)‖² for every example, in one read pass over the store.
+
+    High values flag mislabelled or unusual training examples. Returns a DataArray with dims
+    ("example",); with ``compute_now=False`` it stays lazy (dask-backed).
+    """
+    st = _open(store, storage_options)
+    backend = resolve_backend(device).name
+    data = graphs.self_influence_array(st, backend)
+    coords = {"example": st.example_ids()}
+    if st.has_labels:
+        coords["label"] = ("example", st.labels())
+    arr = xr.DataArray(data, dims=("example",), coords=coords, name="self_influence",
+                       attrs={"store": st.path, "fingerprint": st.fingerprint})
+    if compute_now:
+        (values,) = compute(arr.data, desc="self-influence", progress=progress)
+        arr = arr.copy(data=values)
+    return arr
+
+
+def influence(
+    test: StoreLike,
+    train: StoreLike,
+    *,
+    out: str | os.PathLike | None = None,
+    normalize: bool = False,
+    device: str = "auto",
+    memory_limit=None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    storage_options: StorageOptions = None,
+) -> xr.DataArray:
+    """The (test, train) influence matrix Σ_c η_c ⟨g_c(z'), g_c(z)⟩ (cosine with ``normalize``).
+
+    Without ``out`` the result is lazy (nothing is computed until asked). With ``out`` every block is
+    written to a Zarr group there, task by task, and the result is lazily opened from it.
+    """
+    te, tr = _open(test, storage_options), _open(train, storage_options)
+    check_compatible(te, tr)
+    backend = resolve_backend(device).name
+    plan = plan_for(te, tr, memory_limit=memory_limit)
+    attrs = {
+        "normalize": bool(normalize),
+        "test_store": te.path, "train_store": tr.path,
+        "test_fingerprint": te.fingerprint, "train_fingerprint": tr.fingerprint,
+        "test_store_id": te.store_id, "train_store_id": tr.store_id,
+        "learning_rates": [float(x) for x in tr.learning_rates],
+    }
+    if out is None:
+        data = graphs.influence_array(te, tr, plan, normalize, backend)
+        return xr.DataArray(
+            data, dims=("test", "train"),
+            coords={"test": te.example_ids(), "train": tr.example_ids()},
+            name="influence", attrs=attrs,
+        )
+    target = InfluenceStore.create(
+        out, test_ids=te.example_ids(), train_ids=tr.example_ids(),
+        chunks=(plan.test_rows, plan.train_rows),
+        n_tasks=(len(plan.test_blocks(te.n_examples)), len(plan.train_blocks(tr.n_examples))),
+        attrs=attrs, overwrite=overwrite, storage_options=storage_options,
+    )
+    compute(graphs.influence_write_graph(te, tr, plan, normalize, backend, target),
+            desc="influence", progress=progress)
+    target.mark_complete()
+    return open_influence(out, storage_options=storage_options)
+
+
+def top_k(
+    test: StoreLike,
+    train: StoreLike,
+    *,
+    k: int = 10,
+    normalize: bool = False,
+    device: str = "auto",
+    memory_limit=None,
+    compute_now: bool = True,
+    progress: bool | None = None,
+    storage_options: StorageOptions = None,
+) -> xr.Dataset:
+    """Exact top-k proponents (highest scores) and opponents (lowest) of every test example.
+
+    One streaming pass over the train store per test block; no score block outlives its task.
+    Ties go to the lower train index. Dims ("test", "rank").
+    """
+    te, tr = _open(test, storage_options), _open(train, storage_options)
+    check_compatible(te, tr)
+    if not isinstance(k, (int, np.integer)) or k <= 0:
+        raise TrackinError(f"k must be a positive integer, got {k!r}")
+    if k > tr.n_examples:
+        raise IncompatibleStoresError(
+            f"k={k} is larger than the train store's {tr.n_examples} examples; use k <= {tr.n_examples}"
+        )
+    backend = resolve_backend(device).name
+    plan = plan_for(te, tr, memory_limit=memory_limit, k=int(k))
+    pi, ps, oi, os_ = graphs.topk_arrays(te, tr, plan, int(k), normalize, backend)
+    dims = ("test", "rank")
+    ds = xr.Dataset(
+        {
+            "proponent_index": (dims, pi),
+            "proponent_score": (dims, ps),
+            "opponent_index": (dims, oi),
+            "opponent_score": (dims, os_),
+        },
+        coords={"test": te.example_ids(), "rank": np.arange(int(k))},
+        attrs={"k": int(k), "normalize": bool(normalize), "test_store": te.path, "train_store": tr.path,
+               "test_fingerprint": te.fingerprint, "train_fingerprint": tr.fingerprint},
+    )
+    if compute_now:
+        names = list(ds.data_vars)
+        values = compute(*(ds[n].data for n in names), desc="top-k", progress=progress)
+        ds = ds.copy(data={n: v for n, v in zip(names, values)})
+    return ds

@@ -1,0 +1,7 @@
+"""Gradient stores on disk or object storage: the only package that knows the layout."""
+
+from .backends import is_remote, normalize_path
+from .from_arrays import from_arrays
+from .gradient_store import GradientStore, open_store, prepare_output
+
+__all__ = ["GradientStore", "from_arrays", "open_store", "prepare_output", "is_remote", "normalize_path"]

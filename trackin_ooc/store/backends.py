@@ -1,0 +1,63 @@
+"""Where stores live: local paths or any fsspec URL (s3://, file://, memory://...).
+
+The only place that turns a user's path into a zarr ``Store``; everything else passes paths.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import fsspec
+from zarr.storage import FsspecStore, LocalStore
+
+StorageOptions = dict[str, Any] | None
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    s = os.fspath(path)
+    return "://" in s and not s.startswith("file://")
+
+
+def local_path(path: str | os.PathLike) -> str:
+    s = os.fspath(path)
+    return s[len("file://"):] if s.startswith("file://") else s
+
+
+def normalize_path(path: str | os.PathLike) -> str:
+    """A canonical string for a store location (absolute for local paths)."""
+    if is_remote(path):
+        return os.fspath(path).rstrip("/")
+    return os.path.abspath(os.path.expanduser(local_path(path)))
+
+
+def zarr_store(path: str | os.PathLike, *, storage_options: StorageOptions = None, read_only: bool = False):
+    """A zarr v3 store object for ``path``."""
+    if is_remote(path):
+        return FsspecStore.from_url(
+            os.fspath(path), storage_options=dict(storage_options or {}), read_only=read_only
+        )
+    return LocalStore(normalize_path(path), read_only=read_only)
+
+
+def filesystem(path: str | os.PathLike, storage_options: StorageOptions = None):
+    fs, fs_path = fsspec.core.url_to_fs(
+        os.fspath(path) if is_remote(path) else normalize_path(path), **dict(storage_options or {})
+    )
+    return fs, fs_path
+
+
+def exists(path: str | os.PathLike, storage_options: StorageOptions = None) -> bool:
+    fs, p = filesystem(path, storage_options)
+    return fs.exists(p)
+
+
+def remove(path: str | os.PathLike, storage_options: StorageOptions = None) -> None:
+    fs, p = filesystem(path, storage_options)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+
+
+def size_on_disk(path: str | os.PathLike, storage_options: StorageOptions = None) -> int:
+    fs, p = filesystem(path, storage_options)
+    return int(fs.du(p, total=True)) if fs.exists(p) else 0

@@ -1,0 +1,111 @@
+"""The influence-matrix output: a Zarr v3 group with one (test, train) array and its coordinates."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .._version import __version__
+from ..errors import IncompleteStoreError, StoreError
+from . import backends, layout
+from .backends import StorageOptions
+from .gradient_store import _consolidate, prepare_output
+
+INFLUENCE = "influence"
+TEST, TRAIN = "test", "train"
+TASK_COMPLETE = "task_complete"  # one flag per (test block, train block) task
+
+
+class InfluenceStore:
+    """Where ``influence(test, train, out=...)`` writes, one whole chunk per task."""
+
+    def __init__(self, path: str | os.PathLike, *, storage_options: StorageOptions = None, group=None):
+        self.path = backends.normalize_path(path)
+        self.storage_options = dict(storage_options or {})
+        self._group = group or zarr.open_group(
+            store=backends.zarr_store(path, storage_options=storage_options), mode="r+",
+            use_consolidated=False,
+        )
+        self._arrays: dict[str, zarr.Array] = {}
+
+    @classmethod
+    def create(
+        cls,
+        path,
+        *,
+        test_ids: np.ndarray,
+        train_ids: np.ndarray,
+        chunks: tuple[int, int],
+        n_tasks: tuple[int, int],
+        attrs: dict[str, Any],
+        overwrite: bool = False,
+        storage_options: StorageOptions = None,
+    ) -> InfluenceStore:
+        prepare_output(path, overwrite=overwrite, storage_options=storage_options, what="influence output")
+        group = zarr.open_group(store=backends.zarr_store(path, storage_options=storage_options), mode="w",
+                                zarr_format=3)
+        codecs = layout.checksum_codecs()
+        n_test, n_train = len(test_ids), len(train_ids)
+        group.create_array(INFLUENCE, shape=(n_test, n_train), chunks=chunks, dtype="float32",
+                           compressors=codecs, dimension_names=[TEST, TRAIN], fill_value=np.nan)
+        for name, ids in ((TEST, test_ids), (TRAIN, train_ids)):
+            arr = group.create_array(name, shape=(len(ids),), chunks=(max(1, len(ids)),), dtype="int64",
+                                     compressors=codecs, dimension_names=[name])
+            arr[:] = ids
+        group.create_array(TASK_COMPLETE, shape=n_tasks, chunks=(1, 1), dtype="uint8",
+                           compressors=codecs, dimension_names=["test_block", "train_block"], fill_value=0)
+        group.attrs[layout.ATTRS_KEY] = {
+            "kind": "influence",
+            "format_version": layout.FORMAT_VERSION,
+            "package_version": __version__,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "complete": False,
+            **attrs,
+        }
+        return cls(path, storage_options=storage_options, group=group)
+
+    def _array(self, name: str) -> zarr.Array:
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self._arrays[name] = self._group[name]
+        return arr
+
+    def write_block(self, task: tuple[int, int], row0: int, col0: int, block: np.ndarray) -> None:
+        rows, cols = block.shape
+        self._array(INFLUENCE)[row0 : row0 + rows, col0 : col0 + cols] = block
+        self._array(TASK_COMPLETE)[task] = 1
+
+    def tasks_done(self) -> np.ndarray:
+        return self._array(TASK_COMPLETE)[:].astype(bool)
+
+    def mark_complete(self) -> None:
+        done = self.tasks_done()
+        if not done.all():
+            raise IncompleteStoreError(
+                f"influence output {self.path}: {int((~done).sum())} blocks unwritten; rerun to finish it"
+            )
+        meta = dict(self._group.attrs[layout.ATTRS_KEY], complete=True)
+        self._group.attrs[layout.ATTRS_KEY] = meta
+        _consolidate(self._group)
+
+
+def open_influence(path, *, storage_options: StorageOptions = None):
+    """The (test, train) influence matrix at ``path`` as a lazy, dask-backed ``xarray.DataArray``."""
+    import xarray as xr
+
+    zstore = backends.zarr_store(path, storage_options=storage_options, read_only=True)
+    try:
+        group = zarr.open_group(store=zstore, mode="r", use_consolidated=False)
+        meta = dict(group.attrs).get(layout.ATTRS_KEY, {})
+    except Exception as e:
+        raise StoreError(f"no influence output at {backends.normalize_path(path)}: {e}") from None
+    if meta.get("kind") != "influence":
+        raise StoreError(f"{backends.normalize_path(path)} is not an influence output of trackin-ooc")
+    ds = xr.open_zarr(zstore, consolidated=False, chunks={})
+    da = ds[INFLUENCE]
+    da.attrs = {k: v for k, v in meta.items() if k != "kind"}
+    return da
