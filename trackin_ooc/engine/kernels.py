@@ -53,24 +53,45 @@ def self_influence_rows(grads, weights, xp):
     return xp.asarray(weights, dtype=xp.float64) @ sq
 
 
-def _thresholds(scores, kk: int, xp):
-    """kk-th smallest and kk-th largest score of each row, via one partial sort (no argpartition)."""
-    b = scores.shape[1]
-    lo_k, hi_k = kk - 1, b - kk
+def sample_stride(b: int, k: int) -> int:
+    """Every how many columns to sample for the selection threshold (1: use the whole row)."""
+    return max(1, min(16, b // (8 * k), 1024 // k))
+
+
+def _thresholds(scores, kk: int, stride: int, xp):
+    """Per row, a value t_lo with at least kk scores <= t_lo and t_hi with at least kk >= t_hi.
+
+    Taken from a strided sample of the row (a subset, so the bounds are safe): the candidates
+    ``scores >= t_hi`` always hold the true top-kk, ties included, at a fraction of a full partition.
+    """
+    sample = scores[:, ::stride] if stride > 1 else scores
+    n = sample.shape[1]
+    lo_k, hi_k = kk - 1, n - kk
     if xp is np:
-        part = np.partition(scores, sorted({lo_k, hi_k}), axis=1)
+        part = np.partition(sample, sorted({lo_k, hi_k}), axis=1)
         return part[:, lo_k], part[:, hi_k]
-    lo = xp.partition(scores, lo_k, axis=1)[:, lo_k]
-    hi = xp.partition(scores, hi_k, axis=1)[:, hi_k]
+    lo = xp.partition(sample, lo_k, axis=1)[:, lo_k]
+    hi = xp.partition(sample, hi_k, axis=1)[:, hi_k]
     return lo, hi
+
+
+def _nonzero(mask, xp):
+    """(rows, cols) of a sparse boolean matrix; on the CPU, scans 8 flags per step."""
+    a, b = mask.shape
+    if xp is not np or b % 8 or not mask.flags.c_contiguous:
+        return xp.nonzero(mask)
+    words = np.flatnonzero(mask.view(np.uint64))
+    flat = (words[:, None] * 8 + np.arange(8)).ravel()
+    flat = flat[mask.ravel()[flat]]
+    return flat // b, flat % b
 
 
 def _pick(scores, mask, kk: int, largest: bool, xp):
     """From candidates (mask), the kk best of each row; ties go to the lower column."""
-    rows, cols = xp.nonzero(mask)
+    rows, cols = _nonzero(mask, xp)  # row-major: columns ascending within each row
     vals = scores[rows, cols]
     key = -vals if largest else vals
-    order = xp.lexsort(xp.stack([cols.astype(xp.float64), key.astype(xp.float64), rows.astype(xp.float64)]))
+    order = xp.lexsort(xp.stack([key.astype(xp.float64), rows.astype(xp.float64)]))  # stable: ties keep col order
     rows, cols, vals = rows[order], cols[order], vals[order]
     counts = xp.bincount(rows, minlength=scores.shape[0])
     starts = xp.cumsum(counts) - counts
@@ -82,12 +103,13 @@ def _pick(scores, mask, kk: int, largest: bool, xp):
 def select_topk(scores, k: int, offset: int, xp) -> TopK:
     """Exact top-k and bottom-k of each row of a score block, with global column indices.
 
-    Uses partition thresholds and then sorts only the few candidates: ~20× cheaper than argpartition.
+    Thresholds from a strided sample, then an exact sort of the few candidates: far cheaper than
+    argpartition or a full partition of the block (docs/engine.md).
     """
     a, b = scores.shape
     kk = min(k, b)
     if kk < b:
-        lo, hi = _thresholds(scores, kk, xp)
+        lo, hi = _thresholds(scores, kk, sample_stride(b, kk), xp)
         best_v, best_i = _pick(scores, scores >= hi[:, None], kk, True, xp)
         worst_v, worst_i = _pick(scores, scores <= lo[:, None], kk, False, xp)
     else:

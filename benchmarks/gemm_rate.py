@@ -1,0 +1,67 @@
+"""Benchmark 1: top_k and influence throughput ÷ NumPy's in-memory GEMM rate on the same shapes.
+
+    .venv/bin/python benchmarks/gemm_rate.py [--train 200000] [--test 2000] [--features 256]
+
+Useful FLOPs are 2 · n_test · n_train · (checkpoints · features). The page cache is warmed first,
+so this measures the engine (reads, decode, fold, GEMM, selection), not the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+
+import trackin_ooc as to
+from _engine import DATA, gib, numpy_gemm_rate, random_store, warm_page_cache
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", type=int, default=200_000)
+    p.add_argument("--test", type=int, default=2000)
+    p.add_argument("--features", type=int, default=256)
+    p.add_argument("--checkpoints", type=int, default=3)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    os.environ.setdefault("TRACKIN_OOC_QUIET", "1")
+
+    c, f = args.checkpoints, args.features
+    train = random_store(f"gemm_train_{args.train}_{f}_{c}.zarr", c, args.train, f, seed=1)
+    test = random_store(f"gemm_test_{args.test}_{f}_{c}.zarr", c, args.test, f, seed=2)
+    warm_page_cache(train.path)
+    plan = to.plan_for(test, train, k=args.k)
+    width = c * f
+    flops = 2.0 * args.test * args.train * width
+    print(f"train {args.train} × {f} × {c} ({gib(train.nbytes)}), test {args.test}; "
+          f"plan: test rows {plan.test_rows}, train rows {plan.train_rows}, threads {plan.threads}")
+
+    ref = numpy_gemm_rate(plan.test_rows, plan.train_rows, width)
+    print(f"numpy in-memory A @ B.T ({plan.test_rows}×{width} · {width}×{plan.train_rows}): {ref / 1e9:.1f} GFLOP/s")
+
+    t0 = time.perf_counter()
+    to.top_k(test, train, k=args.k, device=args.device)
+    t_topk = time.perf_counter() - t0
+    print(f"top_k k={args.k}: {t_topk:.2f} s, {flops / t_topk / 1e9:.1f} GFLOP/s, "
+          f"ratio to numpy GEMM {flops / t_topk / ref:.2f}")
+
+    t0 = time.perf_counter()
+    to.influence(test, train, device=args.device).data.sum().compute()
+    t_inf = time.perf_counter() - t0
+    print(f"influence (lazy, reduced in memory): {t_inf:.2f} s, {flops / t_inf / 1e9:.1f} GFLOP/s, "
+          f"ratio {flops / t_inf / ref:.2f}")
+
+    out = os.path.join(DATA, "gemm_influence_out.zarr")
+    t0 = time.perf_counter()
+    to.influence(test, train, out=out, overwrite=True, device=args.device)
+    t_out = time.perf_counter() - t0
+    out_bytes = args.test * args.train * 4
+    print(f"influence(out=...) writing {gib(out_bytes)}: {t_out:.2f} s, {flops / t_out / 1e9:.1f} GFLOP/s, "
+          f"ratio {flops / t_out / ref:.2f}")
+    shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
