@@ -37,3 +37,7 @@ class CaptureError(TrackinError, ValueError):
 
 class EmptyDatasetError(CaptureError):
     """The dataset yields no examples."""
+
+
+class CorruptChunkError(StoreError):
+    """A stored chunk failed its checksum: the data on disk is damaged."""

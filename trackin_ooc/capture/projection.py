@@ -90,18 +90,41 @@ def generate_block(kind: str, seed: int, name: str, block: int, rows: int, dim: 
     return out.mul_(1.0 / math.sqrt(dim))
 
 
+def rows_per_block(dim: int) -> int:
+    """Rows of one generated block for a ``dim``-wide projection (the block layout is part of the spec)."""
+    return max(1, BLOCK_ELEMENTS // dim)
+
+
+def projection_matrix(
+    kind: str, seed: int, name: str, n_rows: int, dim: int, device: torch.device | str = "cpu",
+    cache: _BlockCache | None = None,
+) -> torch.Tensor:
+    """The whole ``n_rows × dim`` matrix a dense projection uses for a parameter called ``name``.
+
+    Row blocks are the ones :class:`Projector` generates, so both agree; the result is cached per
+    process (within the cache's byte budget), so a capture generates it once.
+    """
+    cache = _CACHE if cache is None else cache
+    step = rows_per_block(dim)
+
+    def make() -> torch.Tensor:
+        parts = [
+            generate_block(kind, seed, name, b, min(step, n_rows - start), dim)
+            for b, start in enumerate(range(0, n_rows, step))
+        ]
+        return torch.cat(parts).to(device)
+
+    return cache.get(("matrix", kind, seed, name, n_rows, dim, str(torch.device(device))), make)
+
+
 class Projector:
     """Maps {parameter name: (batch, *shape) gradients} to (batch, spec.dim) features."""
 
     def __init__(self, spec: ProjectionSpec, device: torch.device | str = "cpu", cache: _BlockCache = _CACHE):
-        if spec.kind == "factored":
-            raise NotImplementedError(
-                "projection='factored' arrives with issue 4 (fast capture); use 'gaussian' or 'rademacher'"
-            )
         self.spec = spec
         self.device = torch.device(device)
         self.cache = cache
-        self.rows_per_block = max(1, BLOCK_ELEMENTS // spec.dim)
+        self.rows_per_block = rows_per_block(spec.dim)
 
     def _block(self, name: str, block: int, rows: int) -> torch.Tensor:
         key = (self.spec.kind, self.spec.dim, self.spec.seed, name, block, rows, str(self.device))
@@ -115,6 +138,10 @@ class Projector:
     def __call__(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         first = next(iter(grads.values()))
         batch = first.shape[0]
+        if self.spec.kind == "factored":  # from exact gradients; capture itself uses the hooks
+            from .factored import project_gradients
+
+            return project_gradients(self.spec, grads, device=first.device, cache=self.cache)
         if self.spec.kind == "exact":
             return torch.cat([grads[n].reshape(batch, -1) for n, _ in self.spec.layers], dim=1)
         out = torch.zeros((batch, self.spec.dim), dtype=torch.float32, device=first.device)

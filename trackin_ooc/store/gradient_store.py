@@ -18,6 +18,7 @@ from ..errors import IncompleteStoreError, StoreError, StoreExistsError
 from ..spec import ProjectionSpec
 from . import backends, layout
 from .backends import StorageOptions
+from .integrity import BadChunk, checked_read, verify_group
 
 
 class GradientStore:
@@ -242,16 +243,21 @@ class GradientStore:
         stop = self.n_examples if stop is None else stop
         arr = self._array(layout.GRADS)
         sel = (slice(None) if checkpoint is None else checkpoint, slice(start, stop), slice(None))
-        return layout.decode(arr[sel], self.dtype)
+        return layout.decode(checked_read(arr, layout.GRADS, sel, self.path), self.dtype)
 
     def read_losses(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return np.asarray(self._array(layout.LOSS)[:, start:stop], dtype=np.float32)
+        sel = (slice(None), slice(start, stop))
+        return np.asarray(checked_read(self._array(layout.LOSS), layout.LOSS, sel, self.path), dtype=np.float32)
 
     def example_ids(self) -> np.ndarray:
         return np.asarray(self._array(layout.EXAMPLE)[:])
 
     def labels(self) -> np.ndarray | None:
         return np.asarray(self._array(layout.LABEL)[:]) if self.has_labels else None
+
+    def verify(self) -> list[BadChunk]:
+        """Read every chunk of every array; return the ones failing their checksum (empty: intact)."""
+        return verify_group(self._group)
 
     def to_xarray(self):
         """An ``xarray.Dataset`` of the whole store, lazily backed by dask (nothing is read)."""

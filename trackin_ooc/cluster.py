@@ -1,0 +1,124 @@
+"""Where scoring runs: an existing Dask scheduler, a local cluster on 127.0.0.1, or in-process.
+
+    with cluster_client(workers=2, memory_limit="1GiB") as client:
+        to.self_influence("train.zarr")     # runs on the cluster's workers
+
+The scoring functions use whatever ``distributed.Client`` is active, so this module only has to
+make one (or none) for the duration of a block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .errors import TrackinError
+
+log = logging.getLogger("trackin_ooc")
+
+
+class ClusterError(TrackinError, RuntimeError):
+    """The Dask scheduler cannot be reached or the local cluster cannot start."""
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Which scheduler to use; at most one of the three ways may be given."""
+
+    scheduler_address: str | None = None
+    scheduler_file: str | None = None
+    workers: int | None = None
+    memory_limit: str | int | None = None  # per local worker (LocalCluster memory_limit)
+    threads_per_worker: int | None = None
+
+    def __post_init__(self) -> None:
+        given = [n for n, v in (("scheduler_address", self.scheduler_address),
+                                ("scheduler_file", self.scheduler_file),
+                                ("workers", self.workers)) if v is not None]
+        if len(given) > 1:
+            raise ClusterError(f"give only one of {', '.join(given)}")
+        if self.workers is not None and int(self.workers) < 1:
+            raise ClusterError(f"workers must be at least 1, got {self.workers}")
+
+    @property
+    def in_process(self) -> bool:
+        return self.scheduler_address is None and self.scheduler_file is None and self.workers is None
+
+    def describe(self) -> str:
+        if self.scheduler_address:
+            return f"scheduler at {self.scheduler_address}"
+        if self.scheduler_file:
+            return f"scheduler from {self.scheduler_file}"
+        if self.workers:
+            return f"local cluster of {self.workers} workers"
+        return "in-process threads"
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def cluster_client(
+    spec: ClusterSpec | None = None, *, timeout: float = 20.0, **kwargs
+) -> Iterator[object | None]:
+    """Yield a ``distributed.Client`` (made the default) for ``spec``, or None for in-process.
+
+    ``workers=N`` starts a ``LocalCluster`` of N worker processes bound to 127.0.0.1 with the given
+    per-worker ``memory_limit``; it is closed on exit. A scheduler address or file connects to an
+    existing cluster, which is left running.
+    """
+    spec = spec or ClusterSpec(**kwargs)
+    if spec.in_process:
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    cluster = None
+    try:
+        if spec.workers is not None:
+            threads = spec.threads_per_worker or max(1, (os.cpu_count() or 1) // int(spec.workers))
+            cluster = LocalCluster(
+                n_workers=int(spec.workers), threads_per_worker=threads, processes=True,
+                host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                memory_limit=spec.memory_limit if spec.memory_limit is not None else "auto",
+            )
+            client = Client(cluster, timeout=timeout)
+        elif spec.scheduler_file is not None:
+            if not os.path.isfile(spec.scheduler_file):
+                raise ClusterError(
+                    f"scheduler file {spec.scheduler_file} does not exist; give the file the scheduler "
+                    "wrote (dask scheduler --scheduler-file FILE)"
+                )
+            client = Client(scheduler_file=spec.scheduler_file, timeout=timeout)
+        else:
+            client = Client(spec.scheduler_address, timeout=timeout)
+    except ClusterError:
+        if cluster is not None:
+            cluster.close()
+        raise
+    except Exception as e:
+        if cluster is not None:
+            cluster.close()
+        raise ClusterError(
+            f"cannot use the {spec.describe()}: {_short(e)}; check that the scheduler is running "
+            "and reachable, or drop the option to score in-process"
+        ) from e
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def dashboard_link(client) -> str | None:
+    """The dashboard URL of a client's scheduler (None where none is served)."""
+    try:
+        return client.dashboard_link
+    except Exception:
+        return None

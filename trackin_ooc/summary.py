@@ -1,0 +1,153 @@
+"""What a store holds, as a plain dict (``info --json``) and as a few lines of text (``info``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .errors import StoreError
+from .store import GradientStore, open_store
+from .store.backends import StorageOptions, normalize_path, size_on_disk
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def store_info(store: GradientStore | str | os.PathLike, *, storage_options: StorageOptions = None
+               ) -> dict[str, Any]:
+    """A JSON-ready summary of a gradient store, or of an influence output made by ``influence(out=)``.
+
+    Complete or not, the store is opened without reading any gradients.
+    """
+    try:
+        st = open_store(store, storage_options=storage_options)
+    except StoreError as e:
+        influence = _influence_info(store, storage_options)
+        if influence is None:
+            raise e from None
+        return influence
+    meta = st.attrs
+    blocks = st.row_blocks()
+    done = int(st.blocks_done().sum())
+    labels = st.labels() if st.has_labels else None
+    spec = st.spec
+    info: dict[str, Any] = {
+        "kind": "gradient store",
+        "path": st.path,
+        "complete": st.complete,
+        "row_blocks_written": done,
+        "row_blocks": len(blocks),
+        "n_examples": st.n_examples,
+        "n_checkpoints": st.n_checkpoints,
+        "feature_dim": st.feature_dim,
+        "checkpoints": [
+            {"name": name, "learning_rate": float(lr), "sha256": sha}
+            for name, lr, sha in zip(st.checkpoint_names, st.learning_rates, st.checkpoint_hashes)
+        ],
+        "projection": {
+            "kind": spec.kind,
+            "dim": spec.dim,
+            "seed": spec.seed,
+            "layers": [{"name": n, "shape": list(s)} for n, s in spec.layers],
+            "n_parameters": spec.n_parameters,
+            "description": spec.describe(),
+        },
+        "fingerprint": st.fingerprint,
+        "dtype": st.dtype,
+        "chunk_rows": st.chunk_rows,
+        "loss": st.loss_name,
+        "labels": labels is not None,
+        "n_classes": None if labels is None or labels.dtype.kind not in "iub" else int(len(set(labels.tolist()))),
+        "gradient_bytes": st.nbytes,
+        "size_on_disk": size_on_disk(st.path, storage_options),
+        "created": meta.get("created"),
+        "package_version": meta.get("package_version"),
+        "format_version": meta.get("format_version"),
+        "store_id": st.store_id,
+    }
+    return info
+
+
+def _influence_info(path, storage_options) -> dict[str, Any] | None:
+    if isinstance(path, GradientStore):
+        return None
+    from .store.influence_store import open_influence
+
+    try:
+        da = open_influence(path, storage_options=storage_options)
+    except Exception:
+        return None
+    attrs = dict(da.attrs)
+    return {
+        "kind": "influence matrix",
+        "path": normalize_path(path),
+        "complete": bool(attrs.get("complete", False)),
+        "n_test": int(da.sizes["test"]),
+        "n_train": int(da.sizes["train"]),
+        "normalize": bool(attrs.get("normalize", False)),
+        "test_store": attrs.get("test_store"),
+        "train_store": attrs.get("train_store"),
+        "learning_rates": attrs.get("learning_rates"),
+        "chunks": [int(c[0]) for c in da.chunks] if da.chunks else None,
+        "dtype": str(da.dtype),
+        "size_on_disk": size_on_disk(path, storage_options),
+        "created": attrs.get("created"),
+        "package_version": attrs.get("package_version"),
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """The human summary ``trackin-ooc info`` prints."""
+    if info["kind"] == "influence matrix":
+        state = "complete" if info["complete"] else "INCOMPLETE (interrupted; rerun the influence command)"
+        lines = [
+            f"influence matrix  {info['path']}",
+            f"  shape           {info['n_test']:,} test × {info['n_train']:,} train"
+            f"{' (cosine, normalized)' if info['normalize'] else ''}",
+            f"  from            test {info['test_store']}",
+            f"                  train {info['train_store']}",
+            f"  dtype           {info['dtype']}, chunks {info['chunks']}",
+            f"  size on disk    {human_bytes(info['size_on_disk'])}",
+            f"  state           {state}",
+        ]
+        return "\n".join(lines)
+    proj = info["projection"]
+    if info["complete"]:
+        state = "complete"
+    else:
+        state = (f"INCOMPLETE ({info['row_blocks_written']} of {info['row_blocks']} row blocks written); "
+                 "scoring refuses it until the capture is rerun")
+    ckpts = info["checkpoints"]
+    labels = "none"
+    if info["labels"]:
+        labels = "yes" + (f" ({info['n_classes']} classes)" if info["n_classes"] is not None else "")
+    lines = [
+        f"gradient store    {info['path']}",
+        f"  examples        {info['n_examples']:,}",
+        f"  checkpoints     {info['n_checkpoints']}",
+    ]
+    width = max(len(c["name"]) for c in ckpts) if ckpts else 0
+    for i, c in enumerate(ckpts):
+        lines.append(f"    {i:>3}  {c['name']:<{width}}  lr {c['learning_rate']:g}")
+    layers = proj["layers"]
+    layer_text = ""
+    if layers:
+        names = ", ".join(x["name"] for x in layers[:6]) + (" ..." if len(layers) > 6 else "")
+        layer_text = f"\n  layers          {names}"
+    lines += [
+        f"  projection      {proj['description']}{layer_text}",
+        f"  features        {info['feature_dim']:,} per example and checkpoint",
+        f"  dtype           {info['dtype']} (chunks of {info['chunk_rows']:,} rows)",
+        f"  loss            {info['loss'] or 'unknown'}",
+        f"  labels          {labels}",
+        f"  size on disk    {human_bytes(info['size_on_disk'])} "
+        f"(gradients {human_bytes(info['gradient_bytes'])} uncompressed)",
+        f"  fingerprint     {info['fingerprint'][:16]}",
+        f"  state           {state}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,231 @@
+"""Scores as tables: self-influence and top-k results → pandas / xarray → .csv, .parquet or .zarr.
+
+Tables carry example ids, scores, ranks (1 = strongest) and labels where the stores have them.
+Writers refuse an existing output unless ``overwrite=True``, and write local outputs to a
+temporary sibling first, so a failed write never leaves a half-written file under the real name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .errors import StoreExistsError, TrackinError
+from .store import GradientStore, open_store
+from .store.backends import is_remote, normalize_path
+
+TABLE_FORMATS = (".csv", ".parquet", ".zarr")
+
+
+class OutputFormatError(TrackinError, ValueError):
+    """The output's extension names no format the writer knows."""
+
+
+def output_format(path: str | os.PathLike, allowed: tuple[str, ...] = TABLE_FORMATS) -> str:
+    """The format of ``path`` from its extension (``.csv``, ``.parquet`` or ``.zarr``)."""
+    suffix = Path(os.fspath(path).rstrip("/")).suffix.lower()
+    if suffix not in allowed:
+        given = f"'{suffix}'" if suffix else "no extension"
+        raise OutputFormatError(
+            f"cannot tell the output format of {os.fspath(path)} ({given}); end the name in "
+            f"{', '.join(allowed[:-1]) + ' or ' + allowed[-1] if len(allowed) > 1 else allowed[0]}"
+        )
+    if suffix == ".parquet":
+        _require_pyarrow()
+    return suffix
+
+
+def _require_pyarrow() -> None:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise OutputFormatError(
+            "writing .parquet needs pyarrow: pip install 'trackin-ooc[io]' (or write .csv / .zarr)"
+        ) from None
+
+
+def _exists(path: str | os.PathLike) -> bool:
+    if is_remote(path):
+        from .store.backends import exists
+
+        return exists(path)
+    return os.path.lexists(normalize_path(path))
+
+
+def check_output(
+    path: str | os.PathLike, *, overwrite: bool = False, allowed: tuple[str, ...] = TABLE_FORMATS
+) -> str:
+    """Fail early, before any work: unknown format, or an existing output without ``overwrite``."""
+    fmt = output_format(path, allowed)
+    if not overwrite and _exists(path):
+        raise StoreExistsError(
+            f"output {normalize_path(path)} already exists; pass --overwrite (overwrite=True) "
+            "to replace it, or choose another path"
+        )
+    if not is_remote(path):
+        parent = os.path.dirname(normalize_path(path))
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            raise OutputFormatError(f"cannot write {os.fspath(path)}: {parent} is a file, not a folder")
+    return fmt
+
+
+# ---- building tables ---------------------------------------------------------------------------
+def _ranks_descending(values: np.ndarray) -> np.ndarray:
+    """1 for the largest value; ties keep the lower position first."""
+    order = np.argsort(-np.asarray(values, dtype=np.float64), kind="stable")
+    ranks = np.empty(len(order), dtype=np.int64)
+    ranks[order] = np.arange(1, len(order) + 1)
+    return ranks
+
+
+def self_influence_dataset(si: xr.DataArray) -> xr.Dataset:
+    """Self-influence with its rank (1 = most self-influential) per example, labels as a coordinate."""
+    values = np.asarray(si.values)
+    ds = xr.Dataset(
+        {"self_influence": si.copy(data=values), "rank": ("example", _ranks_descending(values))},
+        attrs={k: v for k, v in si.attrs.items() if isinstance(v, (str, int, float, bool))},
+    )
+    ds["rank"].attrs["description"] = "1 = highest self-influence (check these labels first)"
+    return ds
+
+
+def self_influence_frame(si: xr.DataArray) -> pd.DataFrame:
+    """One row per example, most self-influential first: rank, example, label (if any), self_influence."""
+    ds = self_influence_dataset(si)
+    cols = {"rank": ds["rank"].values, "example": ds["example"].values}
+    if "label" in ds.coords:
+        cols["label"] = ds["label"].values
+    cols["self_influence"] = ds["self_influence"].values
+    return pd.DataFrame(cols).sort_values("rank", kind="stable").reset_index(drop=True)
+
+
+def _as_store(store) -> GradientStore | None:
+    if store is None:
+        return None
+    return open_store(store)
+
+
+def top_k_dataset(result: xr.Dataset, test=None, train=None) -> xr.Dataset:
+    """A ``to.top_k`` result with train example ids, labels where the stores have them, ranks from 1.
+
+    Adds ``proponent``/``opponent`` (train example ids), ``proponent_label``/``opponent_label`` and
+    a ``test_label`` coordinate; keeps the scores and the train positions (``*_index``).
+    """
+    te, tr = _as_store(test), _as_store(train)
+    ds = result.copy()
+    k = ds.sizes["rank"]
+    ds = ds.assign_coords(rank=np.arange(1, k + 1))
+    ds["rank"].attrs["description"] = "1 = strongest proponent (highest score) / opponent (lowest score)"
+    if tr is not None:
+        ids = tr.example_ids()
+        labels = tr.labels()
+        for side in ("proponent", "opponent"):
+            idx = np.asarray(ds[f"{side}_index"].values)
+            ds[side] = (("test", "rank"), ids[idx])
+            if labels is not None:
+                ds[f"{side}_label"] = (("test", "rank"), labels[idx])
+    if te is not None and te.has_labels:
+        ds = ds.assign_coords(test_label=("test", te.labels()))
+    return ds
+
+
+def top_k_frame(ds: xr.Dataset) -> pd.DataFrame:
+    """One row per (test example, rank): the proponent and the opponent at that rank, with labels."""
+    n_test, k = ds.sizes["test"], ds.sizes["rank"]
+    cols: dict[str, np.ndarray] = {"test": np.repeat(ds["test"].values, k)}
+    if "test_label" in ds.coords:
+        cols["test_label"] = np.repeat(ds["test_label"].values, k)
+    cols["rank"] = np.tile(ds["rank"].values, n_test)
+    for side in ("proponent", "opponent"):
+        key = side if side in ds else f"{side}_index"
+        cols[side] = ds[key].values.reshape(-1)
+        if f"{side}_label" in ds:
+            cols[f"{side}_label"] = ds[f"{side}_label"].values.reshape(-1)
+        cols[f"{side}_score"] = ds[f"{side}_score"].values.reshape(-1)
+    return pd.DataFrame(cols)
+
+
+# ---- writing -----------------------------------------------------------------------------------
+def _write_local(obj: pd.DataFrame | xr.Dataset, fmt: str, target: str) -> None:
+    if fmt == ".csv":
+        _frame(obj).to_csv(target, index=False)
+    elif fmt == ".parquet":
+        _frame(obj).to_parquet(target, index=False, engine="pyarrow")
+    else:
+        _dataset(obj).to_zarr(target, mode="w-", zarr_format=3, consolidated=True)
+
+
+def _frame(obj) -> pd.DataFrame:
+    if isinstance(obj, pd.DataFrame):
+        return obj
+    raise TypeError("a .csv or .parquet output needs a pandas DataFrame")
+
+
+def _dataset(obj) -> xr.Dataset:
+    if isinstance(obj, xr.Dataset):
+        return obj
+    return xr.Dataset.from_dataframe(obj)
+
+
+def write(obj: pd.DataFrame | xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) -> str:
+    """Write a table (.csv, .parquet) or dataset (.zarr) to ``path``; returns the normalized path."""
+    fmt = check_output(path, overwrite=overwrite)
+    if is_remote(path):
+        if overwrite and _exists(path):
+            from .store.backends import remove
+
+            remove(path)
+        _write_local(obj, fmt, os.fspath(path))
+        return normalize_path(path)
+    final = normalize_path(path)
+    folder = os.path.dirname(final)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        _write_local(obj, fmt, tmp)
+        if os.path.lexists(final):
+            _remove_local(final)
+        os.replace(tmp, final)
+    finally:
+        if os.path.lexists(tmp):
+            _remove_local(tmp)
+    return final
+
+
+def _remove_local(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+def write_self_influence(si: xr.DataArray, path: str | os.PathLike, *, overwrite: bool = False) -> str:
+    """``to.self_influence`` result → ``path`` (.csv/.parquet: rows sorted by rank; .zarr: a Dataset)."""
+    fmt = check_output(path, overwrite=overwrite)
+    obj = self_influence_dataset(si) if fmt == ".zarr" else self_influence_frame(si)
+    return write(obj, path, overwrite=overwrite)
+
+
+def write_top_k(
+    result: xr.Dataset, path: str | os.PathLike, *, test=None, train=None, overwrite: bool = False
+) -> str:
+    """``to.top_k`` result → ``path``, with example ids and labels from the ``test``/``train`` stores."""
+    fmt = check_output(path, overwrite=overwrite)
+    ds = top_k_dataset(result, test, train)
+    return write(ds if fmt == ".zarr" else top_k_frame(ds), path, overwrite=overwrite)
+
+
+def read(path: str | os.PathLike) -> pd.DataFrame | xr.Dataset:
+    """Read back what :func:`write` wrote: a DataFrame for .csv/.parquet, a Dataset for .zarr."""
+    fmt = output_format(path)
+    if fmt == ".csv":
+        return pd.read_csv(path)
+    if fmt == ".parquet":
+        return pd.read_parquet(path)
+    return xr.open_zarr(path, consolidated=True).load()
