@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -77,7 +78,8 @@ def influence(
     """The (test, train) influence matrix Σ_c η_c ⟨g_c(z'), g_c(z)⟩ (cosine with ``normalize``).
 
     Without ``out`` the result is lazy (nothing is computed until asked). With ``out`` every block is
-    written to a Zarr group there, task by task, and the result is lazily opened from it.
+    written to a Zarr group there, task by task, and the result is lazily opened from it; rerunning
+    the same call after an interruption writes only the blocks still missing.
     """
     te, tr = _open(test, storage_options), _open(train, storage_options)
     check_compatible(te, tr)
@@ -97,13 +99,20 @@ def influence(
             coords={"test": te.example_ids(), "train": tr.example_ids()},
             name="influence", attrs=attrs,
         )
-    target = InfluenceStore.create(
-        out, test_ids=te.example_ids(), train_ids=tr.example_ids(),
-        chunks=(plan.test_rows, plan.train_rows),
-        n_tasks=(len(plan.test_blocks(te.n_examples)), len(plan.train_blocks(tr.n_examples))),
-        attrs=attrs, overwrite=overwrite, storage_options=storage_options,
-    )
-    compute(graphs.influence_write_graph(te, tr, plan, normalize, backend, target),
+    target = None if overwrite else InfluenceStore.resumable(out, attrs, storage_options)
+    skip = None
+    if target is not None:  # an interrupted run of the same job: finish only the missing blocks
+        rows, cols = target.chunks
+        plan = dataclasses.replace(plan, test_rows=rows, train_rows=cols)
+        skip = target.tasks_done()
+    else:
+        target = InfluenceStore.create(
+            out, test_ids=te.example_ids(), train_ids=tr.example_ids(),
+            chunks=(plan.test_rows, plan.train_rows),
+            n_tasks=(len(plan.test_blocks(te.n_examples)), len(plan.train_blocks(tr.n_examples))),
+            attrs=attrs, overwrite=overwrite, storage_options=storage_options,
+        )
+    compute(graphs.influence_write_graph(te, tr, plan, normalize, backend, target, skip=skip),
             desc="influence", progress=progress)
     target.mark_complete()
     return open_influence(out, storage_options=storage_options)

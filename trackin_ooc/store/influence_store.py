@@ -68,6 +68,27 @@ class InfluenceStore:
         }
         return cls(path, storage_options=storage_options, group=group)
 
+    @classmethod
+    def resumable(cls, path, attrs: dict[str, Any], storage_options: StorageOptions = None):
+        """The unfinished output at ``path`` if it was started for the same job (same ``attrs``), else None."""
+        if not backends.exists(path, storage_options):
+            return None
+        try:
+            group = zarr.open_group(store=backends.zarr_store(path, storage_options=storage_options),
+                                    mode="r+", use_consolidated=False)
+            meta = dict(group.attrs).get(layout.ATTRS_KEY, {})
+        except Exception:
+            return None
+        if meta.get("kind") != "influence" or meta.get("complete"):
+            return None
+        if any(meta.get(k) != v for k, v in attrs.items()):
+            return None
+        return cls(path, storage_options=storage_options, group=group)
+
+    @property
+    def chunks(self) -> tuple[int, int]:
+        return tuple(self._array(INFLUENCE).chunks)
+
     def _array(self, name: str) -> zarr.Array:
         arr = self._arrays.get(name)
         if arr is None:
