@@ -41,3 +41,7 @@ class EmptyDatasetError(CaptureError):
 
 class CorruptChunkError(StoreError):
     """A stored chunk failed its checksum: the data on disk is damaged."""
+
+
+class StoreLockedError(StoreError):
+    """Another live process is writing this store."""
