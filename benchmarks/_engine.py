@@ -34,16 +34,24 @@ def random_store(name: str, n_checkpoints: int, n_examples: int, features: int, 
     return to.from_arrays(path, grads, lrs, dtype=dtype, overwrite=True)
 
 
-def numpy_gemm_rate(test_rows: int, train_rows: int, width: int, *, seconds: float = 5.0) -> float:
-    """FLOP/s of in-memory float32 ``A @ B.T`` for these block shapes (NumPy, all cores)."""
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((test_rows, width), dtype=np.float32)
-    b = rng.standard_normal((train_rows, width), dtype=np.float32)
+def gemm_rate(test_rows: int, train_rows: int, width: int, *, device: str = "cpu", seconds: float = 5.0) -> float:
+    """FLOP/s of in-memory float32 ``A @ B.T`` for these block shapes: NumPy (all cores) or CuPy."""
+    if device == "gpu":
+        import cupy as xp
+
+        sync = xp.cuda.Device().synchronize
+    else:
+        xp, sync = np, (lambda: None)
+    rng = xp.random.default_rng(0)
+    a = rng.standard_normal((test_rows, width), dtype=xp.float32)
+    b = rng.standard_normal((train_rows, width), dtype=xp.float32)
     a @ b.T  # warm-up
+    sync()
     n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or n < 2:
+    while time.perf_counter() - t0 < seconds or n < 3:
         a @ b.T
         n += 1
+    sync()
     return 2.0 * test_rows * train_rows * width * n / (time.perf_counter() - t0)
 
 
