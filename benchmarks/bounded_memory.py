@@ -13,8 +13,9 @@ import os
 import shutil
 import time
 
-import trackin_ooc as to
 from _engine import DATA, PeakMemory, gib, random_store
+
+import trackin_ooc as to
 
 
 def main() -> None:

@@ -13,8 +13,9 @@ import os
 import shutil
 import time
 
+from _engine import DATA, gemm_rate, gib, random_store, warm_page_cache
+
 import trackin_ooc as to
-from _engine import DATA, gib, gemm_rate, random_store, warm_page_cache
 
 
 def main() -> None:

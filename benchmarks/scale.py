@@ -11,8 +11,9 @@ import argparse
 import os
 import time
 
+from _engine import PeakMemory, gemm_rate, gib, random_store
+
 import trackin_ooc as to
-from _engine import PeakMemory, gib, gemm_rate, random_store
 
 
 def main() -> None:
