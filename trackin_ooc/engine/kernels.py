@@ -55,7 +55,7 @@ def self_influence_rows(grads, weights, xp):
 
 def sample_stride(b: int, k: int) -> int:
     """Every how many columns to sample for the selection threshold (1: use the whole row)."""
-    return max(1, min(16, b // (8 * k), 1024 // k))
+    return max(1, min(8, b // (8 * k), 1024 // k))
 
 
 def _thresholds(scores, kk: int, stride: int, xp):
@@ -86,18 +86,23 @@ def _nonzero(mask, xp):
     return flat // b, flat % b
 
 
-def _pick(scores, mask, kk: int, largest: bool, xp):
-    """From candidates (mask), the kk best of each row; ties go to the lower column."""
-    rows, cols = _nonzero(mask, xp)  # row-major: columns ascending within each row
-    vals = scores[rows, cols]
-    key = -vals if largest else vals
-    order = xp.lexsort(xp.stack([key.astype(xp.float64), rows.astype(xp.float64)]))  # stable: ties keep col order
-    rows, cols, vals = rows[order], cols[order], vals[order]
-    counts = xp.bincount(rows, minlength=scores.shape[0])
+def _pick(n_rows: int, rows, cols, vals, kk: int, largest: bool, xp):
+    """From candidates (row-major order), the kk best of each row; ties go to the lower column.
+
+    Candidates are packed into a small dense (rows, max candidates) matrix, padded with ∓inf, and
+    sorted per row with a stable sort: columns arrive ascending, so ties keep the lower column.
+    """
+    counts = xp.bincount(rows, minlength=n_rows)
     starts = xp.cumsum(counts) - counts
     rank = xp.arange(rows.shape[0]) - starts[rows]
-    keep = rank < kk
-    return vals[keep].reshape(-1, kk), cols[keep].reshape(-1, kk)
+    width = int(counts.max())
+    pad = -xp.inf if largest else xp.inf
+    packed = xp.full((n_rows, width), pad, dtype=vals.dtype)
+    index = xp.zeros((n_rows, width), dtype=xp.int64)
+    packed[rows, rank] = vals
+    index[rows, rank] = cols
+    order = xp.argsort(-packed if largest else packed, axis=1, kind="stable")[:, :kk]
+    return xp.take_along_axis(packed, order, axis=1), xp.take_along_axis(index, order, axis=1)
 
 
 def select_topk(scores, k: int, offset: int, xp) -> TopK:
@@ -110,8 +115,13 @@ def select_topk(scores, k: int, offset: int, xp) -> TopK:
     kk = min(k, b)
     if kk < b:
         lo, hi = _thresholds(scores, kk, sample_stride(b, kk), xp)
-        best_v, best_i = _pick(scores, scores >= hi[:, None], kk, True, xp)
-        worst_v, worst_i = _pick(scores, scores <= lo[:, None], kk, False, xp)
+        lo, hi = lo[:, None], hi[:, None]
+        rows, cols = _nonzero((scores >= hi) | (scores <= lo), xp)  # one scan for both ends
+        vals = scores[rows, cols]
+        top = vals >= hi[rows, 0]
+        bottom = vals <= lo[rows, 0]
+        best_v, best_i = _pick(a, rows[top], cols[top], vals[top], kk, True, xp)
+        worst_v, worst_i = _pick(a, rows[bottom], cols[bottom], vals[bottom], kk, False, xp)
     else:
         best_i = xp.argsort(-scores, axis=1, kind="stable")
         worst_i = xp.argsort(scores, axis=1, kind="stable")
