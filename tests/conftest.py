@@ -1,7 +1,7 @@
 """Session fixtures: real digits data and small models trained with SGD, checkpoints on disk.
 
 Everything is trained once per test session (a few seconds on two cores) and shared read-only.
-Tests that need the model weights to stay put build a fresh instance with ``TrainedModel.fresh()``.
+Code that loads weights into a model itself (Captum) gets a new instance from ``TrainedModel.fresh()``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -25,6 +26,10 @@ from trackin_ooc.demo import (
 
 # No progress bars in test output (read by trackin_ooc at call time, also by CLI subprocesses).
 os.environ["TRACKIN_OOC_QUIET"] = "1"
+
+# The test models are tiny: one torch thread is as fast, and on a shared two-core machine it avoids
+# OpenMP threads spinning against other processes (measured: 3x less CPU for the Captum parity tests).
+torch.set_num_threads(int(os.environ.get("TRACKIN_OOC_TEST_TORCH_THREADS", "1")))
 
 # Sizes: small enough that Captum's reference computation and our captures take seconds.
 N_TRAIN = 500

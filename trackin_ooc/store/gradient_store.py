@@ -269,7 +269,7 @@ class GradientStore:
             chunks={},
         )
         ds = ds.drop_vars(layout.BLOCK_COMPLETE, errors="ignore")
-        if self.dtype == "bfloat16":
+        if self.dtype != "float32":  # reads are float32 whatever the storage dtype
             dtype = self.dtype
             ds[layout.GRADS] = ds[layout.GRADS].copy(
                 data=ds[layout.GRADS].data.map_blocks(layout.decode, dtype, dtype=np.float32)
