@@ -79,17 +79,6 @@ def test_plan_blocks_cover_rows_once(p):
     assert_partition(plan.train_blocks(p["n_train"]), p["n_train"], plan.train_rows)
 
 
-# Library bug (reported to the lead): plan_blocks' halving steps can leave train blocks unaligned
-# although an aligned size that fits exists: the MIN_TRAIN_ROWS floor is not rounded to train_align
-# (1024-row blocks over 1000-row chunks), and the "budget too small" loop halves without aligning
-# (6 rows, 2-row chunks -> 3-row blocks). Correct results, but every train read straddles chunks.
-# strict: once plan_blocks is fixed these xpass, and the markers must go.
-PLANNING_ALIGNMENT_BUG = pytest.mark.xfail(
-    strict=True, reason="plan_blocks does not align the MIN_TRAIN_ROWS floor / small-budget halving"
-)
-
-
-@PLANNING_ALIGNMENT_BUG
 @SETTINGS
 @given(p=problems())
 def test_plan_aligns_train_blocks_to_store_chunks(p):
@@ -103,7 +92,6 @@ def test_plan_aligns_train_blocks_to_store_chunks(p):
         assert all(s % p["train_align"] == 0 for s in starts), (plan, p["train_align"])
 
 
-@PLANNING_ALIGNMENT_BUG
 @pytest.mark.parametrize(
     "case",
     [

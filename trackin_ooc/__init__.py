@@ -7,14 +7,17 @@
 from ._version import __version__
 from .capture import capture
 from .errors import (
+    ArgumentError,
     CaptureError,
     CheckpointError,
     CheckpointNotFoundError,
+    CorruptChunkError,
     EmptyDatasetError,
     IncompatibleStoresError,
     IncompleteStoreError,
     StoreError,
     StoreExistsError,
+    StoreLockedError,
     TrackinError,
 )
 from .scores import influence, plan_for, self_influence, top_k
@@ -25,6 +28,7 @@ __all__ = [
     "__version__",
     "capture", "from_arrays", "open_store", "GradientStore", "ProjectionSpec",
     "self_influence", "influence", "top_k", "plan_for",
-    "TrackinError", "StoreError", "StoreExistsError", "IncompleteStoreError", "IncompatibleStoresError",
-    "CheckpointError", "CheckpointNotFoundError", "CaptureError", "EmptyDatasetError",
+    "TrackinError", "ArgumentError", "StoreError", "StoreExistsError", "IncompleteStoreError",
+    "IncompatibleStoresError", "CorruptChunkError", "StoreLockedError", "CheckpointError",
+    "CheckpointNotFoundError", "CaptureError", "EmptyDatasetError",
 ]

@@ -7,6 +7,10 @@ class TrackinError(Exception):
     """Base class for every error trackin-ooc raises on purpose."""
 
 
+class ArgumentError(TrackinError, ValueError):
+    """An argument has a value that cannot work (say k <= 0, or k above the train set's size)."""
+
+
 class StoreError(TrackinError):
     """A gradient store cannot be opened, read or written as asked."""
 

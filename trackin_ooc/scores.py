@@ -12,7 +12,7 @@ from .engine import graphs, planning, resources
 from .engine.backend import resolve_backend
 from .engine.compat import check_compatible
 from .engine.execute import compute
-from .errors import IncompatibleStoresError, TrackinError
+from .errors import ArgumentError
 from .store import GradientStore, open_store
 from .store.backends import StorageOptions
 from .store.influence_store import InfluenceStore, open_influence
@@ -137,10 +137,10 @@ def top_k(
     """
     te, tr = _open(test, storage_options), _open(train, storage_options)
     check_compatible(te, tr)
-    if not isinstance(k, (int, np.integer)) or k <= 0:
-        raise TrackinError(f"k must be a positive integer, got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise ArgumentError(f"k must be a positive integer, got {k!r}; pass e.g. k=10")
     if k > tr.n_examples:
-        raise IncompatibleStoresError(
+        raise ArgumentError(
             f"k={k} is larger than the train store's {tr.n_examples} examples; use k <= {tr.n_examples}"
         )
     backend = resolve_backend(device).name

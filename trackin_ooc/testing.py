@@ -246,6 +246,10 @@ def assert_self_influence_equal(
     np.testing.assert_allclose(values, exp, rtol=rtol, atol=_tolerance(exp, rtol, atol))
 
 
+def _at(mask: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(x) for x in np.argwhere(mask)[0])
+
+
 def _check_side(
     name: str,
     idx: np.ndarray,
@@ -264,24 +268,29 @@ def _check_side(
     # The engine's own order: sorted by its scores, equal scores by ascending train index.
     step = np.diff(val, axis=1)
     bad_order = step > 0 if descending else step < 0
-    assert not bad_order.any(), f"{name}_score not sorted {'de' if descending else 'a'}scending: row " \
-        f"{int(np.argwhere(bad_order)[0][0])}"
+    order = "descending" if descending else "ascending"
+    assert not bad_order.any(), f"{name}_score not sorted {order} in test row {_at(bad_order)[0]}"
     tied = step == 0
     assert not (tied & (np.diff(idx, axis=1) <= 0)).any(), f"equal {name} scores not in train-index order"
     # Each reported score is the score of the reported index, and the k best by rank.
     own = np.take_along_axis(scores, idx, axis=1)
     off = np.abs(val - own) > tol
-    assert not off.any(), f"{name}_score differs from the reference score of its index at " \
-        f"{tuple(np.argwhere(off)[0])}: {val[off][0]} vs {own[off][0]}"
+    assert not off.any(), (
+        f"{name}_score differs from the reference score of its index at {_at(off)}: "
+        f"{val[off][0]} vs {own[off][0]}"
+    )
     off = np.abs(val - ref_val) > tol
-    assert not off.any(), f"{name}_score differs from the reference top-k at {tuple(np.argwhere(off)[0])}: " \
-        f"{val[off][0]} vs {ref_val[off][0]}"
+    assert not off.any(), (
+        f"{name}_score differs from the reference top-k at {_at(off)}: {val[off][0]} vs {ref_val[off][0]}"
+    )
     # Indices exactly as the reference, except where the scores tie within tolerance.
     differ = idx != ref_idx
     gap = np.abs(own - np.take_along_axis(scores, ref_idx, axis=1))
     untied = differ & (gap > tol)
-    assert not untied.any(), f"{name}_index differs from the reference at {tuple(np.argwhere(untied)[0])} " \
-        f"where scores do not tie: {idx[untied][0]} vs {ref_idx[untied][0]}"
+    assert not untied.any(), (
+        f"{name}_index differs from the reference at {_at(untied)} where scores do not tie: "
+        f"{idx[untied][0]} vs {ref_idx[untied][0]}"
+    )
 
 
 def assert_top_k_equal(

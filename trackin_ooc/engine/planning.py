@@ -96,13 +96,15 @@ def plan_blocks(
     b = min(n_train, _round_down(TARGET_TRAIN_ROWS, train_align) if train_align <= TARGET_TRAIN_ROWS
             else train_align)
     floor = min(n_train, max(1, min(MIN_TRAIN_ROWS, b)))
+    if train_align <= floor < n_train:
+        floor = _round_down(floor, train_align)
     a = max_test_rows(b)
     while a < want_test and b > floor:
         b = max(floor, _round_down(b // 2, train_align) if b // 2 >= train_align else b // 2)
         a = max_test_rows(b)
     # A budget too small for an aligned block may still fit smaller, unaligned ones.
     while a < 1 and b > 1:
-        b = max(1, b // 2)
+        b = max(1, _round_down(b // 2, train_align) if b // 2 >= train_align else b // 2)
         a = max_test_rows(b)
     if a < 1:
         raise PlanningError(
