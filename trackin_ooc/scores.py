@@ -24,9 +24,11 @@ def _open(store: StoreLike, storage_options: StorageOptions = None) -> GradientS
     return open_store(store, storage_options=storage_options).require_complete()
 
 
-def plan_for(test: GradientStore, train: GradientStore, *, memory_limit=None, k: int = 0) -> planning.BlockPlan:
-    """The block plan the engine would use for these stores under the active scheduler."""
-    res = resources.detect(memory_limit)
+def plan_for(
+    test: GradientStore, train: GradientStore, *, memory_limit=None, k: int = 0, client=None
+) -> planning.BlockPlan:
+    """The block plan the engine would use for these stores under ``client`` or the active scheduler."""
+    res = resources.detect(memory_limit, client)
     from .store.layout import itemsize
 
     return planning.plan_blocks(
@@ -43,6 +45,7 @@ def self_influence(
     compute_now: bool = True,
     progress: bool | None = None,
     storage_options: StorageOptions = None,
+    client=None,
 ) -> xr.DataArray:
     """Σ_c η_c ‖g_c(z)‖² for every example, in one read pass over the store.
 
@@ -58,7 +61,7 @@ def self_influence(
     arr = xr.DataArray(data, dims=("example",), coords=coords, name="self_influence",
                        attrs={"store": st.path, "fingerprint": st.fingerprint})
     if compute_now:
-        (values,) = compute(arr.data, desc="self-influence", progress=progress)
+        (values,) = compute(arr.data, desc="self-influence", progress=progress, client=client)
         arr = arr.copy(data=values)
     return arr
 
@@ -74,6 +77,7 @@ def influence(
     overwrite: bool = False,
     progress: bool | None = None,
     storage_options: StorageOptions = None,
+    client=None,
 ) -> xr.DataArray:
     """The (test, train) influence matrix Σ_c η_c ⟨g_c(z'), g_c(z)⟩ (cosine with ``normalize``).
 
@@ -84,7 +88,7 @@ def influence(
     te, tr = _open(test, storage_options), _open(train, storage_options)
     check_compatible(te, tr)
     backend = resolve_backend(device).name
-    plan = plan_for(te, tr, memory_limit=memory_limit)
+    plan = plan_for(te, tr, memory_limit=memory_limit, client=client)
     attrs = {
         "normalize": bool(normalize),
         "test_store": te.path, "train_store": tr.path,
@@ -113,7 +117,7 @@ def influence(
             attrs=attrs, overwrite=overwrite, storage_options=storage_options,
         )
     compute(graphs.influence_write_graph(te, tr, plan, normalize, backend, target, skip=skip),
-            desc="influence", progress=progress)
+            desc="influence", progress=progress, client=client)
     target.mark_complete()
     return open_influence(out, storage_options=storage_options)
 
@@ -129,6 +133,7 @@ def top_k(
     compute_now: bool = True,
     progress: bool | None = None,
     storage_options: StorageOptions = None,
+    client=None,
 ) -> xr.Dataset:
     """Exact top-k proponents (highest scores) and opponents (lowest) of every test example.
 
@@ -144,7 +149,7 @@ def top_k(
             f"k={k} is larger than the train store's {tr.n_examples} examples; use k <= {tr.n_examples}"
         )
     backend = resolve_backend(device).name
-    plan = plan_for(te, tr, memory_limit=memory_limit, k=int(k))
+    plan = plan_for(te, tr, memory_limit=memory_limit, k=int(k), client=client)
     pi, ps, oi, os_ = graphs.topk_arrays(te, tr, plan, int(k), normalize, backend)
     dims = ("test", "rank")
     ds = xr.Dataset(
@@ -160,6 +165,6 @@ def top_k(
     )
     if compute_now:
         names = list(ds.data_vars)
-        values = compute(*(ds[n].data for n in names), desc="top-k", progress=progress)
+        values = compute(*(ds[n].data for n in names), desc="top-k", progress=progress, client=client)
         ds = ds.copy(data={n: v for n, v in zip(names, values)})
     return ds

@@ -41,20 +41,19 @@ def _blas_threads_for_local_scheduler():
         yield
 
 
-def compute(*collections, desc: str = "scoring", progress: bool | None = None):
-    """``dask.compute`` on the active scheduler (a distributed Client if there is one)."""
-    client = active_client()
+def compute(*collections, desc: str = "scoring", progress: bool | None = None, client=None):
+    """Compute on ``client``, else on the active scheduler (a distributed Client if there is one)."""
+    client = client if client is not None else active_client()
     show = progress_enabled(progress)
     if client is not None:
-        if not show:
-            return dask.compute(*collections)
         from distributed import as_completed
 
-        futures = client.compute(list(collections))
-        with progress_bar(total=len(futures), desc=desc, unit="part", enabled=True) as bar:
-            for _ in as_completed(futures):
-                bar.update(1)
-        return tuple(client.gather(futures))
+        with client.as_current():
+            futures = client.compute(list(collections))
+            with progress_bar(total=len(futures), desc=desc, unit="part", enabled=show) as bar:
+                for _ in as_completed(futures):
+                    bar.update(1)
+            return tuple(client.gather(futures))
     with _blas_threads_for_local_scheduler():
         if show:
             with _TqdmCallback(desc):

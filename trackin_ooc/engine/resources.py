@@ -50,9 +50,9 @@ def local_threads() -> int:
     return int(n) if n else (os.cpu_count() or 1)
 
 
-def detect(memory_limit=None) -> Resources:
-    """Memory budget and threads per worker for planning, from the active scheduler."""
-    client = active_client()
+def detect(memory_limit=None, client=None) -> Resources:
+    """Memory budget and threads per worker for planning, from ``client`` or the active scheduler."""
+    client = client if client is not None else active_client()
     if client is not None:
         workers = list(client.scheduler_info(n_workers=-1)["workers"].values()) if _takes_n(client) else \
             list(client.scheduler_info()["workers"].values())
