@@ -53,7 +53,7 @@ class ClusterSpec:
         if self.scheduler_file:
             return f"scheduler from {self.scheduler_file}"
         if self.workers:
-            return f"local cluster of {self.workers} workers"
+            return "a local cluster on 127.0.0.1"
         return "in-process threads"
 
 
@@ -64,20 +64,24 @@ def _short(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def cluster_client(
-    spec: ClusterSpec | None = None, *, timeout: float = 20.0, **kwargs
+    spec: ClusterSpec | None = None, *, timeout: float | str | None = None, **kwargs
 ) -> Iterator[object | None]:
     """Yield a ``distributed.Client`` (made the default) for ``spec``, or None for in-process.
 
     ``workers=N`` starts a ``LocalCluster`` of N worker processes bound to 127.0.0.1 with the given
     per-worker ``memory_limit``; it is closed on exit. A scheduler address or file connects to an
-    existing cluster, which is left running.
+    existing cluster, which is left running. ``timeout`` for connecting defaults to Dask's
+    ``distributed.comm.timeouts.connect`` setting (env DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT).
     """
     spec = spec or ClusterSpec(**kwargs)
     if spec.in_process:
         yield None
         return
+    import dask
     from distributed import Client, LocalCluster
 
+    if timeout is None:
+        timeout = dask.config.get("distributed.comm.timeouts.connect", "30s")
     cluster = None
     try:
         if spec.workers is not None:

@@ -22,7 +22,8 @@ class LoadError(TrackinError, ValueError):
     """A ``MOD:FN`` reference cannot be imported, found, or called."""
 
 
-def _split(ref: str) -> tuple[str, str]:
+def parse_ref(ref: str) -> tuple[str, str]:
+    """(module or file, attribute path) of ``MOD:FN``; raises LoadError when it is not of that form."""
     ref = str(ref).strip()
     mod, sep, fn = ref.rpartition(":")
     if not sep or not mod or not fn:
@@ -87,7 +88,7 @@ def _import_module(mod: str, ref: str):
 
 def resolve(ref: str) -> Callable[[], Any]:
     """The callable named by ``MOD:FN`` or ``path/to/file.py:FN`` (not yet called)."""
-    mod, fn = _split(ref)
+    mod, fn = parse_ref(ref)
     module = _import_file(mod, ref) if _is_file_ref(mod) else _import_module(mod, ref)
     obj: Any = module
     for part in fn.split("."):

@@ -24,14 +24,10 @@ def store_info(store: GradientStore | str | os.PathLike, *, storage_options: Sto
 
     Complete or not, the store is opened without reading any gradients.
     """
-    try:
-        st = open_store(store, storage_options=storage_options)
-    except StoreError as e:
-        influence = _influence_info(store, storage_options)
-        if influence is None:
-            raise e from None
-        return influence
+    st = open_store(store, storage_options=storage_options)
     meta = st.attrs
+    if meta.get("kind") == "influence":
+        return _influence_info(st.path, storage_options)
     blocks = st.row_blocks()
     done = int(st.blocks_done().sum())
     labels = st.labels() if st.has_labels else None
@@ -73,15 +69,22 @@ def store_info(store: GradientStore | str | os.PathLike, *, storage_options: Sto
     return info
 
 
-def _influence_info(path, storage_options) -> dict[str, Any] | None:
-    if isinstance(path, GradientStore):
-        return None
+def open_gradient_store(path: GradientStore | str | os.PathLike, *, storage_options: StorageOptions = None
+                        ) -> GradientStore:
+    """``open_store``, refusing an influence output (which is a Zarr group with trackin-ooc attributes too)."""
+    st = open_store(path, storage_options=storage_options)
+    if st.attrs.get("kind") == "influence":
+        raise StoreError(
+            f"{st.path} is an influence matrix (written by influence), not a gradient store; "
+            "give a store written by capture"
+        )
+    return st
+
+
+def _influence_info(path, storage_options) -> dict[str, Any]:
     from .store.influence_store import open_influence
 
-    try:
-        da = open_influence(path, storage_options=storage_options)
-    except Exception:
-        return None
+    da = open_influence(path, storage_options=storage_options)
     attrs = dict(da.attrs)
     return {
         "kind": "influence matrix",

@@ -59,10 +59,13 @@ def _exists(path: str | os.PathLike) -> bool:
 
 
 def check_output(
-    path: str | os.PathLike, *, overwrite: bool = False, allowed: tuple[str, ...] = TABLE_FORMATS
-) -> str:
-    """Fail early, before any work: unknown format, or an existing output without ``overwrite``."""
-    fmt = output_format(path, allowed)
+    path: str | os.PathLike, *, overwrite: bool = False, allowed: tuple[str, ...] | None = TABLE_FORMATS
+) -> str | None:
+    """Fail early, before any work: unknown format, or an existing output without ``overwrite``.
+
+    ``allowed=None`` accepts any name (a gradient store's folder, say) and returns None.
+    """
+    fmt = None if allowed is None else output_format(path, allowed)
     if not overwrite and _exists(path):
         raise StoreExistsError(
             f"output {normalize_path(path)} already exists; pass --overwrite (overwrite=True) "

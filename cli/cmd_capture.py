@@ -1,0 +1,149 @@
+"""``trackin-ooc capture``: per-example gradients of a dataset at every checkpoint → a gradient store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+import click
+
+from .settings import Settings, pass_settings, plural, rate
+
+PROJECTIONS = ("gaussian", "rademacher", "factored")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _ref(ctx, param, value):
+    """Check the MOD:FN form while parsing (a usage error); importing it comes later, in the library."""
+    if value is None:
+        return None
+    mod, sep, fn = value.strip().rpartition(":")
+    if not sep or not mod or not all(part.isidentifier() for part in fn.split(".")):
+        raise click.BadParameter(
+            f"{value!r} is not of the form MOD:FN; name a module (package.module:function) "
+            "or a file (path/to/file.py:function)"
+        )
+    return value
+
+
+def _layers(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise click.BadParameter("give at least one module or parameter name, e.g. --layers conv2,fc",
+                                 param_hint="'--layers'")
+    return names
+
+
+@click.command("capture")
+@click.option("--model", "model_ref", required=True, metavar="MOD:FN", callback=_ref,
+              help="Zero-argument callable returning the torch model (module:function or file.py:function).")
+@click.option("--data", "data_ref", required=True, metavar="MOD:FN", callback=_ref,
+              help="Zero-argument callable returning the dataset (a torch Dataset, or a non-shuffling DataLoader).")
+@click.option("--checkpoint", "checkpoints", required=True, multiple=True, metavar="PATH",
+              help="A checkpoint file (state dict, optionally with its learning rate); repeat in training order.")
+@click.option("--lr", "lrs", multiple=True, type=float, metavar="X",
+              help="Learning rate of each checkpoint, one --lr per --checkpoint (default: read from the checkpoints).")
+@click.option("--out", required=True, metavar="STORE",
+              help="Where the gradient store goes (a folder, e.g. train.zarr).")
+@click.option("--layers", metavar="A,B", help="Comma-separated module or parameter names (default: all trainable).")
+@click.option("--projection-dim", type=click.IntRange(min=1), metavar="K",
+              help="Project gradients to K dimensions (default: exact gradients).")
+@click.option("--projection", type=click.Choice(PROJECTIONS), default="gaussian", show_default=True,
+              help="Kind of random projection (with --projection-dim).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random projection.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, metavar="B",
+              help="Examples per batch of per-example gradients.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
+              help="Storage dtype of the gradients.")
+@click.option("--loss", "loss_ref", metavar="MOD:FN", callback=_ref,
+              help="Zero-argument callable returning (outputs, targets) -> per-example losses "
+                   "(default: cross-entropy).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
+@pass_settings
+def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, layers, projection_dim, projection,
+            seed, batch_size, dtype, loss_ref, overwrite):
+    """Capture per-example loss gradients at every checkpoint into a gradient store.
+
+    \b
+    Example:
+      trackin-ooc capture --model trackin_ooc.demo.examples:digits_cnn_model \\
+          --data trackin_ooc.demo.examples:digits_train \\
+          --checkpoint ckpt/epoch_005.pt --checkpoint ckpt/epoch_010.pt \\
+          --projection-dim 512 --out train.zarr
+    """
+    if lrs and len(lrs) != len(checkpoints):
+        raise click.BadParameter(
+            f"{len(lrs)} --lr for {len(checkpoints)} --checkpoint; give one --lr per checkpoint or none",
+            param_hint="'--lr'",
+        )
+    layer_names = _layers(layers)
+    if projection != "gaussian" and projection_dim is None:
+        raise click.BadParameter("--projection needs --projection-dim K", param_hint="'--projection'")
+
+    import trackin_ooc as to
+    from trackin_ooc import loading, tables
+    from trackin_ooc.store import is_remote
+    from trackin_ooc.summary import human_bytes, store_info
+
+    tables.check_output(out, overwrite=overwrite, allowed=None)
+    model = loading.load_model(model_ref)
+    data = loading.load_dataset(data_ref)
+    loss_fn = loading.load_loss(loss_ref) if loss_ref else None
+    existed = os.path.lexists(out)
+    # Replacing a store: capture next to it and swap only on success, so that a failed capture
+    # (a bad checkpoint, a crash, Ctrl-C) leaves the old store as it was.
+    staging = _staging_dir(out) if overwrite and existed and not is_remote(out) else None
+    target = os.path.join(staging, os.path.basename(os.path.abspath(out))) if staging else out
+    t0 = time.perf_counter()
+    try:
+        store = to.capture(
+            model, list(checkpoints), data, target,
+            learning_rates=list(lrs) if lrs else None, loss_fn=loss_fn, layers=layer_names,
+            projection_dim=projection_dim, projection=projection, seed=seed, batch_size=batch_size,
+            dtype=dtype, overwrite=overwrite, device=settings.device, progress=settings.progress,
+        )
+        if staging:
+            _swap_in(target, out)
+            store = to.open_store(out)
+    except BaseException as e:
+        from .errors import describe
+
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else describe(e)
+        if staging:
+            raise to.CaptureError(f"capture failed: {what}; the existing store {out} was left as it was") from e
+        if not existed and os.path.exists(out):
+            raise to.CaptureError(
+                f"capture failed: {what}; the partial store {out} is incomplete "
+                "(scoring refuses it): rerun with --overwrite"
+            ) from e
+        raise
+    finally:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
+    seconds = time.perf_counter() - t0
+    info = store_info(store)
+    settings.done(
+        f"captured {plural(store.n_examples, 'example')} × {plural(store.n_checkpoints, 'checkpoint')} "
+        f"({store.spec.describe()}) into {store.path} in {seconds:.1f} s "
+        f"({rate(store.n_examples, seconds, 'examples')}, {human_bytes(info['size_on_disk'])} on disk)"
+    )
+
+
+def _staging_dir(out: str) -> str:
+    parent = os.path.dirname(os.path.abspath(out))
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.staging-", dir=parent)
+
+
+def _swap_in(new: str, out: str) -> None:
+    """Replace ``out`` (a store folder, or whatever was there) by the finished store at ``new``."""
+    old = f"{new}.old"
+    os.replace(out, old)  # same filesystem: atomic; the old store is removed with the staging folder
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old, out)
+        raise

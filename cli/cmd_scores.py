@@ -1,0 +1,107 @@
+"""``self-influence``, ``influence`` and ``top-k``: scores from gradient stores, written to files."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from .settings import Settings, pass_settings, plural, rate
+
+OUT_HELP = "Output file: .csv, .parquet or .zarr (by extension)."
+
+
+@click.command("self-influence")
+@click.argument("store", metavar="STORE")
+@click.option("--out", required=True, metavar="FILE", help=OUT_HELP)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@pass_settings
+def self_influence(settings: Settings, store, out, overwrite):
+    """Self-influence of every example of STORE (high: likely mislabelled or unusual).
+
+    Rows are sorted by rank (1 = highest self-influence), with example ids and labels where the
+    store has them.
+    """
+    import trackin_ooc as to
+    from trackin_ooc import tables
+    from trackin_ooc.summary import open_gradient_store
+
+    tables.check_output(out, overwrite=overwrite)
+    st = open_gradient_store(store).require_complete()
+    t0 = time.perf_counter()
+    with settings.client():
+        si = to.self_influence(st, device=settings.device, progress=settings.progress)
+    path = tables.write_self_influence(si, out, overwrite=overwrite)
+    seconds = time.perf_counter() - t0
+    settings.done(
+        f"wrote self-influence of {plural(st.n_examples, 'example')} "
+        f"({plural(st.n_checkpoints, 'checkpoint')}) to {path} in {seconds:.1f} s "
+        f"({rate(st.n_examples, seconds, 'examples')})"
+    )
+
+
+@click.command("influence")
+@click.option("--train", "train", required=True, metavar="STORE", help="The training examples' gradient store.")
+@click.option("--test", "test", required=True, metavar="STORE", help="The test examples' gradient store.")
+@click.option("--out", required=True, metavar="OUT.zarr", help="Where the (test, train) matrix goes (Zarr).")
+@click.option("--normalize", is_flag=True, help="Cosine similarity of gradients instead of dot products.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@pass_settings
+def influence(settings: Settings, train, test, out, normalize, overwrite):
+    """The full (test, train) influence matrix, written block by block to a Zarr group.
+
+    Read it back with xarray.open_zarr(OUT) (variable "influence", dims test and train).
+    """
+    import trackin_ooc as to
+    from trackin_ooc import tables
+    from trackin_ooc.summary import human_bytes, open_gradient_store, store_info
+
+    tables.check_output(out, overwrite=overwrite, allowed=(".zarr",))
+    te, tr = open_gradient_store(test).require_complete(), open_gradient_store(train).require_complete()
+    t0 = time.perf_counter()
+    with settings.client():
+        to.influence(te, tr, out=out, normalize=normalize, device=settings.device,
+                     memory_limit=settings.scoring_memory_limit, overwrite=overwrite,
+                     progress=settings.progress)
+    seconds = time.perf_counter() - t0
+    info = store_info(out)
+    pairs = te.n_examples * tr.n_examples
+    settings.done(
+        f"wrote the {te.n_examples:,} × {tr.n_examples:,} influence matrix"
+        f"{' (normalized)' if normalize else ''} to {info['path']} in {seconds:.1f} s "
+        f"({rate(pairs, seconds, 'pairs')}, {human_bytes(info['size_on_disk'])} on disk)"
+    )
+
+
+@click.command("top-k")
+@click.option("--train", "train", required=True, metavar="STORE", help="The training examples' gradient store.")
+@click.option("--test", "test", required=True, metavar="STORE", help="The test examples' gradient store.")
+@click.option("-k", "--k", "k", type=click.IntRange(min=1), default=10, show_default=True, metavar="N",
+              help="Proponents and opponents per test example.")
+@click.option("--out", required=True, metavar="FILE", help=OUT_HELP)
+@click.option("--normalize", is_flag=True, help="Cosine similarity of gradients instead of dot products.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@pass_settings
+def top_k(settings: Settings, train, test, k, out, normalize, overwrite):
+    """Exact top-k proponents (highest scores) and opponents (lowest) of every test example.
+
+    One row per (test example, rank): the proponent and the opponent at that rank (1 = strongest),
+    their scores and train example ids, and labels where the stores have them.
+    """
+    import trackin_ooc as to
+    from trackin_ooc import tables
+    from trackin_ooc.summary import open_gradient_store
+
+    tables.check_output(out, overwrite=overwrite)
+    te, tr = open_gradient_store(test).require_complete(), open_gradient_store(train).require_complete()
+    t0 = time.perf_counter()
+    with settings.client():
+        result = to.top_k(te, tr, k=k, normalize=normalize, device=settings.device,
+                          memory_limit=settings.scoring_memory_limit, progress=settings.progress)
+    path = tables.write_top_k(result, out, test=te, train=tr, overwrite=overwrite)
+    seconds = time.perf_counter() - t0
+    pairs = te.n_examples * tr.n_examples
+    settings.done(
+        f"wrote the top {k} proponents and opponents of {te.n_examples:,} test examples among "
+        f"{tr.n_examples:,} train to {path} in {seconds:.1f} s ({rate(pairs, seconds, 'pairs')})"
+    )

@@ -1,0 +1,84 @@
+"""The global options, shared by every command through click's context object."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+
+import click
+
+
+@dataclass
+class Settings:
+    scheduler_address: str | None = None
+    scheduler_file: str | None = None
+    workers: int | None = None
+    memory_limit: str | None = None
+    device: str = "auto"
+    quiet: bool = False
+    progress_forced: bool = False
+    debug: bool = False
+
+    @property
+    def progress(self) -> bool | None:
+        """False with --quiet, True with --progress, else None: bars only on a terminal."""
+        if self.quiet:
+            return False
+        return True if self.progress_forced else None
+
+    @property
+    def scoring_memory_limit(self) -> str | None:
+        """Budget for the scoring functions: with --workers it is the workers' limit instead."""
+        return None if self.workers is not None else self.memory_limit
+
+    def say(self, message: str) -> None:
+        """A status line on stderr (not with --quiet)."""
+        if not self.quiet:
+            click.echo(message, err=True)
+
+    def done(self, message: str) -> None:
+        """The final one-line summary on stdout (not with --quiet)."""
+        if not self.quiet:
+            click.echo(message)
+
+    @contextlib.contextmanager
+    def client(self):
+        """The Dask client the global options ask for (None: in-process threads)."""
+        from trackin_ooc.cluster import ClusterSpec, cluster_client, dashboard_link
+
+        spec = ClusterSpec(
+            scheduler_address=self.scheduler_address, scheduler_file=self.scheduler_file,
+            workers=self.workers, memory_limit=self.memory_limit,
+        )
+        if spec.in_process:
+            yield None
+            return
+        import distributed  # noqa: F401  (configures its loggers on import: quieten them after)
+
+        if not self.debug:
+            # The CLI reports failures itself, in one line; worker restarts and the like are noise here.
+            for name in ("distributed", "tornado", "bokeh"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+        with cluster_client(spec) as client:
+            link = dashboard_link(client) if importlib.util.find_spec("bokeh") else None
+            workers = len(client.scheduler_info().get("workers", {}))
+            self.say(f"dask: {plural(workers, 'worker')} ({spec.describe()})" + (f", dashboard {link}" if link else ""))
+            yield client
+
+
+pass_settings = click.make_pass_decorator(Settings, ensure=True)
+
+
+def rate(count: float, seconds: float, unit: str) -> str:
+    per = count / seconds if seconds > 0 else float("inf")
+    if per >= 1e6:
+        return f"{per / 1e6:,.1f} M {unit}/s"
+    if per >= 1e4:
+        return f"{per / 1e3:,.0f} k {unit}/s"
+    return f"{per:,.0f} {unit}/s"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"

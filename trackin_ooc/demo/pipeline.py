@@ -1,0 +1,268 @@
+"""The ``trackin-ooc demo`` run: the TracIn paper's mislabel experiment on digits, end to end.
+
+Train a small CNN by SGD on digits with 10 % of the training labels flipped, saving checkpoints;
+capture train and test gradient stores; rank training examples by TracIn self-influence; find
+proponents and opponents of test digits; write plots and tables to one folder.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import TrackinError
+
+MARKER = ".trackin-demo"
+FRACTIONS = (0.1, 0.2)
+
+
+class DemoOutputError(TrackinError, FileExistsError):
+    """The demo's output folder holds files the demo did not write."""
+
+
+# ---- mislabel-detection metrics ----------------------------------------------------------------
+def recall_curve(scores, flipped) -> tuple[np.ndarray, np.ndarray]:
+    """Check examples from the highest score down: (fraction of data checked, fraction of flips found)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    flipped = np.asarray(flipped, dtype=bool)
+    order = np.argsort(-scores, kind="stable")
+    found = np.concatenate([[0], np.cumsum(flipped[order])]) / max(1, int(flipped.sum()))
+    checked = np.arange(len(scores) + 1) / len(scores)
+    return checked, found
+
+
+def recall_at(scores, flipped, fraction: float) -> float:
+    """Fraction of the flipped labels among the top ``fraction`` of examples by score."""
+    flipped = np.asarray(flipped, dtype=bool)
+    m = int(round(fraction * len(flipped)))
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return float(flipped[order[:m]].sum() / max(1, int(flipped.sum())))
+
+
+# ---- result ------------------------------------------------------------------------------------
+@dataclass
+class DemoResult:
+    out: Path
+    files: dict[str, Path]
+    recall: dict[str, dict[float, float]]  # method -> {fraction checked: fraction of flips found}
+    n_train: int
+    n_test: int
+    n_flipped: int
+    test_accuracy: float
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """The short text ``trackin-ooc demo`` prints at the end."""
+        head = "".join(f"{f:>9.0%}" for f in FRACTIONS)
+        lines = [
+            f"digits: {self.n_train:,} training examples ({self.n_flipped} labels flipped), "
+            f"{self.n_test} test; CNN test accuracy {self.test_accuracy:.1%}",
+            f"flipped labels found when checking the top {' / '.join(f'{f:.0%}' for f in FRACTIONS)} "
+            "of the training data:",
+            f"  {'method':<24}{head}",
+        ]
+        for name, rec in self.recall.items():
+            lines.append(f"  {name:<24}" + "".join(f"{rec[f]:>9.1%}" for f in FRACTIONS))
+        names = ", ".join(p.name for k, p in self.files.items() if k != "stores")
+        lines.append(f"wrote {names} to {self.out} (stores and checkpoints inside) in {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+# ---- the run -----------------------------------------------------------------------------------
+def _prepare(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DemoOutputError(f"demo output {out} is a file; choose a folder with --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists() and not overwrite:
+        raise DemoOutputError(
+            f"demo output folder {out} is not empty and was not written by the demo; "
+            "choose another --out or pass --overwrite"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by trackin-ooc demo; its files here are replaced on every run\n")
+
+
+def run_demo(
+    out: str | os.PathLike = "./trackin-demo",
+    *,
+    n_train: int = 1500,
+    flip_fraction: float = 0.1,
+    epochs: int = 30,
+    checkpoint_every: int = 5,
+    lr: float = 0.1,
+    projection_dim: int | None = 512,
+    k: int = 5,
+    normalize: bool = True,
+    n_show: int = 4,
+    seed: int = 0,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: bool | None = None,
+    say: Callable[[str], None] | None = None,
+    torch_threads: int | None = 1,
+) -> DemoResult:
+    """Run the demo into ``out`` and return what it found (see :meth:`DemoResult.summary`).
+
+    ``out`` may be new, empty, or a previous demo's folder (whose files are replaced); anything
+    else needs ``overwrite=True``. ``say`` receives one line per step (None: silent).
+
+    ``torch_threads`` (default 1) caps torch's CPU threads for the run: this model's batches are so
+    small that more threads only spin, and on a busy machine they make training many times slower.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    if torch_threads:
+        torch.set_num_threads(int(torch_threads))
+    try:
+        return _run(out, n_train=n_train, flip_fraction=flip_fraction, epochs=epochs,
+                    checkpoint_every=checkpoint_every, lr=lr, projection_dim=projection_dim, k=k,
+                    normalize=normalize, n_show=n_show, seed=seed, device=device, overwrite=overwrite,
+                    progress=progress, say=say)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(out, *, n_train, flip_fraction, epochs, checkpoint_every, lr, projection_dim, k, normalize, n_show,
+         seed, device, overwrite, progress, say) -> DemoResult:
+    import torch
+
+    import trackin_ooc as to
+
+    from .. import tables
+    from .digits import load_digits_split
+    from .models import digits_cnn
+    from .training import train_with_checkpoints
+
+    say = say or (lambda _msg: None)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = Path(out).expanduser().resolve()
+    _prepare(out, overwrite)
+    stores = out / "stores"
+
+    def step(name: str, t0: float) -> None:
+        timings[name] = time.perf_counter() - t0
+        say(f"{name}: {timings[name]:.1f} s")
+
+    t0 = time.perf_counter()
+    split = load_digits_split(n_train=n_train, flip_fraction=flip_fraction, seed=seed)
+    model = digits_cnn(seed=seed)
+    say(f"training a small CNN on {n_train:,} digits ({int(split.flipped.sum())} labels flipped), "
+        f"{epochs} epochs of SGD, a checkpoint every {checkpoint_every}")
+    checkpoints = train_with_checkpoints(
+        model, split.train, out / "checkpoints", epochs=epochs, lr=lr,
+        checkpoint_every=checkpoint_every, seed=seed,
+    )
+    with torch.no_grad():
+        x, y = split.test.tensors
+        accuracy = float((model(x).argmax(1) == y).float().mean())
+    step("train", t0)
+
+    t0 = time.perf_counter()
+    common = dict(projection_dim=projection_dim, seed=seed, overwrite=True, device=device, progress=progress)
+    train = to.capture(model, checkpoints, split.train, stores / "train.zarr", **common)
+    test = to.capture(model, checkpoints, split.test, stores / "test.zarr", **common)
+    step("capture", t0)
+
+    t0 = time.perf_counter()
+    si = to.self_influence(train, device=device, progress=progress)
+    loss_last = train.to_xarray()["loss"].isel(checkpoint=-1).values
+    rng = np.random.default_rng(seed)
+    random_scores = rng.permutation(n_train).astype(np.float64)
+    methods = {
+        "TracIn self-influence": np.asarray(si.values),
+        "last-checkpoint loss": np.asarray(loss_last),
+        "random": random_scores,
+    }
+    recall = {name: {f: recall_at(s, split.flipped, f) for f in FRACTIONS} for name, s in methods.items()}
+    best = to.top_k(test, train, k=k, normalize=normalize, device=device, progress=progress)
+    step("score", t0)
+
+    t0 = time.perf_counter()
+    files = {
+        "mislabels": out / "mislabels.png",
+        "proponents": out / "proponents.png",
+        "self_influence": out / "self_influence.csv",
+        "top_k": out / "top_k.csv",
+    }
+    _plot_mislabels(files["mislabels"], methods, split.flipped)
+    _plot_proponents(files["proponents"], split, best, n_show=n_show, n_cols=min(3, k))
+    frame = tables.self_influence_frame(si)
+    frame["true_label"] = split.true_train_labels[frame["example"].values]
+    frame["flipped"] = split.flipped[frame["example"].values]
+    frame["loss_last_checkpoint"] = loss_last[frame["example"].values]
+    tables.write(frame, files["self_influence"], overwrite=True)
+    tables.write_top_k(best, files["top_k"], test=test, train=train, overwrite=True)
+    files["stores"] = stores
+    step("write", t0)
+
+    return DemoResult(
+        out=out, files=files, recall=recall, n_train=n_train, n_test=len(split.test),
+        n_flipped=int(split.flipped.sum()), test_accuracy=accuracy,
+        seconds=time.perf_counter() - t_start, timings=timings,
+    )
+
+
+# ---- plots -------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_mislabels(path: Path, methods: dict[str, np.ndarray], flipped: np.ndarray) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=110)
+    styles = {"TracIn self-influence": "-", "last-checkpoint loss": "--", "random": ":"}
+    for name, scores in methods.items():
+        x, y = recall_curve(scores, flipped)
+        ax.plot(x, y, styles.get(name, "-"), label=f"{name} ({recall_at(scores, flipped, 0.2):.0%} at 20 %)")
+    ax.set_xlabel("fraction of training data checked")
+    ax.set_ylabel("fraction of flipped labels found")
+    ax.set_title(f"Mislabel detection on digits ({int(flipped.sum())} of {len(flipped)} flipped)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_proponents(path: Path, split, best, *, n_show: int, n_cols: int) -> None:
+    """Rows: a test digit, its top proponents, its top opponents; titles give stored labels."""
+    plt = _pyplot()
+    n_show = min(n_show, best.sizes["test"])
+    ncols = 1 + 2 * n_cols
+    fig, axes = plt.subplots(n_show, ncols, figsize=(1.25 * ncols, 1.45 * n_show), dpi=110, squeeze=False)
+    train_labels = split.train.tensors[1].numpy()
+    test_labels = split.test.tensors[1].numpy()
+    for row in range(n_show):
+        ax = axes[row, 0]
+        ax.imshow(split.test_images[row], cmap="gray_r")
+        ax.set_title(f"test #{row}\nlabel {test_labels[row]}", fontsize=7, color="tab:blue")
+        for j in range(n_cols):
+            for side, col, color in (("proponent", 1 + j, "tab:green"), ("opponent", 1 + n_cols + j, "tab:red")):
+                idx = int(best[f"{side}_index"].values[row, j])
+                ax = axes[row, col]
+                ax.imshow(split.train_images[idx], cmap="gray_r")
+                note = f", true {split.true_train_labels[idx]}" if split.flipped[idx] else ""
+                sign = "+" if side == "proponent" else "−"
+                ax.set_title(f"{sign}{j + 1} #{idx}\nlabel {train_labels[idx]}{note}", fontsize=7, color=color)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    how = "cosine TracIn" if best.attrs.get("normalize") else "TracIn"
+    fig.suptitle(f"Test digits, their top proponents (+, green) and opponents (−, red) by {how}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
