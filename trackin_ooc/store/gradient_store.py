@@ -50,6 +50,11 @@ class GradientStore:
                 "attributes); give a store made by trackin_ooc.capture or from_arrays"
             )
         self._meta: dict[str, Any] = attrs[layout.ATTRS_KEY]
+        if self._meta.get("kind", "gradients") != "gradients":
+            raise StoreError(
+                f"{self.path} is a trackin-ooc {self._meta.get('kind')} output, not a gradient store; "
+                "give the path of a store made by capture or from_arrays"
+            )
         version = self._meta.get("format_version")
         if version != layout.FORMAT_VERSION:
             raise StoreError(
