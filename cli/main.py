@@ -64,6 +64,14 @@ def _configure_output(debug: bool, quiet: bool) -> None:
               help="Score on the Dask scheduler described by FILE (dask scheduler --scheduler-file).")
 @click.option("--workers", type=click.IntRange(min=1), metavar="N",
               help="Score on a local cluster of N worker processes (bound to 127.0.0.1).")
+@click.option("--cluster", type=click.Choice(["slurm", "pbs", "lsf"]), default=None,
+              help="Start a dask-jobqueue cluster on this batch system (configured by dask's jobqueue config).")
+@click.option("--cluster-config", metavar="FILE", type=click.Path(exists=True, dir_okay=False),
+              help="YAML with a jobqueue: section for --cluster (cores, memory, walltime, queue, ...).")
+@click.option("--jobs", type=click.IntRange(min=1), metavar="N", help="With --cluster: submit N worker jobs.")
+@click.option("--minimum-jobs", type=click.IntRange(min=0), metavar="N",
+              help="With --cluster: adapt between this many jobs ...")
+@click.option("--maximum-jobs", type=click.IntRange(min=1), metavar="N", help="... and this many.")
 @click.option("--memory-limit", metavar="SIZE", callback=_memory_limit,
               help="Memory per local worker with --workers; otherwise the scoring memory budget (e.g. 2GiB).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
@@ -73,7 +81,8 @@ def _configure_output(debug: bool, quiet: bool) -> None:
               help="Show progress bars even when stderr is not a terminal.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and library warnings.")
 @click.pass_context
-def cli(ctx, scheduler_address, scheduler_file, workers, memory_limit, device, quiet, progress_forced, debug):
+def cli(ctx, scheduler_address, scheduler_file, workers, cluster, cluster_config, jobs, minimum_jobs, maximum_jobs,
+        memory_limit, device, quiet, progress_forced, debug):
     """TracIn training-data influence, out of core.
 
     \b
@@ -89,15 +98,20 @@ def cli(ctx, scheduler_address, scheduler_file, workers, memory_limit, device, q
     --debug for the traceback).
     """
     given = [name for name, v in (("--scheduler-address", scheduler_address),
-                                  ("--scheduler-file", scheduler_file), ("--workers", workers)) if v is not None]
+                                  ("--scheduler-file", scheduler_file), ("--workers", workers),
+                                  ("--cluster", cluster)) if v is not None]
     if len(given) > 1:
         raise click.UsageError(f"{' and '.join(given)} exclude each other; give one of them")
+    if cluster is None and any(v is not None for v in (cluster_config, jobs, minimum_jobs, maximum_jobs)):
+        raise click.UsageError("--cluster-config, --jobs, --minimum-jobs and --maximum-jobs need --cluster")
     if quiet and progress_forced:
         raise click.UsageError("--quiet and --progress exclude each other")
     _configure_output(debug, quiet)
     ctx.obj = Settings(
         scheduler_address=scheduler_address, scheduler_file=scheduler_file, workers=workers,
-        memory_limit=memory_limit, device=device, quiet=quiet, progress_forced=progress_forced, debug=debug,
+        cluster=cluster, cluster_config=cluster_config, jobs=jobs, minimum_jobs=minimum_jobs,
+        maximum_jobs=maximum_jobs, memory_limit=memory_limit, device=device, quiet=quiet,
+        progress_forced=progress_forced, debug=debug,
     )
 
 

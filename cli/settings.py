@@ -15,6 +15,11 @@ class Settings:
     scheduler_address: str | None = None
     scheduler_file: str | None = None
     workers: int | None = None
+    cluster: str | None = None  # slurm | pbs | lsf: a dask-jobqueue cluster
+    cluster_config: str | None = None
+    jobs: int | None = None
+    minimum_jobs: int | None = None
+    maximum_jobs: int | None = None
     memory_limit: str | None = None
     device: str = "auto"
     quiet: bool = False
@@ -43,6 +48,14 @@ class Settings:
         if not self.quiet:
             click.echo(message)
 
+    def _quieten_dask(self) -> None:
+        import distributed  # noqa: F401  (configures its loggers on import: quieten them after)
+
+        if not self.debug:
+            # The CLI reports failures itself, in one line; worker restarts and the like are noise here.
+            for name in ("distributed", "tornado", "bokeh", "asyncio", "dask_jobqueue"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+
     @contextlib.contextmanager
     def client(self):
         """The Dask client the global options ask for (None: in-process threads)."""
@@ -50,17 +63,21 @@ class Settings:
 
         spec = ClusterSpec(
             scheduler_address=self.scheduler_address, scheduler_file=self.scheduler_file,
-            workers=self.workers, memory_limit=self.memory_limit,
+            workers=self.workers, memory_limit=self.memory_limit, gpu=self.device == "gpu",
         )
+        if self.cluster is not None:
+            from trackin_ooc.jobqueue import cluster_client as jobqueue_client
+
+            self._quieten_dask()
+            with jobqueue_client(self.cluster, config=self.cluster_config, jobs=self.jobs,
+                                 minimum=self.minimum_jobs, maximum=self.maximum_jobs, wait=1) as client:
+                self.say(f"dask: {self.cluster} cluster, dashboard {dashboard_link(client)}")
+                yield client
+            return
         if spec.in_process:
             yield None
             return
-        import distributed  # noqa: F401  (configures its loggers on import: quieten them after)
-
-        if not self.debug:
-            # The CLI reports failures itself, in one line; worker restarts and the like are noise here.
-            for name in ("distributed", "tornado", "bokeh"):
-                logging.getLogger(name).setLevel(logging.CRITICAL)
+        self._quieten_dask()
         with cluster_client(spec) as client:
             link = dashboard_link(client) if importlib.util.find_spec("bokeh") else None
             workers = len(client.scheduler_info().get("workers", {}))

@@ -305,3 +305,33 @@ def test_the_documented_sbatch_script_runs(slurm, tmp_path):
     assert got["proponent"].tolist() == ref.proponent_index.values.ravel().tolist()
     assert got["opponent"].tolist() == ref.opponent_index.values.ravel().tolist()
     np.testing.assert_allclose(got["proponent_score"], ref.proponent_score.values.ravel(), rtol=1e-4, atol=1e-5)
+
+
+def test_cli_cluster_slurm_runs_top_k(slurm, tmp_path):
+    """``trackin-ooc --cluster slurm --cluster-config FILE --jobs 1 top-k ...`` on the real Slurm."""
+    import pandas as pd
+
+    rng = np.random.default_rng(5)
+    te = to.from_arrays(tmp_path / "test.zarr", rng.standard_normal((3, 6, 16)).astype(np.float32), LRS)
+    tr = to.from_arrays(tmp_path / "train.zarr", rng.standard_normal((3, 120, 16)).astype(np.float32), LRS,
+                        chunk_rows=20)
+    config = tmp_path / "jobqueue.yaml"
+    config.write_text(yaml.safe_dump({"jobqueue": {"slurm": {
+        "name": "trackin-cli", "cores": 1, "memory": "1GiB", "processes": 1, "walltime": "00:10:00",
+        "queue": PARTITION, "death-timeout": 30, **_loopback_options(),
+    }}}))
+    exe = Path(sys.executable).with_name("trackin-ooc")
+    out = tmp_path / "top.csv"
+    run = subprocess.run(
+        [str(exe), "--quiet", "--cluster", "slurm", "--cluster-config", str(config), "--jobs", "1",
+         "--memory-limit", "16000", "top-k", "--train", str(tr.path), "--test", str(te.path), "-k", "3",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=180, env={**os.environ, "TRACKIN_OOC_QUIET": "1"},
+    )
+    assert run.returncode == 0, run.stderr
+    table = pd.read_csv(out)
+    expected = tt.reference_top_k(tt.reference_influence(te.read_grads(), tr.read_grads(), LRS), 3)
+    table = table.sort_values(["test", "rank"])
+    assert len(table) == 6 * 3, table.head()
+    np.testing.assert_array_equal(table["proponent"].to_numpy().reshape(6, 3), expected["proponent_index"].values)
+    np.testing.assert_array_equal(table["opponent"].to_numpy().reshape(6, 3), expected["opponent_index"].values)

@@ -33,6 +33,7 @@ class ClusterSpec:
     workers: int | None = None
     memory_limit: str | int | None = None  # per local worker (LocalCluster memory_limit)
     threads_per_worker: int | None = None
+    gpu: bool = False  # with workers: one dask-cuda worker per GPU (LocalCUDACluster)
 
     def __post_init__(self) -> None:
         given = [n for n, v in (("scheduler_address", self.scheduler_address),
@@ -84,7 +85,10 @@ def cluster_client(
         timeout = dask.config.get("distributed.comm.timeouts.connect", "30s")
     cluster = None
     try:
-        if spec.workers is not None:
+        if spec.workers is not None and spec.gpu:
+            cluster = _local_cuda_cluster(spec)
+            client = Client(cluster, timeout=timeout)
+        elif spec.workers is not None:
             threads = spec.threads_per_worker or max(1, (os.cpu_count() or 1) // int(spec.workers))
             cluster = LocalCluster(
                 n_workers=int(spec.workers), threads_per_worker=threads, processes=True,
@@ -118,6 +122,23 @@ def cluster_client(
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _local_cuda_cluster(spec: ClusterSpec):
+    """dask-cuda's LocalCUDACluster: one worker per visible GPU (capped at ``workers``), on 127.0.0.1."""
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        raise ClusterError(
+            "--device gpu with --workers needs dask-cuda (conda install -c rapidsai -c conda-forge dask-cuda, "
+            "or pip install dask-cuda); or drop --workers to score on this process's GPU"
+        ) from None
+    import cupy
+
+    n_gpus = cupy.cuda.runtime.getDeviceCount()
+    visible = ",".join(str(i) for i in range(min(n_gpus, int(spec.workers))))
+    return LocalCUDACluster(CUDA_VISIBLE_DEVICES=visible, ip="127.0.0.1", dashboard_address="127.0.0.1:0",
+                            memory_limit=spec.memory_limit if spec.memory_limit is not None else "auto")
 
 
 def dashboard_link(client) -> str | None:

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from .errors import StoreError
-from .store import GradientStore, open_store
+from .store import GradientStore, open_store, store_kind
 from .store.backends import StorageOptions, normalize_path, size_on_disk
 
 
@@ -24,10 +24,10 @@ def store_info(store: GradientStore | str | os.PathLike, *, storage_options: Sto
 
     Complete or not, the store is opened without reading any gradients.
     """
+    if not isinstance(store, GradientStore) and store_kind(store, storage_options=storage_options) == "influence":
+        return _influence_info(normalize_path(store), storage_options)
     st = open_store(store, storage_options=storage_options)
     meta = st.attrs
-    if meta.get("kind") == "influence":
-        return _influence_info(st.path, storage_options)
     blocks = st.row_blocks()
     done = int(st.blocks_done().sum())
     labels = st.labels() if st.has_labels else None
@@ -72,13 +72,12 @@ def store_info(store: GradientStore | str | os.PathLike, *, storage_options: Sto
 def open_gradient_store(path: GradientStore | str | os.PathLike, *, storage_options: StorageOptions = None
                         ) -> GradientStore:
     """``open_store``, refusing an influence output (which is a Zarr group with trackin-ooc attributes too)."""
-    st = open_store(path, storage_options=storage_options)
-    if st.attrs.get("kind") == "influence":
+    if not isinstance(path, GradientStore) and store_kind(path, storage_options=storage_options) == "influence":
         raise StoreError(
-            f"{st.path} is an influence matrix (written by influence), not a gradient store; "
+            f"{normalize_path(path)} is an influence matrix (written by influence), not a gradient store; "
             "give a store written by capture"
         )
-    return st
+    return open_store(path, storage_options=storage_options)
 
 
 def _influence_info(path, storage_options) -> dict[str, Any]:

@@ -379,6 +379,19 @@ def prepare_output(path, *, overwrite: bool, storage_options: StorageOptions = N
         backends.remove(path, storage_options)
 
 
+def store_kind(path: str | os.PathLike, *, storage_options: StorageOptions = None) -> str | None:
+    """"gradients", "influence", or None when ``path`` holds no trackin-ooc group (reads metadata only)."""
+    try:
+        group = zarr.open_group(
+            store=backends.zarr_store(path, storage_options=storage_options, read_only=True),
+            mode="r", use_consolidated=False,
+        )
+    except Exception:
+        return None
+    meta = dict(group.attrs).get(layout.ATTRS_KEY)
+    return None if not isinstance(meta, dict) else str(meta.get("kind", "gradients"))
+
+
 def open_store(
     path: str | os.PathLike | GradientStore, *, storage_options: StorageOptions = None
 ) -> GradientStore:
