@@ -23,15 +23,8 @@ pytestmark = pytest.mark.timeout(180)
 LRS = [0.7, 0.2, 1.1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quiet():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRACKIN_OOC_QUIET", "1")
-        yield
-
-
 @pytest.fixture(scope="module")
-def client(_quiet):
+def client():
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                       host="127.0.0.1") as cluster, Client(cluster) as c:
         c.wait_for_workers(2, timeout=60)

@@ -22,13 +22,6 @@ HSETTINGS = settings(max_examples=25, deadline=None)
 _counter = itertools.count()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quiet():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRACKIN_OOC_QUIET", "1")
-        yield
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("engine")

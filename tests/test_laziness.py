@@ -19,13 +19,6 @@ N_TEST, N_TRAIN, C, F = 11, 37, 2, 5  # width C·F = 10 differs from every block
 LRS = [0.4, 1.3]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quiet():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRACKIN_OOC_QUIET", "1")
-        yield
-
-
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("lazy")
