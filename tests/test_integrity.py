@@ -57,3 +57,21 @@ def test_damaged_loss_chunk_names_the_loss_array(stores):
     with pytest.raises(to.CorruptChunkError, match="'loss' chunk 1/1"):
         to.open_store(train.path).read_losses()
     assert [str(b) for b in to.open_store(train.path).verify()] == ["array 'loss' chunk 1/1"]
+
+
+def test_info_verify_reports_bad_chunks(stores):
+    import json
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("trackin-ooc")
+    _, train = stores
+    ok = subprocess.run([str(exe), "info", "--verify", train.path], capture_output=True, text=True)
+    assert ok.returncode == 0 and "verify: all chunks intact" in ok.stdout, ok.stderr
+    _flip_byte(Path(train.path, "grads", "c", "1", "1", "0"))
+    bad = subprocess.run([str(exe), "info", "--verify", train.path], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "array 'grads' chunk 1/1/0" in bad.stdout
+    assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+    as_json = subprocess.run([str(exe), "info", "--verify", "--json", train.path], capture_output=True, text=True)
+    assert json.loads(as_json.stdout)["verified"]["bad_chunks"] == ["array 'grads' chunk 1/1/0"]
