@@ -318,7 +318,7 @@ def test_cli_cluster_slurm_runs_top_k(slurm, tmp_path):
     config = tmp_path / "jobqueue.yaml"
     config.write_text(yaml.safe_dump({"jobqueue": {"slurm": {
         "name": "trackin-cli", "cores": 1, "memory": "1GiB", "processes": 1, "walltime": "00:10:00",
-        "queue": PARTITION, "death-timeout": 30, **_loopback_options(),
+        "queue": PARTITION, "death-timeout": 30, "log-directory": str(tmp_path / "logs"), **_loopback_options(),
     }}}))
     exe = Path(sys.executable).with_name("trackin-ooc")
     out = tmp_path / "top.csv"
@@ -326,7 +326,7 @@ def test_cli_cluster_slurm_runs_top_k(slurm, tmp_path):
         [str(exe), "--quiet", "--cluster", "slurm", "--cluster-config", str(config), "--jobs", "1",
          "--memory-limit", "16000", "top-k", "--train", str(tr.path), "--test", str(te.path), "-k", "3",
          "--out", str(out)],
-        capture_output=True, text=True, timeout=180, env={**os.environ, "TRACKIN_OOC_QUIET": "1"},
+        capture_output=True, text=True, timeout=180, env={**os.environ, "TRACKIN_OOC_QUIET": "1"}, cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr
     table = pd.read_csv(out)
