@@ -2,6 +2,9 @@
 
 A spec is pure data (no torch): kind, dimension, seed and the selected parameters' names and
 shapes. Its fingerprint is a hash of all of it; stores combine only when fingerprints agree.
+``extra`` holds JSON-native kind-specific data, part of the fingerprint: a ``factored`` spec keeps
+its per-layer plan there (layer kinds, factor widths and the split of ``dim``, see
+``trackin_ooc.capture.factored``).
 """
 
 from __future__ import annotations
@@ -69,15 +72,24 @@ class ProjectionSpec:
             return f"exact gradients ({self.dim} parameters)"
         if self.kind == "external":
             return f"external features ({self.dim} dims)"
-        return f"{self.kind} projection to {self.dim} dims (seed {self.seed}, {self.n_parameters} parameters)"
+        what = f"{self.kind} projection to {self.dim} dims (seed {self.seed}, {self.n_parameters} parameters"
+        if self.kind == "factored":
+            plan = dict(self.extra).get("factored") or {}
+            n_layers = sum(1 for x in plan.get("layers", []) if x.get("kind") != "dense")
+            what += f", {n_layers} factored layers"
+        return what + ")"
 
     def difference(self, other: ProjectionSpec) -> str:
         """Say, in words, how two specs differ (empty when they do not)."""
         a, b = self.to_dict(), other.to_dict()
         diffs = []
-        for key in ("kind", "dim", "seed", "generator", "extra"):
+        for key in ("kind", "dim", "seed", "generator"):
             if a[key] != b[key]:
                 diffs.append(f"{key} {a[key]!r} vs {b[key]!r}")
+        if a["extra"] != b["extra"]:
+            keys = sorted(set(a["extra"]) | set(b["extra"]))
+            changed = [k for k in keys if a["extra"].get(k) != b["extra"].get(k)]
+            diffs.append(f"{', '.join(changed)} differ" if a["kind"] == b["kind"] else "extra differs")
         if a["layers"] != b["layers"]:
             na = [x["name"] for x in a["layers"]]
             nb = [x["name"] for x in b["layers"]]

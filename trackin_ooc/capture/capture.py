@@ -7,7 +7,6 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -16,11 +15,13 @@ from ..progress import progress_bar
 from ..store import GradientStore, prepare_output
 from ..store.backends import StorageOptions
 from ..store.layout import STORAGE_DTYPES
-from .checkpoints import load_checkpoints
+from .checkpoints import drop_tied_duplicates, load_checkpoints
 from .data import as_loader, batches, dataset_length
+from .factored import factored_spec
+from .features import make_featurizer
 from .layers import select_parameters
-from .per_example import LossFn, PerExampleGradients
-from .projection import Projector, make_spec
+from .per_example import LossFn
+from .projection import make_spec
 from .writer import BlockWriter
 
 log = logging.getLogger("trackin_ooc")
@@ -68,6 +69,11 @@ def capture(
     Gradients are computed per batch with ``torch.func``, projected to ``projection_dim`` dims (or kept
     exact when it is None), and written in whole row blocks as they are produced, so memory holds a
     few blocks, never the whole matrix. The store is marked complete after its last block.
+
+    ``projection="factored"`` never forms per-example gradients of Linear, Conv2d and Embedding
+    layers: hooks collect each layer's inputs and output gradients in one batched forward and
+    backward, and each side is projected on its own (docs/projection.md); ``projection_dim`` is
+    then split across layers and the split is recorded in the spec.
     """
     if dtype not in STORAGE_DTYPES:
         raise CaptureError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
@@ -76,19 +82,40 @@ def capture(
     ckpts = load_checkpoints(model, checkpoints, learning_rates)
     names = select_parameters(model, layers)
     params = dict(model.named_parameters())
-    spec = make_spec(projection, projection_dim, seed, [(n, tuple(params[n].shape)) for n in names])
-    projector = Projector(spec, device=dev)
+    if projection == "factored" and projection_dim is not None:
+        spec = factored_spec(model, names, projection_dim, seed)
+    else:
+        spec = make_spec(projection, projection_dim, seed, [(n, tuple(params[n].shape)) for n in names])
     loader = as_loader(data, batch_size)
     n = dataset_length(loader)
+    t0 = time.perf_counter()
 
     model = model.to(dev).eval()
-    states = [{k: v.to(dev) for k, v in ck.state_dict.items()} for ck in ckpts]
-    per_example = PerExampleGradients(model, names, loss_fn)
+    featurize = make_featurizer(model, spec, loss_fn, dev)
+    try:
+        # Every checkpoint is loaded (and moved to the device) once, outside the batch loop.
+        states = [
+            featurize.prepare({k: v.to(dev) for k, v in drop_tied_duplicates(model, ck.state_dict).items()})
+            for ck in ckpts
+        ]
+        store = _capture_batches(featurize, states, ckpts, spec, loader, n, dev, path, loss_fn=loss_fn,
+                                 dtype=dtype, chunk_rows=chunk_rows, overwrite=overwrite,
+                                 storage_options=storage_options, progress=progress)
+    finally:
+        featurize.close()
+    log.info(
+        "captured %d examples × %d checkpoints (%s) into %s in %.1f s, per-example method %s",
+        n, len(ckpts), spec.describe(), store.path, time.perf_counter() - t0, featurize.method,
+    )
+    return store
 
+
+def _capture_batches(featurize, states, ckpts, spec, loader, n, dev, path, *, loss_fn, dtype, chunk_rows,
+                     overwrite, storage_options, progress) -> GradientStore:
+    """The batch loop: features per batch and checkpoint into row blocks written in the background."""
     store: GradientStore | None = None
     writer = None
     seen = 0
-    t0 = time.perf_counter()
 
     with progress_bar(total=n, desc="capture", unit="ex", enabled=progress) as bar:
         for inputs, targets in batches(loader, dev):
@@ -114,12 +141,9 @@ def capture(
                 )
                 with_labels = labels is not None
                 writer = BlockWriter(store, with_labels=with_labels)
-            feats = np.empty((len(ckpts), b, spec.dim), dtype=np.float32)
-            losses = np.empty((len(ckpts), b), dtype=np.float32)
-            for c, state in enumerate(states):
-                grads, loss = per_example(state, inputs, targets)
-                feats[c] = projector(grads).detach().cpu().numpy()
-                losses[c] = loss.detach().cpu().numpy()
+            f, loss = featurize(states, inputs, targets)  # (C, b, dim), (C, b)
+            feats = f.detach().to("cpu", torch.float32).numpy()
+            losses = loss.detach().to("cpu", torch.float32).numpy()
             writer.add(feats, losses, labels if with_labels else None)
             seen += b
             bar.update(b)
@@ -129,8 +153,4 @@ def capture(
     if seen != n:
         raise CaptureError(f"the data yielded {seen} examples but len(dataset) is {n}; fix the dataset")
     store.mark_complete()
-    log.info(
-        "captured %d examples × %d checkpoints (%s) into %s in %.1f s, per-example method %s",
-        n, len(ckpts), spec.describe(), store.path, time.perf_counter() - t0, per_example.method,
-    )
     return store

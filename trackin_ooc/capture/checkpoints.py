@@ -133,3 +133,18 @@ def load_checkpoints(
             )
         loaded.append(Checkpoint(name=name, sha256=digest, state_dict=sd, learning_rate=float(lr)))
     return loaded
+
+
+def drop_tied_duplicates(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep one name per tied parameter or buffer (the one ``named_parameters`` reports).
+
+    A loaded checkpoint holds separate tensors under every name of a tied weight, which
+    ``functional_call`` refuses; given the first name it sets all of them.
+    """
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    canonical.update({id(b): n for n, b in model.named_buffers()})
+    drop = {
+        n for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        if canonical.get(id(t), n) != n
+    }
+    return {k: v for k, v in state.items() if k not in drop}

@@ -38,6 +38,8 @@ def make_spec(
         raise CaptureError(f"unknown projection {kind!r}; use one of {', '.join(PROJECTION_KINDS)}")
     if int(dim) <= 0:
         raise CaptureError(f"projection_dim must be a positive integer, got {dim}")
+    if kind == "factored":
+        raise CaptureError("a factored spec depends on the model's layer types: use factored.factored_spec(model, ...)")
     return ProjectionSpec(kind=kind, dim=int(dim), seed=int(seed), layers=layers)
 
 
@@ -146,7 +148,7 @@ class Projector:
             return torch.cat([grads[n].reshape(batch, -1) for n, _ in self.spec.layers], dim=1)
         out = torch.zeros((batch, self.spec.dim), dtype=torch.float32, device=first.device)
         step = self.rows_per_block
-        for name, shape in self.spec.layers:
+        for name, _shape in self.spec.layers:
             flat = grads[name].reshape(batch, -1).to(torch.float32)
             d = flat.shape[1]
             for b, start in enumerate(range(0, d, step)):

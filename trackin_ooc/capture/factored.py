@@ -1,0 +1,476 @@
+"""Factored projection: the per-layer plan, the split of projection_dim, and the per-layer feature math.
+
+For a Linear or Conv2d layer the per-example weight gradient is G = Σ_t δ_t a_tᵀ (a: the layer's input
+at position t with a constant 1 appended for the bias, δ: the gradient of the example's loss with
+respect to the layer's output there). With per-layer Gaussian factors P_in (d_in × k_in) and
+P_out (d_out × k_out) the stored feature of the layer is
+
+    vec(P_inᵀ Gᵀ P_out) = Σ_t vec((P_inᵀ a_t)(P_outᵀ δ_t)ᵀ)        (k_in × k_out values)
+
+so G itself (d_in·d_out values) is never formed. An Embedding's gradient is Σ_t e_{token_t} δ_tᵀ: its
+input factor is the gathered row P_in[token_t], and the vocabulary size never enters the cost.
+A factor whose exact width fits its share is the identity (that side is exact). Parameters of other
+layer types are projected together with the dense generator of :mod:`.projection`.
+
+Everything here that decides the feature space (the layer plan and the split) is a pure function of
+the layers' kinds and shapes, and is recorded in the spec, so the fingerprint covers it. The hooks
+that collect a and δ during capture live in :mod:`.hooks`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import CaptureError
+from ..spec import ProjectionSpec
+from .projection import Projector, _BlockCache, projection_matrix
+
+SPEC_KEY = "factored"
+FACTOR_KIND = "gaussian"
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FactorLayer:
+    """One block of the factored feature vector: a hooked layer, or the dense group of the rest.
+
+    ``kind`` is "linear", "conv2d", "embedding", "dense", or "pad" (zeros that fill the width up to
+    projection_dim when no layer could use the last few dims without bias). ``d_in × d_out`` is the exact gradient's
+    shape as the factors see it (input side incl. the bias row, or vocabulary; output side), and
+    ``k_in × k_out`` the factors' widths; ``k == d`` means that side is the identity. ``width`` is the
+    number of stored values (at most ``k_in·k_out``: extra products are dropped, which keeps the
+    estimate unbiased when both factors are random). The dense group has ``d_in = k_in = 1``,
+    ``d_out`` = its parameter count and ``k_out = width``.
+    """
+
+    kind: str
+    module: str
+    params: tuple[str, ...]
+    d_in: int
+    d_out: int
+    k_in: int
+    k_out: int
+    width: int
+    blocks: int = 1
+
+    @property
+    def exact_width(self) -> int:
+        return self.d_in * self.d_out
+
+    @property
+    def in_identity(self) -> bool:
+        return self.k_in == self.d_in
+
+    @property
+    def out_identity(self) -> bool:
+        return self.k_out == self.d_out
+
+    @property
+    def has_bias(self) -> bool:
+        return self.kind in ("linear", "conv2d") and len(self.params) == 2
+
+    @property
+    def weight(self) -> str:
+        return self.params[0]
+
+    @property
+    def n_in(self) -> int:
+        """Columns of the input factor matrix (all blocks)."""
+        return self.k_in * self.blocks
+
+    @property
+    def n_out(self) -> int:
+        return self.k_out * self.blocks
+
+    @property
+    def scale(self) -> float:
+        """Keeps E⟨f, f'⟩ = ⟨G, G'⟩ for the products kept (the factors are scaled by 1/√n_in, 1/√n_out)."""
+        return math.sqrt(self.n_in * self.n_out / self.width)
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind, "module": self.module, "params": list(self.params),
+            "d_in": self.d_in, "d_out": self.d_out, "k_in": self.k_in, "k_out": self.k_out,
+            "width": self.width, "blocks": self.blocks,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> FactorLayer:
+        return cls(
+            kind=str(d["kind"]), module=str(d["module"]), params=tuple(d["params"]),
+            d_in=int(d["d_in"]), d_out=int(d["d_out"]), k_in=int(d["k_in"]), k_out=int(d["k_out"]),
+            width=int(d["width"]), blocks=int(d.get("blocks", 1)),
+        )
+
+
+# ---- which layers are factored ------------------------------------------------------------------
+def _join(module: str, param: str) -> str:
+    return f"{module}.{param}" if module else param
+
+
+def factor_kind(module: nn.Module) -> str | None:
+    """The factored kind of a module, or None when its parameters take the dense path.
+
+    Exact types only: a subclass (say MultiheadAttention's out_proj) may use its weight outside its
+    own forward, where the hooks would not see it.
+    """
+    t = type(module)
+    if t is nn.Linear:
+        return "linear"
+    if t is nn.Conv2d and module.groups == 1:
+        return "conv2d"
+    if t is nn.Embedding and module.max_norm is None and not module.scale_grad_by_freq:
+        return "embedding"
+    return None
+
+
+def layer_groups(model: nn.Module, names: Sequence[str]) -> list[tuple[str, str, tuple[str, ...], int, int]]:
+    """(kind, module, params, d_in, d_out) per factored layer in model order, then the dense rest.
+
+    A layer is factored when its weight is selected; its bias is folded in when selected too.
+    A parameter shared by several modules is never factored (one module's hooks would miss the
+    other's uses).
+    """
+    selected = list(names)
+    chosen = set(selected)
+    owners: dict[int, int] = {}
+    for _, mod in model.named_modules(remove_duplicate=False):
+        for p in mod._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+    params = dict(model.named_parameters())
+    out: list[tuple[str, str, tuple[str, ...], int, int]] = []
+    taken: set[str] = set()
+    for mname, mod in model.named_modules():
+        kind = factor_kind(mod)
+        wname = _join(mname, "weight")
+        if kind is None or wname not in chosen or owners.get(id(mod.weight), 0) != 1:
+            continue
+        group = [wname]
+        bname = _join(mname, "bias")
+        if kind != "embedding" and mod.bias is not None and bname in chosen and owners.get(id(mod.bias)) == 1:
+            group.append(bname)
+        w = params[wname]
+        if kind == "embedding":
+            d_in, d_out = w.shape[0], w.shape[1]
+        else:
+            d_in, d_out = math.prod(w.shape[1:]) + (len(group) == 2), w.shape[0]
+        out.append((kind, mname, tuple(group), int(d_in), int(d_out)))
+        taken.update(group)
+    rest = tuple(n for n in selected if n not in taken)
+    if rest:
+        out.append(("dense", "", rest, 1, sum(math.prod(params[n].shape) for n in rest)))
+    return out
+
+
+# ---- the split of projection_dim ----------------------------------------------------------------
+# Cost allowance of the random factors: per position, projecting a and δ may cost up to BETA times
+# the layer's own forward and backward (6·d_in·d_out multiply-adds). Sets the block size (below).
+BETA = 4.0
+# Largest factor matrix (elements; 128 MiB of float32): bounds the memory of an Embedding's input
+# factor (vocabulary × columns) and of every factor, which are generated once and cached.
+FACTOR_ELEMENTS = 1 << 25
+# Variance model of one random side, c = 1 + 1/cos² between examples' vectors (3 for cos² = ½).
+_C = 3.0
+_BLOCK_OVERRIDE: int | None = None  # experiments only (benchmarks/projection_quality.py)
+
+
+def block_size(kind: str, d_in: int, d_out: int, share: int) -> int:
+    """Side m of the m×m blocks of a layer with two random factors (see ``_factor_widths``).
+
+    The estimate's variance grows with m (~(2m·c + c²)/share) while the cost of projecting one
+    position, (d_in + d_out)·share/m, and the factors' memory, d·share/m, fall: m is the smallest
+    block that keeps that cost within BETA × the layer's forward+backward and each factor within
+    FACTOR_ELEMENTS, and at most √share (a single block, LoGra's choice). An embedding's input side
+    is a row gather, so only d_out counts towards its cost.
+    """
+    if _BLOCK_OVERRIDE is not None:
+        return max(1, min(_BLOCK_OVERRIDE, d_in - 1, d_out - 1))
+    sides = d_out if kind == "embedding" else d_in + d_out
+    m = max(
+        math.ceil(2 * sides * share / (BETA * 6 * d_in * d_out)),
+        math.ceil(max(d_in, d_out) * share / FACTOR_ELEMENTS),
+    )
+    return max(1, min(m, math.isqrt(share), d_in - 1, d_out - 1))
+
+
+def _factor_widths(kind: str, d_in: int, d_out: int, share: int) -> tuple[int, int, int, int]:
+    """(k_in, k_out, blocks, width) for one layer given ``share`` dims and an exact width above it.
+
+    Candidates: an identity input factor (k_out = share // d_in random output columns), an identity
+    output factor, or two random factors in ``blocks`` m×m blocks (the first m·blocks columns of
+    P_in pair with the same block of P_out; products beyond ``share`` are dropped, which keeps the
+    estimate unbiased). The choice minimises a variance model of the inner-product estimate,
+    c/k for one random side of k columns, (2c·m + c²)/share for blocks (c = 3), among the
+    candidates whose factor matrices fit FACTOR_ELEMENTS (the smallest one if none does).
+    """
+    if kind == "dense":
+        return 1, share, 1, share
+    c = _C
+    options: list[tuple[float, int, int, int, int, int]] = []  # (variance, elements, k_in, k_out, blocks, width)
+    if d_in <= share:
+        k_out = share // d_in
+        options.append((c / k_out, d_out * k_out, d_in, k_out, 1, d_in * k_out))
+    if d_out <= share:
+        k_in = share // d_out
+        options.append((c / k_in, d_in * k_in, k_in, d_out, 1, k_in * d_out))
+    if d_in > 1 and d_out > 1:
+        m = block_size(kind, d_in, d_out, share)
+        blocks = -(-share // (m * m))
+        options.append(((2 * c * m + c * c) / share, max(d_in, d_out) * m * blocks, m, m, blocks, share))
+    if not options:  # pragma: no cover - a share below both widths always admits two random factors
+        raise CaptureError(f"cannot split {share} dims over a {d_in}×{d_out} layer")
+    fitting = [o for o in options if o[1] <= FACTOR_ELEMENTS] or [min(options, key=lambda o: o[1])]
+    # Lowest variance first; between equals, the one that uses the whole share.
+    _, _, k_in, k_out, blocks, width = min(fitting, key=lambda o: (o[0], -o[5]))
+    return k_in, k_out, blocks, width
+
+
+def split_dim(layers: Sequence[tuple[str, int, int]], total: int) -> list[tuple[int, int, int, int]]:
+    """Split ``total`` dims over layers given as (kind, d_in, d_out): (k_in, k_out, blocks, width) each.
+
+    1. Water-filling with equal shares: a layer whose exact gradient (d_in·d_out values) fits in
+       an equal share of what is left is stored exactly; its unused share goes back to the others,
+       until no remaining layer fits.
+    2. The rest is shared equally by the remaining layers (in order; the first ones get the
+       remainder of the division), and each picks its factors (see ``_factor_widths``). A layer
+       with an identity factor may use a few dims less than its share; those pass to the next
+       layer, and the last layer with two random factors (or the dense group) takes what is left,
+       so the widths add up to ``total``. Only when no layer can absorb them (or when the exact
+       gradients of all layers fit in fewer dims) is the sum below ``total``.
+    """
+    if total < len(layers):
+        raise CaptureError(
+            f"projection_dim={total} is less than the {len(layers)} layers the factored projection "
+            "gives one block each; use a larger projection_dim"
+        )
+    n = len(layers)
+    result: list[tuple[int, int, int, int] | None] = [None] * n
+    pending = list(range(n))
+    left = total
+    while pending:
+        share = left // len(pending)
+        fits = [i for i in pending if layers[i][1] * layers[i][2] <= share]
+        if not fits:
+            break
+        for i in fits:
+            _, d_in, d_out = layers[i]
+            result[i] = (d_in, d_out, 1, d_in * d_out)
+            left -= d_in * d_out
+        pending = [i for i in pending if result[i] is None]
+    if pending:
+        base, extra = divmod(left, len(pending))
+        carry = 0
+        for j, i in enumerate(pending):
+            kind, d_in, d_out = layers[i]
+            share = base + (j < extra) + carry
+            result[i] = _factor_widths(kind, d_in, d_out, share)
+            carry = share - result[i][3]
+        if carry:
+            # Hand the remainder to the last layer that can take any number of dims.
+            for i in reversed(pending):
+                kind, d_in, d_out = layers[i]
+                k_in, k_out, blocks, width = result[i]
+                if kind == "dense" and width + carry <= d_out:
+                    result[i] = (1, width + carry, 1, width + carry)
+                    break
+                if kind != "dense" and k_in < d_in and k_out < d_out:
+                    grown = width + carry
+                    result[i] = (k_in, k_out, -(-grown // (k_in * k_out)), grown)
+                    break
+    return [r for r in result if r is not None]
+
+
+# ---- spec ---------------------------------------------------------------------------------------
+def plan_layers(model: nn.Module, names: Sequence[str], dim: int) -> list[FactorLayer]:
+    """The factored plan for the selected parameters of ``model`` at total width ``dim``."""
+    groups = layer_groups(model, names)
+    widths = split_dim([(k, d_in, d_out) for k, _, _, d_in, d_out in groups], int(dim))
+    plan = [
+        FactorLayer(kind, module, params, d_in, d_out, k_in, k_out, width, blocks)
+        for (kind, module, params, d_in, d_out), (k_in, k_out, blocks, width) in zip(groups, widths)
+    ]
+    # The stored width is projection_dim (or the exact width, when that is smaller).
+    pad = min(int(dim), sum(x.exact_width for x in plan)) - sum(x.width for x in plan)
+    if pad > 0:
+        plan.append(FactorLayer("pad", "", (), 0, 0, 0, 0, pad))
+    return plan
+
+
+def factored_spec(model: nn.Module, names: Sequence[str], dim: int, seed: int) -> ProjectionSpec:
+    """A ``factored`` spec whose ``extra`` records the per-layer plan (so the fingerprint covers it)."""
+    if int(dim) <= 0:
+        raise CaptureError(f"projection_dim must be a positive integer, got {dim}")
+    params = dict(model.named_parameters())
+    layers = tuple((n, tuple(int(v) for v in params[n].shape)) for n in names)
+    plan = plan_layers(model, names, int(dim))
+    extra = {
+        "version": PLAN_VERSION,
+        "factor": FACTOR_KIND,
+        "requested_dim": int(dim),
+        "layers": [layer.to_dict() for layer in plan],
+    }
+    return ProjectionSpec(
+        kind="factored", dim=sum(x.width for x in plan), seed=int(seed), layers=layers,
+        extra=((SPEC_KEY, extra),),
+    )
+
+
+def plan_from_spec(spec: ProjectionSpec) -> list[FactorLayer]:
+    """The per-layer plan a factored spec records."""
+    extra = dict(spec.extra).get(SPEC_KEY)
+    if spec.kind != "factored" or not extra:
+        raise CaptureError(f"{spec.describe()} is not a factored spec with a layer plan")
+    if extra.get("version") != PLAN_VERSION or extra.get("factor") != FACTOR_KIND:
+        raise CaptureError(
+            f"factored plan version {extra.get('version')} ({extra.get('factor')}) is not the one this "
+            f"trackin-ooc makes (version {PLAN_VERSION}, {FACTOR_KIND}); re-capture with this version"
+        )
+    return [FactorLayer.from_dict(d) for d in extra["layers"]]
+
+
+def describe_plan(plan: Sequence[FactorLayer]) -> str:
+    """One line per layer: what was stored exactly and how the rest was factored."""
+    lines = []
+    for x in plan:
+        if x.kind == "pad":
+            lines.append(f"{'pad':9s} {'(zeros)':20s} {'':>10s}   {x.width:>7d}")
+            continue
+        if x.kind == "dense":
+            how = "exact" if x.out_identity else f"dense Gaussian to {x.width}"
+        elif x.width == x.exact_width:
+            how = "exact"
+        else:
+            side_in = "identity" if x.in_identity else str(x.n_in)
+            side_out = "identity" if x.out_identity else str(x.n_out)
+            how = f"in {x.d_in}→{side_in}, out {x.d_out}→{side_out}"
+            if x.blocks > 1:
+                how += f" in {x.blocks} blocks of {x.k_in}×{x.k_out}"
+        lines.append(f"{x.kind:9s} {x.module or ','.join(x.params):20s} {x.exact_width:>10d} → {x.width:>7d}  {how}")
+    return "\n".join(lines)
+
+
+# ---- factors and per-layer features ------------------------------------------------------------
+class Factors:
+    """The Gaussian factor matrices of a plan, generated once per process and device (cached)."""
+
+    def __init__(self, seed: int, device: torch.device | str = "cpu", cache: _BlockCache | None = None):
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.cache = cache
+
+    def matrix(self, layer: FactorLayer, side: str) -> torch.Tensor | None:
+        """``d × n`` factor (n = k·blocks, scaled by 1/√n) for side "in" or "out"; None for the identity."""
+        if (layer.in_identity if side == "in" else layer.out_identity):
+            return None
+        d, k = (layer.d_in, layer.n_in) if side == "in" else (layer.d_out, layer.n_out)
+        return projection_matrix(FACTOR_KIND, self.seed, f"{layer.weight}#{side}", d, k, self.device, self.cache)
+
+
+def project_input(layer: FactorLayer, a: torch.Tensor, factors: Factors) -> torch.Tensor:
+    """(B, T, k_in) input factor of a Linear/Conv2d input (B, T, I) (bias row appended) or of token
+    ids (B, T) for an Embedding."""
+    p = factors.matrix(layer, "in")
+    if layer.kind == "embedding":
+        if p is None:
+            return nn.functional.one_hot(a, layer.d_in).to(torch.float32)
+        return p[a]
+    a = a.to(torch.float32)
+    if p is None:
+        if layer.has_bias:
+            a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+        return a
+    if layer.has_bias:
+        return torch.matmul(a, p[:-1]).add_(p[-1])
+    return torch.matmul(a, p)
+
+
+def project_output(layer: FactorLayer, delta: torch.Tensor, factors: Factors) -> torch.Tensor:
+    """(B, T, k_out) output factor of the output gradients (B, T, O)."""
+    p = factors.matrix(layer, "out")
+    delta = delta.to(torch.float32)
+    return delta if p is None else torch.matmul(delta, p)
+
+
+def combine(layer: FactorLayer, a_proj: torch.Tensor, d_proj: torch.Tensor) -> torch.Tensor:
+    """Σ_t vec(a_t d_tᵀ) per example and block, the first ``width`` values, scaled: (B, width)."""
+    b, t = a_proj.shape[:2]
+    r = layer.blocks
+    if r == 1:
+        f = torch.bmm(a_proj.transpose(1, 2), d_proj).reshape(b, -1)
+    elif layer.k_in == layer.k_out == 1:
+        f = (a_proj * d_proj).sum(1) if t > 1 else (a_proj * d_proj).reshape(b, -1)
+    else:
+        a4 = a_proj.reshape(b, t, r, layer.k_in)
+        d4 = d_proj.reshape(b, t, r, layer.k_out)
+        f = torch.einsum("btri,btro->brio", a4, d4).reshape(b, -1)
+    if layer.width < f.shape[1]:
+        f = f[:, : layer.width]
+    if layer.scale != 1.0:
+        f = f * layer.scale
+    return f
+
+
+def project_gradients(
+    spec: ProjectionSpec, grads: Mapping[str, torch.Tensor], device: torch.device | str | None = None,
+    cache: _BlockCache | None = None,
+) -> torch.Tensor:
+    """Factored features from exact per-example gradients {name: (B, *shape)}: (B, spec.dim).
+
+    The reference path (tests, and models whose hooks cannot be used): the same linear map of the
+    gradient as the hooks compute, P_inᵀ Gᵀ P_out per layer.
+    """
+    plan = plan_from_spec(spec)
+    first = next(iter(grads.values()))
+    device = first.device if device is None else torch.device(device)
+    factors = Factors(spec.seed, device, cache)
+    b = first.shape[0]
+    parts = []
+    for layer in plan:
+        if layer.kind == "dense":
+            parts.append(dense_features(spec, layer, grads, device))
+            continue
+        if layer.kind == "pad":
+            parts.append(torch.zeros(b, layer.width, device=device))
+            continue
+        w = grads[layer.weight].to(torch.float32)
+        if layer.kind == "embedding":
+            x = w  # (B, V, E): rows are the vocabulary (input side)
+        else:
+            g = w.reshape(b, layer.d_out, -1)
+            if layer.has_bias:
+                g = torch.cat([g, grads[layer.params[1]].to(torch.float32).reshape(b, layer.d_out, 1)], dim=2)
+            x = g.transpose(1, 2)  # (B, d_in, d_out)
+        p_in, p_out = factors.matrix(layer, "in"), factors.matrix(layer, "out")
+        if p_in is not None:
+            x = torch.einsum("bio,ik->bko", x, p_in)
+        if p_out is not None:
+            x = torch.matmul(x, p_out)  # (B, n_in, n_out): all products; keep the diagonal blocks
+        r = layer.blocks
+        if r > 1:
+            x = torch.diagonal(x.reshape(b, r, layer.k_in, r, layer.k_out), dim1=1, dim2=3)
+            x = x.permute(0, 3, 1, 2)  # (B, r, k_in, k_out)
+        f = x.reshape(b, -1)[:, : layer.width]
+        parts.append(f * layer.scale)
+    return torch.cat(parts, dim=1)
+
+
+def dense_spec(spec: ProjectionSpec, layer: FactorLayer) -> ProjectionSpec:
+    """The dense (or exact) sub-spec the fallback parameters are projected with."""
+    shapes = dict(spec.layers)
+    layers = tuple((n, shapes[n]) for n in layer.params)
+    if layer.out_identity:
+        return ProjectionSpec(kind="exact", dim=layer.width, layers=layers)
+    return ProjectionSpec(kind=FACTOR_KIND, dim=layer.width, seed=spec.seed, layers=layers)
+
+
+def dense_features(
+    spec: ProjectionSpec, layer: FactorLayer, grads: Mapping[str, torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    sub = dense_spec(spec, layer)
+    return Projector(sub, device=device)({n: grads[n] for n in layer.params})

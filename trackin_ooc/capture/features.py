@@ -1,0 +1,97 @@
+"""Featurizers: one batch at every checkpoint → (features (C, B, dim), per-example losses (C, B)).
+
+Two kinds behind one interface (``prepare(state)`` once per checkpoint, then one call per batch with
+all prepared states): :class:`DenseFeatures` forms per-example gradients (torch.func) and projects
+them densely or keeps them exact, in micro-batches sized to a memory budget, all checkpoints in one
+pass over the projection matrix (each block is generated at most once per micro-batch, even when the
+matrix is larger than the block cache); :class:`~.hooks.FactoredFeatures` never forms them
+(factored projection through layer hooks).
+"""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import torch
+from torch import nn
+
+from ..spec import ProjectionSpec
+from .per_example import LossFn, PerExampleGradients, as_tuple
+from .projection import Projector
+
+# Bytes the per-example gradients of one micro-batch may take; default: a share of free memory.
+MEMORY_ENV = "TRACKIN_OOC_CAPTURE_MEMORY"
+
+
+def capture_memory_budget(device: torch.device) -> int:
+    """Bytes for per-example gradients at once: $TRACKIN_OOC_CAPTURE_MEMORY, else ¼ of free device
+    memory (GPU) or ⅛ of available RAM (CPU)."""
+    env = os.environ.get(MEMORY_ENV)
+    if env:
+        return int(float(env))
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 4
+    return psutil.virtual_memory().available // 8
+
+
+def micro_batch_size(batch: int, n_parameters: int, budget: int, n_checkpoints: int = 1) -> int:
+    """Examples per micro-batch so that their float32 gradients at every checkpoint, plus twice one
+    checkpoint's for vmap's temporaries, fit ``budget`` bytes."""
+    per_example = 4 * max(1, n_parameters) * (n_checkpoints + 2)
+    return max(1, min(batch, budget // per_example))
+
+
+def _slice(inputs, start: int, stop: int):
+    if isinstance(inputs, (tuple, list)):
+        return tuple(t[start:stop] for t in inputs)
+    return inputs[start:stop]
+
+
+class DenseFeatures:
+    """Per-example gradients of the selected parameters, then the dense projection (or exact)."""
+
+    def __init__(self, model: nn.Module, spec: ProjectionSpec, loss_fn: LossFn | None,
+                 device: torch.device, memory_budget: int | None = None):
+        self.spec = spec
+        self.per_example = PerExampleGradients(model, [n for n, _ in spec.layers], loss_fn)
+        self.projector = Projector(spec, device=device)
+        self.budget = capture_memory_budget(device) if memory_budget is None else int(memory_budget)
+
+    @property
+    def method(self) -> str | None:
+        return self.per_example.method
+
+    def prepare(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state
+
+    def __call__(self, states, inputs, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, c = targets.shape[0], len(states)
+        step = micro_batch_size(b, self.spec.n_parameters, self.budget, c)
+        feats, losses = [], []
+        for start in range(0, b, step):
+            stop = min(b, start + step)
+            x = _slice(as_tuple(inputs), start, stop) if step < b else inputs
+            per_ckpt = [self.per_example(state, x, targets[start:stop]) for state in states]
+            losses.append(torch.stack([loss for _, loss in per_ckpt]))
+            # One projector call for all checkpoints: (C·rows, D) against each block once.
+            grads = {n: torch.cat([g.pop(n) for g, _ in per_ckpt]) for n in list(per_ckpt[0][0])}
+            del per_ckpt
+            feats.append(self.projector(grads).reshape(c, stop - start, -1))
+            del grads
+        if len(feats) == 1:
+            return feats[0], losses[0]
+        return torch.cat(feats, dim=1), torch.cat(losses, dim=1)
+
+    def close(self) -> None:
+        pass
+
+
+def make_featurizer(model: nn.Module, spec: ProjectionSpec, loss_fn: LossFn | None, device: torch.device):
+    """The featurizer for a spec: factored hooks for ``factored``, per-example gradients otherwise."""
+    if spec.kind == "factored":
+        from .hooks import FactoredFeatures
+
+        return FactoredFeatures(model, spec, loss_fn, device)
+    return DenseFeatures(model, spec, loss_fn, device)
