@@ -15,6 +15,7 @@ from ..progress import progress_bar
 from ..store import GradientStore, prepare_output
 from ..store.backends import StorageOptions
 from ..store.layout import STORAGE_DTYPES
+from ..store.lock import StoreLock
 from .checkpoints import drop_tied_duplicates, load_checkpoints
 from .data import as_loader, batches, dataset_length
 from .factored import factored_spec
@@ -78,7 +79,8 @@ def capture(
     if dtype not in STORAGE_DTYPES:
         raise CaptureError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
     dev = resolve_device(device)
-    prepare_output(path, overwrite=overwrite, storage_options=storage_options, what="gradient store")
+    if not overwrite:  # refuse early; with overwrite the old store is removed only once inputs check out
+        prepare_output(path, overwrite=False, storage_options=storage_options, what="gradient store")
     ckpts = load_checkpoints(model, checkpoints, learning_rates)
     names = select_parameters(model, layers)
     params = dict(model.named_parameters())
@@ -92,6 +94,8 @@ def capture(
 
     model = model.to(dev).eval()
     featurize = make_featurizer(model, spec, loss_fn, dev)
+    lock = StoreLock(path, storage_options)  # one writer per store; released even on failure
+    lock.acquire()
     try:
         # Every checkpoint is loaded (and moved to the device) once, outside the batch loop.
         states = [
@@ -103,6 +107,7 @@ def capture(
                                  storage_options=storage_options, progress=progress)
     finally:
         featurize.close()
+        lock.release()
     log.info(
         "captured %d examples × %d checkpoints (%s) into %s in %.1f s, per-example method %s",
         n, len(ckpts), spec.describe(), store.path, time.perf_counter() - t0, featurize.method,
@@ -117,36 +122,44 @@ def _capture_batches(featurize, states, ckpts, spec, loader, n, dev, path, *, lo
     writer = None
     seen = 0
 
-    with progress_bar(total=n, desc="capture", unit="ex", enabled=progress) as bar:
-        for inputs, targets in batches(loader, dev):
-            b = targets.shape[0]
-            if seen + b > n:
-                raise CaptureError(f"the data yielded more than len(dataset)={n} examples")
-            labels = targets.detach().cpu().numpy() if targets.ndim == 1 else None
-            if store is None:
-                store = GradientStore.create(
-                    path,
-                    n_checkpoints=len(ckpts),
-                    n_examples=n,
-                    spec=spec,
-                    learning_rates=[ck.learning_rate for ck in ckpts],
-                    dtype=dtype,
-                    checkpoint_names=[ck.name for ck in ckpts],
-                    checkpoint_hashes=[ck.sha256 for ck in ckpts],
-                    loss_name=_loss_name(loss_fn),
-                    label_dtype=None if labels is None else labels.dtype,
-                    chunk_rows=chunk_rows,
-                    overwrite=overwrite,
-                    storage_options=storage_options,
-                )
-                with_labels = labels is not None
-                writer = BlockWriter(store, with_labels=with_labels)
-            f, loss = featurize(states, inputs, targets)  # (C, b, dim), (C, b)
-            feats = f.detach().to("cpu", torch.float32).numpy()
-            losses = loss.detach().to("cpu", torch.float32).numpy()
-            writer.add(feats, losses, labels if with_labels else None)
-            seen += b
-            bar.update(b)
+    try:
+        with progress_bar(total=n, desc="capture", unit="ex", enabled=progress) as bar:
+            for inputs, targets in batches(loader, dev):
+                b = targets.shape[0]
+                if seen + b > n:
+                    raise CaptureError(f"the data yielded more than len(dataset)={n} examples")
+                labels = targets.detach().cpu().numpy() if targets.ndim == 1 else None
+                if store is None:
+                    store = GradientStore.create(
+                        path,
+                        n_checkpoints=len(ckpts),
+                        n_examples=n,
+                        spec=spec,
+                        learning_rates=[ck.learning_rate for ck in ckpts],
+                        dtype=dtype,
+                        checkpoint_names=[ck.name for ck in ckpts],
+                        checkpoint_hashes=[ck.sha256 for ck in ckpts],
+                        loss_name=_loss_name(loss_fn),
+                        label_dtype=None if labels is None else labels.dtype,
+                        chunk_rows=chunk_rows,
+                        overwrite=overwrite,
+                        storage_options=storage_options,
+                    )
+                    with_labels = labels is not None
+                    writer = BlockWriter(store, with_labels=with_labels)
+                f, loss = featurize(states, inputs, targets)  # (C, b, dim), (C, b)
+                feats = f.detach().to("cpu", torch.float32).numpy()
+                losses = loss.detach().to("cpu", torch.float32).numpy()
+                writer.add(feats, losses, labels if with_labels else None)
+                seen += b
+                bar.update(b)
+    except BaseException:
+        if writer is not None:  # let queued block writes finish and stop the writer thread
+            try:
+                writer.close()
+            except Exception:
+                pass
+        raise
     if writer is None:
         raise CaptureError("the data yielded no batches although len(dataset) > 0")
     writer.close()
