@@ -1,9 +1,9 @@
 """One writer per store: an OS lock that dies with its process, so a killed capture never leaves it stuck.
 
 Local stores use ``fcntl.flock`` on a sibling file ``.<name>.lock`` (released by the kernel when the
-holder exits, however it exits). Remote stores use a lock object next to the store with a heartbeat
-refreshed by a background thread; a lock whose heartbeat is older than ``STALE_AFTER`` seconds is
-taken over.
+holder exits, however it exits; removed on a clean release). Remote stores use a lock object next to
+the store with a heartbeat refreshed by a background thread; a lock whose heartbeat is older than
+``STALE_AFTER`` seconds is taken over.
 """
 
 from __future__ import annotations
@@ -64,15 +64,25 @@ class StoreLock:
 
         lp = lock_path(self.path)
         os.makedirs(os.path.dirname(lp) or ".", exist_ok=True)
-        fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for _ in range(10):
+            fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
-            finally:
-                os.close(fd)
-            raise self._refused(holder) from None
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
+                finally:
+                    os.close(fd)
+                raise self._refused(holder) from None
+            try:
+                same = os.stat(lp).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a file its previous holder unlinked while we were opening it
+                break
+            os.close(fd)
+        else:  # pragma: no cover - needs a pathological lock/unlock storm
+            raise self._refused("processes racing for the lock")
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {self._owner['pid']} on {self._owner['host']}".encode())
         self._fd = fd
@@ -107,9 +117,13 @@ class StoreLock:
         if self._fd is not None:
             import fcntl
 
+            try:
+                os.unlink(lock_path(self.path))  # lockers check the inode after locking, so this is safe
+            except OSError:
+                pass
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
-            self._fd = None  # the file stays: unlinking it would race with a waiting locker
+            self._fd = None
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
