@@ -225,7 +225,7 @@ class GradientStore:
             done = int(self.blocks_done().sum())
             raise IncompleteStoreError(
                 f"store {self.path} is incomplete ({done} of {len(self.row_blocks())} row blocks written); "
-                "capture it again with overwrite=True (--overwrite)"
+                "rerun the capture with overwrite=True (--overwrite)"
             )
         return self
 
