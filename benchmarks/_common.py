@@ -10,9 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.stats import rankdata
-from torch import nn
 from torch.utils.data import TensorDataset
 
 from trackin_ooc.demo import digits_cnn, digits_mlp, load_digits_split, train_with_checkpoints
@@ -46,34 +44,6 @@ def resampled_digits(n: int, *, seed: int, noise: float = 0.05) -> TensorDataset
     idx = torch.randint(0, len(y), (n,), generator=g)
     xs = (x[idx] + noise * torch.randn(x[idx].shape, generator=g)).clamp_(0, 1)
     return TensorDataset(xs.contiguous(), y[idx].clone())
-
-
-VOCAB, EMBED, HIDDEN, CLASSES, LENGTH = 50_000, 16, 32, 4, 16
-
-
-class TokenClassifier(nn.Module):
-    """Embedding(50k, 16) → Linear over tokens → ReLU → mean-pool → Linear (800k parameters)."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, EMBED)
-        self.token = nn.Linear(EMBED, HIDDEN)
-        self.head = nn.Linear(HIDDEN, CLASSES)
-
-    def forward(self, ids):
-        return self.head(F.relu(self.token(self.embed(ids))).mean(1))
-
-
-def token_data(n: int, seed: int) -> TensorDataset:
-    """Zipf-distributed tokens plus 4 keywords of the example's class (same as tests/test_factored.py)."""
-    g = torch.Generator().manual_seed(seed)
-    probs = 1.0 / torch.arange(1, VOCAB + 1, dtype=torch.float64)
-    tokens = torch.multinomial(probs / probs.sum(), n * LENGTH, replacement=True, generator=g).view(n, LENGTH)
-    labels = torch.randint(0, CLASSES, (n,), generator=g)
-    keywords = 1000 + torch.arange(CLASSES * 25).view(CLASSES, 25)
-    where = torch.rand(n, LENGTH, generator=g).argsort(1)[:, :4]
-    tokens.scatter_(1, where, keywords[labels[:, None], torch.randint(0, 25, (n, 4), generator=g)])
-    return TensorDataset(tokens, labels)
 
 
 def mean_row_spearman(a: np.ndarray, b: np.ndarray) -> float:

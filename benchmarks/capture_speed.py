@@ -18,10 +18,11 @@ import tempfile
 import time
 
 import torch
-from _common import TokenClassifier, token_data, trained
+from _common import trained
 
 import trackin_ooc as to
 from trackin_ooc.demo import train_with_checkpoints
+from trackin_ooc.demo.text import TokenClassifier, token_data
 
 
 def timed_capture(model, ckpts, data, where, repeat: int = 1, **kw) -> float:

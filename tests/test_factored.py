@@ -24,6 +24,7 @@ from trackin_ooc.capture.factored import FACTOR_ELEMENTS, factored_spec, plan_fr
 from trackin_ooc.capture.hooks import FactoredFeatures
 from trackin_ooc.capture.per_example import PerExampleGradients
 from trackin_ooc.demo import digits_cnn, digits_mlp, train_with_checkpoints
+from trackin_ooc.demo.text import EMBED, VOCAB, TokenClassifier, token_data
 
 DIM = 8192
 MIN_SPEARMAN = 0.9
@@ -221,34 +222,6 @@ def test_factored_ranks_like_exact_on_digits(wide_models, model_name, digits, di
 
 
 # ---- a text classifier with a 50k vocabulary ----------------------------------------------------
-VOCAB, EMBED, HIDDEN, CLASSES, LENGTH = 50_000, 16, 32, 4, 16
-
-
-class TokenClassifier(nn.Module):
-    """Embedding → Linear over tokens → ReLU → mean-pool → Linear."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, EMBED)
-        self.token = nn.Linear(EMBED, HIDDEN)
-        self.head = nn.Linear(HIDDEN, CLASSES)
-
-    def forward(self, ids):
-        return self.head(F.relu(self.token(self.embed(ids))).mean(1))
-
-
-def token_data(n: int, seed: int) -> TensorDataset:
-    """Zipf-distributed background tokens plus 4 keywords of the example's class (25 per class)."""
-    g = torch.Generator().manual_seed(seed)
-    probs = 1.0 / torch.arange(1, VOCAB + 1, dtype=torch.float64)
-    tokens = torch.multinomial(probs / probs.sum(), n * LENGTH, replacement=True, generator=g).view(n, LENGTH)
-    labels = torch.randint(0, CLASSES, (n,), generator=g)
-    keywords = 1000 + torch.arange(CLASSES * 25).view(CLASSES, 25)
-    where = torch.rand(n, LENGTH, generator=g).argsort(1)[:, :4]
-    tokens.scatter_(1, where, keywords[labels[:, None], torch.randint(0, 25, (n, 4), generator=g)])
-    return TensorDataset(tokens, labels)
-
-
 def exact_restricted(model, states, data, rows):
     """Exact per-example gradients with the embedding restricted to ``rows`` (the tokens that occur:
     every other row is zero in every gradient, so inner products are unchanged). (C, N, D)."""
