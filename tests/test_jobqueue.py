@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import dask
 import pytest
 import yaml
 
+from tests import stop_process_group
 from trackin_ooc import jobqueue
 from trackin_ooc.cluster import ClusterError
 
@@ -213,9 +213,4 @@ def test_a_generated_script_run_by_bash_starts_a_worker(tmp_path):
             assert worker["name"] == "dummy-name" and worker["host"] == "127.0.0.1"
             assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+            stop_process_group(proc)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pytest
 import yaml
 
 import trackin_ooc as to
+from tests import stop_process_group
 from trackin_ooc import jobqueue
 from trackin_ooc import testing as tt
 
@@ -180,12 +180,7 @@ class SingleNodeSlurm:
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+            stop_process_group(proc)
 
 
 @pytest.fixture(scope="module")
