@@ -62,11 +62,18 @@ def _layers(value: str | None) -> list[str] | None:
 @click.option("--loss", "loss_ref", metavar="MOD:FN", callback=_ref,
               help="Zero-argument callable returning (outputs, targets) -> per-example losses "
                    "(default: cross-entropy).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Store examples with NaN/inf gradients or losses as zeros and flag them (default: refuse).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out (default: resume an "
+              "incomplete one left by the same capture, refuse a complete one).")
 @pass_settings
 def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, layers, projection_dim, projection,
-            seed, batch_size, dtype, loss_ref, overwrite):
+            seed, batch_size, dtype, loss_ref, allow_nonfinite, overwrite):
     """Capture per-example loss gradients at every checkpoint into a gradient store.
+
+    Rerunning a capture that was killed resumes it: only the row blocks it had not written are
+    computed. With --scheduler-address, --scheduler-file, --workers or --cluster the row blocks are
+    computed as Dask tasks on the cluster's workers.
 
     \b
     Example:
@@ -86,10 +93,14 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, laye
 
     import trackin_ooc as to
     from trackin_ooc import loading, tables
+    from trackin_ooc.capture.resume import existing_store
     from trackin_ooc.store import is_remote
     from trackin_ooc.summary import human_bytes, store_info
 
-    tables.check_output(out, overwrite=overwrite, allowed=None)
+    if overwrite:
+        tables.check_output(out, overwrite=True, allowed=None)
+    else:
+        existing_store(out)  # refuses a complete store or anything else; an incomplete one is resumed
     model = loading.load_model(model_ref)
     data = loading.load_dataset(data_ref)
     loss_fn = loading.load_loss(loss_ref) if loss_ref else None
@@ -100,12 +111,14 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, laye
     target = os.path.join(staging, os.path.basename(os.path.abspath(out))) if staging else out
     t0 = time.perf_counter()
     try:
-        store = to.capture(
-            model, list(checkpoints), data, target,
-            learning_rates=list(lrs) if lrs else None, loss_fn=loss_fn, layers=layer_names,
-            projection_dim=projection_dim, projection=projection, seed=seed, batch_size=batch_size,
-            dtype=dtype, overwrite=overwrite, device=settings.device, progress=settings.progress,
-        )
+        with settings.client() as client:
+            store = to.capture(
+                model, list(checkpoints), data, target,
+                learning_rates=list(lrs) if lrs else None, loss_fn=loss_fn, layers=layer_names,
+                projection_dim=projection_dim, projection=projection, seed=seed, batch_size=batch_size,
+                dtype=dtype, overwrite=overwrite, device=settings.device, progress=settings.progress,
+                nonfinite="flag" if allow_nonfinite else "raise", client=client,
+            )
         if staging:
             _swap_in(target, out)
             store = to.open_store(out)
@@ -115,10 +128,10 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, laye
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else describe(e)
         if staging:
             raise to.CaptureError(f"capture failed: {what}; the existing store {out} was left as it was") from e
-        if not existed and os.path.exists(out):
+        if _incomplete_store(out):
             raise to.CaptureError(
-                f"capture failed: {what}; the partial store {out} is incomplete "
-                "(scoring refuses it): rerun with --overwrite"
+                f"capture failed: {what}; the partial store {out} is incomplete (scoring refuses it): "
+                "rerun the same command to resume it, or with --overwrite to start over"
             ) from e
         raise
     finally:
@@ -131,6 +144,16 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, laye
         f"({store.spec.describe()}) into {store.path} in {seconds:.1f} s "
         f"({rate(store.n_examples, seconds, 'examples')}, {human_bytes(info['size_on_disk'])} on disk)"
     )
+
+
+def _incomplete_store(path: str) -> bool:
+    """Whether ``path`` holds a gradient store that was left incomplete (a failed capture resumes it)."""
+    from trackin_ooc.store import open_store, store_kind
+
+    try:
+        return store_kind(path) == "gradients" and not open_store(path).complete
+    except Exception:
+        return False
 
 
 def _staging_dir(out: str) -> str:

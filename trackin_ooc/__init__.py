@@ -15,6 +15,8 @@ from .errors import (
     EmptyDatasetError,
     IncompatibleStoresError,
     IncompleteStoreError,
+    NonFiniteError,
+    NonFiniteWarning,
     StoreError,
     StoreExistsError,
     StoreLockedError,
@@ -28,7 +30,8 @@ __all__ = [
     "__version__",
     "capture", "from_arrays", "open_store", "GradientStore", "ProjectionSpec",
     "self_influence", "influence", "top_k", "plan_for",
-    "TrackinError", "ArgumentError", "StoreError", "StoreExistsError", "IncompleteStoreError",
+    "TrackinError", "ArgumentError", "StoreError", "StoreExistsError", "IncompleteStoreError", "NonFiniteError",
+    "NonFiniteWarning",
     "IncompatibleStoresError", "CorruptChunkError", "StoreLockedError", "CheckpointError",
     "CheckpointNotFoundError", "CaptureError", "EmptyDatasetError",
 ]

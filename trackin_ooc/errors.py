@@ -49,3 +49,11 @@ class CorruptChunkError(StoreError):
 
 class StoreLockedError(StoreError):
     """Another live process is writing this store."""
+
+
+class NonFiniteError(CaptureError):
+    """Gradients or losses of some examples are NaN or infinite."""
+
+
+class NonFiniteWarning(UserWarning):
+    """A store scored has examples flagged for NaN/inf gradients (stored as zeros)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import numpy as np
 import xarray as xr
@@ -12,7 +13,7 @@ from .engine import graphs, planning, resources
 from .engine.backend import resolve_backend
 from .engine.compat import check_compatible
 from .engine.execute import compute
-from .errors import ArgumentError
+from .errors import ArgumentError, NonFiniteWarning
 from .store import GradientStore, open_store
 from .store.backends import StorageOptions
 from .store.influence_store import InfluenceStore, open_influence
@@ -21,7 +22,13 @@ StoreLike = GradientStore | str | os.PathLike
 
 
 def _open(store: StoreLike, storage_options: StorageOptions = None) -> GradientStore:
-    return open_store(store, storage_options=storage_options).require_complete()
+    st = open_store(store, storage_options=storage_options).require_complete()
+    if st.n_nonfinite:
+        warnings.warn(
+            f"{st.path}: {st.n_nonfinite} example(s) had NaN/inf gradients or losses and are stored as zeros "
+            "(their scores are 0); see GradientStore.nonfinite_examples()", NonFiniteWarning, stacklevel=3,
+        )
+    return st
 
 
 def plan_for(

@@ -65,6 +65,7 @@ def store_info(store: GradientStore | str | os.PathLike, *, storage_options: Sto
         "package_version": meta.get("package_version"),
         "format_version": meta.get("format_version"),
         "store_id": st.store_id,
+        "nonfinite_examples": [int(i) for i in st.nonfinite_examples()],
     }
     return info
 
@@ -150,6 +151,10 @@ def format_info(info: dict[str, Any]) -> str:
         f"  size on disk    {human_bytes(info['size_on_disk'])} "
         f"(gradients {human_bytes(info['gradient_bytes'])} uncompressed)",
         f"  fingerprint     {info['fingerprint'][:16]}",
-        f"  state           {state}",
     ]
+    bad = info.get("nonfinite_examples") or []
+    if bad:
+        shown = ", ".join(str(i) for i in bad[:8]) + (" ..." if len(bad) > 8 else "")
+        lines.append(f"  non-finite      {len(bad):,} example(s) stored as zeros (ids {shown})")
+    lines.append(f"  state           {state}")
     return "\n".join(lines)

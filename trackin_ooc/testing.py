@@ -322,3 +322,38 @@ def assert_top_k_equal(
             side, np.asarray(idx_da.values), np.asarray(val_da.values, dtype=np.float64), scores,
             ref[f"{side}_index"].values, ref_val, base + rtol * np.abs(ref_val), descending,
         )
+
+
+# Attributes that differ between any two captures of the same data (when, by which build, which run).
+RUN_ATTRS = ("created", "store_id", "package_version")
+
+
+def assert_stores_identical(actual, expected, *, ignore_attrs: Sequence[str] = RUN_ATTRS) -> None:
+    """Assert two gradient stores hold the same bytes: every array (values, dtype, shape, chunks) and
+    every ``trackin_ooc`` attribute except ``ignore_attrs``.
+
+    What a resumed or scaled-out capture is checked against: an uninterrupted one-process run.
+    """
+    from .store import open_store
+
+    a, b = open_store(actual), open_store(expected)
+    names_a, names_b = sorted(n for n, _ in a._group.arrays()), sorted(n for n, _ in b._group.arrays())
+    assert names_a == names_b, f"arrays differ: {names_a} vs {names_b}"
+    for name in names_a:
+        x, y = a._group[name], b._group[name]
+        assert x.dtype == y.dtype and x.shape == y.shape and x.chunks == y.chunks, (
+            f"{name}: {x.dtype} {x.shape} chunks {x.chunks} vs {y.dtype} {y.shape} chunks {y.chunks}"
+        )
+        xv, yv = np.asarray(x[...]), np.asarray(y[...])
+        if xv.dtype.kind == "f":
+            same = np.array_equal(xv.view(f"u{xv.itemsize}"), yv.view(f"u{yv.itemsize}"))  # NaNs too
+        else:
+            same = np.array_equal(xv, yv)
+        if not same:
+            diff = np.argwhere(xv != yv) if xv.shape else []
+            first = tuple(int(i) for i in diff[0]) if len(diff) else ()
+            raise AssertionError(f"array {name} differs ({len(diff)} elements, first at {first})")
+    ma = {k: v for k, v in a.attrs.items() if k not in ignore_attrs}
+    mb = {k: v for k, v in b.attrs.items() if k not in ignore_attrs}
+    differ = {k: (ma.get(k), mb.get(k)) for k in set(ma) | set(mb) if ma.get(k) != mb.get(k)}
+    assert not differ, f"attributes differ: {differ}"

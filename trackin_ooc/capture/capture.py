@@ -12,18 +12,18 @@ from torch import nn
 
 from ..errors import CaptureError
 from ..progress import progress_bar
-from ..store import GradientStore, prepare_output
+from ..store import GradientStore, backends, prepare_output
 from ..store.backends import StorageOptions
-from ..store.layout import STORAGE_DTYPES
+from ..store.layout import STORAGE_DTYPES, default_chunk_rows
 from ..store.lock import StoreLock
-from .checkpoints import drop_tied_duplicates, load_checkpoints
-from .data import as_loader, batches, dataset_length
+from .checkpoints import load_checkpoints
+from .data import as_loader, dataset_length
 from .factored import factored_spec
-from .features import make_featurizer
+from .job import CaptureJob, checkpoints_as_given, loader_settings, probe_labels
 from .layers import select_parameters
 from .per_example import LossFn
 from .projection import make_spec
-from .writer import BlockWriter
+from .resume import StoreSettings, check_resumable, existing_store
 
 log = logging.getLogger("trackin_ooc")
 
@@ -64,6 +64,8 @@ def capture(
     chunk_rows: int | None = None,
     storage_options: StorageOptions = None,
     progress: bool | None = None,
+    nonfinite: str = "raise",
+    client=None,
 ) -> GradientStore:
     """Write per-example loss gradients of ``data`` at every checkpoint to a gradient store at ``path``.
 
@@ -71,16 +73,25 @@ def capture(
     exact when it is None), and written in whole row blocks as they are produced, so memory holds a
     few blocks, never the whole matrix. The store is marked complete after its last block.
 
+    An incomplete store at ``path`` left by the same capture (killed, say) is resumed: only its
+    unwritten row blocks are computed. ``overwrite=True`` starts over instead.
+
     ``projection="factored"`` never forms per-example gradients of Linear, Conv2d and Embedding
     layers: hooks collect each layer's inputs and output gradients in one batched forward and
     backward, and each side is projected on its own (docs/projection.md); ``projection_dim`` is
     then split across layers and the split is recorded in the spec.
+
+    ``nonfinite="raise"`` refuses NaN/inf gradients or losses with the example ids; ``"flag"`` stores
+    those examples as zeros and lists them in ``store.nonfinite_examples()``.
+
+    With ``client`` (a ``distributed.Client``; the active one is not used implicitly) the row blocks are
+    computed as Dask tasks on its workers, each writing its own chunks of the same store.
     """
     if dtype not in STORAGE_DTYPES:
         raise CaptureError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
-    dev = resolve_device(device)
+    dev = resolve_device(device) if client is None else None
     if not overwrite:  # refuse early; with overwrite the old store is removed only once inputs check out
-        prepare_output(path, overwrite=False, storage_options=storage_options, what="gradient store")
+        existing_store(path, storage_options)
     ckpts = load_checkpoints(model, checkpoints, learning_rates)
     names = select_parameters(model, layers)
     params = dict(model.named_parameters())
@@ -90,80 +101,69 @@ def capture(
         spec = make_spec(projection, projection_dim, seed, [(n, tuple(params[n].shape)) for n in names])
     loader = as_loader(data, batch_size)
     n = dataset_length(loader)
+    settings = loader_settings(loader)
+    label_dtype = probe_labels(loader.dataset, settings["collate_fn"])
+    job = CaptureJob(
+        model=model, checkpoints=checkpoints_as_given(checkpoints),
+        learning_rates=[ck.learning_rate for ck in ckpts], checkpoint_hashes=[ck.sha256 for ck in ckpts],
+        spec=spec, dataset=loader.dataset, loss_fn=loss_fn, nonfinite=nonfinite,
+        device=str(dev) if dev is not None else ("auto" if device is None else str(device)), **settings,
+    )
+    wanted = StoreSettings(
+        n_checkpoints=len(ckpts), n_examples=n, feature_dim=spec.dim, fingerprint=spec.fingerprint,
+        learning_rates=tuple(job.learning_rates), checkpoint_hashes=tuple(job.checkpoint_hashes), dtype=dtype,
+        loss_name=_loss_name(loss_fn), label_dtype=None if label_dtype is None else str(label_dtype),
+        chunk_rows=None if chunk_rows is None else max(1, min(int(chunk_rows), n)),
+    )
     t0 = time.perf_counter()
-
-    model = model.to(dev).eval()
-    featurize = make_featurizer(model, spec, loss_fn, dev)
     lock = StoreLock(path, storage_options)  # one writer per store; released even on failure
     lock.acquire()
     try:
-        # Every checkpoint is loaded (and moved to the device) once, outside the batch loop.
-        states = [
-            featurize.prepare({k: v.to(dev) for k, v in drop_tied_duplicates(model, ck.state_dict).items()})
-            for ck in ckpts
-        ]
-        store = _capture_batches(featurize, states, ckpts, spec, loader, n, dev, path, loss_fn=loss_fn,
-                                 dtype=dtype, chunk_rows=chunk_rows, overwrite=overwrite,
-                                 storage_options=storage_options, progress=progress)
+        store, blocks = _open_or_create(path, wanted, spec, ckpts, overwrite=overwrite,
+                                        storage_options=storage_options)
+        if blocks and client is not None:
+            from .scale_out import run_on_cluster
+
+            run_on_cluster(client, job, store.path, blocks, storage_options=storage_options, progress=progress)
+        elif blocks:
+            rows = sum(stop - start for start, stop in blocks)
+            with progress_bar(total=rows, desc="capture", unit="ex", enabled=progress) as bar:
+                job.run(store.path, blocks, storage_options=storage_options, on_rows=bar.update, loaded=ckpts)
+        store = GradientStore(store.path, storage_options=storage_options)
+        store.mark_complete()
     finally:
-        featurize.close()
         lock.release()
     log.info(
-        "captured %d examples × %d checkpoints (%s) into %s in %.1f s, per-example method %s",
-        n, len(ckpts), spec.describe(), store.path, time.perf_counter() - t0, featurize.method,
+        "captured %d examples × %d checkpoints (%s) into %s in %.1f s (%d of %d row blocks this run)",
+        n, len(ckpts), spec.describe(), store.path, time.perf_counter() - t0, len(blocks), len(store.row_blocks()),
     )
     return store
 
 
-def _capture_batches(featurize, states, ckpts, spec, loader, n, dev, path, *, loss_fn, dtype, chunk_rows,
-                     overwrite, storage_options, progress) -> GradientStore:
-    """The batch loop: features per batch and checkpoint into row blocks written in the background."""
-    store: GradientStore | None = None
-    writer = None
-    seen = 0
-
-    try:
-        with progress_bar(total=n, desc="capture", unit="ex", enabled=progress) as bar:
-            for inputs, targets in batches(loader, dev):
-                b = targets.shape[0]
-                if seen + b > n:
-                    raise CaptureError(f"the data yielded more than len(dataset)={n} examples")
-                labels = targets.detach().cpu().numpy() if targets.ndim == 1 else None
-                if store is None:
-                    store = GradientStore.create(
-                        path,
-                        n_checkpoints=len(ckpts),
-                        n_examples=n,
-                        spec=spec,
-                        learning_rates=[ck.learning_rate for ck in ckpts],
-                        dtype=dtype,
-                        checkpoint_names=[ck.name for ck in ckpts],
-                        checkpoint_hashes=[ck.sha256 for ck in ckpts],
-                        loss_name=_loss_name(loss_fn),
-                        label_dtype=None if labels is None else labels.dtype,
-                        chunk_rows=chunk_rows,
-                        overwrite=overwrite,
-                        storage_options=storage_options,
-                    )
-                    with_labels = labels is not None
-                    writer = BlockWriter(store, with_labels=with_labels)
-                f, loss = featurize(states, inputs, targets)  # (C, b, dim), (C, b)
-                feats = f.detach().to("cpu", torch.float32).numpy()
-                losses = loss.detach().to("cpu", torch.float32).numpy()
-                writer.add(feats, losses, labels if with_labels else None)
-                seen += b
-                bar.update(b)
-    except BaseException:
-        if writer is not None:  # let queued block writes finish and stop the writer thread
-            try:
-                writer.close()
-            except Exception:
-                pass
-        raise
-    if writer is None:
-        raise CaptureError("the data yielded no batches although len(dataset) > 0")
-    writer.close()
-    if seen != n:
-        raise CaptureError(f"the data yielded {seen} examples but len(dataset) is {n}; fix the dataset")
-    store.mark_complete()
-    return store
+def _open_or_create(path, wanted: StoreSettings, spec, ckpts, *, overwrite: bool, storage_options):
+    """(store, row blocks to write): a resumed store's missing blocks, or every block of a new one."""
+    if not overwrite:
+        store = existing_store(path, storage_options)  # again, now under the lock
+        if store is not None:
+            blocks = check_resumable(store, wanted)
+            log.info("resuming %s: %d of %d row blocks left", store.path, len(blocks), len(store.row_blocks()))
+            return store, blocks
+    elif backends.exists(path, storage_options):
+        prepare_output(path, overwrite=True, storage_options=storage_options, what="gradient store")
+    rows = wanted.chunk_rows or default_chunk_rows(wanted.feature_dim, wanted.n_checkpoints, wanted.dtype,
+                                                   wanted.n_examples)
+    store = GradientStore.create(
+        path,
+        n_checkpoints=wanted.n_checkpoints,
+        n_examples=wanted.n_examples,
+        spec=spec,
+        learning_rates=list(wanted.learning_rates),
+        dtype=wanted.dtype,
+        checkpoint_names=[ck.name for ck in ckpts],
+        checkpoint_hashes=list(wanted.checkpoint_hashes),
+        loss_name=wanted.loss_name,
+        label_dtype=wanted.label_dtype,
+        chunk_rows=rows,
+        storage_options=storage_options,
+    )
+    return store, store.row_blocks()

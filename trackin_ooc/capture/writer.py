@@ -12,12 +12,13 @@ from ..store import GradientStore
 class BlockWriter:
     """Collects per-batch rows into whole store row blocks and writes them on a writer thread.
 
-    At most ``max_pending`` blocks wait to be written, which bounds memory to a few blocks.
+    Rows arrive in the order of ``blocks`` (a subset of the store's row blocks: the ones still to
+    write). At most ``max_pending`` blocks wait to be written, which bounds memory to a few blocks.
     """
 
-    def __init__(self, store: GradientStore, with_labels: bool, max_pending: int = 2):
+    def __init__(self, store: GradientStore, blocks, with_labels: bool, max_pending: int = 2):
         self.store = store
-        self.blocks = store.row_blocks()
+        self.blocks = list(blocks)
         self.with_labels = with_labels
         self.max_pending = max_pending
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trackin-writer")
@@ -34,10 +35,13 @@ class BlockWriter:
         s = self.store
         self._grads = np.empty((s.n_checkpoints, rows, s.feature_dim), dtype=np.float32)
         self._losses = np.empty((s.n_checkpoints, rows), dtype=np.float32)
-        self._labels = np.empty(rows, dtype=s._array("label").dtype) if self.with_labels else None
+        self._labels = np.empty(rows, dtype=s.label_dtype) if self.with_labels else None
+        self._flags = np.zeros(rows, dtype=np.uint8)
 
-    def add(self, grads: np.ndarray, losses: np.ndarray, labels: np.ndarray | None) -> None:
-        """Append rows (C, b, F), (C, b), (b,); whole blocks are sent to the writer as they fill."""
+    def add(self, grads: np.ndarray, losses: np.ndarray, labels: np.ndarray | None,
+            flags: np.ndarray | None = None) -> None:
+        """Append rows (C, b, F), (C, b), (b,) and non-finite flags (b,) or None; whole blocks are
+        sent to the writer as they fill."""
         b, done = grads.shape[1], 0
         while done < b:
             if self._index >= len(self.blocks):
@@ -49,6 +53,7 @@ class BlockWriter:
             self._losses[:, sl] = losses[:, done : done + take]
             if self._labels is not None:
                 self._labels[sl] = labels[done : done + take]
+            self._flags[sl] = 0 if flags is None else flags[done : done + take]
             self._fill += take
             done += take
             if self._fill == stop - start:
@@ -57,7 +62,8 @@ class BlockWriter:
     def _submit(self, start: int) -> None:
         self._drain(self.max_pending - 1)
         self._pending.append(
-            self._pool.submit(self.store.write_block, start, self._grads, self._losses, self._labels)
+            self._pool.submit(self.store.write_block, start, self._grads, self._losses, self._labels,
+                              self._flags if self._flags.any() else None)
         )
         self._index += 1
         self._fill = 0

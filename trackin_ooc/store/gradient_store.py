@@ -116,8 +116,11 @@ class GradientStore:
         id_rows = max(rows, min(n_examples, 1 << 20))
         ex = make(layout.EXAMPLE, (n_examples,), (id_rows,), "int64")
         ex[:] = np.arange(n_examples) if example_ids is None else np.asarray(example_ids, dtype=np.int64)
+        # Per-row arrays written with the row blocks share their chunking: writers of different
+        # blocks (Dask tasks of a scaled-out capture) never touch the same chunk.
         if label_dtype is not None:
-            make(layout.LABEL, (n_examples,), (id_rows,), np.dtype(label_dtype))
+            make(layout.LABEL, (n_examples,), (rows,), np.dtype(label_dtype))
+        make(layout.NONFINITE, (n_examples,), (rows,), "uint8")
         make(layout.BLOCK_COMPLETE, (n_blocks,), (1,), "uint8")
 
         meta = {
@@ -211,6 +214,22 @@ class GradientStore:
         """Bytes of the gradient matrix as stored (uncompressed)."""
         return self.n_checkpoints * self.n_examples * self.feature_dim * layout.itemsize(self.dtype)
 
+    @property
+    def n_nonfinite(self) -> int:
+        """Examples stored as zeros because their gradients or loss were NaN/inf (counted when sealed)."""
+        return int(self._meta.get("n_nonfinite", 0))
+
+    @property
+    def label_dtype(self) -> np.dtype | None:
+        return self._array(layout.LABEL).dtype if self.has_labels else None
+
+    def nonfinite_examples(self) -> np.ndarray:
+        """Example ids whose gradients or loss were NaN/inf, stored as zeros (captured with nonfinite='flag')."""
+        if layout.NONFINITE not in self._array_names():
+            return np.zeros(0, dtype=np.int64)
+        flags = checked_read(self._array(layout.NONFINITE), layout.NONFINITE, slice(None), self.path)
+        return self.example_ids()[np.flatnonzero(flags)]
+
     def row_blocks(self) -> list[tuple[int, int]]:
         """The stored row blocks, [start, stop), one chunk of rows each."""
         return layout.row_blocks(self.n_examples, self.chunk_rows)
@@ -225,7 +244,7 @@ class GradientStore:
             done = int(self.blocks_done().sum())
             raise IncompleteStoreError(
                 f"store {self.path} is incomplete ({done} of {len(self.row_blocks())} row blocks written); "
-                "rerun the capture with overwrite=True (--overwrite)"
+                "rerun the same capture to resume it (or with overwrite=True, --overwrite, to start over)"
             )
         return self
 
@@ -310,8 +329,12 @@ class GradientStore:
         grads: np.ndarray,
         losses: np.ndarray | None = None,
         labels: np.ndarray | None = None,
+        nonfinite: np.ndarray | None = None,
     ) -> None:
-        """Write one whole row block (C, rows, F) at ``start`` and then flag it written."""
+        """Write one whole row block (C, rows, F) at ``start`` and then flag it written.
+
+        ``nonfinite``: per-row flags of examples stored as zeros because they were NaN/inf.
+        """
         self._writable()
         blocks = self.row_blocks()
         index = start // self.chunk_rows
@@ -331,6 +354,8 @@ class GradientStore:
             self._array(layout.LOSS)[:, start:stop] = np.asarray(losses, dtype=np.float32)
         if labels is not None and self.has_labels:
             self._array(layout.LABEL)[start:stop] = labels
+        if nonfinite is not None:
+            self._array(layout.NONFINITE)[start:stop] = np.asarray(nonfinite, dtype=np.uint8)
         self._array(layout.BLOCK_COMPLETE)[index] = 1
 
     def mark_complete(self) -> GradientStore:
@@ -343,7 +368,7 @@ class GradientStore:
                 f"cannot mark {self.path} complete: {len(missing)} row blocks unwritten "
                 f"(first at row {int(missing[0]) * self.chunk_rows})"
             )
-        meta = dict(self._meta, complete=True)
+        meta = dict(self._meta, complete=True, n_nonfinite=int(len(self.nonfinite_examples())))
         group.attrs[layout.ATTRS_KEY] = meta
         self._meta = meta
         _consolidate(group)

@@ -17,6 +17,7 @@ LOSS = "loss"
 EXAMPLE = "example"
 LABEL = "label"
 BLOCK_COMPLETE = "block_complete"  # one flag per row block: which blocks are fully written
+NONFINITE = "nonfinite"  # 1 where an example's gradients or loss were NaN/inf (stored as zeros; opt-in)
 
 DIMS = {
     GRADS: ("checkpoint", "example", "feature"),
@@ -25,6 +26,7 @@ DIMS = {
     EXAMPLE: ("example",),
     LABEL: ("example",),
     BLOCK_COMPLETE: ("row_block",),
+    NONFINITE: ("example",),
 }
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")

@@ -1,0 +1,43 @@
+"""Non-finite gradients or losses: refused with the example ids, or (opt-in) stored as zeros and flagged.
+
+A NaN in one train row would turn every score against it into NaN and break top-k's ordering, so it
+never reaches the store silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import NonFiniteError
+
+NONFINITE_POLICIES = ("raise", "flag")
+SHOWN = 8
+
+
+def check_finite(
+    feats: np.ndarray, losses: np.ndarray, start: int, policy: str, checkpoint_names: Sequence[str]
+) -> np.ndarray | None:
+    """Per-example flags (None when all finite) for features (C, b, F) and losses (C, b) of rows from ``start``.
+
+    ``policy="raise"`` raises :class:`NonFiniteError` naming the examples and checkpoints;
+    ``"flag"`` zeroes the bad examples' features at every checkpoint in place (their losses keep the
+    NaN/inf) and returns the flags.
+    """
+    bad_grad = ~np.isfinite(feats).all(axis=2)  # (C, b)
+    bad = bad_grad | ~np.isfinite(losses)
+    if not bad.any():
+        return None
+    rows = bad.any(axis=0)
+    if policy == "raise":
+        ids = np.flatnonzero(rows) + start
+        ckpts = [checkpoint_names[c] for c in np.flatnonzero(bad.any(axis=1))]
+        shown = ", ".join(str(int(i)) for i in ids[:SHOWN]) + (" ..." if len(ids) > SHOWN else "")
+        raise NonFiniteError(
+            f"non-finite gradients or losses for {len(ids)} example(s) (ids {shown}) at checkpoint(s) "
+            f"{', '.join(ckpts)}; fix the data or model, or pass nonfinite='flag' (--allow-nonfinite) to "
+            "store them as zeros and flag them"
+        )
+    feats[:, rows] = 0.0
+    return rows.astype(np.uint8)

@@ -1,0 +1,180 @@
+"""CaptureJob: everything needed to compute row blocks of a store, picklable, run in-process or as a Dask task.
+
+A job loads the model's checkpoints and builds its featurizer once per :meth:`CaptureJob.run`, then
+computes the row blocks it is given, in order, and writes each whole block to the store. Batches are
+cut inside each block (block-relative), so a block's numbers do not depend on which blocks were
+computed before it: a resumed or scaled-out capture writes the same bytes as a single uninterrupted
+one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import CaptureError
+from ..spec import ProjectionSpec
+from ..store import GradientStore
+from ..store.backends import StorageOptions
+from .checkpoints import Checkpoint, drop_tied_duplicates, load_checkpoints
+from .data import batches
+from .features import make_featurizer
+from .finite import NONFINITE_POLICIES, check_finite
+from .per_example import LossFn
+from .writer import BlockWriter
+
+Block = tuple[int, int]
+
+
+class BlockBatches:
+    """Batch sampler: each block [start, stop) cut into batches of ``batch_size`` from its start."""
+
+    def __init__(self, blocks: Sequence[Block], batch_size: int):
+        self.blocks = list(blocks)
+        self.batch_size = int(batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start, stop in self.blocks:
+            for s in range(start, stop, self.batch_size):
+                yield list(range(s, min(stop, s + self.batch_size)))
+
+    def __len__(self) -> int:
+        return sum(-(-(stop - start) // self.batch_size) for start, stop in self.blocks)
+
+
+@dataclass
+class CaptureJob:
+    """A capture's inputs, resolved and checked by :func:`~.capture.capture`; the store is laid out already."""
+
+    model: nn.Module
+    checkpoints: list  # paths or state dicts, as the user gave them
+    learning_rates: list[float]
+    checkpoint_hashes: list[str]
+    spec: ProjectionSpec
+    dataset: Dataset
+    batch_size: int
+    loss_fn: LossFn | None = None
+    collate_fn: Callable | None = None
+    num_workers: int = 0
+    pin_memory: bool = False
+    device: str = "auto"
+    nonfinite: str = "raise"
+
+    def __post_init__(self):
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise CaptureError(f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {self.nonfinite!r}")
+
+    def loader(self, blocks: Sequence[Block]) -> DataLoader:
+        """Batches of ``blocks`` (in order), through the user's collate function and loader workers."""
+        kwargs = dict(collate_fn=self.collate_fn, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        if self.collate_fn is None:
+            kwargs.pop("collate_fn")
+        return DataLoader(self.dataset, batch_sampler=BlockBatches(blocks, self.batch_size), **kwargs)
+
+    def run(
+        self,
+        path: str | os.PathLike,
+        blocks: Sequence[Block],
+        *,
+        storage_options: StorageOptions = None,
+        on_rows: Callable[[int], None] | None = None,
+        skip_written: bool = False,
+        loaded: list[Checkpoint] | None = None,
+    ) -> int:
+        """Compute and write ``blocks`` of the store at ``path``; return how many blocks were written.
+
+        ``skip_written`` re-checks the store's block flags first (a retried Dask task skips what an
+        earlier try finished). ``loaded``: the checkpoints already loaded in this process (else they
+        are loaded here, once, and checked against the hashes the store records).
+        """
+        from .capture import resolve_device  # the orchestrator owns device resolution
+
+        store = GradientStore(path, storage_options=storage_options)
+        if skip_written:
+            done = store.blocks_done()
+            blocks = [b for b in blocks if not done[b[0] // store.chunk_rows]]
+        if not blocks:
+            return 0
+        dev = resolve_device(self.device)
+        ckpts = loaded if loaded is not None else load_checkpoints(self.model, self.checkpoints, self.learning_rates)
+        changed = [ck.name for ck, h in zip(ckpts, self.checkpoint_hashes) if ck.sha256 != h]
+        if changed:
+            raise CaptureError(
+                f"checkpoint {', '.join(changed)} changed while the capture ran (its tensors hash differently); "
+                "rerun the capture once the checkpoints are final"
+            )
+        model = self.model.to(dev).eval()
+        featurize = make_featurizer(model, self.spec, self.loss_fn, dev)
+        writer = None
+        try:
+            # Every checkpoint is loaded (and moved to the device) once, outside the batch loop.
+            states = [
+                featurize.prepare({k: v.to(dev) for k, v in drop_tied_duplicates(model, ck.state_dict).items()})
+                for ck in ckpts
+            ]
+            writer = BlockWriter(store, blocks, with_labels=store.has_labels)
+            loader = self.loader(blocks)
+            for index, (inputs, targets) in zip(BlockBatches(blocks, self.batch_size), batches(loader, dev)):
+                b, start = targets.shape[0], index[0]
+                if b != len(index):
+                    raise CaptureError(f"a batch of {len(index)} examples came back with {b} targets; "
+                                       "the collate function must keep one target per example")
+                f, loss = featurize(states, inputs, targets)  # (C, b, dim), (C, b)
+                feats = f.detach().to("cpu", torch.float32).numpy()
+                losses = loss.detach().to("cpu", torch.float32).numpy()
+                flags = check_finite(feats, losses, start, self.nonfinite, store.checkpoint_names)
+                labels = targets.detach().cpu().numpy() if store.has_labels else None
+                writer.add(feats, losses, labels, flags)
+                if on_rows is not None:
+                    on_rows(b)
+        except BaseException:
+            if writer is not None:  # let queued block writes finish and stop the writer thread
+                try:
+                    writer.close()
+                except Exception:
+                    pass
+            raise
+        finally:
+            featurize.close()
+        written = writer.close()
+        if written != len(blocks):
+            raise CaptureError(
+                f"the data yielded too few examples for {len(blocks) - written} row blocks; "
+                "len(dataset) must equal the number of examples it yields"
+            )
+        return written
+
+
+def probe_labels(dataset: Dataset, collate_fn: Callable | None) -> np.dtype | None:
+    """dtype of per-example integer-like labels (targets of one dimension per batch), or None."""
+    from torch.utils.data import default_collate
+
+    collate = collate_fn or default_collate
+    item = collate([dataset[0]])
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise CaptureError("each batch must be (inputs, targets); wrap the dataset to yield that pair")
+    targets = torch.as_tensor(item[1])
+    return targets.numpy().dtype if targets.ndim == 1 else None
+
+
+def loader_settings(loader: DataLoader) -> dict:
+    """The parts of a user's DataLoader a job reuses on its own block batches."""
+    return dict(
+        batch_size=loader.batch_size or 1,
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+    )
+
+
+def checkpoints_as_given(checkpoints) -> list:
+    """Paths as strings, state dicts as they are (a job ships these to workers)."""
+    if isinstance(checkpoints, (str, os.PathLike, Mapping)):
+        checkpoints = [checkpoints]
+    return [ck if isinstance(ck, Mapping) else os.fspath(ck) for ck in checkpoints]
