@@ -62,13 +62,15 @@ def _layers(value: str | None) -> list[str] | None:
 @click.option("--loss", "loss_ref", metavar="MOD:FN", callback=_ref,
               help="Zero-argument callable returning (outputs, targets) -> per-example losses "
                    "(default: cross-entropy).")
+@click.option("--chunk-rows", type=click.IntRange(min=1), metavar="N",
+              help="Rows per stored chunk and row block (default: about 8 MiB of gradients per chunk).")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Store examples with NaN/inf gradients or losses as zeros and flag them (default: refuse).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out (default: resume an "
               "incomplete one left by the same capture, refuse a complete one).")
 @pass_settings
 def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, layers, projection_dim, projection,
-            seed, batch_size, dtype, loss_ref, allow_nonfinite, overwrite):
+            seed, batch_size, dtype, loss_ref, chunk_rows, allow_nonfinite, overwrite):
     """Capture per-example loss gradients at every checkpoint into a gradient store.
 
     Rerunning a capture that was killed resumes it: only the row blocks it had not written are
@@ -117,7 +119,7 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, laye
                 learning_rates=list(lrs) if lrs else None, loss_fn=loss_fn, layers=layer_names,
                 projection_dim=projection_dim, projection=projection, seed=seed, batch_size=batch_size,
                 dtype=dtype, overwrite=overwrite, device=settings.device, progress=settings.progress,
-                nonfinite="flag" if allow_nonfinite else "raise", client=client,
+                chunk_rows=chunk_rows, nonfinite="flag" if allow_nonfinite else "raise", client=client,
             )
         if staging:
             _swap_in(target, out)

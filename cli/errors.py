@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 import traceback
 
@@ -16,6 +17,7 @@ PROG = "trackin-ooc"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 # Exception types whose message already says what is wrong (the library's, the OS's, the user's code).
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _PLAIN = (OSError, ValueError, RuntimeError, ImportError, LookupError, TypeError, MemoryError)
 
 
@@ -38,6 +40,12 @@ def describe(e: BaseException) -> str:
         return f"{e.filename}: no such file or folder; check the path"
     if isinstance(e, PermissionError) and e.filename:
         return f"{e.filename}: permission denied; choose a path you can write"
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}no space left on the device (disk or quota full); free space or choose another location"
+    if isinstance(e, OSError) and e.errno == errno.EROFS:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}read-only file system; choose a writable location"
     if isinstance(e, MemoryError):
         return "out of memory; lower --memory-limit, --batch-size or --projection-dim, or use a cluster"
     text = one_line(str(e))

@@ -18,7 +18,7 @@ import xarray as xr
 
 from .errors import StoreExistsError, TrackinError
 from .store import GradientStore, open_store
-from .store.backends import is_remote, normalize_path
+from .store.backends import check_writable, is_remote, normalize_path
 
 TABLE_FORMATS = (".csv", ".parquet", ".zarr")
 
@@ -66,6 +66,7 @@ def check_output(
     ``allowed=None`` accepts any name (a gradient store's folder, say) and returns None.
     """
     fmt = None if allowed is None else output_format(path, allowed)
+    check_writable(path)
     if not overwrite and _exists(path):
         raise StoreExistsError(
             f"output {normalize_path(path)} already exists; pass --overwrite (overwrite=True) "

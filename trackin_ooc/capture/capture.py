@@ -90,6 +90,7 @@ def capture(
     if dtype not in STORAGE_DTYPES:
         raise CaptureError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
     dev = resolve_device(device) if client is None else None
+    backends.check_writable(path)
     if not overwrite:  # refuse early; with overwrite the old store is removed only once inputs check out
         existing_store(path, storage_options)
     ckpts = load_checkpoints(model, checkpoints, learning_rates)

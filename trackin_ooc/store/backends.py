@@ -61,3 +61,28 @@ def remove(path: str | os.PathLike, storage_options: StorageOptions = None) -> N
 def size_on_disk(path: str | os.PathLike, storage_options: StorageOptions = None) -> int:
     fs, p = filesystem(path, storage_options)
     return int(fs.du(p, total=True)) if fs.exists(p) else 0
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Refuse, before any work, a local output whose nearest existing folder cannot be written.
+
+    Remote locations are checked by their first write (object stores have no cheap, reliable test).
+    """
+    if is_remote(path):
+        return
+    from ..errors import StoreError
+
+    target = normalize_path(path)
+    folder = target if os.path.isdir(target) else os.path.dirname(target)
+    while folder and not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if folder and not os.access(folder, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if _read_only_fs(folder) else "is not writable by this user"
+        raise StoreError(f"cannot write {target}: {folder} {why}; choose a writable location")
+
+
+def _read_only_fs(folder: str) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False

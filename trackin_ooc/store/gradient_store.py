@@ -394,7 +394,8 @@ def _short(e: BaseException) -> str:
 
 
 def prepare_output(path, *, overwrite: bool, storage_options: StorageOptions = None, what: str = "output"):
-    """Refuse an existing output unless ``overwrite``; with it, remove what is there."""
+    """Refuse an existing output unless ``overwrite``; with it, remove what is there. Refuse an unwritable one."""
+    backends.check_writable(path)
     if backends.exists(path, storage_options):
         if not overwrite:
             raise StoreExistsError(
