@@ -7,6 +7,8 @@ The checkpoints are folded into the feature axis so the whole block is one GEMM.
 
 from __future__ import annotations
 
+import math
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -105,14 +107,128 @@ def _pick(n_rows: int, rows, cols, vals, kk: int, largest: bool, xp):
     return xp.take_along_axis(packed, order, axis=1), xp.take_along_axis(index, order, axis=1)
 
 
+# The one-pass CPU kernel (numba) for k up to this; larger k or CuPy: the array-module path below.
+FUSED_MAX_K = 256
+_fused_lock = threading.Lock()
+_fused = None
+
+
+def _select_rows(scores, kk, nch, offset, out_v, out_i):
+    """Per row of ``scores`` (a, b): the kk largest into out_v[0]/out_i[0] (descending) and the kk smallest
+    into out_v[1]/out_i[1] (ascending), ties to the lower column; indices are column + ``offset``.
+
+    Columns are dealt into ``nch`` interleaved chunks (chunk c: columns c, c + nch, c + 2·nch, …):
+      1. one pass over the row keeps each chunk's max and -min (elementwise over contiguous row segments,
+         so it vectorises and the row is read from memory once);
+      2. t = the kk-th largest chunk max: kk distinct chunks hold a value >= t, so the kk-th largest score
+         is >= t and every top-kk score (ties included) lies in a chunk whose max is >= t;
+      3. only those chunks (usually exactly kk) are read again, in ascending column order, keeping the
+         kk best values >= t in a small sorted list; with strict comparisons a later column never
+         displaces an equal value, so ties keep the lower column exactly.
+    The smallest are the largest of -x (negation is exact), so both ends share the code.
+    """
+    a, b = scores.shape
+    nseg = (b + nch - 1) // nch
+    acc_hi = np.empty(nch, scores.dtype)  # per chunk: max of x
+    acc_lo = np.empty(nch, scores.dtype)  # per chunk: max of -x
+    buf = np.empty(kk, scores.dtype)
+    chunks = np.empty(nch, np.int64)
+    for r in range(a):
+        row = scores[r]
+        hi = acc_hi
+        lo = acc_lo
+        for c in range(nch):
+            hi[c] = row[c]
+            lo[c] = -row[c]
+        for q in range(1, nseg):
+            seg = row[q * nch : min(b, (q + 1) * nch)]
+            for c in range(seg.shape[0]):
+                x = seg[c]
+                hi[c] = x if x > hi[c] else hi[c]
+                y = -x
+                lo[c] = y if y > lo[c] else lo[c]
+        for end in range(2):
+            vals = acc_hi if end == 0 else acc_lo
+            m = 0
+            for c in range(nch):  # buf: the kk largest chunk maxima, descending
+                v = vals[c]
+                if m < kk:
+                    p = m
+                    m += 1
+                elif v > buf[kk - 1]:
+                    p = kk - 1
+                else:
+                    continue
+                while p > 0 and buf[p - 1] < v:
+                    buf[p] = buf[p - 1]
+                    p -= 1
+                buf[p] = v
+            t = buf[kk - 1]
+            n = 0
+            for c in range(nch):
+                if vals[c] >= t:
+                    chunks[n] = c
+                    n += 1
+            ov = out_v[end, r]
+            oi = out_i[end, r]
+            m = 0
+            for q in range(nseg):
+                base = q * nch
+                for s in range(n):
+                    j = base + chunks[s]
+                    if j >= b:
+                        break
+                    v = row[j] if end == 0 else -row[j]
+                    if v < t:
+                        continue
+                    if m < kk:
+                        p = m
+                        m += 1
+                    elif v > ov[kk - 1]:
+                        p = kk - 1
+                    else:
+                        continue
+                    while p > 0 and ov[p - 1] < v:
+                        ov[p] = ov[p - 1]
+                        oi[p] = oi[p - 1]
+                        p -= 1
+                    ov[p] = v
+                    oi[p] = j + offset
+            if end == 1:
+                for i in range(kk):
+                    ov[i] = -ov[i]
+
+
+def _fused_kernel():
+    """``_select_rows`` compiled by numba on first use (nogil: Dask threads run it in parallel; cached on disk)."""
+    global _fused
+    with _fused_lock:
+        if _fused is None:
+            import numba
+
+            _fused = numba.njit(nogil=True, cache=True)(_select_rows)
+    return _fused
+
+
+def fused_chunks(b: int, kk: int) -> int:
+    """Interleaved chunks for the fused kernel: a power of two near √(kk·b), between kk and b."""
+    return min(b, max(kk, 1 << round(math.log2(math.sqrt(kk * b)))))
+
+
 def select_topk(scores, k: int, offset: int, xp) -> TopK:
     """Exact top-k and bottom-k of each row of a score block, with global column indices.
 
-    Thresholds from a strided sample, then an exact sort of the few candidates: far cheaper than
-    argpartition or a full partition of the block (docs/engine.md).
+    On the CPU, one fused pass (``_select_rows``, numba); otherwise thresholds from a strided sample and
+    an exact sort of the few candidates. Both are far cheaper than argpartition (docs/engine.md).
     """
     a, b = scores.shape
     kk = min(k, b)
+    if xp is np and kk < b and kk <= FUSED_MAX_K and a > 0:
+        scores = np.ascontiguousarray(scores)
+        out_v = np.empty((2, a, kk), dtype=scores.dtype)
+        out_i = np.empty((2, a, kk), dtype=np.int64)
+        _fused_kernel()(scores, kk, fused_chunks(b, kk), offset, out_v, out_i)
+        return TopK(out_v[0], out_i[0], out_v[1], out_i[1])
     if kk < b:
         lo, hi = _thresholds(scores, kk, sample_stride(b, kk), xp)
         lo, hi = lo[:, None], hi[:, None]
@@ -128,6 +244,42 @@ def select_topk(scores, k: int, offset: int, xp) -> TopK:
         best_v = xp.take_along_axis(scores, best_i, axis=1)
         worst_v = xp.take_along_axis(scores, worst_i, axis=1)
     return TopK(best_v, best_i.astype(xp.int64) + offset, worst_v, worst_i.astype(xp.int64) + offset)
+
+
+SCORE_TILE_BYTES = 64 << 20  # score_topk on the CPU: train columns per GEMM so one tile is about this big,
+SCORE_TILE_MIN_COLS = 1024  # but never narrower than this (narrow GEMMs run slower)
+_tile = threading.local()
+
+
+def _tile_buffer(rows: int, cols: int, dtype) -> np.ndarray:
+    """This thread's reusable (rows, cols) output for the GEMM: a fresh 100 MB array per block costs the
+    single-threaded GEMM 15-35 % (page faults inside BLAS; docs/engine.md)."""
+    buf = getattr(_tile, "buf", None)
+    if buf is None or buf.size < rows * cols or buf.dtype != dtype:
+        buf = _tile.buf = None  # release the old one first
+        buf = _tile.buf = np.empty(rows * cols, dtype=dtype)
+    return buf[: rows * cols].reshape(rows, cols)
+
+
+def score_topk(test_folded, train_folded, k: int, offset: int, xp) -> TopK:
+    """``select_topk(score_block(test_folded, train_folded))`` without materialising the score block.
+
+    On the CPU the GEMM runs in column tiles of about SCORE_TILE_BYTES into a per-thread buffer that is
+    reused across tasks, each tile is selected in turn, and the tiles' results are merged
+    (exact: ties to the lower index). On a GPU: one GEMM and one selection.
+    """
+    if xp is not np:
+        return select_topk(score_block(test_folded, train_folded, xp), k, offset, xp)
+    a, b = test_folded.shape[0], train_folded.shape[0]
+    dtype = np.result_type(test_folded.dtype, train_folded.dtype)
+    width = max(1, min(b, max(SCORE_TILE_MIN_COLS, SCORE_TILE_BYTES // (dtype.itemsize * max(a, 1)))))
+    parts = []
+    for j in range(0, b, width):
+        e = min(b, j + width)
+        tile = _tile_buffer(a, e - j, dtype)
+        np.matmul(test_folded, train_folded[j:e].T, out=tile)
+        parts.append(select_topk(tile, k, offset + j, np))
+    return merge_topk(parts, k) if parts else select_topk(score_block(test_folded, train_folded, np), k, offset, np)
 
 
 def merge_topk(parts: list[TopK], k: int) -> TopK:

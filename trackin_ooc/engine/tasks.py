@@ -58,7 +58,14 @@ def score_block(test_folded, ref: StoreRef, start: int, stop: int, normalize: bo
 
 
 def topk_block(test_folded, ref: StoreRef, start: int, stop: int, k: int, normalize: bool, backend: str):
-    """The k best and worst of one score block; the block itself never leaves this task."""
+    """The k best and worst of one score block; the block itself never leaves this task.
+
+    On the CPU the GEMM runs in column tiles into a reused per-thread buffer, each tile selected in
+    turn (``kernels.score_topk``), so no score block is allocated.
+    """
+    if backend == "numpy":
+        train = kernels.fold_checkpoints(ref.open().read_grads(start, stop), np, normalize=normalize)
+        return kernels.score_topk(test_folded, train, k, start, np)
     scores, be = _train_scores(test_folded, ref, start, stop, normalize, backend)
     part = kernels.select_topk(scores, k, start, be.xp)
     del scores
