@@ -12,7 +12,7 @@ for spec in "dask==$($py -c 'import dask;print(dask.__version__)')" \
             "zarr==$($py -c 'import zarr;print(zarr.__version__)')" \
             "numcodecs==$($py -c 'import numcodecs;print(numcodecs.__version__)')" \
             google-crc32c donfig partd locket tblib zict cloudpickle toolz sortedcontainers \
-            typing_extensions; do
+            typing_extensions numba llvmlite dask-cuda pynvml nvidia-ml-py click psutil pyyaml; do
   $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       "${plats[@]}" -d .whl "$spec"
 done

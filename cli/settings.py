@@ -74,6 +74,8 @@ class Settings:
                 self.say(f"dask: {self.cluster} cluster, dashboard {dashboard_link(client)}")
                 yield client
             return
+        if spec.in_process and self.device == "gpu":
+            spec = _gpu_cluster_spec(spec)  # one dask-cuda worker per GPU, or in-process on the one GPU
         if spec.in_process:
             yield None
             return
@@ -83,6 +85,19 @@ class Settings:
             workers = len(client.scheduler_info().get("workers", {}))
             self.say(f"dask: {plural(workers, 'worker')} ({spec.describe()})" + (f", dashboard {link}" if link else ""))
             yield client
+
+
+def _gpu_cluster_spec(spec):
+    """``--device gpu`` without a cluster: a LocalCUDACluster with one worker per GPU when dask-cuda is
+    installed and there are several GPUs; otherwise in-process on the one GPU (same kernels, no start-up)."""
+    import dataclasses
+
+    if importlib.util.find_spec("dask_cuda") is None:
+        return spec
+    import torch
+
+    n_gpus = torch.cuda.device_count()
+    return dataclasses.replace(spec, workers=n_gpus) if n_gpus > 1 else spec
 
 
 pass_settings = click.make_pass_decorator(Settings, ensure=True)

@@ -8,7 +8,6 @@ submitting process holds the store's lock and seals the store when every task is
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Sequence
 
 from ..progress import progress_bar
@@ -18,6 +17,12 @@ from .job import Block, CaptureJob
 # Tasks per worker thread: a few, so a slow or lost worker's share is small, but each task pays
 # one model and checkpoint load.
 TASKS_PER_THREAD = 2
+
+
+def _all_workers(client) -> dict:
+    from ..engine.resources import _takes_n
+
+    return {"n_workers": -1} if _takes_n(client) else {}
 
 
 def split_ranges(blocks: Sequence[Block], n_tasks: int) -> list[list[Block]]:
@@ -33,36 +38,14 @@ def split_ranges(blocks: Sequence[Block], n_tasks: int) -> list[list[Block]]:
     return [r for r in out if r]
 
 
-def _threads_per_host(client) -> dict[str, int]:
-    workers = client.scheduler_info(**({"n_workers": -1} if _takes_n(client) else {}))["workers"]
-    hosts: Counter = Counter()
-    for w in workers.values():
-        hosts[w.get("host", "")] += int(w.get("nthreads", 1))
-    return dict(hosts)
+def _identity(x):
+    return x
 
 
-def _takes_n(client) -> bool:
-    from ..engine.resources import _takes_n as takes_n
-
-    return takes_n(client)
-
-
-def _run_task(job: CaptureJob, path: str, blocks: list[Block], storage_options, host_threads: dict) -> int:
-    """On a worker: share the host's cores with the other tasks running there, then run the job."""
-    import torch
-    from distributed import get_worker
-
-    try:
-        host = get_worker().address.split("://")[-1].rsplit(":", 1)[0]
-    except ValueError:
-        host = ""
-    threads = max(1, (os.cpu_count() or 1) // max(1, host_threads.get(host, 1)))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return job.run(path, blocks, storage_options=storage_options, skip_written=True)
-    finally:
-        torch.set_num_threads(before)
+def _run_task(job: CaptureJob, path: str, blocks: list[Block], storage_options) -> int:
+    """On a worker. Like every Dask task it computes with one core per worker thread (the nanny sets
+    OMP_NUM_THREADS=1, which torch follows): give workers ``--nthreads`` equal to their cores."""
+    return job.run(path, blocks, storage_options=storage_options, skip_written=True)
 
 
 def run_on_cluster(client, job: CaptureJob, path: str, blocks: Sequence[Block], *,
@@ -70,12 +53,13 @@ def run_on_cluster(client, job: CaptureJob, path: str, blocks: Sequence[Block], 
     """Run ``blocks`` as Dask tasks on ``client``'s workers; return the blocks written."""
     from distributed import as_completed
 
-    host_threads = _threads_per_host(client)
-    total_threads = max(1, sum(host_threads.values()))
-    ranges = split_ranges(blocks, TASKS_PER_THREAD * total_threads)
-    [shared_job] = client.scatter([job], broadcast=False, hash=False)
+    threads = sum(w.get("nthreads", 1) for w in client.scheduler_info(**_all_workers(client))["workers"].values())
+    ranges = split_ranges(blocks, TASKS_PER_THREAD * max(1, threads))
+    # The job (model, data) reaches the workers as the result of a task, not scattered data: if the worker
+    # holding it dies, the scheduler recomputes it from the task instead of failing the capture.
+    shared_job = client.submit(_identity, job, key=f"trackin-capture-job-{os.getpid()}-{id(job)}", pure=False)
     futures = [
-        client.submit(_run_task, shared_job, path, r, storage_options, host_threads,
+        client.submit(_run_task, shared_job, path, r, storage_options,
                       key=f"trackin-capture-{r[0][0]}-{r[-1][1]}-{os.getpid()}", retries=1, pure=False)
         for r in ranges
     ]
@@ -87,5 +71,5 @@ def run_on_cluster(client, job: CaptureJob, path: str, blocks: Sequence[Block], 
                 written += future.result()
                 bar.update(rows[future.key])
     finally:
-        client.cancel(futures)
+        client.cancel([*futures, shared_job])
     return written

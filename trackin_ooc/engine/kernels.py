@@ -210,6 +210,12 @@ def _fused_kernel():
     return _fused
 
 
+def warm_up() -> None:
+    """Load (or compile) the fused selection kernel now: a worker's memory baseline includes numba's
+    LLVM (~150 MB RSS here) once it has run a top-k task."""
+    select_topk(np.zeros((1, 4), dtype=np.float32), 1, 0, np)
+
+
 def fused_chunks(b: int, kk: int) -> int:
     """Interleaved chunks for the fused kernel: a power of two near √(kk·b), between kk and b."""
     return min(b, max(kk, 1 << round(math.log2(math.sqrt(kk * b)))))
