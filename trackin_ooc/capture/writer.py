@@ -25,11 +25,10 @@ class BlockWriter:
         self._pending: list[Future] = []
         self._index = 0
         self._fill = 0
-        self._new_buffers()
+        self._grads = None
 
     def _new_buffers(self) -> None:
-        if self._index >= len(self.blocks):
-            return
+        """Buffers for the current block, made only when a block is assembled from several batches."""
         start, stop = self.blocks[self._index]
         rows = stop - start
         s = self.store
@@ -48,6 +47,14 @@ class BlockWriter:
                 raise ValueError("more rows than the store holds")
             start, stop = self.blocks[self._index]
             take = min(b - done, stop - start - self._fill)
+            if self._fill == 0 and take == stop - start:  # a whole block in this batch: no copy
+                self._submit(start, grads[:, done : done + take], losses[:, done : done + take],
+                             None if labels is None or not self.with_labels else labels[done : done + take],
+                             None if flags is None else flags[done : done + take])
+                done += take
+                continue
+            if self._grads is None:
+                self._new_buffers()
             sl = slice(self._fill, self._fill + take)
             self._grads[:, sl] = grads[:, done : done + take]
             self._losses[:, sl] = losses[:, done : done + take]
@@ -57,17 +64,15 @@ class BlockWriter:
             self._fill += take
             done += take
             if self._fill == stop - start:
-                self._submit(start)
+                self._submit(start, self._grads, self._losses, self._labels, self._flags)
+                self._grads = None
 
-    def _submit(self, start: int) -> None:
+    def _submit(self, start: int, grads, losses, labels, flags) -> None:
         self._drain(self.max_pending - 1)
-        self._pending.append(
-            self._pool.submit(self.store.write_block, start, self._grads, self._losses, self._labels,
-                              self._flags if self._flags.any() else None)
-        )
+        flags = flags if flags is not None and flags.any() else None
+        self._pending.append(self._pool.submit(self.store.write_block, start, grads, losses, labels, flags))
         self._index += 1
         self._fill = 0
-        self._new_buffers()
 
     def _drain(self, keep: int) -> None:
         while len(self._pending) > keep:

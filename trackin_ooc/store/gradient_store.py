@@ -250,7 +250,11 @@ class GradientStore:
 
     # ---- reading --------------------------------------------------------------------------------
     def _array_names(self) -> set[str]:
-        return {name for name, _ in self._group.arrays()}
+        """Arrays in the group (listed once: a store's arrays are all made when it is laid out)."""
+        names = self.__dict__.get("_names")
+        if names is None:
+            names = self._names = {name for name, _ in self._group.arrays()}
+        return names
 
     def _array(self, name: str) -> zarr.Array:
         with self._lock:
