@@ -14,9 +14,11 @@ OUT_HELP = "Output file: .csv, .parquet or .zarr (by extension)."
 @click.command("self-influence")
 @click.argument("store", metavar="STORE")
 @click.option("--out", required=True, metavar="FILE", help=OUT_HELP)
+@click.option("--exact-norms", is_flag=True,
+              help="Exact gradient norms stored by the capture instead of the projected features' norms.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @pass_settings
-def self_influence(settings: Settings, store, out, overwrite):
+def self_influence(settings: Settings, store, out, exact_norms, overwrite):
     """Self-influence of every example of STORE (high: likely mislabelled or unusual).
 
     Rows are sorted by rank (1 = highest self-influence), with example ids and labels where the
@@ -30,7 +32,7 @@ def self_influence(settings: Settings, store, out, overwrite):
     st = open_gradient_store(store).require_complete()
     t0 = time.perf_counter()
     with settings.client():
-        si = to.self_influence(st, device=settings.device, progress=settings.progress)
+        si = to.self_influence(st, device=settings.device, progress=settings.progress, exact_norms=exact_norms)
     path = tables.write_self_influence(si, out, overwrite=overwrite)
     seconds = time.perf_counter() - t0
     settings.done(

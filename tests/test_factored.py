@@ -129,7 +129,7 @@ def test_hooks_equal_factors_applied_to_exact_gradients(dim):
     inputs, targets = mixed_batch()
     feats = FactoredFeatures(model, spec)
     try:
-        ours, losses = feats.one(feats.prepare(state), inputs, targets)
+        ours, losses, _ = feats.one(feats.prepare(state), inputs, targets)
     finally:
         feats.close()
     grads, ref_losses = PerExampleGradients(model, names)(state, inputs, targets)

@@ -53,20 +53,26 @@ def self_influence(
     progress: bool | None = None,
     storage_options: StorageOptions = None,
     client=None,
+    exact_norms: bool = False,
 ) -> xr.DataArray:
     """Σ_c η_c ‖g_c(z)‖² for every example, in one read pass over the store.
 
     High values flag mislabelled or unusual training examples. Returns a DataArray with dims
-    ("example",); with ``compute_now=False`` it stays lazy (dask-backed).
+    ("example",); with ``compute_now=False`` it stays lazy (dask-backed). By default ‖g_c‖² is that of
+    the stored (projected) features, consistent with ``influence``'s diagonal; ``exact_norms=True`` uses
+    the exact gradient norms every capture also stores, so it is exact whatever the projection (and
+    reads C numbers per example instead of C × features).
     """
     st = _open(store, storage_options)
+    if exact_norms and not st.has_exact_norms:
+        st.read_sq_norms(0, 0)  # raises the StoreError that says why and what to do
     backend = resolve_backend(device).name
-    data = graphs.self_influence_array(st, backend)
+    data = graphs.self_influence_array(st, backend, exact_norms=exact_norms)
     coords = {"example": st.example_ids()}
     if st.has_labels:
         coords["label"] = ("example", st.labels())
     arr = xr.DataArray(data, dims=("example",), coords=coords, name="self_influence",
-                       attrs={"store": st.path, "fingerprint": st.fingerprint})
+                       attrs={"store": st.path, "fingerprint": st.fingerprint, "exact_norms": bool(exact_norms)})
     if compute_now:
         (values,) = compute(arr.data, desc="self-influence", progress=progress, client=client)
         arr = arr.copy(data=values)

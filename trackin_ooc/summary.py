@@ -66,6 +66,7 @@ def store_info(store: GradientStore | str | os.PathLike, *, storage_options: Sto
         "format_version": meta.get("format_version"),
         "store_id": st.store_id,
         "nonfinite_examples": [int(i) for i in st.nonfinite_examples()],
+        "exact_norms": st.has_exact_norms,
     }
     return info
 
@@ -148,6 +149,7 @@ def format_info(info: dict[str, Any]) -> str:
         f"  dtype           {info['dtype']} (chunks of {info['chunk_rows']:,} rows)",
         f"  loss            {info['loss'] or 'unknown'}",
         f"  labels          {labels}",
+        f"  exact norms     {'yes (self-influence --exact-norms)' if info.get('exact_norms') else 'no'}",
         f"  size on disk    {human_bytes(info['size_on_disk'])} "
         f"(gradients {human_bytes(info['gradient_bytes'])} uncompressed)",
         f"  fingerprint     {info['fingerprint'][:16]}",

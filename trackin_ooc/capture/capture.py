@@ -166,5 +166,6 @@ def _open_or_create(path, wanted: StoreSettings, spec, ckpts, *, overwrite: bool
         label_dtype=wanted.label_dtype,
         chunk_rows=rows,
         storage_options=storage_options,
+        with_norms=True,
     )
     return store, store.row_blocks()

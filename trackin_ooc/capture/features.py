@@ -1,4 +1,5 @@
-"""Featurizers: one batch at every checkpoint → (features (C, B, dim), per-example losses (C, B)).
+"""Featurizers: one batch at every checkpoint → (features (C, B, dim), per-example losses (C, B),
+exact squared gradient norms (C, B)).
 
 Two kinds behind one interface (``prepare(state)`` once per checkpoint, then one call per batch with
 all prepared states): :class:`DenseFeatures` forms per-example gradients (torch.func) and projects
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from ..spec import ProjectionSpec
+from .norms import dense_sq_norms
 from .per_example import LossFn, PerExampleGradients, as_tuple
 from .projection import Projector
 
@@ -66,23 +68,25 @@ class DenseFeatures:
     def prepare(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return state
 
-    def __call__(self, states, inputs, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, states, inputs, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features (C, B, dim), losses (C, B) and exact squared gradient norms (C, B)."""
         b, c = targets.shape[0], len(states)
         step = micro_batch_size(b, self.spec.n_parameters, self.budget, c)
-        feats, losses = [], []
+        feats, losses, norms = [], [], []
         for start in range(0, b, step):
             stop = min(b, start + step)
             x = _slice(as_tuple(inputs), start, stop) if step < b else inputs
             per_ckpt = [self.per_example(state, x, targets[start:stop]) for state in states]
             losses.append(torch.stack([loss for _, loss in per_ckpt]))
+            norms.append(torch.stack([dense_sq_norms(g, stop - start) for g, _ in per_ckpt]))
             # One projector call for all checkpoints: (C·rows, D) against each block once.
             grads = {n: torch.cat([g.pop(n) for g, _ in per_ckpt]) for n in list(per_ckpt[0][0])}
             del per_ckpt
             feats.append(self.projector(grads).reshape(c, stop - start, -1))
             del grads
         if len(feats) == 1:
-            return feats[0], losses[0]
-        return torch.cat(feats, dim=1), torch.cat(losses, dim=1)
+            return feats[0], losses[0], norms[0]
+        return torch.cat(feats, dim=1), torch.cat(losses, dim=1), torch.cat(norms, dim=1)
 
     def close(self) -> None:
         pass

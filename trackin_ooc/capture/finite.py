@@ -17,15 +17,18 @@ SHOWN = 8
 
 
 def check_finite(
-    feats: np.ndarray, losses: np.ndarray, start: int, policy: str, checkpoint_names: Sequence[str]
+    feats: np.ndarray, losses: np.ndarray, start: int, policy: str, checkpoint_names: Sequence[str],
+    sq_norms: np.ndarray | None = None,
 ) -> np.ndarray | None:
     """Per-example flags (None when all finite) for features (C, b, F) and losses (C, b) of rows from ``start``.
 
     ``policy="raise"`` raises :class:`NonFiniteError` naming the examples and checkpoints;
-    ``"flag"`` zeroes the bad examples' features at every checkpoint in place (their losses keep the
+    ``"flag"`` zeroes the bad examples' features (and ``sq_norms``) at every checkpoint in place (their losses keep the
     NaN/inf) and returns the flags.
     """
     bad_grad = ~np.isfinite(feats).all(axis=2)  # (C, b)
+    if sq_norms is not None:
+        bad_grad |= ~np.isfinite(sq_norms)
     bad = bad_grad | ~np.isfinite(losses)
     if not bad.any():
         return None
@@ -40,4 +43,6 @@ def check_finite(
             "store them as zeros and flag them"
         )
     feats[:, rows] = 0.0
+    if sq_norms is not None:
+        sq_norms[:, rows] = 0.0
     return rows.astype(np.uint8)

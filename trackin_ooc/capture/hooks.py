@@ -19,6 +19,7 @@ from torch.func import functional_call
 from ..errors import CaptureError
 from ..spec import ProjectionSpec
 from .factored import FactorLayer, Factors, combine, dense_features, plan_from_spec, project_input, project_output
+from .norms import dense_sq_norms, factored_sq_norms
 from .per_example import LossFn, PerExampleGradients, as_tuple, cross_entropy
 
 log = logging.getLogger("trackin_ooc")
@@ -131,10 +132,11 @@ class FactoredFeatures:
     def __call__(self, states, inputs, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (C, B, dim) and losses (C, B) at every prepared checkpoint state."""
         out = [self.one(prepared, inputs, targets) for prepared in states]
-        return torch.stack([f for f, _ in out]), torch.stack([loss for _, loss in out])
+        return tuple(torch.stack([o[i] for o in out]) for i in range(3))
 
-    def one(self, prepared, inputs, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features (B, dim) and losses (B,) at one prepared checkpoint: one forward and backward."""
+    def one(self, prepared, inputs, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features (B, dim), losses (B,) and exact squared gradient norms (B,) at one prepared
+        checkpoint: one forward and backward."""
         state, plain = prepared
         x = as_tuple(inputs)
         batch = targets.shape[0]
@@ -162,25 +164,33 @@ class FactoredFeatures:
             self._check_hooks(grads[: len(outputs)], grads[len(outputs):], state)
         deltas = iter(grads[: len(outputs)])
         parts: dict[int, torch.Tensor] = {}
+        sq_norms = torch.zeros(batch, dtype=torch.float32, device=self.device)
         for t in self.taps:
             f = None
+            seen_in, seen_out = [], []
             for a, _o in t.calls:
                 delta = next(deltas)
                 if delta is None:
                     continue
                 ids = a.reshape(batch, -1) if t.layer.kind == "embedding" else None
-                a_proj = project_input(t.layer, t.inputs(a, batch), self.factors)
-                d_proj = project_output(t.layer, t.deltas(delta, batch, ids), self.factors)
-                g = combine(t.layer, a_proj, d_proj)
+                x_in, d_out = t.inputs(a, batch), t.deltas(delta, batch, ids)
+                seen_in.append(x_in)
+                seen_out.append(d_out)
+                g = combine(t.layer, project_input(t.layer, x_in, self.factors),
+                            project_output(t.layer, d_out, self.factors))
                 f = g if f is None else f.add_(g)
             parts[id(t.layer)] = f if f is not None else torch.zeros(batch, t.layer.width, device=self.device)
+            if seen_in:
+                sq_norms += factored_sq_norms(seen_in, seen_out, bias=bool(t.layer.has_bias),
+                                              embedding=t.layer.kind == "embedding")
             t.calls.clear()
         if self.dense is not None:
             grads, _ = self._dense_grads(plain, inputs, targets)
+            sq_norms += dense_sq_norms({n: grads[n] for n in self.dense.params}, batch)
             parts[id(self.dense)] = dense_features(self.spec, self.dense, grads, self.device)
         feats = torch.cat([parts.get(id(x)) if x.kind != "pad" else torch.zeros(batch, x.width, device=self.device)
                            for x in self.plan], dim=1)
-        return feats.detach(), losses.detach()
+        return feats.detach(), losses.detach(), sq_norms.detach()
 
     def _check_hooks(self, deltas, wgrads, state) -> None:
         """Once: the batch gradient of every factored weight must equal Σ_examples Σ_t δ_t a_tᵀ.

@@ -125,12 +125,13 @@ class CaptureJob:
                 if b != len(index):
                     raise CaptureError(f"a batch of {len(index)} examples came back with {b} targets; "
                                        "the collate function must keep one target per example")
-                f, loss = featurize(states, inputs, targets)  # (C, b, dim), (C, b)
+                f, loss, sq = featurize(states, inputs, targets)  # (C, b, dim), (C, b), (C, b)
                 feats = f.detach().to("cpu", torch.float32).numpy()
                 losses = loss.detach().to("cpu", torch.float32).numpy()
-                flags = check_finite(feats, losses, start, self.nonfinite, store.checkpoint_names)
+                norms = sq.detach().to("cpu", torch.float32).numpy()
+                flags = check_finite(feats, losses, start, self.nonfinite, store.checkpoint_names, norms)
                 labels = targets.detach().cpu().numpy() if store.has_labels else None
-                writer.add(feats, losses, labels, flags)
+                writer.add(feats, losses, labels, flags, norms)
                 if on_rows is not None:
                     on_rows(b)
         except BaseException:

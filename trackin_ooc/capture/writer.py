@@ -36,11 +36,12 @@ class BlockWriter:
         self._losses = np.empty((s.n_checkpoints, rows), dtype=np.float32)
         self._labels = np.empty(rows, dtype=s.label_dtype) if self.with_labels else None
         self._flags = np.zeros(rows, dtype=np.uint8)
+        self._norms = np.full((s.n_checkpoints, rows), np.nan, dtype=np.float32)
 
     def add(self, grads: np.ndarray, losses: np.ndarray, labels: np.ndarray | None,
-            flags: np.ndarray | None = None) -> None:
-        """Append rows (C, b, F), (C, b), (b,) and non-finite flags (b,) or None; whole blocks are
-        sent to the writer as they fill."""
+            flags: np.ndarray | None = None, norms: np.ndarray | None = None) -> None:
+        """Append rows (C, b, F), (C, b), (b,), non-finite flags (b,) or None and exact squared norms
+        (C, b) or None; whole blocks are sent to the writer as they fill."""
         b, done = grads.shape[1], 0
         while done < b:
             if self._index >= len(self.blocks):
@@ -50,7 +51,8 @@ class BlockWriter:
             if self._fill == 0 and take == stop - start:  # a whole block in this batch: no copy
                 self._submit(start, grads[:, done : done + take], losses[:, done : done + take],
                              None if labels is None or not self.with_labels else labels[done : done + take],
-                             None if flags is None else flags[done : done + take])
+                             None if flags is None else flags[done : done + take],
+                             None if norms is None else norms[:, done : done + take])
                 done += take
                 continue
             if self._grads is None:
@@ -61,16 +63,18 @@ class BlockWriter:
             if self._labels is not None:
                 self._labels[sl] = labels[done : done + take]
             self._flags[sl] = 0 if flags is None else flags[done : done + take]
+            if norms is not None:
+                self._norms[:, sl] = norms[:, done : done + take]
             self._fill += take
             done += take
             if self._fill == stop - start:
-                self._submit(start, self._grads, self._losses, self._labels, self._flags)
+                self._submit(start, self._grads, self._losses, self._labels, self._flags, self._norms)
                 self._grads = None
 
-    def _submit(self, start: int, grads, losses, labels, flags) -> None:
+    def _submit(self, start: int, grads, losses, labels, flags, norms) -> None:
         self._drain(self.max_pending - 1)
         flags = flags if flags is not None and flags.any() else None
-        self._pending.append(self._pool.submit(self.store.write_block, start, grads, losses, labels, flags))
+        self._pending.append(self._pool.submit(self.store.write_block, start, grads, losses, labels, flags, norms))
         self._index += 1
         self._fill = 0
 

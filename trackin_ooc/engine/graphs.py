@@ -32,13 +32,21 @@ def _test_block_tasks(test: GradientStore, plan: BlockPlan, weights, normalize: 
     return dsk, name, ranges
 
 
-def self_influence_array(store: GradientStore, backend: str, rows: int | None = None) -> da.Array:
-    """(n_examples,) float64, one task per ``rows`` (default: the store's chunk rows)."""
+def self_influence_array(store: GradientStore, backend: str, rows: int | None = None,
+                         exact_norms: bool = False) -> da.Array:
+    """(n_examples,) float64, one task per ``rows`` (default: the store's chunk rows).
+
+    ``exact_norms``: from the exact squared gradient norms the capture stored, not the features.
+    """
     ranges = blocks(store.n_examples, rows or store.chunk_rows)
     ref = StoreRef.of(store)
     weights = [float(x) for x in store.learning_rates]
-    name = f"trackin-self-influence-{tokenize(ref, rows, backend)}"
-    dsk = {(name, i): (tasks.self_influence_block, ref, s, e, weights, backend) for i, (s, e) in enumerate(ranges)}
+    name = f"trackin-self-influence-{tokenize(ref, rows, backend, exact_norms)}"
+    if exact_norms:
+        dsk = {(name, i): (tasks.exact_self_influence_block, ref, s, e, weights) for i, (s, e) in enumerate(ranges)}
+    else:
+        dsk = {(name, i): (tasks.self_influence_block, ref, s, e, weights, backend)
+               for i, (s, e) in enumerate(ranges)}
     chunks = (tuple(e - s for s, e in ranges),)
     return da.Array(dsk, name, chunks=chunks, dtype=np.float64, meta=np.empty((0,), np.float64))
 

@@ -92,6 +92,11 @@ def self_influence_block(ref: StoreRef, start: int, stop: int, weights, backend:
     return be.to_host(kernels.self_influence_rows(grads, weights, be.xp))
 
 
+def exact_self_influence_block(ref: StoreRef, start: int, stop: int, weights) -> np.ndarray:
+    """Σ_c η_c ‖g_c‖² of rows [start, stop) from the exact squared norms a capture stored (no GEMM)."""
+    return np.asarray(weights, dtype=np.float64) @ ref.open().read_sq_norms(start, stop).astype(np.float64)
+
+
 def done(*counts) -> int:
     return int(sum(counts))
 

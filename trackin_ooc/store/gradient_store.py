@@ -84,8 +84,12 @@ class GradientStore:
         overwrite: bool = False,
         storage_options: StorageOptions = None,
         extra_attrs: dict[str, Any] | None = None,
+        with_norms: bool = False,
     ) -> GradientStore:
-        """Lay out an empty, incomplete store (every row block still to be written)."""
+        """Lay out an empty, incomplete store (every row block still to be written).
+
+        ``with_norms``: also an array for the exact squared gradient norms a capture measures.
+        """
         if n_examples <= 0:
             raise StoreError("a gradient store needs at least one example")
         if len(learning_rates) != n_checkpoints:
@@ -121,6 +125,8 @@ class GradientStore:
         if label_dtype is not None:
             make(layout.LABEL, (n_examples,), (rows,), np.dtype(label_dtype))
         make(layout.NONFINITE, (n_examples,), (rows,), "uint8")
+        if with_norms:
+            make(layout.GRAD_SQ_NORM, (n_checkpoints, n_examples), (1, rows), "float32", fill=np.nan)
         make(layout.BLOCK_COMPLETE, (n_blocks,), (1,), "uint8")
 
         meta = {
@@ -230,6 +236,22 @@ class GradientStore:
         flags = checked_read(self._array(layout.NONFINITE), layout.NONFINITE, slice(None), self.path)
         return self.example_ids()[np.flatnonzero(flags)]
 
+    @property
+    def has_exact_norms(self) -> bool:
+        """Whether the capture stored exact squared gradient norms (for exact self-influence)."""
+        return layout.GRAD_SQ_NORM in self._array_names()
+
+    def read_sq_norms(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Exact ‖g_c‖² of rows [start, stop) before projection: (checkpoint, rows) float32."""
+        if not self.has_exact_norms:
+            raise StoreError(
+                f"{self.path} holds no exact gradient norms (made by from_arrays or an older trackin-ooc); "
+                "use the projected self-influence (exact_norms=False) or re-capture it"
+            )
+        sel = (slice(None), slice(start, stop))
+        return np.asarray(checked_read(self._array(layout.GRAD_SQ_NORM), layout.GRAD_SQ_NORM, sel, self.path),
+                          dtype=np.float32)
+
     def row_blocks(self) -> list[tuple[int, int]]:
         """The stored row blocks, [start, stop), one chunk of rows each."""
         return layout.row_blocks(self.n_examples, self.chunk_rows)
@@ -334,10 +356,12 @@ class GradientStore:
         losses: np.ndarray | None = None,
         labels: np.ndarray | None = None,
         nonfinite: np.ndarray | None = None,
+        sq_norms: np.ndarray | None = None,
     ) -> None:
         """Write one whole row block (C, rows, F) at ``start`` and then flag it written.
 
-        ``nonfinite``: per-row flags of examples stored as zeros because they were NaN/inf.
+        ``nonfinite``: per-row flags of examples stored as zeros because they were NaN/inf;
+        ``sq_norms``: (C, rows) exact squared gradient norms, where the store keeps them.
         """
         self._writable()
         blocks = self.row_blocks()
@@ -360,6 +384,8 @@ class GradientStore:
             self._array(layout.LABEL)[start:stop] = labels
         if nonfinite is not None:
             self._array(layout.NONFINITE)[start:stop] = np.asarray(nonfinite, dtype=np.uint8)
+        if sq_norms is not None and self.has_exact_norms:
+            self._array(layout.GRAD_SQ_NORM)[:, start:stop] = np.asarray(sq_norms, dtype=np.float32)
         self._array(layout.BLOCK_COMPLETE)[index] = 1
 
     def mark_complete(self) -> GradientStore:

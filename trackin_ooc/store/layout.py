@@ -17,6 +17,7 @@ LOSS = "loss"
 EXAMPLE = "example"
 LABEL = "label"
 BLOCK_COMPLETE = "block_complete"  # one flag per row block: which blocks are fully written
+GRAD_SQ_NORM = "grad_sq_norm"  # exact ‖g_c‖² per example before projection (capture only): exact self-influence
 NONFINITE = "nonfinite"  # 1 where an example's gradients or loss were NaN/inf (stored as zeros; opt-in)
 
 DIMS = {
@@ -27,6 +28,7 @@ DIMS = {
     LABEL: ("example",),
     BLOCK_COMPLETE: ("row_block",),
     NONFINITE: ("example",),
+    GRAD_SQ_NORM: ("checkpoint", "example"),
 }
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
