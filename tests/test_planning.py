@@ -140,10 +140,27 @@ def test_plan_test_blocks_are_as_tall_as_the_budget_allows(p):
 
 
 def test_plan_with_ample_memory_is_one_test_block_and_target_train_blocks():
-    plan = plan_blocks(n_test=5000, n_train=100_000, n_checkpoints=2, feature_dim=256, itemsize=4,
+    plan = plan_blocks(n_test=5000, n_train=1_000_000, n_checkpoints=2, feature_dim=256, itemsize=4,
                        memory_limit=1 << 34, threads=4, k=10, train_align=1024)
     assert plan.test_rows == 5000
     assert plan.train_rows == planning.TARGET_TRAIN_ROWS
+
+
+@given(n_train=st.integers(1, 200_000), threads=st.integers(1, 16), align=st.sampled_from([1, 16, 512, 1024]))
+def test_a_small_job_is_cut_into_enough_tasks_for_every_thread(n_train, threads, align):
+    """Few, large train blocks would leave threads idle while the last one finishes (20,000 rows in
+    16,384 + 3,616 on two threads); the plan cuts at least MIN_TASKS_PER_THREAD per thread where the
+    floor (MIN_TRAIN_ROWS, alignment) allows, and never makes blocks taller."""
+    plan = plan_blocks(n_test=1000, n_train=n_train, n_checkpoints=5, feature_dim=2048, itemsize=4,
+                       memory_limit=1 << 36, threads=threads, k=10, train_align=align)
+    ample = plan_blocks(n_test=1000, n_train=n_train, n_checkpoints=5, feature_dim=2048, itemsize=4,
+                        memory_limit=1 << 36, threads=1, k=10, train_align=align)
+    tasks = len(plan.train_blocks(n_train)) * len(plan.test_blocks(1000))
+    floor = min(n_train, planning.MIN_TRAIN_ROWS)
+    assert plan.train_rows <= ample.train_rows
+    assert tasks >= planning.MIN_TASKS_PER_THREAD * threads or plan.train_rows <= max(floor, align)
+    if align <= plan.train_rows < n_train:
+        assert plan.train_rows % align == 0
 
 
 def test_plan_shrinks_train_blocks_for_taller_test_blocks():

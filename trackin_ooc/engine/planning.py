@@ -63,6 +63,23 @@ def _round_down(x: int, align: int) -> int:
     return max(align, (x // align) * align) if x >= align else x
 
 
+# Tasks per thread a small job is cut into at least, so that no thread idles while one big block finishes.
+MIN_TASKS_PER_THREAD = 4
+
+
+def _balance(b: int, floor: int, n_train: int, n_test_blocks: int, threads: int, align: int) -> int:
+    """Shorter train blocks when the job has too few tasks to keep every thread busy (smaller blocks
+    only lower the memory needed); never below ``floor`` nor off the store's chunk alignment."""
+    want = MIN_TASKS_PER_THREAD * threads
+    if n_test_blocks * -(-n_train // b) >= want:
+        return b
+    per_test_block = -(-want // n_test_blocks)
+    rows = -(-n_train // per_test_block)
+    if align > 1:
+        rows = (rows // align) * align
+    return min(b, max(rows, floor, 1))
+
+
 def plan_blocks(
     *,
     n_test: int,
@@ -114,6 +131,7 @@ def plan_blocks(
     a = min(a, want_test)
     if a >= test_align and a < n_test:
         a = _round_down(a, test_align)
+    b = _balance(b, floor, n_train, -(-n_test // a), threads, train_align)
     est = worker_bytes(a, b, width, itemsize, threads, k)
     return BlockPlan(test_rows=int(a), train_rows=int(b), width=width, threads=threads,
                      memory_limit=int(memory_limit), estimated_bytes=int(est))
