@@ -96,7 +96,7 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, laye
     import trackin_ooc as to
     from trackin_ooc import loading, tables
     from trackin_ooc.capture.resume import existing_store
-    from trackin_ooc.store import is_remote
+    from trackin_ooc.store import is_remote, is_unfinished
     from trackin_ooc.summary import human_bytes, store_info
 
     if overwrite:
@@ -130,7 +130,7 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, laye
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else describe(e)
         if staging:
             raise to.CaptureError(f"capture failed: {what}; the existing store {out} was left as it was") from e
-        if _incomplete_store(out):
+        if is_unfinished(out, "gradients"):
             raise to.CaptureError(
                 f"capture failed: {what}; the partial store {out} is incomplete (scoring refuses it): "
                 "rerun the same command to resume it, or with --overwrite to start over"
@@ -146,16 +146,6 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, laye
         f"({store.spec.describe()}) into {store.path} in {seconds:.1f} s "
         f"({rate(store.n_examples, seconds, 'examples')}, {human_bytes(info['size_on_disk'])} on disk)"
     )
-
-
-def _incomplete_store(path: str) -> bool:
-    """Whether ``path`` holds a gradient store that was left incomplete (a failed capture resumes it)."""
-    from trackin_ooc.store import open_store, store_kind
-
-    try:
-        return store_kind(path) == "gradients" and not open_store(path).complete
-    except Exception:
-        return False
 
 
 def _staging_dir(out: str) -> str:

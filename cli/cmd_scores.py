@@ -56,9 +56,10 @@ def influence(settings: Settings, train, test, out, normalize, overwrite):
     """
     import trackin_ooc as to
     from trackin_ooc import tables
+    from trackin_ooc.store import is_unfinished
     from trackin_ooc.summary import human_bytes, open_gradient_store, store_info
 
-    if overwrite or not _unfinished_influence(out):  # an unfinished one is resumed by the library
+    if overwrite or not is_unfinished(out, "influence"):  # an unfinished one is resumed by the library
         tables.check_output(out, overwrite=overwrite, allowed=(".zarr",))
     te, tr = open_gradient_store(test).require_complete(), open_gradient_store(train).require_complete()
     t0 = time.perf_counter()
@@ -68,7 +69,7 @@ def influence(settings: Settings, train, test, out, normalize, overwrite):
                          memory_limit=settings.scoring_memory_limit, overwrite=overwrite,
                          progress=settings.progress)
     except Exception as e:
-        if not _unfinished_influence(out):
+        if not is_unfinished(out, "influence"):
             raise
         from .errors import describe
 
@@ -116,14 +117,3 @@ def top_k(settings: Settings, train, test, k, out, normalize, overwrite):
         f"wrote the top {k} proponents and opponents of {te.n_examples:,} test examples among "
         f"{tr.n_examples:,} train to {path} in {seconds:.1f} s ({rate(pairs, seconds, 'pairs')})"
     )
-
-
-def _unfinished_influence(path: str) -> bool:
-    """Whether ``path`` holds an influence output a killed run left unfinished."""
-    from trackin_ooc.store import store_kind
-    from trackin_ooc.store.influence_store import open_influence
-
-    try:
-        return store_kind(path) == "influence" and not open_influence(path).attrs.get("complete", False)
-    except Exception:
-        return False

@@ -20,3 +20,20 @@ def stop_process_group(proc, timeout: float = 20) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def two_worker_client():
+    """A ``distributed.Client`` on a real LocalCluster of two single-thread worker processes on 127.0.0.1
+    (a context manager; used by module fixtures)."""
+    import contextlib
+
+    from distributed import Client, LocalCluster
+
+    @contextlib.contextmanager
+    def make():
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                          host="127.0.0.1") as cluster, Client(cluster) as c:
+            c.wait_for_workers(2, timeout=60)
+            yield c
+
+    return make()

@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 from torch.utils.data import Dataset
 
 import trackin_ooc as to
 from trackin_ooc import testing as tt
 from trackin_ooc.capture.scale_out import split_ranges
+
+from . import two_worker_client
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -23,9 +25,7 @@ KW = dict(projection_dim=24, chunk_rows=50, batch_size=32)
 
 @pytest.fixture(scope="module")
 def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      host="127.0.0.1") as cluster, Client(cluster) as c:
-        c.wait_for_workers(2, timeout=60)
+    with two_worker_client() as c:
         yield c
 
 

@@ -10,13 +10,15 @@ import numpy as np
 import psutil
 import pytest
 import xarray as xr
-from distributed import Client, LocalCluster, WorkerPlugin
+from distributed import Client, WorkerPlugin
 
 import trackin_ooc as to
 from trackin_ooc import testing as tt
 from trackin_ooc.engine import resources
 from trackin_ooc.engine.planning import worker_bytes
 from trackin_ooc.store import layout
+
+from . import two_worker_client
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -25,9 +27,7 @@ LRS = [0.7, 0.2, 1.1]
 
 @pytest.fixture(scope="module")
 def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      host="127.0.0.1") as cluster, Client(cluster) as c:
-        c.wait_for_workers(2, timeout=60)
+    with two_worker_client() as c:
         yield c
 
 

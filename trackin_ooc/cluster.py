@@ -20,6 +20,18 @@ from .errors import TrackinError
 log = logging.getLogger("trackin_ooc")
 
 
+def worker_infos(client) -> list[dict]:
+    """The scheduler's record of every worker of ``client`` (threads, memory limit, host).
+
+    Recent ``distributed`` lists only the first few workers unless asked for all (``n_workers=-1``).
+    """
+    import inspect
+
+    takes_n = "n_workers" in inspect.signature(client.scheduler_info).parameters
+    info = client.scheduler_info(n_workers=-1) if takes_n else client.scheduler_info()
+    return list(info.get("workers", {}).values())
+
+
 class ClusterError(TrackinError, RuntimeError):
     """The Dask scheduler cannot be reached or the local cluster cannot start."""
 

@@ -64,8 +64,8 @@ def self_influence(
     reads C numbers per example instead of C × features).
     """
     st = _open(store, storage_options)
-    if exact_norms and not st.has_exact_norms:
-        st.read_sq_norms(0, 0)  # raises the StoreError that says why and what to do
+    if exact_norms:
+        st.require_exact_norms()
     backend = resolve_backend(device).name
     data = graphs.self_influence_array(st, backend, exact_norms=exact_norms)
     coords = {"example": st.example_ids()}

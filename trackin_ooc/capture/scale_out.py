@@ -19,12 +19,6 @@ from .job import Block, CaptureJob
 TASKS_PER_THREAD = 2
 
 
-def _all_workers(client) -> dict:
-    from ..engine.resources import _takes_n
-
-    return {"n_workers": -1} if _takes_n(client) else {}
-
-
 def split_ranges(blocks: Sequence[Block], n_tasks: int) -> list[list[Block]]:
     """``blocks`` cut into at most ``n_tasks`` contiguous runs of near-equal length (pure)."""
     blocks = list(blocks)
@@ -53,7 +47,9 @@ def run_on_cluster(client, job: CaptureJob, path: str, blocks: Sequence[Block], 
     """Run ``blocks`` as Dask tasks on ``client``'s workers; return the blocks written."""
     from distributed import as_completed
 
-    threads = sum(w.get("nthreads", 1) for w in client.scheduler_info(**_all_workers(client))["workers"].values())
+    from ..cluster import worker_infos
+
+    threads = sum(w.get("nthreads", 1) for w in worker_infos(client))
     ranges = split_ranges(blocks, TASKS_PER_THREAD * max(1, threads))
     # The job (model, data) reaches the workers as the result of a task, not scattered data: if the worker
     # holding it dies, the scheduler recomputes it from the task instead of failing the capture.

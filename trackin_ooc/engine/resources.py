@@ -54,8 +54,9 @@ def detect(memory_limit=None, client=None) -> Resources:
     """Memory budget and threads per worker for planning, from ``client`` or the active scheduler."""
     client = client if client is not None else active_client()
     if client is not None:
-        workers = list(client.scheduler_info(n_workers=-1)["workers"].values()) if _takes_n(client) else \
-            list(client.scheduler_info()["workers"].values())
+        from ..cluster import worker_infos
+
+        workers = worker_infos(client)
         threads = max((w.get("nthreads", 1) for w in workers), default=1)
         if memory_limit is None:
             limits = [w.get("memory_limit") or 0 for w in workers]
@@ -65,12 +66,6 @@ def detect(memory_limit=None, client=None) -> Resources:
     if memory_limit is None:
         memory_limit = _local_default()
     return Resources(parse_memory(memory_limit), local_threads(), False)
-
-
-def _takes_n(client) -> bool:
-    import inspect
-
-    return "n_workers" in inspect.signature(client.scheduler_info).parameters
 
 
 def _local_default() -> int:

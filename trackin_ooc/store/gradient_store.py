@@ -241,13 +241,18 @@ class GradientStore:
         """Whether the capture stored exact squared gradient norms (for exact self-influence)."""
         return layout.GRAD_SQ_NORM in self._array_names()
 
-    def read_sq_norms(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Exact ‖g_c‖² of rows [start, stop) before projection: (checkpoint, rows) float32."""
+    def require_exact_norms(self) -> GradientStore:
+        """Raise :class:`StoreError` unless the capture stored exact gradient norms."""
         if not self.has_exact_norms:
             raise StoreError(
                 f"{self.path} holds no exact gradient norms (made by from_arrays or an older trackin-ooc); "
                 "use the projected self-influence (exact_norms=False) or re-capture it"
             )
+        return self
+
+    def read_sq_norms(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Exact ‖g_c‖² of rows [start, stop) before projection: (checkpoint, rows) float32."""
+        self.require_exact_norms()
         sel = (slice(None), slice(start, stop))
         return np.asarray(checked_read(self._array(layout.GRAD_SQ_NORM), layout.GRAD_SQ_NORM, sel, self.path),
                           dtype=np.float32)
@@ -435,8 +440,8 @@ def prepare_output(path, *, overwrite: bool, storage_options: StorageOptions = N
         backends.remove(path, storage_options)
 
 
-def store_kind(path: str | os.PathLike, *, storage_options: StorageOptions = None) -> str | None:
-    """"gradients", "influence", or None when ``path`` holds no trackin-ooc group (reads metadata only)."""
+def _meta(path, storage_options: StorageOptions = None) -> dict | None:
+    """The ``trackin_ooc`` attributes of the group at ``path`` (metadata only), None when there is none."""
     try:
         group = zarr.open_group(
             store=backends.zarr_store(path, storage_options=storage_options, read_only=True),
@@ -445,7 +450,20 @@ def store_kind(path: str | os.PathLike, *, storage_options: StorageOptions = Non
     except Exception:
         return None
     meta = dict(group.attrs).get(layout.ATTRS_KEY)
-    return None if not isinstance(meta, dict) else str(meta.get("kind", "gradients"))
+    return meta if isinstance(meta, dict) else None
+
+
+def store_kind(path: str | os.PathLike, *, storage_options: StorageOptions = None) -> str | None:
+    """"gradients", "influence", or None when ``path`` holds no trackin-ooc group (reads metadata only)."""
+    meta = _meta(path, storage_options)
+    return None if meta is None else str(meta.get("kind", "gradients"))
+
+
+def is_unfinished(path: str | os.PathLike, kind: str, *, storage_options: StorageOptions = None) -> bool:
+    """Whether ``path`` holds a ``kind`` output ("gradients" or "influence") that a killed or failed run
+    left incomplete: rerunning the same job resumes it."""
+    meta = _meta(path, storage_options)
+    return meta is not None and meta.get("kind", "gradients") == kind and not meta.get("complete", False)
 
 
 def open_store(
