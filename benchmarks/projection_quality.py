@@ -21,7 +21,7 @@ import torch
 from _common import mean_row_spearman, trained
 
 import trackin_ooc as to
-from trackin_ooc.capture.factored import describe_plan, plan_from_spec
+from trackin_ooc.capturing.projection.factored import describe_plan, plan_from_spec
 
 DIMS = "256,512,1024,2048,4096,8192,16384"
 

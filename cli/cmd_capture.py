@@ -95,7 +95,7 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, laye
 
     import trackin_ooc as to
     from trackin_ooc import loading, tables
-    from trackin_ooc.capture.resume import existing_store
+    from trackin_ooc.capturing.job.resume import existing_store
     from trackin_ooc.store import is_remote, is_unfinished
     from trackin_ooc.summary import human_bytes, store_info
 

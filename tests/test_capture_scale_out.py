@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 import trackin_ooc as to
 from trackin_ooc import testing as tt
-from trackin_ooc.capture.scale_out import split_ranges
+from trackin_ooc.capturing.job.scale_out import split_ranges
 
 from . import two_worker_client
 

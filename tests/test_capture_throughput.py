@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import trackin_ooc as to
-from trackin_ooc.capture import checkpoints as checkpoints_module
-from trackin_ooc.capture import projection as projection_module
-from trackin_ooc.capture.capture import resolve_device
-from trackin_ooc.capture.features import MEMORY_ENV, micro_batch_size
-from trackin_ooc.capture.per_example import PerExampleGradients
+from trackin_ooc.capturing.checkpoints import loading as checkpoints_module
+from trackin_ooc.capturing.job.device import resolve_device
+from trackin_ooc.capturing.per_example.vmap import PerExampleGradients
+from trackin_ooc.capturing.projection import dense as projection_module
+from trackin_ooc.capturing.projection.features import MEMORY_ENV, micro_batch_size
 
 
 def cap(trained, data, path, **kw):

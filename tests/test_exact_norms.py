@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import trackin_ooc as to
-from trackin_ooc.capture.norms import factored_sq_norms
+from trackin_ooc.capturing.per_example.norms import factored_sq_norms
 from trackin_ooc.demo import train_with_checkpoints
 from trackin_ooc.demo.text import TokenClassifier, token_data
 
@@ -53,7 +53,7 @@ def test_embedding_and_sequence_layers(tmp_path):
 
 def test_gram_chunks_agree_with_one_pass(monkeypatch):
     """Long sequences are done in batch chunks of Gram matrices; the chunking changes nothing."""
-    from trackin_ooc.capture import norms
+    from trackin_ooc.capturing.per_example import norms
 
     g = torch.Generator().manual_seed(1)
     a, d = torch.randn(9, 7, 5, generator=g), torch.randn(9, 7, 3, generator=g)

@@ -20,9 +20,15 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import trackin_ooc as to
-from trackin_ooc.capture.factored import FACTOR_ELEMENTS, factored_spec, plan_from_spec, project_gradients, split_dim
-from trackin_ooc.capture.hooks import FactoredFeatures
-from trackin_ooc.capture.per_example import PerExampleGradients
+from trackin_ooc.capturing.per_example.vmap import PerExampleGradients
+from trackin_ooc.capturing.projection.factored import (
+    FACTOR_ELEMENTS,
+    factored_spec,
+    plan_from_spec,
+    project_gradients,
+    split_dim,
+)
+from trackin_ooc.capturing.projection.hooks import FactoredFeatures
 from trackin_ooc.demo import digits_cnn, digits_mlp, train_with_checkpoints
 from trackin_ooc.demo.text import EMBED, VOCAB, TokenClassifier, token_data
 

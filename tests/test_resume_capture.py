@@ -107,7 +107,7 @@ def test_sigkilled_capture_resumes_to_the_uninterrupted_store(point, checkpoints
 
 def test_resume_computes_only_the_missing_blocks(mlp, digits, tmp_path, monkeypatch):
     """Blocks flagged written are not recomputed: count the examples the featurizer sees."""
-    from trackin_ooc.capture import job as job_module
+    from trackin_ooc.capturing.job import capture_job as job_module
 
     out = tmp_path / "s.zarr"
     full = to.capture(mlp.model, mlp.checkpoints, digits.train, tmp_path / "full.zarr", projection_dim=16,

@@ -5,7 +5,6 @@
 """
 
 from ._version import __version__
-from .capture import capture
 from .errors import (
     ArgumentError,
     CaptureError,
@@ -25,6 +24,17 @@ from .errors import (
 from .scores import influence, plan_for, self_influence, top_k
 from .spec import ProjectionSpec
 from .store import GradientStore, from_arrays, open_store
+
+
+def __getattr__(name: str):
+    # torch is imported only where capture runs: a Dask worker or CLI call that only scores never loads it.
+    if name == "capture":
+        from .capturing import capture
+
+        globals()["capture"] = capture
+        return capture
+    raise AttributeError(f"module 'trackin_ooc' has no attribute {name!r}")
+
 
 __all__ = [
     "__version__",

@@ -4,7 +4,7 @@ A spec is pure data (no torch): kind, dimension, seed and the selected parameter
 shapes. Its fingerprint is a hash of all of it; stores combine only when fingerprints agree.
 ``extra`` holds JSON-native kind-specific data, part of the fingerprint: a ``factored`` spec keeps
 its per-layer plan there (layer kinds, factor widths and the split of ``dim``, see
-``trackin_ooc.capture.factored``).
+``trackin_ooc.capturing.projection.factored``).
 """
 
 from __future__ import annotations

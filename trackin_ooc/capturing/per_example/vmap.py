@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from .losses import LossFn, as_tuple, cross_entropy
+
 log = logging.getLogger("trackin_ooc")
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-example cross-entropy, the default loss."""
-    return F.cross_entropy(outputs, targets, reduction="none")
-
-
-def as_tuple(inputs) -> tuple[torch.Tensor, ...]:
-    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
 class PerExampleGradients:

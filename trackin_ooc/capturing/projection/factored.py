@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import CaptureError
-from ..spec import ProjectionSpec
-from .projection import Projector, _BlockCache, projection_matrix
+from ...errors import CaptureError
+from ...spec import ProjectionSpec
+from .dense import Projector, _BlockCache, projection_matrix
 
 SPEC_KEY = "factored"
 FACTOR_KIND = "gaussian"

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
-from ..errors import CaptureError, EmptyDatasetError
+from ...errors import CaptureError, EmptyDatasetError
 
 
 def as_loader(data, batch_size: int) -> DataLoader:

@@ -6,7 +6,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from ..store import GradientStore
+from ...store import GradientStore
 
 
 class BlockWriter:

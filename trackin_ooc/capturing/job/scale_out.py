@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from ..progress import progress_bar
-from ..store.backends import StorageOptions
-from .job import Block, CaptureJob
+from ...progress import progress_bar
+from ...store.backends import StorageOptions
+from .capture_job import Block, CaptureJob
 
 # Tasks per worker thread: a few, so a slow or lost worker's share is small, but each task pays
 # one model and checkpoint load.
@@ -47,7 +47,7 @@ def run_on_cluster(client, job: CaptureJob, path: str, blocks: Sequence[Block], 
     """Run ``blocks`` as Dask tasks on ``client``'s workers; return the blocks written."""
     from distributed import as_completed
 
-    from ..cluster import worker_infos
+    from ...cluster import worker_infos
 
     threads = sum(w.get("nthreads", 1) for w in worker_infos(client))
     ranges = split_ranges(blocks, TASKS_PER_THREAD * max(1, threads))

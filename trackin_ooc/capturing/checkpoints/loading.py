@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import CaptureError, CheckpointError, CheckpointNotFoundError
+from ...errors import CaptureError, CheckpointError, CheckpointNotFoundError
 
 STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
 LR_KEYS = ("learning_rate", "lr")

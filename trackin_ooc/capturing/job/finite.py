@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import NonFiniteError
+from ...errors import NonFiniteError
 
 NONFINITE_POLICIES = ("raise", "flag")
 SHOWN = 8

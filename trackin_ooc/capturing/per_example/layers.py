@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..errors import CaptureError
+from ...errors import CaptureError
 
 
 def select_parameters(model: nn.Module, layers: Sequence[str] | str | None) -> list[str]:

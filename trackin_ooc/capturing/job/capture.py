@@ -10,33 +10,23 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..errors import CaptureError
-from ..progress import progress_bar
-from ..store import GradientStore, backends, prepare_output
-from ..store.backends import StorageOptions
-from ..store.layout import STORAGE_DTYPES, default_chunk_rows
-from ..store.lock import StoreLock
-from .checkpoints import load_checkpoints
+from ...errors import CaptureError
+from ...progress import progress_bar
+from ...store import GradientStore, backends, prepare_output
+from ...store.backends import StorageOptions
+from ...store.layout import STORAGE_DTYPES, default_chunk_rows
+from ...store.lock import StoreLock
+from ..checkpoints import load_checkpoints
+from ..per_example.layers import select_parameters
+from ..per_example.losses import LossFn
+from ..projection.dense import make_spec
+from ..projection.factored import factored_spec
+from .capture_job import CaptureJob, checkpoints_as_given, loader_settings, probe_labels
 from .data import as_loader, dataset_length
-from .factored import factored_spec
-from .job import CaptureJob, checkpoints_as_given, loader_settings, probe_labels
-from .layers import select_parameters
-from .per_example import LossFn
-from .projection import make_spec
+from .device import resolve_device
 from .resume import StoreSettings, check_resumable, existing_store
 
 log = logging.getLogger("trackin_ooc")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "gpu":
-        device = "cuda"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CaptureError("device 'cuda' was asked for but torch sees no CUDA device; use device='cpu'")
-    return dev
 
 
 def _loss_name(loss_fn) -> str:

@@ -17,10 +17,11 @@ import psutil
 import torch
 from torch import nn
 
-from ..spec import ProjectionSpec
-from .norms import dense_sq_norms
-from .per_example import LossFn, PerExampleGradients, as_tuple
-from .projection import Projector
+from ...spec import ProjectionSpec
+from ..per_example.losses import LossFn, as_tuple
+from ..per_example.norms import dense_sq_norms
+from ..per_example.vmap import PerExampleGradients
+from .dense import Projector
 
 # Bytes the per-example gradients of one micro-batch may take; default: a share of free memory.
 MEMORY_ENV = "TRACKIN_OOC_CAPTURE_MEMORY"

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..errors import CaptureError
-from ..spec import ProjectionSpec
+from ...errors import CaptureError
+from ...spec import ProjectionSpec
+from ..per_example.losses import LossFn, as_tuple, cross_entropy
+from ..per_example.norms import dense_sq_norms, factored_sq_norms
+from ..per_example.vmap import PerExampleGradients
 from .factored import FactorLayer, Factors, combine, dense_features, plan_from_spec, project_input, project_output
-from .norms import dense_sq_norms, factored_sq_norms
-from .per_example import LossFn, PerExampleGradients, as_tuple, cross_entropy
 
 log = logging.getLogger("trackin_ooc")
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CaptureError, StoreError, StoreExistsError
-from ..store import GradientStore, backends
-from ..store.backends import StorageOptions
-from ..store.gradient_store import store_kind
+from ...errors import CaptureError, StoreError, StoreExistsError
+from ...store import GradientStore, backends
+from ...store.backends import StorageOptions
+from ...store.gradient_store import store_kind
 
 
 @dataclass(frozen=True)

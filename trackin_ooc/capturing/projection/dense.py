@@ -1,4 +1,4 @@
-"""Random projections of per-example gradients, reproducible from the spec alone.
+"""Dense random projections of per-example gradients, reproducible from the spec alone.
 
 A dense projection matrix of D parameters × k dims is never held whole: it is generated in
 seeded row blocks (per parameter, per block of rows) on the CPU, so every run, process and
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..errors import CaptureError
-from ..spec import PROJECTION_KINDS, ProjectionSpec
+from ...errors import CaptureError
+from ...spec import PROJECTION_KINDS, ProjectionSpec
 
 # Elements of one generated block (16 MiB of float32): rows per block = BLOCK_ELEMENTS // dim.
 BLOCK_ELEMENTS = 1 << 22
@@ -140,10 +140,8 @@ class Projector:
     def __call__(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         first = next(iter(grads.values()))
         batch = first.shape[0]
-        if self.spec.kind == "factored":  # from exact gradients; capture itself uses the hooks
-            from .factored import project_gradients
-
-            return project_gradients(self.spec, grads, device=first.device, cache=self.cache)
+        if self.spec.kind == "factored":
+            raise CaptureError("a factored spec is projected by projection.factored.project_gradients (or the hooks)")
         if self.spec.kind == "exact":
             return torch.cat([grads[n].reshape(batch, -1) for n, _ in self.spec.layers], dim=1)
         out = torch.zeros((batch, self.spec.dim), dtype=torch.float32, device=first.device)

@@ -18,15 +18,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import CaptureError
-from ..spec import ProjectionSpec
-from ..store import GradientStore
-from ..store.backends import StorageOptions
-from .checkpoints import Checkpoint, drop_tied_duplicates, load_checkpoints
+from ...errors import CaptureError
+from ...spec import ProjectionSpec
+from ...store import GradientStore
+from ...store.backends import StorageOptions
+from ..checkpoints import Checkpoint, drop_tied_duplicates, load_checkpoints
+from ..per_example.losses import LossFn
+from ..projection.features import make_featurizer
 from .data import batches
-from .features import make_featurizer
+from .device import resolve_device
 from .finite import NONFINITE_POLICIES, check_finite
-from .per_example import LossFn
 from .writer import BlockWriter
 
 Block = tuple[int, int]
@@ -93,8 +94,6 @@ class CaptureJob:
         earlier try finished). ``loaded``: the checkpoints already loaded in this process (else they
         are loaded here, once, and checked against the hashes the store records).
         """
-        from .capture import resolve_device  # the orchestrator owns device resolution
-
         store = GradientStore(path, storage_options=storage_options)
         if skip_written:
             done = store.blocks_done()
