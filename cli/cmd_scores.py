@@ -9,6 +9,7 @@ import click
 from .settings import Settings, pass_settings, plural, rate
 
 OUT_HELP = "Output file: .csv, .parquet or .zarr (by extension)."
+OVERWRITE_HELP = "Replace an earlier output of this command (never an input store or another kind of output)."
 
 
 @click.command("self-influence")
@@ -16,7 +17,7 @@ OUT_HELP = "Output file: .csv, .parquet or .zarr (by extension)."
 @click.option("--out", required=True, metavar="FILE", help=OUT_HELP)
 @click.option("--exact-norms", is_flag=True,
               help="Exact gradient norms stored by the capture instead of the projected features' norms.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @pass_settings
 def self_influence(settings: Settings, store, out, exact_norms, overwrite):
     """Self-influence of every example of STORE (high: likely mislabelled or unusual).
@@ -28,7 +29,7 @@ def self_influence(settings: Settings, store, out, exact_norms, overwrite):
     from trackin_ooc import tables
     from trackin_ooc.summary import open_gradient_store
 
-    tables.check_output(out, overwrite=overwrite)
+    tables.check_output(out, overwrite=overwrite, inputs=[store])
     st = open_gradient_store(store).require_complete()
     t0 = time.perf_counter()
     with settings.client():
@@ -47,7 +48,7 @@ def self_influence(settings: Settings, store, out, exact_norms, overwrite):
 @click.option("--test", "test", required=True, metavar="STORE", help="The test examples' gradient store.")
 @click.option("--out", required=True, metavar="OUT.zarr", help="Where the (test, train) matrix goes (Zarr).")
 @click.option("--normalize", is_flag=True, help="Cosine similarity of gradients instead of dot products.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @pass_settings
 def influence(settings: Settings, train, test, out, normalize, overwrite):
     """The full (test, train) influence matrix, written block by block to a Zarr group.
@@ -59,8 +60,10 @@ def influence(settings: Settings, train, test, out, normalize, overwrite):
     from trackin_ooc.store import is_unfinished
     from trackin_ooc.summary import human_bytes, open_gradient_store, store_info
 
-    if overwrite or not is_unfinished(out, "influence"):  # an unfinished one is resumed by the library
-        tables.check_output(out, overwrite=overwrite, allowed=(".zarr",))
+    # An unfinished influence output is left for the library to resume (or to refuse if it was started
+    # by another job); anything else follows the output rule.
+    tables.check_output(out, overwrite=overwrite, allowed=(".zarr",), kind="influence", inputs=[train, test],
+                        resumable=True)
     te, tr = open_gradient_store(test).require_complete(), open_gradient_store(train).require_complete()
     t0 = time.perf_counter()
     try:
@@ -92,7 +95,7 @@ def influence(settings: Settings, train, test, out, normalize, overwrite):
               help="Proponents and opponents per test example.")
 @click.option("--out", required=True, metavar="FILE", help=OUT_HELP)
 @click.option("--normalize", is_flag=True, help="Cosine similarity of gradients instead of dot products.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @pass_settings
 def top_k(settings: Settings, train, test, k, out, normalize, overwrite):
     """Exact top-k proponents (highest scores) and opponents (lowest) of every test example.
@@ -104,7 +107,7 @@ def top_k(settings: Settings, train, test, k, out, normalize, overwrite):
     from trackin_ooc import tables
     from trackin_ooc.summary import open_gradient_store
 
-    tables.check_output(out, overwrite=overwrite)
+    tables.check_output(out, overwrite=overwrite, inputs=[train, test])
     te, tr = open_gradient_store(test).require_complete(), open_gradient_store(train).require_complete()
     t0 = time.perf_counter()
     with settings.client():

@@ -16,6 +16,7 @@ from .engine.execute import compute
 from .errors import ArgumentError, NonFiniteWarning
 from .store import GradientStore, open_store
 from .store.backends import StorageOptions
+from .store.guard import check_output_location
 from .store.influence_store import InfluenceStore, open_influence
 
 StoreLike = GradientStore | str | os.PathLike
@@ -96,8 +97,13 @@ def influence(
 
     Without ``out`` the result is lazy (nothing is computed until asked). With ``out`` every block is
     written to a Zarr group there, task by task, and the result is lazily opened from it; rerunning
-    the same call after an interruption writes only the blocks still missing.
+    the same call after an interruption (with or without ``overwrite``) writes only the blocks still
+    missing. ``out`` is checked first (``store.guard``): never an input store, inside one or around
+    one, and ``overwrite`` replaces only an earlier influence output.
     """
+    if out is not None:
+        check_output_location(out, (test, train), kind="influence", overwrite=overwrite, resumable=True,
+                              storage_options=storage_options)
     te, tr = _open(test, storage_options), _open(train, storage_options)
     check_compatible(te, tr)
     backend = resolve_backend(device).name
@@ -116,9 +122,11 @@ def influence(
             coords={"test": te.example_ids(), "train": tr.example_ids()},
             name="influence", attrs=attrs,
         )
-    target = None if overwrite else InfluenceStore.resumable(out, attrs, storage_options)
+    # An unfinished output of this very job (an interrupted run, or an interrupted overwrite) is
+    # resumed; anything else at ``out`` is replaced only with ``overwrite``.
+    target = InfluenceStore.resumable(out, attrs, storage_options)
     skip = None
-    if target is not None:  # an interrupted run of the same job: finish only the missing blocks
+    if target is not None:  # finish only the missing blocks
         rows, cols = target.chunks
         plan = dataclasses.replace(plan, test_rows=rows, train_rows=cols)
         skip = target.tasks_done()
@@ -127,7 +135,7 @@ def influence(
             out, test_ids=te.example_ids(), train_ids=tr.example_ids(),
             chunks=(plan.test_rows, plan.train_rows),
             n_tasks=(len(plan.test_blocks(te.n_examples)), len(plan.train_blocks(tr.n_examples))),
-            attrs=attrs, overwrite=overwrite, storage_options=storage_options,
+            attrs=attrs, overwrite=overwrite, storage_options=storage_options, inputs=(te, tr),
         )
     compute(graphs.influence_write_graph(te, tr, plan, normalize, backend, target, skip=skip),
             desc="influence", progress=progress, client=client)

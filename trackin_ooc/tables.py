@@ -1,24 +1,29 @@
 """Scores as tables: self-influence and top-k results → pandas / xarray → .csv, .parquet or .zarr.
 
 Tables carry example ids, scores, ranks (1 = strongest) and labels where the stores have them.
-Writers refuse an existing output unless ``overwrite=True``, and write local outputs to a
-temporary sibling first, so a failed write never leaves a half-written file under the real name.
+Writers follow the output rule of ``store.guard`` (never an input store, and ``overwrite=True``
+replaces only an earlier table: a .csv/.parquet file, or a .zarr table marked with ``trackin_ooc``
+attributes of kind "table"), and write local outputs to a hidden sibling first, so a failed or
+killed write never leaves a half-written table, nor no table, under the real name.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .errors import StoreExistsError, TrackinError
-from .store import GradientStore, open_store
+from ._version import __version__
+from .errors import TrackinError
+from .store import GradientStore, open_store, replace
 from .store.backends import check_writable, is_remote, normalize_path
+from .store.guard import check_output_location
+from .store.layout import ATTRS_KEY
 
 TABLE_FORMATS = (".csv", ".parquet", ".zarr")
 
@@ -50,28 +55,28 @@ def _require_pyarrow() -> None:
         ) from None
 
 
-def _exists(path: str | os.PathLike) -> bool:
-    if is_remote(path):
-        from .store.backends import exists
-
-        return exists(path)
-    return os.path.lexists(normalize_path(path))
-
-
 def check_output(
-    path: str | os.PathLike, *, overwrite: bool = False, allowed: tuple[str, ...] | None = TABLE_FORMATS
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    allowed: tuple[str, ...] | None = TABLE_FORMATS,
+    kind: str | None = None,
+    inputs: Sequence[Any] = (),
+    resumable: bool = False,
 ) -> str | None:
-    """Fail early, before any work: unknown format, or an existing output without ``overwrite``.
+    """Fail early, before any work: unknown format, unwritable location, or the output rule of
+    ``store.guard`` (an output on, in or around one of ``inputs``; an existing output without
+    ``overwrite``; with it, anything but an earlier output of the same ``kind``).
 
-    ``allowed=None`` accepts any name (a gradient store's folder, say) and returns None.
+    ``kind``: "table" by default; "gradients" when ``allowed=None`` (which accepts any name, as for a
+    gradient store's folder) and returns None. ``resumable``: an unfinished output of ``kind`` is left
+    for the writer to resume.
     """
     fmt = None if allowed is None else output_format(path, allowed)
     check_writable(path)
-    if not overwrite and _exists(path):
-        raise StoreExistsError(
-            f"output {normalize_path(path)} already exists; pass --overwrite (overwrite=True) "
-            "to replace it, or choose another path"
-        )
+    if kind is None:
+        kind = "gradients" if allowed is None else "table"
+    check_output_location(path, inputs, kind=kind, overwrite=overwrite, resumable=resumable)
     if not is_remote(path):
         parent = os.path.dirname(normalize_path(path))
         if os.path.exists(parent) and not os.path.isdir(parent):
@@ -162,7 +167,14 @@ def _write_local(obj: pd.DataFrame | xr.Dataset, fmt: str, target: str) -> None:
     elif fmt == ".parquet":
         _frame(obj).to_parquet(target, index=False, engine="pyarrow")
     else:
-        _dataset(obj).to_zarr(target, mode="w-", zarr_format=3, consolidated=True)
+        _marked(_dataset(obj)).to_zarr(target, mode="w-", zarr_format=3, consolidated=True)
+
+
+def _marked(ds: xr.Dataset) -> xr.Dataset:
+    """The dataset with ``trackin_ooc`` attributes of kind "table", so that a later overwrite knows it."""
+    ds = ds.copy()
+    ds.attrs[ATTRS_KEY] = {"kind": "table", "complete": True, "package_version": __version__}
+    return ds
 
 
 def _frame(obj) -> pd.DataFrame:
@@ -177,9 +189,16 @@ def _dataset(obj) -> xr.Dataset:
     return xr.Dataset.from_dataframe(obj)
 
 
-def write(obj: pd.DataFrame | xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) -> str:
-    """Write a table (.csv, .parquet) or dataset (.zarr) to ``path``; returns the normalized path."""
-    fmt = check_output(path, overwrite=overwrite)
+def write(
+    obj: pd.DataFrame | xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False, inputs: Sequence[Any] = ()
+) -> str:
+    """Write a table (.csv, .parquet) or dataset (.zarr) to ``path``; returns the normalized path.
+
+    ``inputs``: the stores the table was computed from (never replaced, see :func:`check_output`).
+    A local table is written under a hidden sibling name and then put in place of an earlier one
+    (``store.replace``): killed at any point, the earlier table or the new one is there.
+    """
+    fmt = check_output(path, overwrite=overwrite, inputs=inputs)
     if is_remote(path):
         if overwrite and _exists(path):
             from .store.backends import remove
@@ -188,41 +207,40 @@ def write(obj: pd.DataFrame | xr.Dataset, path: str | os.PathLike, *, overwrite:
         _write_local(obj, fmt, os.fspath(path))
         return normalize_path(path)
     final = normalize_path(path)
-    folder = os.path.dirname(final)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    tmp = replace.sibling(final, "tmp")
     try:
         _write_local(obj, fmt, tmp)
-        if os.path.lexists(final):
-            _remove_local(final)
-        os.replace(tmp, final)
+        replace.swap_into_place(tmp, final)
     finally:
-        if os.path.lexists(tmp):
-            _remove_local(tmp)
+        replace.remove(tmp)
     return final
 
 
-def _remove_local(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        os.remove(path)
+def _exists(path: str | os.PathLike) -> bool:
+    if is_remote(path):
+        from .store.backends import exists
+
+        return exists(path)
+    return os.path.lexists(normalize_path(path))
 
 
 def write_self_influence(si: xr.DataArray, path: str | os.PathLike, *, overwrite: bool = False) -> str:
     """``to.self_influence`` result → ``path`` (.csv/.parquet: rows sorted by rank; .zarr: a Dataset)."""
-    fmt = check_output(path, overwrite=overwrite)
+    inputs = [si.attrs.get("store")]
+    fmt = check_output(path, overwrite=overwrite, inputs=inputs)
     obj = self_influence_dataset(si) if fmt == ".zarr" else self_influence_frame(si)
-    return write(obj, path, overwrite=overwrite)
+    return write(obj, path, overwrite=overwrite, inputs=inputs)
 
 
 def write_top_k(
     result: xr.Dataset, path: str | os.PathLike, *, test=None, train=None, overwrite: bool = False
 ) -> str:
     """``to.top_k`` result → ``path``, with example ids and labels from the ``test``/``train`` stores."""
-    fmt = check_output(path, overwrite=overwrite)
+    inputs = [test, train, result.attrs.get("test_store"), result.attrs.get("train_store")]
+    fmt = check_output(path, overwrite=overwrite, inputs=inputs)
     ds = top_k_dataset(result, test, train)
-    return write(ds if fmt == ".zarr" else top_k_frame(ds), path, overwrite=overwrite)
+    return write(ds if fmt == ".zarr" else top_k_frame(ds), path, overwrite=overwrite, inputs=inputs)
 
 
 def read(path: str | os.PathLike) -> pd.DataFrame | xr.Dataset:

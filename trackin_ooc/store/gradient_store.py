@@ -14,9 +14,9 @@ import numpy as np
 import zarr
 
 from .._version import __version__
-from ..errors import IncompleteStoreError, StoreError, StoreExistsError
+from ..errors import IncompleteStoreError, StoreError
 from ..spec import ProjectionSpec
-from . import backends, layout
+from . import backends, guard, layout
 from .backends import StorageOptions
 from .integrity import BadChunk, checked_read, verify_group
 
@@ -428,42 +428,42 @@ def _short(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def prepare_output(path, *, overwrite: bool, storage_options: StorageOptions = None, what: str = "output"):
-    """Refuse an existing output unless ``overwrite``; with it, remove what is there. Refuse an unwritable one."""
+def prepare_output(
+    path,
+    *,
+    overwrite: bool,
+    storage_options: StorageOptions = None,
+    what: str = "output",
+    kind: str | None = None,
+    inputs: Sequence = (),
+):
+    """Apply the output rule (``guard.check_output_location``), then remove what ``overwrite`` replaces.
+
+    ``kind``: the kind of output about to be written ("gradients", "influence", ...; by default read
+    from ``what``, e.g. "gradient store"); only an earlier output of that kind, an empty folder, or
+    nothing is ever removed. Refuses an unwritable location.
+    """
     backends.check_writable(path)
-    if backends.exists(path, storage_options):
-        if not overwrite:
-            raise StoreExistsError(
-                f"{what} {backends.normalize_path(path)} already exists; pass overwrite=True "
-                "(--overwrite) to replace it, or choose another path"
-            )
+    if kind is None:
+        kind = {name: k for k, name in guard.KIND_NAMES.items()}.get(what, what)
+    existing = guard.check_output_location(path, inputs, kind=kind, overwrite=overwrite,
+                                           storage_options=storage_options)
+    if existing.exists:
         backends.remove(path, storage_options)
 
 
-def _meta(path, storage_options: StorageOptions = None) -> dict | None:
-    """The ``trackin_ooc`` attributes of the group at ``path`` (metadata only), None when there is none."""
-    try:
-        group = zarr.open_group(
-            store=backends.zarr_store(path, storage_options=storage_options, read_only=True),
-            mode="r", use_consolidated=False,
-        )
-    except Exception:
-        return None
-    meta = dict(group.attrs).get(layout.ATTRS_KEY)
-    return meta if isinstance(meta, dict) else None
-
-
 def store_kind(path: str | os.PathLike, *, storage_options: StorageOptions = None) -> str | None:
-    """"gradients", "influence", or None when ``path`` holds no trackin-ooc group (reads metadata only)."""
-    meta = _meta(path, storage_options)
-    return None if meta is None else str(meta.get("kind", "gradients"))
+    """The kind of trackin-ooc output at ``path`` ("gradients", "influence", "table", "index"), or None
+    when it holds no trackin-ooc group (reads metadata only)."""
+    meta = guard.output_meta(path, storage_options)
+    return None if meta is None else guard.meta_kind(meta)
 
 
 def is_unfinished(path: str | os.PathLike, kind: str, *, storage_options: StorageOptions = None) -> bool:
     """Whether ``path`` holds a ``kind`` output ("gradients" or "influence") that a killed or failed run
     left incomplete: rerunning the same job resumes it."""
-    meta = _meta(path, storage_options)
-    return meta is not None and meta.get("kind", "gradients") == kind and not meta.get("complete", False)
+    meta = guard.output_meta(path, storage_options)
+    return meta is not None and guard.meta_kind(meta) == kind and not meta.get("complete", False)
 
 
 def open_store(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -11,9 +12,9 @@ import zarr
 
 from .._version import __version__
 from ..errors import IncompleteStoreError, StoreError
-from . import backends, layout
+from . import backends, guard, layout, replace
 from .backends import StorageOptions
-from .gradient_store import _consolidate, prepare_output
+from .gradient_store import _consolidate
 
 INFLUENCE = "influence"
 TEST, TRAIN = "test", "train"
@@ -44,29 +45,29 @@ class InfluenceStore:
         attrs: dict[str, Any],
         overwrite: bool = False,
         storage_options: StorageOptions = None,
+        inputs: Sequence = (),
     ) -> InfluenceStore:
-        prepare_output(path, overwrite=overwrite, storage_options=storage_options, what="influence output")
-        group = zarr.open_group(store=backends.zarr_store(path, storage_options=storage_options), mode="w",
-                                zarr_format=3)
-        codecs = layout.checksum_codecs()
-        n_test, n_train = len(test_ids), len(train_ids)
-        group.create_array(INFLUENCE, shape=(n_test, n_train), chunks=chunks, dtype="float32",
-                           compressors=codecs, dimension_names=[TEST, TRAIN], fill_value=np.nan)
-        for name, ids in ((TEST, test_ids), (TRAIN, train_ids)):
-            arr = group.create_array(name, shape=(len(ids),), chunks=(max(1, len(ids)),), dtype="int64",
-                                     compressors=codecs, dimension_names=[name])
-            arr[:] = ids
-        group.create_array(TASK_COMPLETE, shape=n_tasks, chunks=(1, 1), dtype="uint8",
-                           compressors=codecs, dimension_names=["test_block", "train_block"], fill_value=0)
-        group.attrs[layout.ATTRS_KEY] = {
-            "kind": "influence",
-            "format_version": layout.FORMAT_VERSION,
-            "package_version": __version__,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "complete": False,
-            **attrs,
-        }
-        return cls(path, storage_options=storage_options, group=group)
+        """Lay out an empty, unfinished output at ``path`` (the output rule checked against ``inputs``).
+
+        With ``overwrite``, an earlier local influence output is replaced by exchanging it with the new
+        layout in one rename, so a kill at any point leaves the old output or the new, resumable one.
+        """
+        backends.check_writable(path)
+        existing = guard.check_output_location(path, inputs, kind="influence", overwrite=overwrite,
+                                               storage_options=storage_options)
+        layout_args = dict(test_ids=test_ids, train_ids=train_ids, chunks=chunks, n_tasks=n_tasks, attrs=attrs)
+        if existing.exists and not backends.is_remote(path):
+            final = backends.normalize_path(path)
+            staging = replace.sibling(final, "replacing")
+            try:
+                _lay_out(staging, None, **layout_args)
+                replace.swap_into_place(staging, final)
+            finally:
+                replace.remove(staging)
+            return cls(path, storage_options=storage_options)
+        if existing.exists:  # object stores cannot swap: the earlier output goes first
+            backends.remove(path, storage_options)
+        return cls(path, storage_options=storage_options, group=_lay_out(path, storage_options, **layout_args))
 
     @classmethod
     def resumable(cls, path, attrs: dict[str, Any], storage_options: StorageOptions = None):
@@ -112,6 +113,31 @@ class InfluenceStore:
         meta = dict(self._group.attrs[layout.ATTRS_KEY], complete=True)
         self._group.attrs[layout.ATTRS_KEY] = meta
         _consolidate(self._group)
+
+
+def _lay_out(path, storage_options: StorageOptions, *, test_ids, train_ids, chunks, n_tasks, attrs) -> zarr.Group:
+    """The empty output's arrays and attributes (``complete`` false until every task is flagged)."""
+    group = zarr.open_group(store=backends.zarr_store(path, storage_options=storage_options), mode="w",
+                            zarr_format=3)
+    codecs = layout.checksum_codecs()
+    n_test, n_train = len(test_ids), len(train_ids)
+    group.create_array(INFLUENCE, shape=(n_test, n_train), chunks=chunks, dtype="float32",
+                       compressors=codecs, dimension_names=[TEST, TRAIN], fill_value=np.nan)
+    for name, ids in ((TEST, test_ids), (TRAIN, train_ids)):
+        arr = group.create_array(name, shape=(len(ids),), chunks=(max(1, len(ids)),), dtype="int64",
+                                 compressors=codecs, dimension_names=[name])
+        arr[:] = ids
+    group.create_array(TASK_COMPLETE, shape=n_tasks, chunks=(1, 1), dtype="uint8",
+                       compressors=codecs, dimension_names=["test_block", "train_block"], fill_value=0)
+    group.attrs[layout.ATTRS_KEY] = {
+        "kind": "influence",
+        "format_version": layout.FORMAT_VERSION,
+        "package_version": __version__,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "complete": False,
+        **attrs,
+    }
+    return group
 
 
 def open_influence(path, *, storage_options: StorageOptions = None):

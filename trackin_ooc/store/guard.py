@@ -1,0 +1,220 @@
+"""The one rule every writer checks before any work: an output never lands on, in or around an input,
+and ``overwrite`` replaces only an earlier output of the kind that writer makes.
+
+``--overwrite`` means "replace my earlier output", never "delete my data": a gradient store that took
+hours to capture is not replaced by a table, an influence matrix or an index, nor is a folder that no
+trackin-ooc writer made. The rule (docs/reliability.md, "Outputs never replace inputs"):
+
+1. An output location equal to an input location, inside one, or containing one is refused, with or
+   without ``overwrite``. Local paths are compared after ``os.path.realpath`` (symlinks and ``..``
+   resolved); fsspec URLs after normalisation (protocol, ``..`` and trailing slashes).
+2. Without ``overwrite`` an existing output is refused (``StoreExistsError``), except an unfinished
+   output of the writer's own kind where the writer resumes (``resumable=True``).
+3. With ``overwrite`` the existing thing is replaced only if it is an earlier output of the same kind
+   (its ``trackin_ooc`` attributes say so), an empty folder, or, for kinds written as plain files
+   (tables: ``.csv``/``.parquet``), a plain file with such a name. Anything else is refused with a
+   one-line message saying how to remove it deliberately.
+
+Kinds: "gradients" (capture, from_arrays), "influence" (``influence(out=)``), "table" (self-influence
+and top-k tables, ``.zarr`` ones carry ``trackin_ooc`` attributes with kind "table"), "index"
+(``build_index(path=)``); any other name works the same way. Reads metadata only.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import StoreError, StoreExistsError
+from . import backends, layout
+from .backends import StorageOptions
+
+# What each kind is called in messages; a kind not listed is called "<kind> output".
+KIND_NAMES = {
+    "gradients": "gradient store",
+    "influence": "influence output",
+    "table": "table",
+    "index": "index",
+}
+# Kinds that may also be plain files with these extensions (which carry no trackin-ooc attributes).
+FILE_KINDS = {"table": (".csv", ".parquet")}
+
+
+class OutputOverlapsInputError(StoreError, ValueError):
+    """The output location is an input's location, lies inside one, or contains one."""
+
+
+class OutputKindError(StoreExistsError):
+    """The output location holds something that this writer's ``overwrite`` must not replace."""
+
+
+def kind_name(kind: str | None) -> str:
+    return KIND_NAMES.get(kind or "", f"{kind} output")
+
+
+# ---- locations ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Location:
+    """A canonical place: ("file", realpath) for local paths, (protocol, normalised path) for URLs."""
+
+    scheme: str
+    path: str
+    shown: str  # the path as the user would recognise it (absolute, links not resolved)
+
+    def within(self, other: Location) -> bool:
+        """Whether this location is ``other`` or lies inside it."""
+        if self.scheme != other.scheme:
+            return False
+        root = other.path.rstrip("/") or "/"
+        return self.path == root or self.path.startswith(root if root.endswith("/") else root + "/")
+
+
+def location(path: str | os.PathLike | Any) -> Location:
+    """The canonical :class:`Location` of a path, URL or anything with a ``.path`` (a store)."""
+    raw = getattr(path, "path", path)
+    if backends.is_remote(raw):
+        url = os.fspath(raw)
+        protocol, _, rest = url.partition("://")
+        rest = posixpath.normpath("/" + rest.lstrip("/")).lstrip("/")
+        return Location(protocol.lower(), rest, backends.normalize_path(url))
+    shown = backends.normalize_path(raw)
+    return Location("file", os.path.realpath(shown), shown)
+
+
+def _inputs(inputs: Iterable[Any]) -> list[Location]:
+    return [location(p) for p in inputs if p is not None]
+
+
+def check_not_an_input(out: str | os.PathLike, inputs: Iterable[Any], *, what: str = "input store") -> None:
+    """Refuse an output that is an input, lies inside one or contains one (``OutputOverlapsInputError``)."""
+    o = location(out)
+    for i in _inputs(inputs):
+        if o.within(i):
+            relation = "is the" if i.within(o) else "is inside the"
+        elif i.within(o):
+            relation = "contains the"
+        else:
+            continue
+        resolved = ""
+        if o.scheme == "file" and (o.shown, i.shown) != (o.path, i.path):
+            resolved = f" (both resolve to {o.path})" if o.path == i.path else f" (resolved: {o.path}, {i.path})"
+        raise OutputOverlapsInputError(
+            f"output {o.shown} {relation} {what} {i.shown}{resolved}; write the output somewhere else "
+            "(overwrite never replaces an input)"
+        )
+
+
+# ---- what is there -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Existing:
+    """What a location holds: a trackin-ooc output (``kind`` set), a plain file, a folder, or nothing."""
+
+    exists: bool
+    is_dir: bool = False
+    empty: bool = False
+    kind: str | None = None  # from the group's trackin_ooc attributes; None: not a trackin-ooc output
+    complete: bool = False
+
+    def describe(self) -> str:
+        if self.kind is not None:
+            return f"a{'' if self.complete else 'n unfinished'} trackin-ooc {kind_name(self.kind)}"
+        return f"a {'folder' if self.is_dir else 'file'} that no trackin-ooc writer made"
+
+
+def output_meta(path: str | os.PathLike, storage_options: StorageOptions = None) -> dict | None:
+    """The ``trackin_ooc`` attributes of the Zarr group at ``path``, None when there is none."""
+    import zarr
+
+    try:
+        group = zarr.open_group(
+            store=backends.zarr_store(path, storage_options=storage_options, read_only=True),
+            mode="r", use_consolidated=False,
+        )
+        meta = dict(group.attrs).get(layout.ATTRS_KEY)
+    except Exception:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def meta_kind(meta: dict) -> str:
+    """The kind a ``trackin_ooc`` attribute dict declares (gradient stores predate the ``kind`` key)."""
+    return str(meta.get("kind", "gradients"))
+
+
+def inspect(path: str | os.PathLike, storage_options: StorageOptions = None) -> Existing:
+    """What ``path`` holds now (metadata and a folder listing only)."""
+    if backends.is_remote(path):
+        fs, p = backends.filesystem(path, storage_options)
+        if not fs.exists(p):
+            return Existing(False)
+        is_dir = fs.isdir(p)
+        empty = is_dir and not fs.ls(p, detail=False)
+    else:
+        p = backends.normalize_path(path)
+        if not os.path.lexists(p):
+            return Existing(False)
+        is_dir = os.path.isdir(p)
+        empty = is_dir and not os.listdir(p)
+    meta = output_meta(path, storage_options) if is_dir and not empty else None
+    if meta is None:
+        return Existing(True, is_dir=is_dir, empty=empty)
+    return Existing(True, is_dir=is_dir, kind=meta_kind(meta), complete=bool(meta.get("complete", False)))
+
+
+def replaceable(existing: Existing, kind: str, path: str | os.PathLike) -> bool:
+    """Whether ``overwrite`` may replace ``existing`` with a ``kind`` output at ``path``."""
+    if not existing.exists or existing.empty or existing.kind == kind:
+        return True
+    extensions = FILE_KINDS.get(kind, ())
+    plain_file = existing.kind is None and not existing.is_dir
+    return plain_file and bool(extensions) and os.fspath(path).lower().endswith(extensions)
+
+
+def _remove_hint(path: str | os.PathLike, existing: Existing) -> str:
+    shown = backends.normalize_path(path)
+    if backends.is_remote(path):
+        return f"delete {shown} with your storage's own tools"
+    return f"rm -r {shown}" if existing.is_dir else f"rm {shown}"
+
+
+# ---- the rule ----------------------------------------------------------------------------------
+def check_output_location(
+    out: str | os.PathLike,
+    inputs: Iterable[Any] = (),
+    *,
+    kind: str,
+    overwrite: bool,
+    resumable: bool = False,
+    input_what: str = "input store",
+    storage_options: StorageOptions = None,
+) -> Existing:
+    """Apply the rule to the output ``out`` of a ``kind`` writer reading ``inputs``; return what is there.
+
+    ``inputs``: paths, URLs or stores (anything with ``.path``); None entries are skipped.
+    ``resumable``: the writer resumes an unfinished output of its own kind, so one is not "existing".
+    Raises :class:`OutputOverlapsInputError`, :class:`OutputKindError` or ``StoreExistsError``.
+    """
+    check_not_an_input(out, inputs, what=input_what)
+    existing = inspect(out, storage_options)
+    if not existing.exists:
+        return existing
+    shown = backends.normalize_path(out)
+    ok = replaceable(existing, kind, out)
+    if not overwrite:
+        if resumable and existing.kind == kind and not existing.complete:
+            return existing
+        if ok:
+            raise StoreExistsError(
+                f"{kind_name(kind)} {shown} already exists; pass --overwrite (overwrite=True) to replace it, "
+                "or choose another path"
+            )
+    if not ok:
+        raise OutputKindError(
+            f"{shown} already exists and is {existing.describe()}; overwrite replaces only an earlier "
+            f"{kind_name(kind)}: remove it deliberately first ({_remove_hint(out, existing)}) or choose "
+            "another path"
+        )
+    return existing
