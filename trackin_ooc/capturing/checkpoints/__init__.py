@@ -1,5 +1,12 @@
-"""Checkpoints as training runs write them: load safely, check they fit the model, find learning rates."""
+"""Checkpoints as training runs write them: read safely in any common format (formats), fitted to the model
+(fitting), hashed (hashing), with their learning rates (learning_rates); loading puts these together."""
 
-from .loading import Checkpoint, check_fits, drop_tied_duplicates, load_checkpoints
+from .fitting import check_fits, drop_tied_duplicates, fit_state_dict
+from .formats import expand_checkpoints
+from .hashing import state_dict_sha256
+from .loading import Checkpoint, load_checkpoints
 
-__all__ = ["Checkpoint", "check_fits", "drop_tied_duplicates", "load_checkpoints"]
+__all__ = [
+    "Checkpoint", "check_fits", "drop_tied_duplicates", "expand_checkpoints", "fit_state_dict", "load_checkpoints",
+    "state_dict_sha256",
+]
