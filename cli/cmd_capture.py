@@ -99,10 +99,11 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, laye
     from trackin_ooc.store import is_remote, is_unfinished
     from trackin_ooc.summary import human_bytes, store_info
 
-    if overwrite:
-        tables.check_output(out, overwrite=True, allowed=None)
-    else:
-        existing_store(out)  # refuses a complete store or anything else; an incomplete one is resumed
+    # The output rule (kind "gradients": --overwrite replaces only an earlier gradient store), then
+    # without --overwrite a complete store is refused and an incomplete one resumed.
+    tables.check_output(out, overwrite=overwrite, allowed=None, resumable=True)
+    if not overwrite:
+        existing_store(out)
     model = loading.load_model(model_ref)
     data = loading.load_dataset(data_ref)
     loss_fn = loading.load_loss(loss_ref) if loss_ref else None

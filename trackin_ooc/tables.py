@@ -10,6 +10,7 @@ killed write never leaves a half-written table, nor no table, under the real nam
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,9 @@ def _write_local(obj: pd.DataFrame | xr.Dataset, fmt: str, target: str) -> None:
     elif fmt == ".parquet":
         _frame(obj).to_parquet(target, index=False, engine="pyarrow")
     else:
-        _marked(_dataset(obj)).to_zarr(target, mode="w-", zarr_format=3, consolidated=True)
+        with warnings.catch_warnings():  # zarr warns that consolidated metadata is not in the v3 spec
+            warnings.simplefilter("ignore", category=UserWarning)
+            _marked(_dataset(obj)).to_zarr(target, mode="w-", zarr_format=3, consolidated=True)
 
 
 def _marked(ds: xr.Dataset) -> xr.Dataset:

@@ -85,14 +85,24 @@ def location(path: str | os.PathLike | Any) -> Location:
 
 
 def _inputs(inputs: Iterable[Any]) -> list[Location]:
-    return [location(p) for p in inputs if p is not None]
+    """Locations of the inputs that have one (paths, URLs, stores); in-memory inputs are skipped."""
+    located = (getattr(p, "path", p) for p in inputs)
+    return [location(p) for p in located if isinstance(p, (str, os.PathLike))]
 
 
-def check_not_an_input(out: str | os.PathLike, inputs: Iterable[Any], *, what: str = "input store") -> None:
-    """Refuse an output that is an input, lies inside one or contains one (``OutputOverlapsInputError``)."""
+def check_not_an_input(
+    out: str | os.PathLike, inputs: Iterable[Any], *, what: str = "input store", inside_ok: bool = False
+) -> None:
+    """Refuse an output that is an input, lies inside one or contains one (``OutputOverlapsInputError``).
+
+    ``inside_ok``: an output inside an input folder is fine (a store written into a run folder of
+    checkpoints); it still never is nor contains one.
+    """
     o = location(out)
     for i in _inputs(inputs):
         if o.within(i):
+            if inside_ok and not i.within(o):
+                continue
             relation = "is the" if i.within(o) else "is inside the"
         elif i.within(o):
             relation = "contains the"
@@ -189,15 +199,18 @@ def check_output_location(
     overwrite: bool,
     resumable: bool = False,
     input_what: str = "input store",
+    inside_inputs_ok: bool = False,
     storage_options: StorageOptions = None,
 ) -> Existing:
     """Apply the rule to the output ``out`` of a ``kind`` writer reading ``inputs``; return what is there.
 
-    ``inputs``: paths, URLs or stores (anything with ``.path``); None entries are skipped.
+    ``inputs``: paths, URLs or stores (anything with ``.path``); other entries (None, in-memory
+    checkpoints) are skipped. ``input_what`` names them in messages ("input store", "checkpoint").
     ``resumable``: the writer resumes an unfinished output of its own kind, so one is not "existing".
+    ``inside_inputs_ok``: see :func:`check_not_an_input`.
     Raises :class:`OutputOverlapsInputError`, :class:`OutputKindError` or ``StoreExistsError``.
     """
-    check_not_an_input(out, inputs, what=input_what)
+    check_not_an_input(out, inputs, what=input_what, inside_ok=inside_inputs_ok)
     existing = inspect(out, storage_options)
     if not existing.exists:
         return existing
@@ -207,9 +220,10 @@ def check_output_location(
         if resumable and existing.kind == kind and not existing.complete:
             return existing
         if ok:
+            state = " and is complete" if existing.kind == kind and existing.complete else ""
             raise StoreExistsError(
-                f"{kind_name(kind)} {shown} already exists; pass --overwrite (overwrite=True) to replace it, "
-                "or choose another path"
+                f"{kind_name(kind)} {shown} already exists{state}; pass overwrite=True (--overwrite) to replace "
+                "it, or choose another path"
             )
     if not ok:
         raise OutputKindError(

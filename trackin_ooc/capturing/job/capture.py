@@ -14,6 +14,7 @@ from ...errors import CaptureError
 from ...progress import progress_bar
 from ...store import GradientStore, backends, prepare_output
 from ...store.backends import StorageOptions
+from ...store.guard import check_output_location
 from ...store.layout import STORAGE_DTYPES, default_chunk_rows
 from ...store.lock import StoreLock
 from ..checkpoints import load_checkpoints
@@ -27,6 +28,9 @@ from .device import resolve_device
 from .resume import StoreSettings, check_resumable, existing_store
 
 log = logging.getLogger("trackin_ooc")
+
+# What ``projection=`` may name ("factors": exact scores from per-layer factors, projection_dim=None).
+CAPTURE_PROJECTIONS = ("gaussian", "rademacher", "factored", "factors")
 
 
 def _loss_name(loss_fn) -> str:
@@ -79,8 +83,14 @@ def capture(
     """
     if dtype not in STORAGE_DTYPES:
         raise CaptureError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+    if projection not in CAPTURE_PROJECTIONS:  # also without projection_dim: a typo never means exact
+        raise CaptureError(f"unknown projection {projection!r}; use one of {', '.join(CAPTURE_PROJECTIONS)} "
+                           "(projection_dim=None with the default 'gaussian' keeps gradients exact)")
     dev = resolve_device(device) if client is None else None
     backends.check_writable(path)
+    # Never on or around a checkpoint; overwrite replaces only an earlier gradient store.
+    check_output_location(path, checkpoints, kind="gradients", overwrite=overwrite, resumable=True,
+                          input_what="checkpoint", inside_inputs_ok=True, storage_options=storage_options)
     if not overwrite:  # refuse early; with overwrite the old store is removed only once inputs check out
         existing_store(path, storage_options)
     ckpts = load_checkpoints(model, checkpoints, learning_rates)
