@@ -44,9 +44,12 @@ def _layers(value: str | None) -> list[str] | None:
 @click.option("--data", "data_ref", required=True, metavar="MOD:FN", callback=_ref,
               help="Zero-argument callable returning the dataset (a torch Dataset, or a non-shuffling DataLoader).")
 @click.option("--checkpoint", "checkpoints", required=True, multiple=True, metavar="PATH",
-              help="A checkpoint file (state dict, optionally with its learning rate); repeat in training order.")
+              help="A checkpoint: a torch file (state dict, optionally with its learning rate or optimizer state), "
+                   "a .safetensors file, a Hugging Face Trainer checkpoint-N folder, or a run folder of them "
+                   "(all its checkpoint-N folders, in step order); repeat in training order.")
 @click.option("--lr", "lrs", multiple=True, type=float, metavar="X",
-              help="Learning rate of each checkpoint, one --lr per --checkpoint (default: read from the checkpoints).")
+              help="Learning rate of each checkpoint, one --lr per checkpoint (a run folder counts as its "
+                   "checkpoint-N folders; default: read from the checkpoints).")
 @click.option("--out", required=True, metavar="STORE",
               help="Where the gradient store goes (a folder, e.g. train.zarr).")
 @click.option("--layers", metavar="A,B", help="Comma-separated module or parameter names (default: all trainable).")
@@ -84,7 +87,8 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, laye
           --checkpoint ckpt/epoch_005.pt --checkpoint ckpt/epoch_010.pt \\
           --projection-dim 512 --out train.zarr
     """
-    if lrs and len(lrs) != len(checkpoints):
+    # A run folder expands to several checkpoints: the library counts --lr against that expansion.
+    if lrs and len(lrs) != len(checkpoints) and not any(os.path.isdir(c) for c in checkpoints):
         raise click.BadParameter(
             f"{len(lrs)} --lr for {len(checkpoints)} --checkpoint; give one --lr per checkpoint or none",
             param_hint="'--lr'",
