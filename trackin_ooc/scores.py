@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import xarray as xr
 
-from .engine import graphs, planning, resources
+from .engine import factor_kernels, graphs, planning, resources
 from .engine.backend import resolve_backend
 from .engine.compat import check_compatible
 from .engine.execute import compute
@@ -41,8 +41,9 @@ def plan_for(
 
     return planning.plan_blocks(
         n_test=test.n_examples, n_train=train.n_examples, n_checkpoints=train.n_checkpoints,
-        feature_dim=train.feature_dim, itemsize=itemsize(train.dtype), memory_limit=res.memory_limit,
-        threads=res.threads, k=k, train_align=train.chunk_rows, test_align=test.chunk_rows,
+        feature_dim=max(test.row_width, train.row_width), itemsize=itemsize(train.dtype),
+        memory_limit=res.memory_limit, threads=res.threads, k=k, train_align=train.chunk_rows,
+        test_align=test.chunk_rows, scratch=factor_kernels.scratch() if train.has_factors else planning.NO_SCRATCH,
     )
 
 

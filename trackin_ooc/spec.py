@@ -4,7 +4,8 @@ A spec is pure data (no torch): kind, dimension, seed and the selected parameter
 shapes. Its fingerprint is a hash of all of it; stores combine only when fingerprints agree.
 ``extra`` holds JSON-native kind-specific data, part of the fingerprint: a ``factored`` spec keeps
 its per-layer plan there (layer kinds, factor widths and the split of ``dim``, see
-``trackin_ooc.capturing.projection.factored``).
+``trackin_ooc.capturing.projection.factored``); a ``factors`` spec (exact gradients, some layers
+stored as per-layer factors) keeps each layer's choice there (``...projection.factors``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-KINDS = ("exact", "gaussian", "rademacher", "factored", "external")
+KINDS = ("exact", "gaussian", "rademacher", "factored", "external", "factors")
 PROJECTION_KINDS = ("gaussian", "rademacher", "factored")
 # Rows of a dense projection matrix generated per seeded block: part of the spec's identity,
 # because changing it changes the random numbers.
@@ -72,6 +73,11 @@ class ProjectionSpec:
             return f"exact gradients ({self.dim} parameters)"
         if self.kind == "external":
             return f"external features ({self.dim} dims)"
+        if self.kind == "factors":
+            plan = dict(self.extra).get("factors") or {}
+            n_layers = sum(1 for x in plan.get("layers", []) if x.get("store") == "factors")
+            return (f"exact gradients ({self.dim} parameters; {n_layers} layer{'' if n_layers == 1 else 's'} "
+                    "stored as factors)")
         what = f"{self.kind} projection to {self.dim} dims (seed {self.seed}, {self.n_parameters} parameters"
         if self.kind == "factored":
             plan = dict(self.extra).get("factored") or {}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 from .errors import StoreError
 from .store import GradientStore, open_store, store_kind
 from .store.backends import StorageOptions, normalize_path, size_on_disk
+from .store.layout import FACTOR_POSITIONS_ATTR
 
 
 def human_bytes(n: float) -> str:
@@ -68,7 +70,31 @@ def store_info(store: GradientStore | str | os.PathLike, *, storage_options: Sto
         "nonfinite_examples": [int(i) for i in st.nonfinite_examples()],
         "exact_norms": st.has_exact_norms,
     }
+    if spec.kind == "factors":
+        info["factors"] = factor_choices(st)
     return info
+
+
+def factor_choices(st: GradientStore) -> dict[str, Any]:
+    """Per layer of a ``projection="factors"`` store: stored as factors or flat, and what each would cost
+    per example and checkpoint (values; the factors' scoring cost per pair is positions² × width)."""
+    plan = dict(st.spec.extra).get("factors") or {}
+    positions = st.attrs.get(FACTOR_POSITIONS_ATTR) or {}
+    arrays = {f.module: f for f in st.factor_arrays}
+    shapes = dict(st.spec.layers)
+    layers = []
+    for x in plan.get("layers", []):
+        kind, module, d_in, d_out = x["kind"], x["module"], int(x["d_in"]), int(x["d_out"])
+        t = arrays[module].positions if module in arrays else int(positions.get(module, 0))
+        side = 1 + d_out if kind == "embedding" else d_in + d_out
+        layers.append({
+            "module": module, "kind": kind, "params": list(x["params"]), "d_in": d_in, "d_out": d_out,
+            "positions": t, "store": x["store"], "flat_values": d_in * d_out, "factor_values": t * side,
+            "array": arrays[module].name if module in arrays else None,
+        })
+    flat = list(plan.get("flat", []))
+    return {"layers": layers, "flat_parameters": flat,
+            "flat_values": int(sum(math.prod(shapes[n]) for n in flat)), "row_width": st.row_width}
 
 
 def open_gradient_store(path: GradientStore | str | os.PathLike, *, storage_options: StorageOptions = None
@@ -145,7 +171,8 @@ def format_info(info: dict[str, Any]) -> str:
         layer_text = f"\n  layers          {names}"
     lines += [
         f"  projection      {proj['description']}{layer_text}",
-        f"  features        {info['feature_dim']:,} per example and checkpoint",
+        f"  features        {info['feature_dim']:,} per example and checkpoint"
+        f"{' (the flat part; factors below)' if info.get('factors') else ''}",
         f"  dtype           {info['dtype']} (chunks of {info['chunk_rows']:,} rows)",
         f"  loss            {info['loss'] or 'unknown'}",
         f"  labels          {labels}",
@@ -154,9 +181,33 @@ def format_info(info: dict[str, Any]) -> str:
         f"(gradients {human_bytes(info['gradient_bytes'])} uncompressed)",
         f"  fingerprint     {info['fingerprint'][:16]}",
     ]
+    if info.get("factors"):
+        lines += _factor_lines(info["factors"])
     bad = info.get("nonfinite_examples") or []
     if bad:
         shown = ", ".join(str(i) for i in bad[:8]) + (" ..." if len(bad) > 8 else "")
         lines.append(f"  non-finite      {len(bad):,} example(s) stored as zeros (ids {shown})")
     lines.append(f"  state           {state}")
     return "\n".join(lines)
+
+
+def _factor_lines(factors: dict[str, Any]) -> list[str]:
+    """``info``'s per-layer table of a factor store: each layer's choice and both costs."""
+    lines = [f"  per layer       {factors['row_width']:,} values stored per example and checkpoint "
+             "(factors where cheaper than the flat gradient)"]
+    width = max([len(x["module"]) for x in factors["layers"]] + [6])
+    for x in factors["layers"]:
+        t = x["positions"]
+        if x["store"] == "factors":
+            what = f"factors  {x['factor_values']:,} values (flat would be {x['flat_values']:,})"
+        else:
+            what = f"flat     {x['flat_values']:,} values (factors would be {x['factor_values']:,})"
+        lines.append(f"    {x['module']:<{width}}  {x['kind']:<9} {x['d_in']:>7,} × {x['d_out']:<7,} "
+                     f"{t:>5,} position{'' if t == 1 else 's'}  {what}")
+    rest = [n for n in factors["flat_parameters"]
+            if not any(n in x["params"] for x in factors["layers"] if x["store"] == "flat")]
+    if rest:
+        shown = ", ".join(rest[:4]) + (" ..." if len(rest) > 4 else "")
+        lines.append(f"    other parameters flat: {shown}")
+    lines.append(f"    flat part       {factors['flat_values']:,} values")
+    return lines

@@ -1,4 +1,9 @@
-"""Which stores may be combined: same projection, checkpoints, learning rates and dtype."""
+"""Which stores may be combined: same projection, checkpoints, learning rates and dtype.
+
+Two factor stores (``projection="factors"``) combine when their specs agree, i.e. every layer made the
+same choice (factors or flat); their positions per layer may differ (say, test sequences longer than
+train ones): the factor kernels sum over each side's own positions.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,10 @@ def check_compatible(test: GradientStore, train: GradientStore) -> None:
     problems = []
     if test.feature_dim != train.feature_dim:
         problems.append(f"feature width {test.feature_dim} vs {train.feature_dim}")
-    if test.fingerprint != train.fingerprint:
+    if test.has_factors != train.has_factors:
+        which = "test" if test.has_factors else "train"
+        problems.append(f"only the {which} store keeps per-layer factors (projection='factors')")
+    elif test.fingerprint != train.fingerprint:
         diff = test.spec.difference(train.spec) or "fingerprints differ"
         problems.append(f"projection spec differs ({diff})")
     if test.n_checkpoints != train.n_checkpoints:

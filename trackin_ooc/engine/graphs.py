@@ -14,11 +14,17 @@ from dask.base import tokenize
 from dask.delayed import Delayed
 
 from ..store import GradientStore
-from . import tasks
+from . import factor_tasks, tasks
 from .planning import BlockPlan, blocks
 from .tasks import StoreRef
 
 SPLIT_EVERY = 8  # partial top-k results merged per tree-reduction task
+
+
+def block_tasks(store: GradientStore):
+    """The task functions for a store's layout: :mod:`.tasks` (one gradient matrix) or
+    :mod:`.factor_tasks` (per-layer factors, ``projection="factors"``); same names and signatures."""
+    return factor_tasks if store.has_factors else tasks
 
 
 def _test_block_tasks(test: GradientStore, plan: BlockPlan, weights, normalize: bool, token: str):
@@ -26,7 +32,7 @@ def _test_block_tasks(test: GradientStore, plan: BlockPlan, weights, normalize: 
     ref = StoreRef.of(test)
     ranges = plan.test_blocks(test.n_examples)
     dsk = {
-        (name, i): (tasks.read_test_block, ref, s, e, list(map(float, weights)), normalize)
+        (name, i): (block_tasks(test).read_test_block, ref, s, e, list(map(float, weights)), normalize)
         for i, (s, e) in enumerate(ranges)
     }
     return dsk, name, ranges
@@ -45,7 +51,7 @@ def self_influence_array(store: GradientStore, backend: str, rows: int | None = 
     if exact_norms:
         dsk = {(name, i): (tasks.exact_self_influence_block, ref, s, e, weights) for i, (s, e) in enumerate(ranges)}
     else:
-        dsk = {(name, i): (tasks.self_influence_block, ref, s, e, weights, backend)
+        dsk = {(name, i): (block_tasks(store).self_influence_block, ref, s, e, weights, backend)
                for i, (s, e) in enumerate(ranges)}
     chunks = (tuple(e - s for s, e in ranges),)
     return da.Array(dsk, name, chunks=chunks, dtype=np.float64, meta=np.empty((0,), np.float64))
@@ -61,7 +67,7 @@ def influence_array(test: GradientStore, train: GradientStore, plan: BlockPlan, 
     name = f"trackin-influence-{token}"
     for i in range(len(test_ranges)):
         for j, (s, e) in enumerate(train_ranges):
-            dsk[(name, i, j)] = (tasks.score_block, (tname, i), ref, s, e, normalize, backend)
+            dsk[(name, i, j)] = (block_tasks(train).score_block, (tname, i), ref, s, e, normalize, backend)
     chunks = (tuple(e - s for s, e in test_ranges), tuple(e - s for s, e in train_ranges))
     return da.Array(dsk, name, chunks=chunks, dtype=np.float32, meta=np.empty((0, 0), np.float32))
 
@@ -82,7 +88,7 @@ def influence_write_graph(test: GradientStore, train: GradientStore, plan: Block
             if skip is not None and skip[i, j]:
                 continue
             key = (name, i, j)
-            dsk[key] = (tasks.write_influence_block, (tname, i), ref, s, e, normalize, backend,
+            dsk[key] = (block_tasks(train).write_influence_block, (tname, i), ref, s, e, normalize, backend,
                         out.path, out_opts, (i, j), row0)
             keys.append(key)
             needed_test.add(i)
@@ -110,7 +116,7 @@ def topk_arrays(test: GradientStore, train: GradientStore, plan: BlockPlan, k: i
     for i in range(len(test_ranges)):
         level = [(part, i, j) for j in range(len(train_ranges))]
         for j, (s, e) in enumerate(train_ranges):
-            dsk[(part, i, j)] = (tasks.topk_block, (tname, i), ref, s, e, k, normalize, backend)
+            dsk[(part, i, j)] = (block_tasks(train).topk_block, (tname, i), ref, s, e, k, normalize, backend)
         depth = 0
         while len(level) > 1:
             depth += 1

@@ -43,20 +43,37 @@ def blocks(n_rows: int, block_rows: int) -> list[tuple[int, int]]:
     return [(s, min(s + block_rows, n_rows)) for s in range(0, n_rows, block_rows)]
 
 
-def task_bytes(test_rows: int, train_rows: int, width: int, itemsize: int, k: int = 0) -> int:
+@dataclass(frozen=True)
+class Scratch:
+    """Temporaries a kernel holds per task beyond the blocks themselves: ``fixed`` bytes plus
+    ``per_train_row`` bytes for each train row of the block (the factor kernels' tiles and strips)."""
+
+    fixed: int = 0
+    per_train_row: int = 0
+
+    def bytes(self, train_rows: int) -> int:
+        return self.fixed + self.per_train_row * train_rows
+
+
+NO_SCRATCH = Scratch()
+
+
+def task_bytes(test_rows: int, train_rows: int, width: int, itemsize: int, k: int = 0,
+               scratch: Scratch = NO_SCRATCH) -> int:
     """Peak bytes one scoring task holds: the train block as read and folded, the score block,
-    its partition copy and candidate mask, and the top-k partials."""
+    its partition copy and candidate mask, the top-k partials and the kernel's ``scratch``."""
     train = train_rows * width * (itemsize + 4)
     score = test_rows * train_rows * 4
     select = test_rows * train_rows * 5  # partition copy (float32) + boolean mask
     partial = 4 * test_rows * max(k, 0) * 16
-    return train + score + select + partial
+    return train + score + select + partial + scratch.bytes(train_rows)
 
 
-def worker_bytes(test_rows: int, train_rows: int, width: int, itemsize: int, threads: int, k: int = 0) -> int:
+def worker_bytes(test_rows: int, train_rows: int, width: int, itemsize: int, threads: int, k: int = 0,
+                 scratch: Scratch = NO_SCRATCH) -> int:
     """Peak bytes per worker: the folded test block (and its raw read) plus ``threads`` tasks."""
     test = test_rows * width * (4 + 4)
-    return test + threads * task_bytes(test_rows, train_rows, width, itemsize, k)
+    return test + threads * task_bytes(test_rows, train_rows, width, itemsize, k, scratch)
 
 
 def _round_down(x: int, align: int) -> int:
@@ -92,6 +109,7 @@ def plan_blocks(
     k: int = 0,
     train_align: int = 1,
     test_align: int = 1,
+    scratch: Scratch = NO_SCRATCH,
 ) -> BlockPlan:
     """Choose (test_rows, train_rows) that fit ``memory_limit`` bytes per worker.
 
@@ -99,6 +117,8 @@ def plan_blocks(
     taller than needed for an efficient GEMM; test blocks then take as many rows as the budget
     allows, since every test block reads the whole train store once. When a large test set cannot
     fit, train blocks shrink (down to MIN_TRAIN_ROWS) to make room for taller test blocks.
+    ``feature_dim``: values per example and checkpoint as stored (a factor store's ``row_width``);
+    ``scratch``: the kernel's temporaries per task.
     """
     if min(n_test, n_train, n_checkpoints, feature_dim, itemsize, threads) <= 0:
         raise ValueError("sizes, itemsize and threads must be positive")
@@ -106,8 +126,9 @@ def plan_blocks(
     want_test = min(n_test, MAX_TEST_ROWS)
 
     def max_test_rows(b: int) -> int:
-        fixed = threads * task_bytes(0, b, width, itemsize, 0)
-        per_row = worker_bytes(1, b, width, itemsize, threads, k) - worker_bytes(0, b, width, itemsize, threads, 0)
+        fixed = threads * task_bytes(0, b, width, itemsize, 0, scratch)
+        per_row = (worker_bytes(1, b, width, itemsize, threads, k, scratch)
+                   - worker_bytes(0, b, width, itemsize, threads, 0, scratch))
         return (memory_limit - fixed) // per_row if memory_limit > fixed else 0
 
     b = min(n_train, _round_down(TARGET_TRAIN_ROWS, train_align) if train_align <= TARGET_TRAIN_ROWS
@@ -126,12 +147,12 @@ def plan_blocks(
     if a < 1:
         raise PlanningError(
             f"memory_limit={memory_limit} bytes cannot hold one test row and one train row of width "
-            f"{width}; raise memory_limit (about {worker_bytes(1, 1, width, itemsize, threads, k)} bytes)"
+            f"{width}; raise memory_limit (about {worker_bytes(1, 1, width, itemsize, threads, k, scratch)} bytes)"
         )
     a = min(a, want_test)
     if a >= test_align and a < n_test:
         a = _round_down(a, test_align)
     b = _balance(b, floor, n_train, -(-n_test // a), threads, train_align)
-    est = worker_bytes(a, b, width, itemsize, threads, k)
+    est = worker_bytes(a, b, width, itemsize, threads, k, scratch)
     return BlockPlan(test_rows=int(a), train_rows=int(b), width=width, threads=threads,
                      memory_limit=int(memory_limit), estimated_bytes=int(est))

@@ -56,10 +56,10 @@ class GradientStore:
                 "give the path of a store made by capture or from_arrays"
             )
         version = self._meta.get("format_version")
-        if version != layout.FORMAT_VERSION:
+        if version not in layout.READABLE_VERSIONS:
             raise StoreError(
-                f"{self.path} has store format version {version}; this trackin-ooc reads version "
-                f"{layout.FORMAT_VERSION}: re-capture it or use a matching trackin-ooc"
+                f"{self.path} has store format version {version}; this trackin-ooc reads versions "
+                f"{', '.join(map(str, layout.READABLE_VERSIONS))}: re-capture it or use a matching trackin-ooc"
             )
         self._lock = threading.Lock()
         self._arrays: dict[str, zarr.Array] = {}
@@ -85,10 +85,14 @@ class GradientStore:
         storage_options: StorageOptions = None,
         extra_attrs: dict[str, Any] | None = None,
         with_norms: bool = False,
+        factors: Sequence[layout.FactorArray] = (),
+        feature_dim: int | None = None,
     ) -> GradientStore:
         """Lay out an empty, incomplete store (every row block still to be written).
 
         ``with_norms``: also an array for the exact squared gradient norms a capture measures.
+        ``factors``: per-layer factor arrays (layout version 2, ``projection="factors"``); ``grads`` then
+        holds the flat part, ``feature_dim`` values wide (default ``spec.dim``; 0 is allowed with factors).
         """
         if n_examples <= 0:
             raise StoreError("a gradient store needs at least one example")
@@ -96,8 +100,12 @@ class GradientStore:
             raise StoreError(f"{len(learning_rates)} learning rates for {n_checkpoints} checkpoints")
         prepare_output(path, overwrite=overwrite, storage_options=storage_options, what="gradient store")
         on_disk = layout.on_disk_dtype(dtype)
-        feature_dim = spec.dim
-        rows = chunk_rows or layout.default_chunk_rows(feature_dim, n_checkpoints, dtype, n_examples)
+        factors = list(factors)
+        feature_dim = spec.dim if feature_dim is None else int(feature_dim)
+        if feature_dim < (0 if factors else 1):
+            raise StoreError(f"a gradient store needs a positive feature width, got {feature_dim}")
+        row_width = feature_dim + sum(f.row_values for f in factors)
+        rows = chunk_rows or layout.default_chunk_rows(row_width, n_checkpoints, dtype, n_examples)
         rows = max(1, min(int(rows), n_examples))
         n_blocks = len(layout.row_blocks(n_examples, rows))
 
@@ -105,15 +113,25 @@ class GradientStore:
         group = zarr.open_group(store=zstore, mode="w", zarr_format=3)
         codecs = layout.checksum_codecs()
 
-        def make(name, shape, chunks, dt, fill=0):
+        def make(name, shape, chunks, dt, fill=0, dims=None):
             return group.create_array(
                 name, shape=shape, chunks=chunks, dtype=dt, compressors=codecs,
-                dimension_names=list(layout.DIMS[name]), fill_value=fill,
+                dimension_names=list(dims or layout.DIMS[name]), fill_value=fill,
             )
 
-        grads = make(layout.GRADS, (n_checkpoints, n_examples, feature_dim), (1, rows, feature_dim), on_disk)
+        grads = make(layout.GRADS, (n_checkpoints, n_examples, feature_dim), (1, rows, max(1, feature_dim)), on_disk)
         if dtype == "bfloat16":
             grads.attrs["trackin_ooc_dtype"] = "bfloat16"  # raw bits; GradientStore decodes to float32
+        for f in factors:  # chunked like grads: one (checkpoint, row block) chunk holds all positions
+            arr = make(f.name, (n_checkpoints, n_examples, f.positions, f.width), (1, rows, f.positions, f.width),
+                       on_disk, dims=f.dims)
+            arr.attrs.update({"module": f.module, "layer_kind": f.kind, "d_in": f.d_in, "d_out": f.d_out})
+            if dtype == "bfloat16":
+                arr.attrs["trackin_ooc_dtype"] = "bfloat16"
+            if f.tokens:
+                ids = make(f.tokens_name, (n_examples, f.positions), (rows, f.positions), "int64",
+                           fill=layout.NO_TOKEN, dims=f.token_dims)
+                ids.attrs.update({"module": f.module, "layer_kind": f.kind})
         make(layout.LOSS, (n_checkpoints, n_examples), (1, rows), "float32", fill=np.nan)
         lr = make(layout.LEARNING_RATE, (n_checkpoints,), (n_checkpoints,), "float64")
         lr[:] = np.asarray(learning_rates, dtype=np.float64)
@@ -130,7 +148,7 @@ class GradientStore:
         make(layout.BLOCK_COMPLETE, (n_blocks,), (1,), "uint8")
 
         meta = {
-            "format_version": layout.FORMAT_VERSION,
+            "format_version": layout.FACTORS_FORMAT_VERSION if factors else layout.FORMAT_VERSION,
             "package_version": __version__,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "store_id": uuid.uuid4().hex,
@@ -146,6 +164,7 @@ class GradientStore:
             "checkpoint_sha256": list(checkpoint_hashes or [None] * n_checkpoints),
             "loss": loss_name,
             "complete": False,
+            **({layout.FACTORS_ATTR: [f.to_dict() for f in factors]} if factors else {}),
             **(extra_attrs or {}),
         }
         group.attrs[layout.ATTRS_KEY] = meta
@@ -167,6 +186,7 @@ class GradientStore:
 
     @property
     def feature_dim(self) -> int:
+        """Width of ``grads``: the features; in a factor store, the flat part only (see ``row_width``)."""
         return int(self._meta["feature_dim"])
 
     @property
@@ -217,8 +237,28 @@ class GradientStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the gradient matrix as stored (uncompressed)."""
-        return self.n_checkpoints * self.n_examples * self.feature_dim * layout.itemsize(self.dtype)
+        """Bytes of the gradient matrix as stored (uncompressed; with its factor arrays, if any)."""
+        size = layout.itemsize(self.dtype)
+        total = self.n_checkpoints * self.n_examples * self.feature_dim * size
+        for f in self.factor_arrays:
+            total += self.n_checkpoints * self.n_examples * f.positions * f.width * size
+            total += self.n_examples * f.positions * 8 if f.tokens else 0
+        return total
+
+    @property
+    def factor_arrays(self) -> list[layout.FactorArray]:
+        """The layers stored as factors (layout version 2), in the spec's order; empty for a flat store."""
+        return [layout.FactorArray.from_dict(d) for d in self._meta.get(layout.FACTORS_ATTR) or []]
+
+    @property
+    def has_factors(self) -> bool:
+        """Whether some layers are stored as per-layer factors (``projection="factors"``, version 2)."""
+        return bool(self._meta.get(layout.FACTORS_ATTR))
+
+    @property
+    def row_width(self) -> int:
+        """Values stored per example and checkpoint: the flat features plus every factor array's."""
+        return self.feature_dim + sum(f.row_values for f in self.factor_arrays)
 
     @property
     def n_nonfinite(self) -> int:
@@ -293,12 +333,40 @@ class GradientStore:
     def read_grads(self, start: int = 0, stop: int | None = None, checkpoint: int | None = None) -> np.ndarray:
         """float32 gradient features of rows [start, stop): shape (checkpoint, rows, feature).
 
-        With ``checkpoint`` given, one checkpoint's (rows, feature) block.
+        With ``checkpoint`` given, one checkpoint's (rows, feature) block. A store with per-layer
+        factors holds no such matrix (its gradients would be ``row_width`` → parameters wide): read its
+        parts with :meth:`read_flat` and :meth:`read_factors`.
         """
+        if self.has_factors:
+            raise StoreError(
+                f"{self.path} stores per-layer factors (projection='factors'), not one gradient matrix; "
+                "score it with influence/top_k/self_influence, or read read_flat() and read_factors()"
+            )
+        return self.read_flat(start, stop, checkpoint)
+
+    def read_flat(self, start: int = 0, stop: int | None = None, checkpoint: int | None = None) -> np.ndarray:
+        """float32 ``grads`` of rows [start, stop), (checkpoint, rows, feature): the whole features of a flat
+        store, the flat part (layers not stored as factors; maybe 0 wide) of a factor store."""
         stop = self.n_examples if stop is None else stop
         arr = self._array(layout.GRADS)
         sel = (slice(None) if checkpoint is None else checkpoint, slice(start, stop), slice(None))
         return layout.decode(checked_read(arr, layout.GRADS, sel, self.path), self.dtype)
+
+    def read_factors(self, start: int = 0, stop: int | None = None
+                     ) -> list[tuple[layout.FactorArray, np.ndarray, np.ndarray | None]]:
+        """Per factor layer of rows [start, stop): (layout, float32 values (checkpoint, rows, positions,
+        width), int64 token ids (rows, positions) for an Embedding or None)."""
+        stop = self.n_examples if stop is None else stop
+        out = []
+        for f in self.factor_arrays:
+            sel = (slice(None), slice(start, stop), slice(None), slice(None))
+            values = layout.decode(checked_read(self._array(f.name), f.name, sel, self.path), self.dtype)
+            ids = None
+            if f.tokens:
+                ids = np.asarray(checked_read(self._array(f.tokens_name), f.tokens_name,
+                                              (slice(start, stop), slice(None)), self.path), dtype=np.int64)
+            out.append((f, values, ids))
+        return out
 
     def read_losses(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         sel = (slice(None), slice(start, stop))
@@ -326,9 +394,8 @@ class GradientStore:
         ds = ds.drop_vars(layout.BLOCK_COMPLETE, errors="ignore")
         if self.dtype != "float32":  # reads are float32 whatever the storage dtype
             dtype = self.dtype
-            ds[layout.GRADS] = ds[layout.GRADS].copy(
-                data=ds[layout.GRADS].data.map_blocks(layout.decode, dtype, dtype=np.float32)
-            )
+            for name in [layout.GRADS, *(f.name for f in self.factor_arrays)]:
+                ds[name] = ds[name].copy(data=ds[name].data.map_blocks(layout.decode, dtype, dtype=np.float32))
         ds = ds.assign_coords(
             checkpoint=np.arange(self.n_checkpoints),
             checkpoint_name=("checkpoint", self.checkpoint_names),
@@ -362,11 +429,14 @@ class GradientStore:
         labels: np.ndarray | None = None,
         nonfinite: np.ndarray | None = None,
         sq_norms: np.ndarray | None = None,
+        factors: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Write one whole row block (C, rows, F) at ``start`` and then flag it written.
 
         ``nonfinite``: per-row flags of examples stored as zeros because they were NaN/inf;
-        ``sq_norms``: (C, rows) exact squared gradient norms, where the store keeps them.
+        ``sq_norms``: (C, rows) exact squared gradient norms, where the store keeps them;
+        ``factors``: a factor store's arrays for these rows, by array name: ``factors_<i>`` (C, rows,
+        positions, width) and ``tokens_<i>`` (rows, positions), every one of them.
         """
         self._writable()
         blocks = self.row_blocks()
@@ -381,8 +451,15 @@ class GradientStore:
                 f"({self.n_checkpoints}, {self.n_examples}, {self.feature_dim})"
             )
         stop = start + grads.shape[1]
+        parts = self._factor_parts(factors or {}, grads.shape[1])
         arr = self._array(layout.GRADS)
-        arr[:, start:stop, :] = layout.encode(grads, self.dtype)
+        if self.feature_dim:
+            arr[:, start:stop, :] = layout.encode(grads, self.dtype)
+        for name, values in parts:
+            if name.startswith(layout.TOKENS_PREFIX):
+                self._array(name)[start:stop, :] = np.asarray(values, dtype=np.int64)
+            else:
+                self._array(name)[:, start:stop, :, :] = layout.encode(values, self.dtype)
         if losses is not None:
             self._array(layout.LOSS)[:, start:stop] = np.asarray(losses, dtype=np.float32)
         if labels is not None and self.has_labels:
@@ -392,6 +469,20 @@ class GradientStore:
         if sq_norms is not None and self.has_exact_norms:
             self._array(layout.GRAD_SQ_NORM)[:, start:stop] = np.asarray(sq_norms, dtype=np.float32)
         self._array(layout.BLOCK_COMPLETE)[index] = 1
+
+    def _factor_parts(self, factors: dict[str, np.ndarray], rows: int) -> list[tuple[str, np.ndarray]]:
+        """The factor arrays of one row block, checked against the layout: every one, each its shape."""
+        want = {}
+        for f in self.factor_arrays:
+            want[f.name] = (self.n_checkpoints, rows, f.positions, f.width)
+            if f.tokens:
+                want[f.tokens_name] = (rows, f.positions)
+        if set(factors) != set(want):
+            raise StoreError(f"row block has factor arrays {sorted(factors)}; the store's layout needs {sorted(want)}")
+        for name, shape in want.items():
+            if tuple(factors[name].shape) != shape:
+                raise StoreError(f"{name} block of shape {tuple(factors[name].shape)} does not fit the layout {shape}")
+        return [(name, factors[name]) for name in want]
 
     def mark_complete(self) -> GradientStore:
         """Seal the store once every block is written (the last write of a capture)."""
@@ -411,9 +502,12 @@ class GradientStore:
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else "INCOMPLETE"
+        width = f"{self.feature_dim} features"
+        if self.has_factors:
+            width = f"({self.feature_dim} flat features + {len(self.factor_arrays)} factor layers)"
         return (
             f"<GradientStore {self.path!r}: {self.n_checkpoints} checkpoints × {self.n_examples} examples × "
-            f"{self.feature_dim} features, {self.dtype}, {self.spec.describe()}, {state}>"
+            f"{width}, {self.dtype}, {self.spec.describe()}, {state}>"
         )
 
 

@@ -1,14 +1,21 @@
-"""Store layout version 1: array names, dimension names, codecs, dtypes, chunk sizes.
+"""Store layout: array names, dimension names, codecs, dtypes, chunk sizes.
 
-Pure data and pure functions; ``gradient_store`` uses them to read and write.
+Version 1: the arrays below. Version 2 (written only by ``capture(..., projection="factors")``) adds
+per-layer factor arrays beside ``grads`` (which then holds the flat part, possibly 0 wide); see
+:class:`FactorArray` and docs/store-format.md. Pure data and pure functions; ``gradient_store`` uses them
+to read and write.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from zarr.codecs import Crc32cCodec
 
 FORMAT_VERSION = 1
+FACTORS_FORMAT_VERSION = 2  # a store with per-layer factor arrays
+READABLE_VERSIONS = (FORMAT_VERSION, FACTORS_FORMAT_VERSION)
 ATTRS_KEY = "trackin_ooc"
 
 GRADS = "grads"
@@ -30,6 +37,74 @@ DIMS = {
     NONFINITE: ("example",),
     GRAD_SQ_NORM: ("checkpoint", "example"),
 }
+
+FACTORS_ATTR = "factors"  # group attribute (under ATTRS_KEY): the per-layer factor layout, version 2
+FACTOR_POSITIONS_ATTR = "factor_positions"  # {module: positions} of every layer the choice was made for
+FACTORS_PREFIX = "factors_"  # factors_<i>: (checkpoint, example, position_<i>, width_<i>)
+TOKENS_PREFIX = "tokens_"  # tokens_<i>: (example, position_<i>) int64 token ids of an Embedding layer
+NO_TOKEN = -1  # token id of a padded position
+
+
+@dataclass(frozen=True)
+class FactorArray:
+    """One layer stored as factors (layout version 2): per example and checkpoint, ``positions`` rows of
+    ``width`` values.
+
+    Linear/Conv layers (``tokens`` False): each row is [a | δ], the layer input at that position with a 1
+    appended when the layer has a bias (``d_in`` values) and the output gradient (``d_out`` values).
+    Embedding layers (``tokens`` True): each row is δ (``d_out`` values) and the token ids sit in the
+    checkpoint-independent ``tokens_<i>`` array. Positions beyond an example's own are zero (and token
+    ``NO_TOKEN``): they add nothing to any inner product.
+    """
+
+    index: int
+    module: str
+    kind: str  # "linear", "conv2d" or "embedding"
+    positions: int
+    d_in: int  # input side as the gradient sees it (incl. the bias row; the vocabulary for an Embedding)
+    d_out: int
+    tokens: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{FACTORS_PREFIX}{self.index}"
+
+    @property
+    def tokens_name(self) -> str | None:
+        return f"{TOKENS_PREFIX}{self.index}" if self.tokens else None
+
+    @property
+    def width(self) -> int:
+        return self.d_out if self.tokens else self.d_in + self.d_out
+
+    @property
+    def a_width(self) -> int:
+        """Columns of a in each stored row (0 for an Embedding: its a is a token id)."""
+        return 0 if self.tokens else self.d_in
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        return ("checkpoint", "example", f"position_{self.index}", f"width_{self.index}")
+
+    @property
+    def token_dims(self) -> tuple[str, ...]:
+        return ("example", f"position_{self.index}")
+
+    @property
+    def row_values(self) -> int:
+        """Stored values per example and checkpoint (token ids counted once per position)."""
+        return self.positions * self.width + (self.positions if self.tokens else 0)
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "module": self.module, "kind": self.kind, "positions": self.positions,
+                "d_in": self.d_in, "d_out": self.d_out, "tokens": self.tokens}
+
+    @classmethod
+    def from_dict(cls, d) -> FactorArray:
+        return cls(index=int(d["index"]), module=str(d["module"]), kind=str(d["kind"]),
+                   positions=int(d["positions"]), d_in=int(d["d_in"]), d_out=int(d["d_out"]),
+                   tokens=bool(d.get("tokens", False)))
+
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 # Target bytes in one grads chunk: big enough for sequential reads, small enough for many per worker.

@@ -19,14 +19,19 @@ SHOWN = 8
 def check_finite(
     feats: np.ndarray, losses: np.ndarray, start: int, policy: str, checkpoint_names: Sequence[str],
     sq_norms: np.ndarray | None = None,
+    factors: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray | None:
-    """Per-example flags (None when all finite) for features (C, b, F) and losses (C, b) of rows from ``start``.
+    """Per-example flags (None when all finite) for features (C, b, F) and losses (C, b) of rows from ``start``
+    (and per-layer factor arrays (C, b, T, w), by name, of a ``projection="factors"`` capture).
 
     ``policy="raise"`` raises :class:`NonFiniteError` naming the examples and checkpoints;
     ``"flag"`` zeroes the bad examples' features (and ``sq_norms``) at every checkpoint in place (their losses keep the
     NaN/inf) and returns the flags.
     """
     bad_grad = ~np.isfinite(feats).all(axis=2)  # (C, b)
+    values = [v for v in (factors or {}).values() if v.dtype.kind == "f"]  # token ids are integers
+    for v in values:
+        bad_grad |= ~np.isfinite(v).all(axis=(2, 3))
     if sq_norms is not None:
         bad_grad |= ~np.isfinite(sq_norms)
     bad = bad_grad | ~np.isfinite(losses)
@@ -43,6 +48,8 @@ def check_finite(
             "store them as zeros and flag them"
         )
     feats[:, rows] = 0.0
+    for v in values:
+        v[:, rows] = 0.0
     if sq_norms is not None:
         sq_norms[:, rows] = 0.0
     return rows.astype(np.uint8)

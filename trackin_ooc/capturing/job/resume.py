@@ -15,6 +15,7 @@ from ...errors import CaptureError, StoreError, StoreExistsError
 from ...store import GradientStore, backends
 from ...store.backends import StorageOptions
 from ...store.gradient_store import store_kind
+from ...store.layout import FactorArray
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,12 @@ class StoreSettings:
     loss_name: str | None
     label_dtype: str | None
     chunk_rows: int | None  # None: whatever the store chose
+    factors: tuple[FactorArray, ...] = ()  # per-layer factor arrays (projection="factors")
+
+    @property
+    def row_width(self) -> int:
+        """Values per example and checkpoint: the flat features and every factor array's."""
+        return self.feature_dim + sum(f.row_values for f in self.factors)
 
     @classmethod
     def of(cls, store: GradientStore) -> StoreSettings:
@@ -40,7 +47,7 @@ class StoreSettings:
             fingerprint=store.fingerprint, learning_rates=tuple(float(x) for x in store.learning_rates),
             checkpoint_hashes=tuple(str(h) for h in store.checkpoint_hashes), dtype=store.dtype,
             loss_name=store.loss_name, label_dtype=None if label is None else str(np.dtype(label)),
-            chunk_rows=store.chunk_rows,
+            chunk_rows=store.chunk_rows, factors=tuple(store.factor_arrays),
         )
 
 
@@ -55,10 +62,13 @@ _WORDS = {
     "loss_name": "loss function",
     "label_dtype": "label dtype",
     "chunk_rows": "rows per chunk",
+    "factors": "factor layers (positions per layer)",
 }
 
 
 def _short(value: Any) -> str:
+    if isinstance(value, tuple) and value and isinstance(value[0], FactorArray):
+        return "[" + ", ".join(f"{f.module}: {f.positions}" for f in value) + "]"
     if isinstance(value, tuple) and value and isinstance(value[0], str) and len(value[0]) == 64:
         return "[" + ", ".join(v[:12] for v in value) + "]"
     if isinstance(value, str) and len(value) > 24:
