@@ -64,7 +64,9 @@ def _layers(value: str | None) -> list[str] | None:
               help="Storage dtype of the gradients.")
 @click.option("--loss", "loss_ref", metavar="MOD:FN", callback=_ref,
               help="Zero-argument callable returning (outputs, targets) -> per-example losses "
-                   "(default: cross-entropy).")
+                   "(default: cross-entropy, or the causal LM loss summed over tokens for (B, T, V) logits).")
+@click.option("--target-key", default="labels", show_default=True, metavar="KEY",
+              help="Where dict (Hugging Face style) batches hold the targets; the model gets the other entries.")
 @click.option("--chunk-rows", type=click.IntRange(min=1), metavar="N",
               help="Rows per stored chunk and row block (default: about 8 MiB of gradients per chunk).")
 @click.option("--allow-nonfinite", is_flag=True,
@@ -73,7 +75,7 @@ def _layers(value: str | None) -> list[str] | None:
               "incomplete one left by the same capture, refuse a complete one).")
 @pass_settings
 def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, layers, projection_dim, projection,
-            seed, batch_size, dtype, loss_ref, chunk_rows, allow_nonfinite, overwrite):
+            seed, batch_size, dtype, loss_ref, target_key, chunk_rows, allow_nonfinite, overwrite):
     """Capture per-example loss gradients at every checkpoint into a gradient store.
 
     Rerunning a capture that was killed resumes it: only the row blocks it had not written are
@@ -125,6 +127,7 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, laye
                 projection_dim=projection_dim, projection=projection, seed=seed, batch_size=batch_size,
                 dtype=dtype, overwrite=overwrite, device=settings.device, progress=settings.progress,
                 chunk_rows=chunk_rows, nonfinite="flag" if allow_nonfinite else "raise", client=client,
+                target_key=target_key,
             )
         if staging:
             _swap_in(target, out)

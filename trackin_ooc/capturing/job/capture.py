@@ -25,6 +25,7 @@ from ..projection.factored import factored_spec
 from .capture_job import CaptureJob, checkpoints_as_given, loader_settings, probe_labels
 from .data import as_loader, dataset_length
 from .device import resolve_device
+from .methods import choose_per_example_methods
 from .resume import StoreSettings, check_resumable, existing_store
 
 log = logging.getLogger("trackin_ooc")
@@ -60,6 +61,7 @@ def capture(
     progress: bool | None = None,
     nonfinite: str = "raise",
     client=None,
+    target_key: str = "labels",
 ) -> GradientStore:
     """Write per-example loss gradients of ``data`` at every checkpoint to a gradient store at ``path``.
 
@@ -77,6 +79,14 @@ def capture(
 
     ``nonfinite="raise"`` refuses NaN/inf gradients or losses with the example ids; ``"flag"`` stores
     those examples as zeros and lists them in ``store.nonfinite_examples()``.
+
+    ``data`` yields ``(inputs, targets)`` or Mappings (Hugging Face style): a Mapping batch calls
+    ``model(**batch)`` without its ``target_key`` entry, which holds the targets. With ``loss_fn=None``
+    the loss is cross-entropy for logits (B, C), or the causal LM loss summed over tokens for logits
+    (B, T, V) with targets (B, T); the model may return a tensor, a tuple or an object with ``logits``.
+    Each parameter's per-example gradients come from one batched pass through layer hooks where its
+    layer type allows, else from vmap, else a per-example loop; the choice is recorded in
+    ``store.attrs["per_example_methods"]``.
 
     With ``client`` (a ``distributed.Client``; the active one is not used implicitly) the row blocks are
     computed as Dask tasks on its workers, each writing its own chunks of the same store.
@@ -103,13 +113,14 @@ def capture(
     loader = as_loader(data, batch_size)
     n = dataset_length(loader)
     settings = loader_settings(loader)
-    label_dtype = probe_labels(loader.dataset, settings["collate_fn"])
+    label_dtype = probe_labels(loader.dataset, settings["collate_fn"], target_key)
     job = CaptureJob(
         model=model, checkpoints=checkpoints_as_given(checkpoints),
         learning_rates=[ck.learning_rate for ck in ckpts], checkpoint_hashes=[ck.sha256 for ck in ckpts],
-        spec=spec, dataset=loader.dataset, loss_fn=loss_fn, nonfinite=nonfinite,
+        spec=spec, dataset=loader.dataset, loss_fn=loss_fn, nonfinite=nonfinite, target_key=target_key,
         device=str(dev) if dev is not None else ("auto" if device is None else str(device)), **settings,
     )
+    job.per_example_methods = choose_per_example_methods(job, ckpts[0], dev)
     wanted = StoreSettings(
         n_checkpoints=len(ckpts), n_examples=n, feature_dim=spec.dim, fingerprint=spec.fingerprint,
         learning_rates=tuple(job.learning_rates), checkpoint_hashes=tuple(job.checkpoint_hashes), dtype=dtype,
@@ -121,7 +132,8 @@ def capture(
     lock.acquire()
     try:
         store, blocks = _open_or_create(path, wanted, spec, ckpts, overwrite=overwrite,
-                                        storage_options=storage_options)
+                                        storage_options=storage_options,
+                                        extra_attrs={"per_example_methods": job.per_example_methods})
         if blocks and client is not None:
             from .scale_out import run_on_cluster
 
@@ -141,7 +153,8 @@ def capture(
     return store
 
 
-def _open_or_create(path, wanted: StoreSettings, spec, ckpts, *, overwrite: bool, storage_options):
+def _open_or_create(path, wanted: StoreSettings, spec, ckpts, *, overwrite: bool, storage_options,
+                    extra_attrs=None):
     """(store, row blocks to write): a resumed store's missing blocks, or every block of a new one."""
     if not overwrite:
         store = existing_store(path, storage_options)  # again, now under the lock
@@ -167,5 +180,6 @@ def _open_or_create(path, wanted: StoreSettings, spec, ckpts, *, overwrite: bool
         chunk_rows=rows,
         storage_options=storage_options,
         with_norms=True,
+        extra_attrs=extra_attrs,
     )
     return store, store.row_blocks()

@@ -23,6 +23,7 @@ from ...spec import ProjectionSpec
 from ...store import GradientStore
 from ...store.backends import StorageOptions
 from ..checkpoints import Checkpoint, drop_tied_duplicates, load_checkpoints
+from ..per_example.batches import split_batch
 from ..per_example.losses import LossFn
 from ..projection.features import make_featurizer
 from .data import batches
@@ -66,6 +67,8 @@ class CaptureJob:
     pin_memory: bool = False
     device: str = "auto"
     nonfinite: str = "raise"
+    target_key: str = "labels"  # the targets' key in Mapping batches
+    per_example_methods: dict[str, str] | None = None  # {parameter: method}, see .methods
 
     def __post_init__(self):
         if self.nonfinite not in NONFINITE_POLICIES:
@@ -109,7 +112,7 @@ class CaptureJob:
                 "rerun the capture once the checkpoints are final"
             )
         model = self.model.to(dev).eval()
-        featurize = make_featurizer(model, self.spec, self.loss_fn, dev)
+        featurize = make_featurizer(model, self.spec, self.loss_fn, dev, methods=self.per_example_methods)
         writer = None
         try:
             # Every checkpoint is loaded (and moved to the device) once, outside the batch loop.
@@ -119,7 +122,8 @@ class CaptureJob:
             ]
             writer = BlockWriter(store, blocks, with_labels=store.has_labels)
             loader = self.loader(blocks)
-            for index, (inputs, targets) in zip(BlockBatches(blocks, self.batch_size), batches(loader, dev)):
+            for index, (inputs, targets) in zip(BlockBatches(blocks, self.batch_size),
+                                                 batches(loader, dev, self.target_key)):
                 b, start = targets.shape[0], index[0]
                 if b != len(index):
                     raise CaptureError(f"a batch of {len(index)} examples came back with {b} targets; "
@@ -151,15 +155,12 @@ class CaptureJob:
         return written
 
 
-def probe_labels(dataset: Dataset, collate_fn: Callable | None) -> np.dtype | None:
-    """dtype of per-example integer-like labels (targets of one dimension per batch), or None."""
+def probe_labels(dataset: Dataset, collate_fn: Callable | None, target_key: str = "labels") -> np.dtype | None:
+    """dtype of per-example labels (targets that are one scalar per example), or None (sequences, ...)."""
     from torch.utils.data import default_collate
 
     collate = collate_fn or default_collate
-    item = collate([dataset[0]])
-    if not isinstance(item, (tuple, list)) or len(item) != 2:
-        raise CaptureError("each batch must be (inputs, targets); wrap the dataset to yield that pair")
-    targets = torch.as_tensor(item[1])
+    _, targets = split_batch(collate([dataset[0]]), target_key)
     return targets.numpy().dtype if targets.ndim == 1 else None
 
 

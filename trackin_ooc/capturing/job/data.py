@@ -1,4 +1,5 @@
-"""Batches in dataset order from a Dataset or a non-shuffling DataLoader."""
+"""Batches in dataset order from a Dataset or a non-shuffling DataLoader: ``(inputs, targets)`` pairs or
+Hugging Face style dicts holding the targets under a key."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from ...errors import CaptureError, EmptyDatasetError
+from ..per_example.batches import Inputs, split_batch, to_device
 
 
 def as_loader(data, batch_size: int) -> DataLoader:
@@ -39,14 +41,10 @@ def dataset_length(loader: DataLoader) -> int:
     return n
 
 
-def batches(loader: DataLoader, device: torch.device) -> Iterator[tuple[object, torch.Tensor]]:
-    """(inputs, targets) on ``device``; inputs may be a tensor or a tuple of tensors."""
+def batches(loader: DataLoader, device: torch.device,
+            target_key: str = "labels") -> Iterator[tuple[Inputs, torch.Tensor]]:
+    """(inputs, targets) on ``device``: inputs a tensor, a tuple of tensors, or a dict of keyword
+    arguments (a Mapping batch without its ``target_key`` entry, which holds the targets)."""
     for item in loader:
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise CaptureError("each batch must be (inputs, targets); wrap the dataset to yield that pair")
-        inputs, targets = item
-        if isinstance(inputs, (tuple, list)):
-            inputs = tuple(t.to(device) for t in inputs)
-        else:
-            inputs = inputs.to(device)
-        yield inputs, torch.as_tensor(targets).to(device)
+        inputs, targets = split_batch(item, target_key)
+        yield to_device(inputs, device), targets.to(device)

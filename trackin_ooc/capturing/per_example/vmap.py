@@ -1,83 +1,69 @@
-"""Per-example loss gradients: ``torch.func`` (vmap over grad) with a per-example autograd fallback."""
+"""Per-example gradients of any parameters: ``torch.func`` (vmap over grad), and a per-example autograd
+loop for models that vmap refuses (the last resort: exact, but one forward and backward per example).
+"""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.func import grad, vmap
 
-from .batches import batched_and_shared, call_functional, join_batched_and_shared, slice_inputs
-from .losses import LossFn, default_loss
-
-log = logging.getLogger("trackin_ooc")
+from .batches import Inputs, batched_and_shared, call_functional, join_batched_and_shared, slice_inputs
+from .losses import LossFn, check_losses
 
 
-class PerExampleGradients:
-    """Gradients of each example's own loss with respect to the selected parameters.
+def _split(state: Mapping[str, torch.Tensor], names: Sequence[str]):
+    selected = {n: state[n] for n in names}
+    rest = {k: v for k, v in state.items() if k not in selected}
+    return selected, rest
 
-    Tries ``vmap(grad(...))`` first; if the model cannot be vmapped (in-place ops on batched
-    tensors, data-dependent control flow, ...) it logs why and loops over examples with autograd,
-    which gives the same numbers more slowly.
-    """
 
-    def __init__(self, model: nn.Module, param_names: Sequence[str], loss_fn: LossFn | None = None):
-        self.model = model
-        self.param_names = list(param_names)
-        self.loss_fn = loss_fn or default_loss
-        self.method: str | None = None  # "vmap" or "loop", fixed after the first batch
+def vmap_gradients(
+    model: nn.Module, loss_fn: LossFn, state: Mapping[str, torch.Tensor], names: Sequence[str], inputs: Inputs,
+    targets: torch.Tensor,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({name: (B, *shape)}, losses (B,)) by ``vmap(grad(loss of one example))``; raises what vmap raises."""
+    positional = not isinstance(inputs, Mapping)
+    batched, shared = batched_and_shared(inputs, targets.shape[0])
 
-        def single_loss(selected, rest, batched, shared, positional, y):
-            one = {k: v.unsqueeze(0) for k, v in batched.items()} if not positional else \
-                tuple(None if v is None else v.unsqueeze(0) for v in batched)
-            out = call_functional(self.model, (selected, rest), join_batched_and_shared(one, shared, positional))
-            loss = self.loss_fn(out, y.unsqueeze(0)).sum()
-            return loss, loss.detach()
+    def one_loss(selected, rest, example, y):
+        one = (tuple(None if v is None else v.unsqueeze(0) for v in example) if positional
+               else {k: v.unsqueeze(0) for k, v in example.items()})
+        out = call_functional(model, (selected, rest), join_batched_and_shared(one, shared, positional))
+        loss = check_losses(loss_fn(out, y.unsqueeze(0)), 1).sum()
+        return loss, loss.detach()
 
-        self._single_loss = single_loss
+    fn = vmap(grad(one_loss, has_aux=True), in_dims=(None, None, 0, 0))
+    return fn(*_split(state, names), batched, targets)
 
-    def _split(self, state: dict[str, torch.Tensor]):
-        selected = {n: state[n] for n in self.param_names}
-        rest = {k: v for k, v in state.items() if k not in selected}
-        return selected, rest
 
-    def __call__(
-        self, state: dict[str, torch.Tensor], inputs, targets: torch.Tensor
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Return ({name: (batch, *shape)}, losses (batch,)) at the parameters in ``state``."""
-        x = inputs
-        if self.method in (None, "vmap"):
-            try:
-                grads, losses = self._vmap(state, x, targets)
-                self.method = "vmap"
-                return grads, losses
-            except Exception as e:  # vmap refuses many models; the loop handles all of them
-                if self.method == "vmap":
-                    raise
-                log.warning("per-example gradients: vmap failed (%s: %s); using the per-example loop",
-                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-                self.method = "loop"
-        return self._loop(state, x, targets)
-
-    def _vmap(self, state, inputs, targets):
-        batch = targets.shape[0]
-        positional = not isinstance(inputs, Mapping)
-        batched, shared = batched_and_shared(inputs, batch)
-        fn = vmap(grad(self._single_loss, has_aux=True), in_dims=(None, None, 0, None, None, 0))
-        return fn(*self._split(state), batched, shared, positional, targets)
-
-    def _loop(self, state, x, targets):
-        selected, rest = self._split(state)
-        leaves = {n: t.detach().requires_grad_(True) for n, t in selected.items()}
-        per_param: dict[str, list[torch.Tensor]] = {n: [] for n in self.param_names}
-        losses = []
-        for i in range(targets.shape[0]):
-            out = call_functional(self.model, (leaves, rest), slice_inputs(x, i, i + 1, targets.shape[0]))
-            loss = self.loss_fn(out, targets[i : i + 1]).sum()
+def loop_gradients(
+    model: nn.Module, loss_fn: LossFn, state: Mapping[str, torch.Tensor], names: Sequence[str], inputs: Inputs,
+    targets: torch.Tensor,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The same as :func:`vmap_gradients`, one example at a time with autograd."""
+    selected, rest = _split(state, names)
+    leaves = {n: t.detach().requires_grad_(True) for n, t in selected.items()}
+    per_param: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    losses = []
+    batch = targets.shape[0]
+    for i in range(batch):
+        with torch.enable_grad():
+            out = call_functional(model, (leaves, rest), slice_inputs(inputs, i, i + 1, batch))
+            loss = check_losses(loss_fn(out, targets[i : i + 1]), 1).sum()
             gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-            for (n, leaf), g in zip(leaves.items(), gs):
-                per_param[n].append(torch.zeros_like(leaf) if g is None else g)
-            losses.append(loss.detach())
-        return {n: torch.stack(v) for n, v in per_param.items()}, torch.stack(losses)
+        for (n, leaf), g in zip(leaves.items(), gs):
+            per_param[n].append(torch.zeros_like(leaf) if g is None else g)
+        losses.append(loss.detach())
+    return {n: torch.stack(v) for n, v in per_param.items()}, torch.stack(losses)
+
+
+def __getattr__(name: str):
+    # PerExampleGradients (which picks among hooks, vmap and the loop) lives in .gradients.
+    if name == "PerExampleGradients":
+        from .gradients import PerExampleGradients
+
+        return PerExampleGradients
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from ...spec import ProjectionSpec
-from ..per_example.losses import LossFn, as_tuple
+from ..per_example.batches import slice_inputs
+from ..per_example.gradients import PerExampleGradients
+from ..per_example.losses import LossFn
 from ..per_example.norms import dense_sq_norms
-from ..per_example.vmap import PerExampleGradients
 from .dense import Projector
 
 # Bytes the per-example gradients of one micro-batch may take; default: a share of free memory.
@@ -53,18 +54,27 @@ def _slice(inputs, start: int, stop: int):
 
 
 class DenseFeatures:
-    """Per-example gradients of the selected parameters, then the dense projection (or exact)."""
+    """Per-example gradients of the selected parameters, then the dense projection (or exact).
+
+    ``methods``: the per-example method of each parameter ({name: "hooks" | "vmap" | "loop"}), chosen
+    before the capture; None: chosen on the first batch (:class:`PerExampleGradients`).
+    """
 
     def __init__(self, model: nn.Module, spec: ProjectionSpec, loss_fn: LossFn | None,
-                 device: torch.device, memory_budget: int | None = None):
+                 device: torch.device, memory_budget: int | None = None, methods: dict[str, str] | None = None):
         self.spec = spec
-        self.per_example = PerExampleGradients(model, [n for n, _ in spec.layers], loss_fn)
+        self.per_example = PerExampleGradients(model, [n for n, _ in spec.layers], loss_fn, methods=methods)
         self.projector = Projector(spec, device=device)
         self.budget = capture_memory_budget(device) if memory_budget is None else int(memory_budget)
 
     @property
     def method(self) -> str | None:
         return self.per_example.method
+
+    @property
+    def per_example_methods(self) -> dict[str, str] | None:
+        """{parameter: "hooks" | "vmap" | "loop"} once chosen."""
+        return self.per_example.methods
 
     def prepare(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return state
@@ -76,7 +86,7 @@ class DenseFeatures:
         feats, losses, norms = [], [], []
         for start in range(0, b, step):
             stop = min(b, start + step)
-            x = _slice(as_tuple(inputs), start, stop) if step < b else inputs
+            x = slice_inputs(inputs, start, stop, b) if step < b else inputs
             per_ckpt = [self.per_example(state, x, targets[start:stop]) for state in states]
             losses.append(torch.stack([loss for _, loss in per_ckpt]))
             norms.append(torch.stack([dense_sq_norms(g, stop - start) for g, _ in per_ckpt]))
@@ -93,10 +103,12 @@ class DenseFeatures:
         pass
 
 
-def make_featurizer(model: nn.Module, spec: ProjectionSpec, loss_fn: LossFn | None, device: torch.device):
+def make_featurizer(model: nn.Module, spec: ProjectionSpec, loss_fn: LossFn | None, device: torch.device,
+                    methods: dict[str, str] | None = None):
     """The featurizer for a spec: factored hooks for ``factored``, per-example gradients otherwise."""
     if spec.kind == "factored":
         from .hooks import FactoredFeatures
 
         return FactoredFeatures(model, spec, loss_fn, device)
-    return DenseFeatures(model, spec, loss_fn, device)
+    # methods: the per-parameter per-example methods chosen before the capture (see DenseFeatures)
+    return DenseFeatures(model, spec, loss_fn, device, methods=methods)
