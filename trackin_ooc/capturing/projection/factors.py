@@ -117,6 +117,7 @@ def probe_positions(model: nn.Module, candidates: Sequence[tuple], inputs: Itera
         for x, batch in inputs:
             for t in taps:
                 t.calls.clear()
+                t.batch = batch  # a tap expands outputs shared by the batch (position ids (1, T))
                 t.active = True
             try:
                 with torch.no_grad():
@@ -124,8 +125,8 @@ def probe_positions(model: nn.Module, candidates: Sequence[tuple], inputs: Itera
             finally:
                 for t in taps:
                     t.active = False
-            for t in taps:
-                n = sum(int(t.inputs(a, batch).shape[1]) for a, _ in t.calls)
+            for t in taps:  # a layer's output has its δ's shape: (B, T, d_out) once per example
+                n = sum(int(_call_parts(t, a, o, batch)[1].shape[1]) for a, o in t.calls)
                 most[t.layer.module] = max(most[t.layer.module], n)
                 t.calls.clear()
     finally:
@@ -262,6 +263,7 @@ class FactorsFeatures:
         batch = targets.shape[0]
         for t in self.taps:
             t.calls.clear()
+            t.batch = batch  # a tap expands outputs shared by the batch (position ids (1, T))
             t.active = True
         try:
             with torch.enable_grad():
@@ -309,16 +311,12 @@ class FactorsFeatures:
     def _positions(t: _Tap, x: LayerChoice, deltas, batch: int):
         """A layer's inputs (B, T, d) or token ids (B, T) and output gradients (B, T, d_out), per call."""
         ins, outs = [], []
-        for a, _o in t.calls:
+        for a, o in t.calls:
             delta = next(deltas)
-            ids = a.reshape(batch, -1) if x.kind == "embedding" else None
-            x_in = t.inputs(a, batch)
-            if delta is None:  # this call's output did not reach the loss
-                d_out = torch.zeros(batch, x_in.shape[1], x.d_out, device=x_in.device)
-            else:
-                d_out = t.deltas(delta, batch, ids).to(torch.float32)
+            unused = delta is None  # this call's output did not reach the loss: δ = 0
+            x_in, d_out = _call_parts(t, a, torch.zeros_like(o) if unused else delta, batch)
             ins.append(x_in if x.kind == "embedding" else x_in.to(torch.float32))
-            outs.append(d_out)
+            outs.append(d_out.to(torch.float32))
         return ins, outs
 
     def _check_hooks(self, deltas, wgrads) -> None:
@@ -326,7 +324,7 @@ class FactorsFeatures:
         a use of the weight (tied or functional uses) and the factors would not be the gradient."""
         it = iter(deltas)
         for t, x, wg in zip(self.taps, self.choices, wgrads):
-            ins, outs = self._positions(t, x, it, t.calls[0][0].shape[0] if t.calls else 0)
+            ins, outs = self._positions(t, x, it, t.batch)
             if not ins:
                 continue
             d = torch.cat(outs, 1).reshape(-1, x.d_out)
@@ -351,6 +349,15 @@ class FactorsFeatures:
         for t in self.taps:
             t.handle.remove()
         self.taps = []
+
+
+def _call_parts(t: _Tap, x: torch.Tensor, delta: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One hooked call as (input rows (B, T, d_in without bias) or token ids (B, T), δ (B, T, d_out))."""
+    if hasattr(t, "call"):
+        c = t.call(x, delta, batch)
+        return c.rows(), c.delta
+    ids = x.reshape(batch, -1) if t.layer.kind == "embedding" else None  # the hooks' earlier interface
+    return t.inputs(x, batch), t.deltas(delta, batch, ids)
 
 
 def _out_in(module: nn.Module, wg: torch.Tensor, d_out: int) -> torch.Tensor:
