@@ -128,12 +128,22 @@ def test_trainer_folder_variants_load_the_same_weights(trainer_run, tmp_path):
     binary.mkdir(parents=True)
     legacy = snapshot(model) | {"bert.embeddings.position_ids": torch.arange(80)[None]}
     torch.save(legacy, binary / "pytorch_model.bin")
-    for folder in (sharded, binary):
+    bin_shards = tmp_path / "bin_shards" / "checkpoint-6"  # pytorch_model-0000i-of-00002.bin + index
+    bin_shards.mkdir(parents=True)
+    names = list(legacy)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:]), start=1):
+        shard = f"pytorch_model-{i:05d}-of-00002.bin"
+        torch.save({k: legacy[k] for k in part}, bin_shards / shard)
+        weight_map |= dict.fromkeys(part, shard)
+    (bin_shards / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    folders = [sharded, binary, bin_shards]
+    for folder in folders:
         shutil.copy(source / "trainer_state.json", folder)
-    loaded = load_checkpoints(tiny_bert(), [source, sharded, binary])
+    loaded = load_checkpoints(tiny_bert(), [source, *folders])
     assert len({ck.sha256 for ck in loaded}) == 1
-    assert [ck.learning_rate for ck in loaded] == [trainer_run.rates[1]] * 3
-    assert [ck.name for ck in loaded] == ["checkpoint-6"] * 3
+    assert [ck.learning_rate for ck in loaded] == [trainer_run.rates[1]] * 4
+    assert [ck.name for ck in loaded] == ["checkpoint-6"] * 4
 
 
 def test_trainer_folder_without_trainer_state(trainer_run, tmp_path):
@@ -356,3 +366,47 @@ def test_trainer_state_learning_rate_is_the_last_logged_at_or_before_the_step(tm
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 20, "log_history": history}))
     (ck,) = load_checkpoints(mlp.fresh(), folder)
     assert ck.learning_rate == 0.25 and ck.name == "checkpoint-20"
+
+
+# ---- run folders through scale-out and resume ----------------------------------------------------
+def mlp_run_folder(mlp, root: Path) -> tuple[Path, list[float]]:
+    """The MLP's checkpoints laid out as a Trainer run: checkpoint-N/model.safetensors + trainer_state.json."""
+    run, rates = root / "run", []
+    for i, p in enumerate(mlp.checkpoints):
+        step = 10 * (i + 1)
+        folder = run / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file(torch.load(p, weights_only=True)["model_state_dict"], folder / "model.safetensors")
+        rates.append(0.1 * 0.5**i)
+        state = {"global_step": step, "log_history": [{"step": step, "learning_rate": rates[-1]}]}
+        (folder / "trainer_state.json").write_text(json.dumps(state))
+    return run, rates
+
+
+def test_run_folder_scaled_out_and_resumed(mlp, digits_test, tmp_path):
+    """Workers reload the run folder themselves (a job ships paths); a resumed capture checks their hashes."""
+    from distributed import Client, LocalCluster
+
+    from trackin_ooc import testing as tt
+
+    run, rates = mlp_run_folder(mlp, tmp_path)
+    kw = dict(projection_dim=16, chunk_rows=20, batch_size=10)
+    whole = capture(mlp.fresh(), [run], digits_test, tmp_path / "whole.zarr", **kw)
+    np.testing.assert_array_equal(whole.learning_rates, rates)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        spread = capture(mlp.fresh(), [run], digits_test, tmp_path / "spread.zarr", client=client, **kw)
+    tt.assert_stores_identical(spread, whole)
+
+    part = capture(mlp.fresh(), [run], digits_test, tmp_path / "part.zarr", **kw)
+    group = part._writable()
+    group["block_complete"][1:] = 0
+    group.attrs["trackin_ooc"] = dict(group.attrs["trackin_ooc"], complete=False)
+    tt.assert_stores_identical(capture(mlp.fresh(), [run], digits_test, tmp_path / "part.zarr", **kw), whole)
+    # Other weights in one checkpoint folder: the resumed capture is refused, naming the difference.
+    group["block_complete"][1:] = 0
+    group.attrs["trackin_ooc"] = dict(group.attrs["trackin_ooc"], complete=False)
+    save_file(torch.load(mlp.checkpoints[0], weights_only=True)["model_state_dict"],
+              run / "checkpoint-20" / "model.safetensors")
+    with pytest.raises(to.CaptureError, match="checkpoint contents"):
+        capture(mlp.fresh(), [run], digits_test, tmp_path / "part.zarr", **kw)

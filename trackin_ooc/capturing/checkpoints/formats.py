@@ -187,7 +187,7 @@ def _first_line(e: Exception) -> str:
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     for line in lines:
         if "Unsupported global" in line or "Unsupported operand" in line:
-            return line
+            return line.split(" Please use")[0]  # our own message says how to allow a type
     return lines[0] if lines else type(e).__name__
 
 
