@@ -4,7 +4,8 @@ Writers build the new output (or lay it out, for outputs filled in afterwards) u
 name, then call :func:`swap_into_place`. Files are replaced with one ``rename``; folders are exchanged
 with ``renameat2(RENAME_EXCHANGE)`` where the kernel offers it (Linux), else moved aside and replaced
 with two renames. The old output is deleted only once the new one is at its name: a kill during that
-deletion leaves a hidden ``.NAME.old-*`` sibling, never a half-deleted output under the real name.
+deletion leaves a hidden sibling (``.NAME.tmp-*``, ``.NAME.replacing-*`` or ``.NAME.old-*``), never a
+half-deleted output under the real name.
 """
 
 from __future__ import annotations
