@@ -1,20 +1,24 @@
 """Factored projection: the per-layer plan, the split of projection_dim, and the per-layer feature math.
 
-For a Linear or Conv2d layer the per-example weight gradient is G = Σ_t δ_t a_tᵀ (a: the layer's input
-at position t with a constant 1 appended for the bias, δ: the gradient of the example's loss with
-respect to the layer's output there). With per-layer Gaussian factors P_in (d_in × k_in) and
-P_out (d_out × k_out) the stored feature of the layer is
+For a Linear, Conv2d or Hugging Face ``Conv1D`` layer the per-example weight gradient is
+G = Σ_t δ_t a_tᵀ (a: the layer's input at position t with a constant 1 appended for the bias, δ: the
+gradient of the example's loss with respect to the layer's output there). With per-layer Gaussian
+factors P_in (d_in × k_in) and P_out (d_out × k_out) the stored feature of the layer is
 
     vec(P_inᵀ Gᵀ P_out) = Σ_t vec((P_inᵀ a_t)(P_outᵀ δ_t)ᵀ)        (k_in × k_out values)
 
-so G itself (d_in·d_out values) is never formed. An Embedding's gradient is Σ_t e_{token_t} δ_tᵀ: its
-input factor is the gathered row P_in[token_t], and the vocabulary size never enters the cost.
-A factor whose exact width fits its share is the identity (that side is exact). Parameters of other
-layer types are projected together with the dense generator of :mod:`.projection`.
+computed either per position (G is never formed) or, where positions are many and channels few (a
+convolution at full resolution), from the formed G = Aᵀ Δ (T·d_in·d_out, what a weight gradient costs
+anyway): whichever is cheaper for the batch at hand, the same numbers. An Embedding's gradient is
+Σ_t e_{token_t} δ_tᵀ: its input factor is the gathered row P_in[token_t], and the vocabulary size
+never enters the cost. A factor whose exact width fits its share is the identity (that side is
+exact). A layer whose positions make forming G cheap may instead take the ``formed`` map: G projected
+by a dense Gaussian matrix (the lowest variance for its width). Parameters of other layer types are
+projected together with the dense generator of :mod:`.dense`.
 
 Everything here that decides the feature space (the layer plan and the split) is a pure function of
-the layers' kinds and shapes, and is recorded in the spec, so the fingerprint covers it. The hooks
-that collect a and δ during capture live in :mod:`.hooks`.
+the layers' kinds, shapes and (for convolutions) output positions, and is recorded in the spec, so the
+fingerprint covers it. The hooks that collect a and δ during capture live in :mod:`.hooks`.
 """
 
 from __future__ import annotations
@@ -28,24 +32,31 @@ from torch import nn
 
 from ...errors import CaptureError
 from ...spec import ProjectionSpec
+from ..per_example.batches import Inputs, call_model
+from .costs import formed_cost, per_position_cost
 from .dense import Projector, _BlockCache, projection_matrix
 
 SPEC_KEY = "factored"
 FACTOR_KIND = "gaussian"
 PLAN_VERSION = 1
+# How a layer's feature is defined: "factors" (P_inᵀ Gᵀ P_out in blocks) or "formed" (a dense Gaussian map of G).
+METHODS = ("factors", "formed")
+HOOKED_KINDS = ("linear", "conv2d", "hf_conv1d", "embedding")
 
 
 @dataclass(frozen=True)
 class FactorLayer:
     """One block of the factored feature vector: a hooked layer, or the dense group of the rest.
 
-    ``kind`` is "linear", "conv2d", "embedding", "dense", or "pad" (zeros that fill the width up to
-    projection_dim when no layer could use the last few dims without bias). ``d_in × d_out`` is the exact gradient's
-    shape as the factors see it (input side incl. the bias row, or vocabulary; output side), and
-    ``k_in × k_out`` the factors' widths; ``k == d`` means that side is the identity. ``width`` is the
-    number of stored values (at most ``k_in·k_out``: extra products are dropped, which keeps the
-    estimate unbiased when both factors are random). The dense group has ``d_in = k_in = 1``,
-    ``d_out`` = its parameter count and ``k_out = width``.
+    ``kind`` is "linear", "conv2d", "hf_conv1d" (Hugging Face's ``Conv1D``, a Linear with its weight
+    transposed), "embedding", "dense", or "pad" (zeros that fill the width up to projection_dim when no
+    layer could use the last few dims without bias). ``d_in × d_out`` is the exact gradient's shape as
+    the factors see it (input side incl. the bias row, or vocabulary; output side), and ``k_in × k_out``
+    the factors' widths; ``k == d`` means that side is the identity. ``width`` is the number of stored
+    values (at most ``k_in·k_out·blocks``: extra products are dropped, which keeps the estimate
+    unbiased when both factors are random). ``method="formed"``: the feature is a dense Gaussian map
+    (D × width) of the formed gradient; then ``k_in = 1``, ``k_out = width``. The dense group has
+    ``d_in = k_in = 1``, ``d_out`` = its parameter count and ``k_out = width``.
     """
 
     kind: str
@@ -57,22 +68,27 @@ class FactorLayer:
     k_out: int
     width: int
     blocks: int = 1
+    method: str = "factors"
 
     @property
     def exact_width(self) -> int:
         return self.d_in * self.d_out
 
     @property
+    def formed(self) -> bool:
+        return self.method == "formed"
+
+    @property
     def in_identity(self) -> bool:
-        return self.k_in == self.d_in
+        return not self.formed and self.k_in == self.d_in
 
     @property
     def out_identity(self) -> bool:
-        return self.k_out == self.d_out
+        return not self.formed and self.k_out == self.d_out
 
     @property
     def has_bias(self) -> bool:
-        return self.kind in ("linear", "conv2d") and len(self.params) == 2
+        return self.kind in ("linear", "conv2d", "hf_conv1d") and len(self.params) == 2
 
     @property
     def weight(self) -> str:
@@ -90,27 +106,53 @@ class FactorLayer:
     @property
     def scale(self) -> float:
         """Keeps E⟨f, f'⟩ = ⟨G, G'⟩ for the products kept (the factors are scaled by 1/√n_in, 1/√n_out)."""
+        if self.formed:
+            return 1.0
         return math.sqrt(self.n_in * self.n_out / self.width)
 
+    def cost(self, positions: int) -> tuple[float, float]:
+        """Multiply-adds per example of this layer's features at ``positions``: (per position, formed)."""
+        products = self.k_in * self.k_out * self.blocks
+        per = math.inf if self.formed else per_position_cost(
+            self.kind, self.d_in, self.d_out, self.n_in, self.n_out, products, self.in_identity,
+            self.out_identity, positions)
+        formed = formed_cost(self.kind, self.d_in, self.d_out, self.n_out, products, self.in_identity,
+                             self.out_identity, positions, self.width if self.formed else 0)
+        return per, formed
+
     def to_dict(self) -> dict:
-        return {
+        d = {
             "kind": self.kind, "module": self.module, "params": list(self.params),
             "d_in": self.d_in, "d_out": self.d_out, "k_in": self.k_in, "k_out": self.k_out,
             "width": self.width, "blocks": self.blocks,
         }
+        if self.method != "factors":  # plans without formed layers keep their earlier fingerprint
+            d["method"] = self.method
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> FactorLayer:
+        method = str(d.get("method", "factors"))
+        if method not in METHODS:
+            raise CaptureError(f"factored plan layer {d.get('module')!r} has an unknown method {method!r}; "
+                               "re-capture with this version of trackin-ooc")
         return cls(
             kind=str(d["kind"]), module=str(d["module"]), params=tuple(d["params"]),
             d_in=int(d["d_in"]), d_out=int(d["d_out"]), k_in=int(d["k_in"]), k_out=int(d["k_out"]),
-            width=int(d["width"]), blocks=int(d.get("blocks", 1)),
+            width=int(d["width"]), blocks=int(d.get("blocks", 1)), method=method,
         )
 
 
 # ---- which layers are factored ------------------------------------------------------------------
 def _join(module: str, param: str) -> str:
     return f"{module}.{param}" if module else param
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): y = x @ W + b with W of shape (in, out). Matched by class name
+    and module, so transformers stays optional."""
+    t = type(module)
+    return t.__name__ == "Conv1D" and t.__module__.split(".")[0] == "transformers"
 
 
 def factor_kind(module: nn.Module) -> str | None:
@@ -126,6 +168,8 @@ def factor_kind(module: nn.Module) -> str | None:
         return "conv2d"
     if t is nn.Embedding and module.max_norm is None and not module.scale_grad_by_freq:
         return "embedding"
+    if is_hf_conv1d(module):
+        return "hf_conv1d"
     return None
 
 
@@ -158,6 +202,8 @@ def layer_groups(model: nn.Module, names: Sequence[str]) -> list[tuple[str, str,
         w = params[wname]
         if kind == "embedding":
             d_in, d_out = w.shape[0], w.shape[1]
+        elif kind == "hf_conv1d":
+            d_in, d_out = w.shape[0] + (len(group) == 2), w.shape[1]
         else:
             d_in, d_out = math.prod(w.shape[1:]) + (len(group) == 2), w.shape[0]
         out.append((kind, mname, tuple(group), int(d_in), int(d_out)))
@@ -168,81 +214,128 @@ def layer_groups(model: nn.Module, names: Sequence[str]) -> list[tuple[str, str,
     return out
 
 
+def conv_positions(model: nn.Module, inputs: Inputs) -> dict[str, int]:
+    """Output positions per example of every Conv2d, from one forward pass (no gradients) on ``inputs``.
+
+    Only convolutions: their positions are fixed by the input resolution, so train and test stores
+    agree. A sequence's length varies from batch to batch, so Linear-like layers are planned as if
+    T = 1 (their computation still picks the cheaper way per batch; see the hooks).
+    """
+    found: dict[str, int] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if factor_kind(mod) == "conv2d":
+            def hook(m, args, out, name=name):
+                if isinstance(out, torch.Tensor) and out.ndim == 4:
+                    found[name] = max(found.get(name, 0), int(out.shape[2] * out.shape[3]))
+            handles.append(mod.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            call_model(model, inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return found
+
+
 # ---- the split of projection_dim ----------------------------------------------------------------
-# Cost allowance of the random factors: per position, projecting a and δ may cost up to BETA times
-# the layer's own forward and backward (6·d_in·d_out multiply-adds). Sets the block size (below).
+# Cost allowance: a layer's features may cost up to BETA times its own forward and backward
+# (3·T·d_in·d_out multiply-adds per example). Sets the block size and when a formed map is allowed.
 BETA = 4.0
 # Largest factor matrix (elements; 128 MiB of float32): bounds the memory of an Embedding's input
-# factor (vocabulary × columns) and of every factor, which are generated once and cached.
+# factor (vocabulary × columns), of a formed layer's dense map (d_in·d_out × width), and of every
+# factor; they are generated once and cached.
 FACTOR_ELEMENTS = 1 << 25
+# All formed layers' dense maps together (elements; 256 MiB of float32), so they stay in the block cache.
+FORMED_ELEMENTS = 1 << 26
 # Variance model of one random side, c = 1 + 1/cos² between examples' vectors (3 for cos² = ½).
 _C = 3.0
 _BLOCK_OVERRIDE: int | None = None  # experiments only (benchmarks/projection_quality.py)
 
 
-def block_size(kind: str, d_in: int, d_out: int, share: int) -> int:
+def block_size(kind: str, d_in: int, d_out: int, share: int, positions: int = 1) -> int:
     """Side m of the m×m blocks of a layer with two random factors (see ``_factor_widths``).
 
     The estimate's variance grows with m (~(2m·c + c²)/share) while the cost of projecting one
     position, (d_in + d_out)·share/m, and the factors' memory, d·share/m, fall: m is the smallest
     block that keeps that cost within BETA × the layer's forward+backward and each factor within
     FACTOR_ELEMENTS, and at most √share (a single block, LoGra's choice). An embedding's input side
-    is a row gather, so only d_out counts towards its cost.
+    is a row gather, so only d_out counts towards its cost. With T > 1 positions the features may
+    instead come from the formed gradient (T·D + D·share/m), which allows smaller blocks.
     """
     if _BLOCK_OVERRIDE is not None:
         return max(1, min(_BLOCK_OVERRIDE, d_in - 1, d_out - 1))
     sides = d_out if kind == "embedding" else d_in + d_out
-    m = max(
-        math.ceil(2 * sides * share / (BETA * 6 * d_in * d_out)),
-        math.ceil(max(d_in, d_out) * share / FACTOR_ELEMENTS),
-    )
+    by_cost = math.ceil(2 * sides * share / (BETA * 6 * d_in * d_out))
+    if positions > 1 and kind != "embedding":
+        by_cost = min(by_cost, math.ceil(share / ((3 * BETA - 1) * positions)))
+    m = max(by_cost, math.ceil(max(d_in, d_out) * share / FACTOR_ELEMENTS))
     return max(1, min(m, math.isqrt(share), d_in - 1, d_out - 1))
 
 
-def _factor_widths(kind: str, d_in: int, d_out: int, share: int) -> tuple[int, int, int, int]:
-    """(k_in, k_out, blocks, width) for one layer given ``share`` dims and an exact width above it.
+def _formed_allowed(kind: str, d_in: int, d_out: int, width: int, positions: int, room: int) -> bool:
+    """A dense map of the formed gradient: within the cost allowance, FACTOR_ELEMENTS and ``room``."""
+    d = d_in * d_out
+    if kind in ("embedding", "dense") or positions <= 1 or width >= d:
+        return False
+    if d * width > min(FACTOR_ELEMENTS, room):
+        return False
+    return positions * d + d * width <= 3 * BETA * positions * d
+
+
+def _factor_widths(kind: str, d_in: int, d_out: int, share: int, positions: int = 1,
+                   room: int = 0) -> tuple[int, int, int, int, str]:
+    """(k_in, k_out, blocks, width, method) for one layer given ``share`` dims and an exact width above it.
 
     Candidates: an identity input factor (k_out = share // d_in random output columns), an identity
-    output factor, or two random factors in ``blocks`` m×m blocks (the first m·blocks columns of
+    output factor, two random factors in ``blocks`` m×m blocks (the first m·blocks columns of
     P_in pair with the same block of P_out; products beyond ``share`` are dropped, which keeps the
-    estimate unbiased). The choice minimises a variance model of the inner-product estimate,
-    c/k for one random side of k columns, (2c·m + c²)/share for blocks (c = 3), among the
-    candidates whose factor matrices fit FACTOR_ELEMENTS (the smallest one if none does).
+    estimate unbiased), or, for a layer with many positions, a dense map of the formed gradient
+    (``_formed_allowed``). The choice minimises a variance model of the inner-product estimate,
+    c/k for one random side of k columns (a dense map: c/share), (2c·m + c²)/share for blocks
+    (c = 3), among the candidates whose matrices fit FACTOR_ELEMENTS (the smallest one if none does).
     """
     if kind == "dense":
-        return 1, share, 1, share
+        return 1, share, 1, share, "factors"
     c = _C
-    options: list[tuple[float, int, int, int, int, int]] = []  # (variance, elements, k_in, k_out, blocks, width)
+    # (variance, elements, k_in, k_out, blocks, width, method)
+    options: list[tuple[float, int, int, int, int, int, str]] = []
     if d_in <= share:
         k_out = share // d_in
-        options.append((c / k_out, d_out * k_out, d_in, k_out, 1, d_in * k_out))
+        options.append((c / k_out, d_out * k_out, d_in, k_out, 1, d_in * k_out, "factors"))
     if d_out <= share:
         k_in = share // d_out
-        options.append((c / k_in, d_in * k_in, k_in, d_out, 1, k_in * d_out))
+        options.append((c / k_in, d_in * k_in, k_in, d_out, 1, k_in * d_out, "factors"))
     if d_in > 1 and d_out > 1:
-        m = block_size(kind, d_in, d_out, share)
+        m = block_size(kind, d_in, d_out, share, positions)
         blocks = -(-share // (m * m))
-        options.append(((2 * c * m + c * c) / share, max(d_in, d_out) * m * blocks, m, m, blocks, share))
+        options.append(((2 * c * m + c * c) / share, max(d_in, d_out) * m * blocks, m, m, blocks, share, "factors"))
+    if _formed_allowed(kind, d_in, d_out, share, positions, room):
+        options.append((c / share, d_in * d_out * share, 1, share, 1, share, "formed"))
     if not options:  # pragma: no cover - a share below both widths always admits two random factors
         raise CaptureError(f"cannot split {share} dims over a {d_in}×{d_out} layer")
     fitting = [o for o in options if o[1] <= FACTOR_ELEMENTS] or [min(options, key=lambda o: o[1])]
-    # Lowest variance first; between equals, the one that uses the whole share.
-    _, _, k_in, k_out, blocks, width = min(fitting, key=lambda o: (o[0], -o[5]))
-    return k_in, k_out, blocks, width
+    # Lowest variance first; between equals, the one that uses the whole share, then factors.
+    return min(fitting, key=lambda o: (o[0], -o[5], o[6] == "formed"))[2:]
 
 
-def split_dim(layers: Sequence[tuple[str, int, int]], total: int) -> list[tuple[int, int, int, int]]:
-    """Split ``total`` dims over layers given as (kind, d_in, d_out): (k_in, k_out, blocks, width) each.
+def split_layers(layers: Sequence[tuple[str, int, int, int]], total: int) -> list[tuple[int, int, int, int, str]]:
+    """Split ``total`` dims over layers given as (kind, d_in, d_out, positions): (k_in, k_out, blocks,
+    width, method) each.
 
     1. Water-filling with equal shares: a layer whose exact gradient (d_in·d_out values) fits in
        an equal share of what is left is stored exactly; its unused share goes back to the others,
        until no remaining layer fits.
     2. The rest is shared equally by the remaining layers (in order; the first ones get the
-       remainder of the division), and each picks its factors (see ``_factor_widths``). A layer
-       with an identity factor may use a few dims less than its share; those pass to the next
-       layer, and the last layer with two random factors (or the dense group) takes what is left,
-       so the widths add up to ``total``. Only when no layer can absorb them (or when the exact
-       gradients of all layers fit in fewer dims) is the sum below ``total``.
+       remainder of the division), and each picks its factors (see ``_factor_widths``; the formed
+       layers' dense maps share FORMED_ELEMENTS, in model order). A layer with an identity factor may
+       use a few dims less than its share; those pass to the next layer, and the last layer with two
+       random factors, a formed map (or the dense group) takes what is left, so the widths add up to
+       ``total``. Only when no layer can absorb them (or when the exact gradients of all layers fit
+       in fewer dims) is the sum below ``total``.
     """
     if total < len(layers):
         raise CaptureError(
@@ -250,7 +343,7 @@ def split_dim(layers: Sequence[tuple[str, int, int]], total: int) -> list[tuple[
             "gives one block each; use a larger projection_dim"
         )
     n = len(layers)
-    result: list[tuple[int, int, int, int] | None] = [None] * n
+    result: list[tuple[int, int, int, int, str] | None] = [None] * n
     pending = list(range(n))
     left = total
     while pending:
@@ -259,41 +352,58 @@ def split_dim(layers: Sequence[tuple[str, int, int]], total: int) -> list[tuple[
         if not fits:
             break
         for i in fits:
-            _, d_in, d_out = layers[i]
-            result[i] = (d_in, d_out, 1, d_in * d_out)
+            _, d_in, d_out, _ = layers[i]
+            result[i] = (d_in, d_out, 1, d_in * d_out, "factors")
             left -= d_in * d_out
         pending = [i for i in pending if result[i] is None]
     if pending:
         base, extra = divmod(left, len(pending))
         carry = 0
+        room = FORMED_ELEMENTS
         for j, i in enumerate(pending):
-            kind, d_in, d_out = layers[i]
+            kind, d_in, d_out, positions = layers[i]
             share = base + (j < extra) + carry
-            result[i] = _factor_widths(kind, d_in, d_out, share)
+            result[i] = _factor_widths(kind, d_in, d_out, share, positions, room)
+            if result[i][4] == "formed":
+                room -= d_in * d_out * result[i][3]
             carry = share - result[i][3]
         if carry:
             # Hand the remainder to the last layer that can take any number of dims.
             for i in reversed(pending):
-                kind, d_in, d_out = layers[i]
-                k_in, k_out, blocks, width = result[i]
-                if kind == "dense" and width + carry <= d_out:
-                    result[i] = (1, width + carry, 1, width + carry)
+                kind, d_in, d_out, _ = layers[i]
+                k_in, k_out, blocks, width, method = result[i]
+                grown = width + carry
+                if kind == "dense" and grown <= d_out:
+                    result[i] = (1, grown, 1, grown, "factors")
                     break
-                if kind != "dense" and k_in < d_in and k_out < d_out:
-                    grown = width + carry
-                    result[i] = (k_in, k_out, -(-grown // (k_in * k_out)), grown)
+                if method == "formed" and grown < d_in * d_out and d_in * d_out * grown <= FACTOR_ELEMENTS:
+                    result[i] = (1, grown, 1, grown, "formed")
+                    break
+                if method == "factors" and kind != "dense" and k_in < d_in and k_out < d_out:
+                    result[i] = (k_in, k_out, -(-grown // (k_in * k_out)), grown, "factors")
                     break
     return [r for r in result if r is not None]
 
 
+def split_dim(layers: Sequence[tuple[str, int, int]], total: int) -> list[tuple[int, int, int, int]]:
+    """:func:`split_layers` for layers of one position each, as (kind, d_in, d_out): (k_in, k_out, blocks, width)."""
+    return [r[:4] for r in split_layers([(k, i, o, 1) for k, i, o in layers], total)]
+
+
 # ---- spec ---------------------------------------------------------------------------------------
-def plan_layers(model: nn.Module, names: Sequence[str], dim: int) -> list[FactorLayer]:
-    """The factored plan for the selected parameters of ``model`` at total width ``dim``."""
+def plan_layers(model: nn.Module, names: Sequence[str], dim: int,
+                positions: Mapping[str, int] | None = None) -> list[FactorLayer]:
+    """The factored plan for the selected parameters of ``model`` at total width ``dim``.
+
+    ``positions``: output positions per example by module name (:func:`conv_positions`); 1 for the rest.
+    """
+    positions = positions or {}
     groups = layer_groups(model, names)
-    widths = split_dim([(k, d_in, d_out) for k, _, _, d_in, d_out in groups], int(dim))
+    widths = split_layers([(k, d_in, d_out, int(positions.get(m, 1)) if k != "dense" else 1)
+                           for k, m, _, d_in, d_out in groups], int(dim))
     plan = [
-        FactorLayer(kind, module, params, d_in, d_out, k_in, k_out, width, blocks)
-        for (kind, module, params, d_in, d_out), (k_in, k_out, blocks, width) in zip(groups, widths)
+        FactorLayer(kind, module, params, d_in, d_out, k_in, k_out, width, blocks, method)
+        for (kind, module, params, d_in, d_out), (k_in, k_out, blocks, width, method) in zip(groups, widths)
     ]
     # The stored width is projection_dim (or the exact width, when that is smaller).
     pad = min(int(dim), sum(x.exact_width for x in plan)) - sum(x.width for x in plan)
@@ -302,13 +412,21 @@ def plan_layers(model: nn.Module, names: Sequence[str], dim: int) -> list[Factor
     return plan
 
 
-def factored_spec(model: nn.Module, names: Sequence[str], dim: int, seed: int) -> ProjectionSpec:
-    """A ``factored`` spec whose ``extra`` records the per-layer plan (so the fingerprint covers it)."""
+def factored_spec(model: nn.Module, names: Sequence[str], dim: int, seed: int, *,
+                  positions: Mapping[str, int] | None = None, example: Inputs | None = None) -> ProjectionSpec:
+    """A ``factored`` spec whose ``extra`` records the per-layer plan (so the fingerprint covers it).
+
+    ``example``: the model inputs of one batch (a tensor, a tuple or a dict), run once to count each
+    convolution's output positions, which decide whether its gradient is formed (``positions`` gives
+    them directly). Without either, every layer is planned as if it had one position.
+    """
     if int(dim) <= 0:
         raise CaptureError(f"projection_dim must be a positive integer, got {dim}")
+    if positions is None and example is not None:
+        positions = conv_positions(model, example)
     params = dict(model.named_parameters())
     layers = tuple((n, tuple(int(v) for v in params[n].shape)) for n in names)
-    plan = plan_layers(model, names, int(dim))
+    plan = plan_layers(model, names, int(dim), positions)
     extra = {
         "version": PLAN_VERSION,
         "factor": FACTOR_KIND,
@@ -343,6 +461,8 @@ def describe_plan(plan: Sequence[FactorLayer]) -> str:
             continue
         if x.kind == "dense":
             how = "exact" if x.out_identity else f"dense Gaussian to {x.width}"
+        elif x.formed:
+            how = f"formed gradient, dense Gaussian to {x.width}"
         elif x.width == x.exact_width:
             how = "exact"
         else:
@@ -365,7 +485,14 @@ class Factors:
         self.cache = cache
 
     def matrix(self, layer: FactorLayer, side: str) -> torch.Tensor | None:
-        """``d × n`` factor (n = k·blocks, scaled by 1/√n) for side "in" or "out"; None for the identity."""
+        """``d × n`` factor (n = k·blocks, scaled by 1/√n) for side "in" or "out"; None for the identity.
+
+        Side "formed": the D × width dense map of a formed layer (rows in the order of vec(G), G as
+        d_in × d_out).
+        """
+        if side == "formed":
+            return projection_matrix(FACTOR_KIND, self.seed, f"{layer.weight}#formed", layer.exact_width,
+                                     layer.width, self.device, self.cache)
         if (layer.in_identity if side == "in" else layer.out_identity):
             return None
         d, k = (layer.d_in, layer.n_in) if side == "in" else (layer.d_out, layer.n_out)
@@ -373,8 +500,8 @@ class Factors:
 
 
 def project_input(layer: FactorLayer, a: torch.Tensor, factors: Factors) -> torch.Tensor:
-    """(B, T, k_in) input factor of a Linear/Conv2d input (B, T, I) (bias row appended) or of token
-    ids (B, T) for an Embedding."""
+    """(B, T, k_in) input factor of a Linear/Conv2d/Conv1D input (B, T, I) (bias row appended) or of
+    token ids (B, T) for an Embedding."""
     p = factors.matrix(layer, "in")
     if layer.kind == "embedding":
         if p is None:
@@ -416,6 +543,44 @@ def combine(layer: FactorLayer, a_proj: torch.Tensor, d_proj: torch.Tensor) -> t
     return f
 
 
+def features_from_formed(layer: FactorLayer, g: torch.Tensor, factors: Factors) -> torch.Tensor:
+    """A layer's features (B, width) from its per-example gradients G as (B, d_in, d_out): the same
+    numbers as :func:`combine` of the projected factors (or the dense map of a formed layer)."""
+    b = g.shape[0]
+    g = g.to(torch.float32)
+    if layer.formed:
+        return torch.matmul(g.reshape(b, -1), factors.matrix(layer, "formed"))
+    p_in, p_out = factors.matrix(layer, "in"), factors.matrix(layer, "out")
+    y = g if p_out is None else torch.matmul(g, p_out)  # (B, d_in, n_out)
+    if p_in is None:
+        f = y.reshape(b, -1)
+    else:
+        r = layer.blocks
+        p4 = p_in.reshape(layer.d_in, r, layer.k_in)
+        y4 = y.reshape(b, layer.d_in, r, layer.k_out)
+        f = torch.einsum("dri,bdro->brio", p4, y4).reshape(b, -1)  # the diagonal blocks only
+    f = f[:, : layer.width]
+    return f * layer.scale if layer.scale != 1.0 else f
+
+
+def gradient_matrix(layer: FactorLayer, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Per-example gradients {name: (B, *shape)} of a hooked layer as G (B, d_in, d_out), bias row last
+    (vocabulary rows for an Embedding)."""
+    w = grads[layer.weight].to(torch.float32)
+    b = w.shape[0]
+    if layer.kind == "embedding":
+        return w  # (B, V, E): rows are the vocabulary (input side)
+    if layer.kind == "hf_conv1d":
+        g = w  # (B, in, out)
+        if layer.has_bias:
+            g = torch.cat([g, grads[layer.params[1]].to(torch.float32).reshape(b, 1, layer.d_out)], dim=1)
+        return g
+    g = w.reshape(b, layer.d_out, -1)
+    if layer.has_bias:
+        g = torch.cat([g, grads[layer.params[1]].to(torch.float32).reshape(b, layer.d_out, 1)], dim=2)
+    return g.transpose(1, 2)
+
+
 def project_gradients(
     spec: ProjectionSpec, grads: Mapping[str, torch.Tensor], device: torch.device | str | None = None,
     cache: _BlockCache | None = None,
@@ -423,7 +588,7 @@ def project_gradients(
     """Factored features from exact per-example gradients {name: (B, *shape)}: (B, spec.dim).
 
     The reference path (tests, and models whose hooks cannot be used): the same linear map of the
-    gradient as the hooks compute, P_inᵀ Gᵀ P_out per layer.
+    gradient as the hooks compute, P_inᵀ Gᵀ P_out per layer (or the dense map of a formed layer).
     """
     plan = plan_from_spec(spec)
     first = next(iter(grads.values()))
@@ -434,29 +599,10 @@ def project_gradients(
     for layer in plan:
         if layer.kind == "dense":
             parts.append(dense_features(spec, layer, grads, device))
-            continue
-        if layer.kind == "pad":
+        elif layer.kind == "pad":
             parts.append(torch.zeros(b, layer.width, device=device))
-            continue
-        w = grads[layer.weight].to(torch.float32)
-        if layer.kind == "embedding":
-            x = w  # (B, V, E): rows are the vocabulary (input side)
         else:
-            g = w.reshape(b, layer.d_out, -1)
-            if layer.has_bias:
-                g = torch.cat([g, grads[layer.params[1]].to(torch.float32).reshape(b, layer.d_out, 1)], dim=2)
-            x = g.transpose(1, 2)  # (B, d_in, d_out)
-        p_in, p_out = factors.matrix(layer, "in"), factors.matrix(layer, "out")
-        if p_in is not None:
-            x = torch.einsum("bio,ik->bko", x, p_in)
-        if p_out is not None:
-            x = torch.matmul(x, p_out)  # (B, n_in, n_out): all products; keep the diagonal blocks
-        r = layer.blocks
-        if r > 1:
-            x = torch.diagonal(x.reshape(b, r, layer.k_in, r, layer.k_out), dim1=1, dim2=3)
-            x = x.permute(0, 3, 1, 2)  # (B, r, k_in, k_out)
-        f = x.reshape(b, -1)[:, : layer.width]
-        parts.append(f * layer.scale)
+            parts.append(features_from_formed(layer, gradient_matrix(layer, grads), factors))
     return torch.cat(parts, dim=1)
 
 

@@ -2,28 +2,47 @@
 
 One ordinary batched forward and backward (the sum of the per-example losses) per batch and
 checkpoint: in eval mode examples do not interact, so the gradient of the summed loss with respect
-to a layer's output, taken at example i, is δ of example i's own loss. No per-example gradient of a
-factored layer is ever formed, and the weight gradients themselves are never computed (the
-backward asks only for the layer outputs' gradients).
+to a layer's output, taken at example i, is δ of example i's own loss. The weight gradients of the
+batch are never computed (the backward asks only for the layer outputs' gradients). Each layer's
+features then come per position from the projected a_t and δ_t, or from its per-example gradient
+G = Aᵀ Δ formed in chunks of examples, whichever costs less for the batch at hand (:mod:`.costs`);
+its exact squared norm likewise from the Gram form or ‖G‖².
+
+A layer called on a tensor broadcast over the batch (position ids of shape (1, T)) gets its output
+expanded to one copy per example, so δ stays per example.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from ...errors import CaptureError
 from ...spec import ProjectionSpec
-from ..per_example.losses import LossFn, as_tuple, cross_entropy
+from ..per_example.batches import call_functional
+from ..per_example.losses import LossFn, check_losses, default_loss
 from ..per_example.norms import dense_sq_norms, factored_sq_norms
 from ..per_example.vmap import PerExampleGradients
-from .factored import FactorLayer, Factors, combine, dense_features, plan_from_spec, project_input, project_output
+from .calls import ConvCall, RowsCall
+from .costs import norm_cost
+from .factored import (
+    FactorLayer,
+    Factors,
+    combine,
+    dense_features,
+    features_from_formed,
+    plan_from_spec,
+    project_input,
+    project_output,
+)
 
 log = logging.getLogger("trackin_ooc")
+
+# Elements of per-example gradients formed at once (64 MiB of float32): bounds the formed path's memory.
+FORMED_CHUNK_ELEMENTS = 1 << 24
 
 
 class _Tap:
@@ -33,6 +52,7 @@ class _Tap:
         self.layer = layer
         self.module = module
         self.active = False
+        self.batch = 0
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.handle = module.register_forward_hook(self._hook)
 
@@ -44,41 +64,38 @@ class _Tap:
                 f"layer {self.layer.module!r} was called without a plain tensor input/output; "
                 "the factored projection cannot hook it: leave it out of layers or use projection='gaussian'"
             )
-        self.calls.append((args[0].detach(), output))
+        x = args[0]
+        if self.batch > 1 and x.ndim and x.shape[0] == 1 and output.ndim and output.shape[0] == 1:
+            # Shared by the whole batch (position ids of shape (1, T)): one copy per example, so the
+            # gradient of the summed loss with respect to copy i is example i's own δ.
+            output = output.expand(self.batch, *output.shape[1:])
+        self.calls.append((x.detach(), output))
         # Later in-place ops (ReLU(inplace=True), +=) then change the copy, not the output whose
         # gradient is δ.
         return output.clone()
 
-    def inputs(self, x: torch.Tensor, batch: int) -> torch.Tensor:
-        """The layer input as (B, T, d_in without bias) rows, or token ids (B, T)."""
-        kind, m = self.layer.kind, self.module
-        if x.shape[0] != batch:
-            raise _batch_error(self.layer, x.shape)
-        if kind == "embedding":
-            return x.reshape(batch, -1)
-        if kind == "linear":
-            return x.reshape(batch, -1, x.shape[-1])
-        # conv2d: pad as the module's forward does, then unfold to (B, positions, C·kh·kw)
-        if isinstance(m.padding, str) or m.padding_mode != "zeros":
-            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-            x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-            padding = 0
-        else:
-            padding = m.padding
-        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
-        return cols.transpose(1, 2)
-
-    def deltas(self, delta: torch.Tensor, batch: int, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Output gradients as (B, T, d_out)."""
+    def call(self, x: torch.Tensor, delta: torch.Tensor, batch: int) -> RowsCall | ConvCall:
+        """One call's input and output gradient, per example (a shared input expanded to the batch)."""
+        x = _per_example(self.layer, x, batch)
         if delta.shape[0] != batch:
             raise _batch_error(self.layer, delta.shape)
         if self.layer.kind == "conv2d":
-            return delta.reshape(batch, delta.shape[1], -1).transpose(1, 2)
+            return ConvCall(self.layer, self.module, x, delta)
+        x = x.reshape(batch, -1) if self.layer.kind == "embedding" else x.reshape(batch, -1, x.shape[-1])
         delta = delta.reshape(batch, -1, delta.shape[-1])
         pad = getattr(self.module, "padding_idx", None)
-        if ids is not None and pad is not None:  # the padding row gets no gradient
-            delta = delta * (ids != pad).unsqueeze(-1).to(delta.dtype)
-        return delta
+        if self.layer.kind == "embedding" and pad is not None:  # the padding row gets no gradient
+            delta = delta * (x != pad).unsqueeze(-1).to(delta.dtype)
+        return RowsCall(self.layer, x, delta)
+
+
+def _per_example(layer: FactorLayer, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``x`` with the batch first: as it is, or expanded when it is shared by the batch (first dimension 1)."""
+    if x.shape[0] == batch:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(batch, *x.shape[1:])
+    raise _batch_error(layer, x.shape)
 
 
 def _batch_error(layer: FactorLayer, shape) -> CaptureError:
@@ -87,6 +104,51 @@ def _batch_error(layer: FactorLayer, shape) -> CaptureError:
         "batch; the factored projection needs batch-first layers (e.g. batch_first=True): "
         "leave this layer out of layers or use projection='gaussian'"
     )
+
+
+def layer_features(layer: FactorLayer, calls: Sequence[RowsCall | ConvCall], factors: Factors,
+                   batch: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """One layer's features (B, width), exact squared gradient norms (B,) and the way they were computed
+    ("per position" or "formed"), from its calls in the forward pass.
+
+    The cheaper way for these positions (:meth:`FactorLayer.cost`, :func:`.costs.norm_cost`); both give
+    the same features. A formed map is always computed from formed gradients.
+    """
+    positions = sum(c.positions for c in calls)
+    per_position, formed = layer.cost(positions)
+    norm_how, norm = norm_cost(layer.kind, layer.d_in, layer.d_out, positions)
+    if formed <= per_position + norm:
+        feats, sq = [], []
+        for g in _formed_chunks(layer, calls, batch):
+            feats.append(features_from_formed(layer, g, factors))
+            sq.append(g.pow(2).sum((1, 2)))
+        return torch.cat(feats), torch.cat(sq), "formed"
+    f = None
+    p_in = factors.matrix(layer, "in")
+    for c in calls:
+        a_proj = project_input(layer, c.rows(), factors) if p_in is None or layer.kind == "embedding" \
+            else c.project_input(p_in)
+        part = combine(layer, a_proj, project_output(layer, c.delta, factors))
+        f = part if f is None else f.add_(part)
+    if norm_how == "formed":
+        sq = torch.cat([g.pow(2).sum((1, 2)) for g in _formed_chunks(layer, calls, batch)])
+    else:
+        sq = factored_sq_norms([c.rows() for c in calls], [c.delta for c in calls], bias=layer.has_bias,
+                               embedding=layer.kind == "embedding")
+    return f, sq, "per position"
+
+
+def _formed_chunks(layer: FactorLayer, calls: Sequence[RowsCall | ConvCall], batch: int):
+    """Per-example gradients (b, d_in, d_out), summed over calls, for chunks of examples within
+    FORMED_CHUNK_ELEMENTS."""
+    step = max(1, FORMED_CHUNK_ELEMENTS // max(1, layer.exact_width))
+    for s in range(0, batch, step):
+        e = min(batch, s + step)
+        g = None
+        for c in calls:
+            part = c.formed(s, e)
+            g = part if g is None else g.add_(part)
+        yield g
 
 
 class FactoredFeatures:
@@ -103,7 +165,7 @@ class FactoredFeatures:
                  device: torch.device | str = "cpu"):
         self.model = model
         self.spec = spec
-        self.loss_fn = loss_fn or cross_entropy
+        self.loss_fn = loss_fn or default_loss
         self.device = torch.device(device)
         self.plan = plan_from_spec(spec)
         self.factors = Factors(spec.seed, self.device)
@@ -111,6 +173,8 @@ class FactoredFeatures:
         self.taps: list[_Tap] = []
         self.dense: FactorLayer | None = None
         self._dense_grads: PerExampleGradients | None = None
+        # How each hooked layer's features were computed in the last batch ("per position" or "formed").
+        self.paths: dict[str, str] = {}
         try:
             for layer in self.plan:
                 if layer.kind == "dense":
@@ -139,52 +203,39 @@ class FactoredFeatures:
         """Features (B, dim), losses (B,) and exact squared gradient norms (B,) at one prepared
         checkpoint: one forward and backward."""
         state, plain = prepared
-        x = as_tuple(inputs)
         batch = targets.shape[0]
         for t in self.taps:
             t.calls.clear()
+            t.batch = batch
             t.active = True
         try:
             with torch.enable_grad():
-                out = functional_call(self.model, state, x)
+                out = call_functional(self.model, state, inputs)
         finally:
             for t in self.taps:
                 t.active = False
-        losses = self.loss_fn(out, targets)
-        if losses.shape != (batch,):
-            raise CaptureError(
-                f"loss_fn returned shape {tuple(losses.shape)}; it must return one loss per example, "
-                f"shape ({batch},) (use reduction='none')"
-            )
+        losses = check_losses(self.loss_fn(out, targets), batch)
         outputs = [o for t in self.taps for _, o in t.calls]
         check = not self._checked  # first batch: also the weights' batch gradients, to verify the hooks
         wrt = outputs + ([state[w] for w in self._weights] if check and outputs else [])
         grads = torch.autograd.grad(losses.sum(), wrt, allow_unused=True) if wrt else ()
         if check:
             self._checked = True
-            self._check_hooks(grads[: len(outputs)], grads[len(outputs):], state)
+            self._check_hooks(grads[: len(outputs)], grads[len(outputs):], state, batch)
         deltas = iter(grads[: len(outputs)])
         parts: dict[int, torch.Tensor] = {}
         sq_norms = torch.zeros(batch, dtype=torch.float32, device=self.device)
         for t in self.taps:
-            f = None
-            seen_in, seen_out = [], []
-            for a, _o in t.calls:
-                delta = next(deltas)
-                if delta is None:
-                    continue
-                ids = a.reshape(batch, -1) if t.layer.kind == "embedding" else None
-                x_in, d_out = t.inputs(a, batch), t.deltas(delta, batch, ids)
-                seen_in.append(x_in)
-                seen_out.append(d_out)
-                g = combine(t.layer, project_input(t.layer, x_in, self.factors),
-                            project_output(t.layer, d_out, self.factors))
-                f = g if f is None else f.add_(g)
-            parts[id(t.layer)] = f if f is not None else torch.zeros(batch, t.layer.width, device=self.device)
-            if seen_in:
-                sq_norms += factored_sq_norms(seen_in, seen_out, bias=bool(t.layer.has_bias),
-                                              embedding=t.layer.kind == "embedding")
+            calls = [t.call(a, delta, batch) for (a, _o), delta in zip(t.calls, [next(deltas) for _ in t.calls])
+                     if delta is not None]
             t.calls.clear()
+            if not calls:
+                parts[id(t.layer)] = torch.zeros(batch, t.layer.width, device=self.device)
+                continue
+            f, sq, how = layer_features(t.layer, calls, self.factors, batch)
+            parts[id(t.layer)] = f
+            sq_norms += sq
+            self.paths[t.layer.module] = how
         if self.dense is not None:
             grads, _ = self._dense_grads(plain, inputs, targets)
             sq_norms += dense_sq_norms({n: grads[n] for n in self.dense.params}, batch)
@@ -193,7 +244,7 @@ class FactoredFeatures:
                            for x in self.plan], dim=1)
         return feats.detach(), losses.detach(), sq_norms.detach()
 
-    def _check_hooks(self, deltas, wgrads, state) -> None:
+    def _check_hooks(self, deltas, wgrads, state, batch: int) -> None:
         """Once: the batch gradient of every factored weight must equal Σ_examples Σ_t δ_t a_tᵀ.
 
         Catches a weight used outside its module's forward (tied or functional uses), where the
@@ -209,15 +260,7 @@ class FactoredFeatures:
                 delta = next(it)
                 if delta is None:
                     continue
-                b = a.shape[0]
-                if layer.kind == "embedding":
-                    ids = a.reshape(b, -1)
-                    d = t.deltas(delta, b, ids).reshape(-1, layer.d_out)
-                    g = torch.zeros(layer.d_in, layer.d_out, device=d.device).index_add_(0, ids.reshape(-1), d)
-                else:
-                    ai = t.inputs(a, b).reshape(-1, layer.d_in - layer.has_bias).to(torch.float32)
-                    d = t.deltas(delta, b).reshape(-1, layer.d_out).to(torch.float32)
-                    g = (d.T @ ai).reshape(wg.shape) if wg is not None else None
+                g = t.call(a, delta, batch).batch_weight_grad()
                 total = g if total is None else total + g
             want = torch.zeros_like(state[layer.weight]) if wg is None else wg.to(torch.float32)
             have = torch.zeros_like(want) if total is None else total.reshape(want.shape)

@@ -1,0 +1,129 @@
+"""One call of a hooked layer, per example: its input rows, projected inputs and formed gradients.
+
+The hooks keep what a layer saw (its input as given, its output's gradient); these classes turn that
+into what the features need, each the cheap way for its layer type:
+
+- :class:`RowsCall` (Linear, Hugging Face ``Conv1D``, Embedding): rows (B, T, d_in) are a reshape;
+  the formed gradient is one batched product Aᵀ Δ.
+- :class:`ConvCall` (Conv2d): the input is never unfolded unless the Gram form of the norm asks for
+  it. The input factor P_inᵀ a_t of every patch is a convolution of the input with P_in as kernels, and
+  the per-example gradients are the convolution's weight gradient with the examples as groups (one
+  grouped backward instead of unfolding T patches of C·kh·kw values).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .factored import FactorLayer
+
+
+class RowsCall:
+    """A Linear, ``Conv1D`` or Embedding call: inputs (B, T, d_in without bias) or token ids (B, T)."""
+
+    def __init__(self, layer: FactorLayer, x: torch.Tensor, delta: torch.Tensor):
+        self.layer = layer
+        self.x = x
+        self.delta = delta  # (B, T, d_out)
+
+    @property
+    def positions(self) -> int:
+        return int(self.delta.shape[1])
+
+    def rows(self) -> torch.Tensor:
+        return self.x
+
+    def project_input(self, p: torch.Tensor) -> torch.Tensor:
+        """(B, T, n) = rows @ P_in (bias row of P_in added when the layer has a bias)."""
+        a = self.x.to(torch.float32)
+        if self.layer.has_bias:
+            return torch.matmul(a, p[:-1]).add_(p[-1])
+        return torch.matmul(a, p)
+
+    def batch_weight_grad(self) -> torch.Tensor:
+        """Σ over examples and positions of δ_t a_tᵀ, in the weight's own layout (no bias)."""
+        layer = self.layer
+        d = self.delta.reshape(-1, layer.d_out).to(torch.float32)
+        if layer.kind == "embedding":
+            ids = self.x.reshape(-1)
+            return torch.zeros(layer.d_in, layer.d_out, device=d.device).index_add_(0, ids, d)
+        a = self.x.reshape(d.shape[0], -1).to(torch.float32)
+        return a.T @ d if layer.kind == "hf_conv1d" else d.T @ a
+
+    def formed(self, start: int, stop: int) -> torch.Tensor:
+        """Per-example gradients of examples ``start:stop`` as (b, d_in, d_out), bias row last."""
+        d = self.delta[start:stop].to(torch.float32)
+        g = torch.bmm(self.x[start:stop].to(torch.float32).transpose(1, 2), d)
+        if self.layer.has_bias:
+            g = torch.cat([g, d.sum(1, keepdim=True)], dim=1)
+        return g
+
+
+class ConvCall:
+    """A Conv2d call: input (B, C, H, W) (padded here when the module pads other than with zeros) and
+    output gradients (B, O, H', W')."""
+
+    def __init__(self, layer: FactorLayer, module: nn.Conv2d, x: torch.Tensor, delta_map: torch.Tensor):
+        self.layer = layer
+        self.module = module
+        if isinstance(module.padding, str) or module.padding_mode != "zeros":
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+            self.padding = (0, 0)
+        else:
+            self.padding = tuple(module.padding)
+        self.x = x
+        self.delta_map = delta_map
+        b, o = delta_map.shape[:2]
+        self.delta = delta_map.reshape(b, o, -1).transpose(1, 2)  # (B, T, O)
+        self._rows: torch.Tensor | None = None
+
+    @property
+    def positions(self) -> int:
+        return int(self.delta.shape[1])
+
+    def rows(self) -> torch.Tensor:
+        """Unfolded input patches (B, T, C·kh·kw), made once on first use."""
+        if self._rows is None:
+            m = self.module
+            cols = F.unfold(self.x, m.kernel_size, dilation=m.dilation, padding=self.padding, stride=m.stride)
+            self._rows = cols.transpose(1, 2)
+        return self._rows
+
+    def project_input(self, p: torch.Tensor) -> torch.Tensor:
+        """(B, T, n): every patch times P_in, as a convolution with the columns of P_in as kernels."""
+        m = self.module
+        n = p.shape[1]
+        c = self.x.shape[1]
+        kernels = p[: p.shape[0] - self.layer.has_bias].T.reshape(n, c, *m.kernel_size).contiguous()
+        bias = p[-1].contiguous() if self.layer.has_bias else None
+        y = F.conv2d(self.x.to(torch.float32), kernels, bias, m.stride, self.padding, m.dilation)
+        return y.reshape(y.shape[0], n, -1).transpose(1, 2)
+
+    def batch_weight_grad(self) -> torch.Tensor:
+        """The convolution's weight gradient for the whole batch (O, C, kh, kw)."""
+        m = self.module
+        x, d = self.x.to(torch.float32), self.delta_map.to(torch.float32)
+        shape = x.new_empty(()).expand(d.shape[1], x.shape[1], *m.kernel_size)
+        return torch.ops.aten.convolution_backward(d, x, shape, None, m.stride, self.padding, m.dilation, False,
+                                                   (0, 0), 1, (False, True, False))[1]
+
+    def formed(self, start: int, stop: int) -> torch.Tensor:
+        """Per-example weight gradients of examples ``start:stop``: the convolution's weight gradient
+        with the examples as groups, as (b, d_in, d_out) (bias row last)."""
+        m = self.module
+        x = self.x[start:stop].to(torch.float32)
+        d = self.delta_map[start:stop].to(torch.float32)
+        b, c = x.shape[:2]
+        o = d.shape[1]
+        shape = x.new_empty(()).expand(b * o, c, *m.kernel_size)  # only its shape is read
+        gw = torch.ops.aten.convolution_backward(
+            d.reshape(1, b * o, *d.shape[2:]), x.reshape(1, b * c, *x.shape[2:]), shape, None,
+            m.stride, self.padding, m.dilation, False, (0, 0), b, (False, True, False),
+        )[1]
+        g = gw.reshape(b, o, -1).transpose(1, 2)  # (b, C·kh·kw, O)
+        if self.layer.has_bias:
+            g = torch.cat([g, d.sum((2, 3)).unsqueeze(1)], dim=1)
+        return g
