@@ -139,8 +139,10 @@ class PerExampleGradients:
                 if isinstance(e, CaptureError):  # bad input (loss shape, ...): the user's to fix
                     raise
                 g, losses, failed = {}, None, dict.fromkeys(hooked, f"the hooked pass failed: {_first_line(e)}")
-            for n, why in failed.items():
-                _warn_once(f"per-example gradients: {n} is not computed by hooks ({why}); using vmap for it")
+            if failed:
+                first = next(iter(failed.values()))
+                _warn_once(f"per-example gradients: {len(failed)} parameters are not computed by hooks "
+                           f"({_short(failed)}; {first}); using vmap for them")
             grads = {n: v for n, v in g.items() if n not in failed}
         plan = dict.fromkeys(grads, "hooks")
         rest = [n for n in names if n not in plan]

@@ -128,13 +128,26 @@ class _Tap:
         if self.use.kind in ("batch_norm",) and module.training:
             self.problem = "is in training mode (batch statistics mix examples)"
             return None
-        self.calls.append((x.detach(), output))
+        self.calls.append((_saved_input(self.use, module, x.detach()), output))
         # Later in-place ops (ReLU(inplace=True), +=) change the copy, not the output whose gradient is δ.
         return output.clone()
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _saved_input(use: _Use, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the gradient rule needs of a call's input: the input itself, or for a normalisation layer
+    its normalised input x̂, computed now, while the module holds the checkpoint's buffers."""
+    with torch.no_grad():
+        if use.kind == "layer_norm":
+            return F.layer_norm(x, tuple(module.normalized_shape), None, None, module.eps)
+        if use.kind == "batch_norm":
+            return F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
+        if use.kind == "group_norm":
+            return F.group_norm(x, module.num_groups, None, None, module.eps)
+    return x
 
 
 def _conv_weight_gradients(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -164,7 +177,8 @@ def _channel_sums(t: torch.Tensor, batch: int, channels: int) -> torch.Tensor:
 
 
 def per_call_gradients(use: _Use, x: torch.Tensor, delta: torch.Tensor, want: set[str]) -> dict[str, torch.Tensor]:
-    """Per-example gradients {attr: (B, *shape)} of the parameters ``want`` from one call's input and δ."""
+    """Per-example gradients {attr: (B, *shape)} of the parameters ``want`` from one call's saved input
+    (:func:`_saved_input`) and δ."""
     m, kind, batch = use.module, use.kind, x.shape[0]
     out: dict[str, torch.Tensor] = {}
     if kind in ("linear", "hf_conv1d"):
@@ -192,22 +206,17 @@ def per_call_gradients(use: _Use, x: torch.Tensor, delta: torch.Tensor, want: se
         rows = torch.arange(batch, device=ids.device).unsqueeze(1).expand_as(ids)
         w.index_put_((rows.reshape(-1), ids.reshape(-1)), d.reshape(-1, d.shape[-1]), accumulate=True)
         out["weight"] = w
-    elif kind == "layer_norm":
+    elif kind == "layer_norm":  # x: the normalised input x̂
         shape = tuple(m.normalized_shape)
         d = delta.reshape(batch, -1, *shape)
         if "weight" in want:
-            xhat = F.layer_norm(x, shape, None, None, m.eps).reshape(batch, -1, *shape)
-            out["weight"] = (d * xhat.to(d.dtype)).sum(1)
+            out["weight"] = (d * x.reshape(batch, -1, *shape).to(d.dtype)).sum(1)
         if "bias" in want:
             out["bias"] = d.sum(1)
-    elif kind in ("batch_norm", "group_norm"):
+    elif kind in ("batch_norm", "group_norm"):  # x: the normalised input x̂
         channels = x.shape[1]
         if "weight" in want:
-            if kind == "batch_norm":
-                xhat = F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
-            else:
-                xhat = F.group_norm(x, m.num_groups, None, None, m.eps)
-            out["weight"] = _channel_sums(delta * xhat.to(delta.dtype), batch, channels)
+            out["weight"] = _channel_sums(delta * x.to(delta.dtype), batch, channels)
         if "bias" in want:
             out["bias"] = _channel_sums(delta, batch, channels)
     else:  # pragma: no cover - hook_kind names every kind handled here
