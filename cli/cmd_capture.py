@@ -11,7 +11,7 @@ import click
 
 from .settings import Settings, pass_settings, plural, rate
 
-PROJECTIONS = ("gaussian", "rademacher", "factored")
+PROJECTIONS = ("gaussian", "rademacher", "factored", "factors")  # factors: exact, per-layer factors
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -56,7 +56,8 @@ def _layers(value: str | None) -> list[str] | None:
 @click.option("--projection-dim", type=click.IntRange(min=1), metavar="K",
               help="Project gradients to K dimensions (default: exact gradients).")
 @click.option("--projection", type=click.Choice(PROJECTIONS), default="gaussian", show_default=True,
-              help="Kind of random projection (with --projection-dim).")
+              help="Kind of random projection (with --projection-dim); 'factors' (without it): exact "
+                   "gradients, per-layer factors where cheaper.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random projection.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, metavar="B",
               help="Examples per batch of per-example gradients.")
@@ -96,7 +97,10 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, laye
             param_hint="'--lr'",
         )
     layer_names = _layers(layers)
-    if projection != "gaussian" and projection_dim is None:
+    if projection == "factors" and projection_dim is not None:
+        raise click.BadParameter("--projection factors keeps gradients exact: leave out --projection-dim",
+                                 param_hint="'--projection'")
+    if projection not in ("gaussian", "factors") and projection_dim is None:
         raise click.BadParameter("--projection needs --projection-dim K", param_hint="'--projection'")
 
     import trackin_ooc as to

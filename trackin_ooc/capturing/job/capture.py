@@ -25,6 +25,7 @@ from ..projection.factored import factored_spec
 from .capture_job import CaptureJob, checkpoints_as_given, loader_settings, probe_labels
 from .data import as_loader, dataset_length
 from .device import resolve_device
+from .factor_layout import store_layout
 from .methods import choose_per_example_methods
 from .resume import StoreSettings, check_resumable, existing_store
 
@@ -77,6 +78,10 @@ def capture(
     backward, and each side is projected on its own (docs/projection.md); ``projection_dim`` is
     then split across layers and the split is recorded in the spec.
 
+    ``projection="factors"`` (``projection_dim=None``) keeps gradients exact but stores each Linear, Conv
+    or Embedding layer as its inputs and output gradients per position where that is cheaper to store and
+    to score than the flat gradient (store layout version 2); scores stay exact (docs/projection.md).
+
     ``nonfinite="raise"`` refuses NaN/inf gradients or losses with the example ids; ``"flag"`` stores
     those examples as zeros and lists them in ``store.nonfinite_examples()``.
 
@@ -108,9 +113,13 @@ def capture(
     params = dict(model.named_parameters())
     if projection == "factored" and projection_dim is not None:
         spec = factored_spec(model, names, projection_dim, seed)
+    elif projection == "factors" and projection_dim is not None:
+        raise CaptureError("projection='factors' keeps gradients exact: leave projection_dim out (None)")
     else:
         spec = make_spec(projection, projection_dim, seed, [(n, tuple(params[n].shape)) for n in names])
     loader = as_loader(data, batch_size)
+    layout = store_layout(spec, projection, model, names, loader, dev, target_key)  # "factors": per-layer choices
+    spec = layout.spec
     n = dataset_length(loader)
     settings = loader_settings(loader)
     label_dtype = probe_labels(loader.dataset, settings["collate_fn"], target_key)
@@ -122,10 +131,10 @@ def capture(
     )
     job.per_example_methods = choose_per_example_methods(job, ckpts[0], dev)
     wanted = StoreSettings(
-        n_checkpoints=len(ckpts), n_examples=n, feature_dim=spec.dim, fingerprint=spec.fingerprint,
+        n_checkpoints=len(ckpts), n_examples=n, feature_dim=layout.feature_dim, fingerprint=spec.fingerprint,
         learning_rates=tuple(job.learning_rates), checkpoint_hashes=tuple(job.checkpoint_hashes), dtype=dtype,
         loss_name=_loss_name(loss_fn), label_dtype=None if label_dtype is None else str(label_dtype),
-        chunk_rows=None if chunk_rows is None else max(1, min(int(chunk_rows), n)),
+        chunk_rows=None if chunk_rows is None else max(1, min(int(chunk_rows), n)), factors=layout.factors,
     )
     t0 = time.perf_counter()
     lock = StoreLock(path, storage_options)  # one writer per store; released even on failure
@@ -133,7 +142,8 @@ def capture(
     try:
         store, blocks = _open_or_create(path, wanted, spec, ckpts, overwrite=overwrite,
                                         storage_options=storage_options,
-                                        extra_attrs={"per_example_methods": job.per_example_methods})
+                                        extra_attrs={"per_example_methods": job.per_example_methods,
+                                                     **layout.store_attrs})
         if blocks and client is not None:
             from .scale_out import run_on_cluster
 
@@ -164,7 +174,7 @@ def _open_or_create(path, wanted: StoreSettings, spec, ckpts, *, overwrite: bool
             return store, blocks
     elif backends.exists(path, storage_options):
         prepare_output(path, overwrite=True, storage_options=storage_options, what="gradient store")
-    rows = wanted.chunk_rows or default_chunk_rows(wanted.feature_dim, wanted.n_checkpoints, wanted.dtype,
+    rows = wanted.chunk_rows or default_chunk_rows(wanted.row_width, wanted.n_checkpoints, wanted.dtype,
                                                    wanted.n_examples)
     store = GradientStore.create(
         path,
@@ -181,5 +191,7 @@ def _open_or_create(path, wanted: StoreSettings, spec, ckpts, *, overwrite: bool
         storage_options=storage_options,
         with_norms=True,
         extra_attrs=extra_attrs,
+        factors=wanted.factors,
+        feature_dim=wanted.feature_dim,
     )
     return store, store.row_blocks()

@@ -129,12 +129,14 @@ class CaptureJob:
                     raise CaptureError(f"a batch of {len(index)} examples came back with {b} targets; "
                                        "the collate function must keep one target per example")
                 f, loss, sq = featurize(states, inputs, targets)  # (C, b, dim), (C, b), (C, b)
-                feats = f.detach().to("cpu", torch.float32).numpy()
+                # Per-layer factor arrays too with projection="factors" ({name: array}; else None).
+                feats, parts = f.to_host() if hasattr(f, "to_host") else (f.detach().to("cpu", torch.float32).numpy(),
+                                                                          None)
                 losses = loss.detach().to("cpu", torch.float32).numpy()
                 norms = sq.detach().to("cpu", torch.float32).numpy()
-                flags = check_finite(feats, losses, start, self.nonfinite, store.checkpoint_names, norms)
+                flags = check_finite(feats, losses, start, self.nonfinite, store.checkpoint_names, norms, parts)
                 labels = targets.detach().cpu().numpy() if store.has_labels else None
-                writer.add(feats, losses, labels, flags, norms)
+                writer.add(feats, losses, labels, flags, norms, parts)
                 if on_rows is not None:
                     on_rows(b)
         except BaseException:

@@ -105,7 +105,12 @@ class DenseFeatures:
 
 def make_featurizer(model: nn.Module, spec: ProjectionSpec, loss_fn: LossFn | None, device: torch.device,
                     methods: dict[str, str] | None = None):
-    """The featurizer for a spec: factored hooks for ``factored``, per-example gradients otherwise."""
+    """The featurizer for a spec: factored hooks for ``factored``, per-layer factors (exact) for
+    ``factors``, per-example gradients otherwise."""
+    if spec.kind == "factors":
+        from .factors import FactorsFeatures
+
+        return FactorsFeatures(model, spec, loss_fn, device, methods=methods)
     if spec.kind == "factored":
         from .hooks import FactoredFeatures
 
