@@ -353,11 +353,8 @@ class FactorsFeatures:
 
 def _call_parts(t: _Tap, x: torch.Tensor, delta: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One hooked call as (input rows (B, T, d_in without bias) or token ids (B, T), δ (B, T, d_out))."""
-    if hasattr(t, "call"):
-        c = t.call(x, delta, batch)
-        return c.rows(), c.delta
-    ids = x.reshape(batch, -1) if t.layer.kind == "embedding" else None  # the hooks' earlier interface
-    return t.inputs(x, batch), t.deltas(delta, batch, ids)
+    c = t.call(x, delta, batch)
+    return c.rows(), c.delta
 
 
 def _out_in(module: nn.Module, wg: torch.Tensor, d_out: int) -> torch.Tensor:
