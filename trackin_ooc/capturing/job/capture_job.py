@@ -10,7 +10,7 @@ one.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +22,7 @@ from ...errors import CaptureError
 from ...spec import ProjectionSpec
 from ...store import GradientStore
 from ...store.backends import StorageOptions
-from ..checkpoints import Checkpoint, drop_tied_duplicates, load_checkpoints
+from ..checkpoints import Checkpoint, drop_tied_duplicates, expand_checkpoints, load_checkpoints
 from ..per_example.batches import split_batch
 from ..per_example.losses import LossFn
 from ..projection.features import make_featurizer
@@ -177,7 +177,6 @@ def loader_settings(loader: DataLoader) -> dict:
 
 
 def checkpoints_as_given(checkpoints) -> list:
-    """Paths as strings, state dicts as they are (a job ships these to workers)."""
-    if isinstance(checkpoints, (str, os.PathLike, Mapping)):
-        checkpoints = [checkpoints]
-    return [ck if isinstance(ck, Mapping) else os.fspath(ck) for ck in checkpoints]
+    """Paths as strings, state dicts as they are (a job ships these to workers); a run folder as the
+    ``checkpoint-N`` folders it held now, so that every worker loads these same checkpoints."""
+    return expand_checkpoints(checkpoints)
