@@ -161,8 +161,8 @@ def _loop_reference(model, state, inputs, targets, names):
     for i in range(len(targets)):
         x = tuple(t[i : i + 1] for t in inputs)
         loss = F.cross_entropy(model(*x), targets[i : i + 1])
-        for n, g in zip(names, torch.autograd.grad(loss, [params[n] for n in names])):
-            out[n].append(g)
+        for n, g in zip(names, torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)):
+            out[n].append(torch.zeros_like(params[n]) if g is None else g)
     return {n: torch.stack(v) for n, v in out.items()}
 
 
@@ -259,6 +259,35 @@ def test_the_per_example_loop_is_the_last_resort_for_the_uncovered_parameters_on
     assert len(warnings) == 1, warnings
     assert "per-example loop" in warnings[0] and "scale" in warnings[0] and "lin." not in warnings[0]
     ref = _loop_reference(model, state, (x,), y, names)
+    for n in names:
+        torch.testing.assert_close(grads[n], ref[n], rtol=1e-4, atol=1e-6)
+
+
+class PartlyFrozen(nn.Module):
+    """A layer run under no_grad inside forward: its parameters get no gradient, the others theirs."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = torch.relu(self.frozen(x))
+        return self.head(h)
+
+
+def test_a_layer_run_without_grad_gets_zero_gradients_from_hooks():
+    torch.manual_seed(0)
+    model = PartlyFrozen().eval()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    names = [n for n, _ in model.named_parameters()]
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    peg = PerExampleGradients(model, names)
+    grads, _ = peg(state, (x,), y)
+    assert set(peg.methods.values()) == {"hooks"}
+    ref = _loop_reference(model, state, (x,), y, names)
+    assert not grads["frozen.weight"].any()
     for n in names:
         torch.testing.assert_close(grads[n], ref[n], rtol=1e-4, atol=1e-6)
 

@@ -1,6 +1,7 @@
 """Which per-example gradient method each parameter uses, chosen once before a capture writes anything.
 
-A probe batch (the first few examples) at the first checkpoint tries the methods
+A probe batch (the first example, which the capture reads to lay out the store anyway) at the first
+checkpoint tries the methods
 (:class:`~..per_example.gradients.PerExampleGradients`: hooks where the layer type allows, checked
 against the batch gradient; vmap for the rest; the per-example loop only where vmap fails). The choice
 is recorded in the store's attributes (``per_example_methods``) and handed to every job, so all row
@@ -19,8 +20,10 @@ from ..per_example.batches import split_batch, to_device
 from ..per_example.gradients import PerExampleGradients
 from ..projection.factored import plan_from_spec
 
-# Examples in the probe batch: enough for the hooks' batch-gradient check, cheap for any model.
-PROBE_EXAMPLES = 8
+# Examples in the probe batch. One is enough for the hooks' batch-gradient check (a use of a parameter
+# the hooks miss shows in any batch), and reading no more than the store's layout does keeps a data set
+# that stalls from stalling the capture before its store exists.
+PROBE_EXAMPLES = 1
 
 
 def probe_batch(dataset, collate_fn, target_key: str, n: int, device: torch.device):

@@ -263,9 +263,12 @@ class HookedGradients:
                 for n in t.use.attrs.values():
                     failed.setdefault(n, f"{type(t.use.module).__name__} {t.use.module_name!r} {t.problem}")
         outputs = [o for t in taps for _, o in t.calls]
-        wrt = outputs + (list(leaves.values()) if check else [])
-        got = torch.autograd.grad(losses.sum(), wrt, allow_unused=True) if wrt else ()
-        deltas = iter(got[: len(outputs)])
+        live = [o for o in outputs if o.requires_grad]  # a call under no_grad contributes nothing
+        wrt = live + (list(leaves.values()) if check else [])
+        total = losses.sum()
+        got = torch.autograd.grad(total, wrt, allow_unused=True) if wrt and total.requires_grad else (None,) * len(wrt)
+        live_deltas = iter(got[: len(live)])
+        deltas = iter([next(live_deltas) if o.requires_grad else None for o in outputs])
         grads: dict[str, torch.Tensor] = {}
         for t in taps:
             want = {a for a, n in t.use.attrs.items() if n in leaves}
@@ -283,7 +286,7 @@ class HookedGradients:
             if n not in grads:
                 grads[n] = torch.zeros(batch, *leaf.shape, dtype=leaf.dtype, device=leaf.device)
         if check:
-            for n, batch_grad in zip(leaves, got[len(outputs):]):
+            for n, batch_grad in zip(leaves, got[len(live):]):
                 if n not in failed:
                     why = _mismatch(grads[n].sum(0), batch_grad)
                     if why:
