@@ -38,7 +38,7 @@ def _resnet(root):
     split = _digits()
     train_all, test_all = arch.digits_rgb32(split.train), arch.digits_rgb32(split.test)
     model = arch.cifar_resnet(seed=0)
-    ckpts = train_with_checkpoints(model, Subset(train_all, range(96)), root / "ckpt", epochs=2, lr=0.05,
+    ckpts = train_with_checkpoints(model, Subset(train_all, range(48)), root / "ckpt", epochs=2, lr=0.05,
                                    batch_size=16, checkpoint_every=1)
     train, test = Subset(train_all, range(N_TRAIN)), Subset(test_all, range(N_TEST))
 
