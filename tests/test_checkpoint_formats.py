@@ -156,7 +156,7 @@ def test_trainer_folder_without_trainer_state(trainer_run, tmp_path):
     msg = str(err.value)
     assert "trainer_state.json" in msg and "learning_rates=" in msg and "\n" not in msg
     assert not (tmp_path / "s.zarr").exists()
-    store = capture(tiny_bert(), [folder], data, tmp_path / "ok.zarr", layers=["classifier"], learning_rates=[0.01])
+    store = capture(tiny_bert(), folder, data, tmp_path / "ok.zarr", layers=["classifier"], learning_rates=[0.01])
     assert store.learning_rates.tolist() == [0.01]
 
 

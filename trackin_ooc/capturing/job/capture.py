@@ -104,8 +104,9 @@ def capture(
     dev = resolve_device(device) if client is None else None
     backends.check_writable(path)
     # Never on or around a checkpoint; overwrite replaces only an earlier gradient store.
-    check_output_location(path, checkpoints, kind="gradients", overwrite=overwrite, resumable=True,
-                          input_what="checkpoint", inside_inputs_ok=True, storage_options=storage_options)
+    check_output_location(path, checkpoints_as_given(checkpoints), kind="gradients", overwrite=overwrite,
+                          resumable=True, input_what="checkpoint", inside_inputs_ok=True,
+                          storage_options=storage_options)
     if not overwrite:  # refuse early; with overwrite the old store is removed only once inputs check out
         existing_store(path, storage_options)
     ckpts = load_checkpoints(model, checkpoints, learning_rates)
