@@ -96,13 +96,20 @@ def influence(settings: Settings, train, test, out, normalize, overwrite):
 @click.option("--out", required=True, metavar="FILE", help=OUT_HELP)
 @click.option("--normalize", is_flag=True, help="Cosine similarity of gradients instead of dot products.")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+@click.option("--index", "use_index", is_flag=True,
+              help="Read only the lists of the train store's index (trackin-ooc index TRAIN) nearest each test "
+                   "example: exact scores, approximate membership.")
+@click.option("--probe", "n_probe", type=click.IntRange(min=1), metavar="N",
+              help="With --index: lists read per test example and end (default: calibrated for recall@10 >= 0.95).")
 @pass_settings
-def top_k(settings: Settings, train, test, k, out, normalize, overwrite):
+def top_k(settings: Settings, train, test, k, out, normalize, overwrite, use_index, n_probe):
     """Exact top-k proponents (highest scores) and opponents (lowest) of every test example.
 
     One row per (test example, rank): the proponent and the opponent at that rank (1 = strongest),
     their scores and train example ids, and labels where the stores have them.
     """
+    if n_probe is not None and not use_index:
+        raise click.UsageError("--probe needs --index")
     import trackin_ooc as to
     from trackin_ooc import tables
     from trackin_ooc.summary import open_gradient_store
@@ -112,11 +119,14 @@ def top_k(settings: Settings, train, test, k, out, normalize, overwrite):
     t0 = time.perf_counter()
     with settings.client():
         result = to.top_k(te, tr, k=k, normalize=normalize, device=settings.device,
-                          memory_limit=settings.scoring_memory_limit, progress=settings.progress)
+                          memory_limit=settings.scoring_memory_limit, progress=settings.progress,
+                          index=True if use_index else None, n_probe=n_probe)
     path = tables.write_top_k(result, out, test=te, train=tr, overwrite=overwrite)
     seconds = time.perf_counter() - t0
     pairs = te.n_examples * tr.n_examples
+    how = (f"index, {result.attrs['n_probe']} lists per end, {100 * result.attrs['fraction_read']:.1f} % of "
+           "rows read" if use_index else rate(pairs, seconds, "pairs"))
     settings.done(
         f"wrote the top {k} proponents and opponents of {te.n_examples:,} test examples among "
-        f"{tr.n_examples:,} train to {path} in {seconds:.1f} s ({rate(pairs, seconds, 'pairs')})"
+        f"{tr.n_examples:,} train to {path} in {seconds:.1f} s ({how})"
     )

@@ -12,6 +12,7 @@ from . import errors
 from .cmd_capture import capture
 from .cmd_demo import demo
 from .cmd_info import info
+from .cmd_queries import index, net_influence
 from .cmd_scores import influence, self_influence, top_k
 from .settings import Settings
 
@@ -115,7 +116,7 @@ def cli(ctx, scheduler_address, scheduler_file, workers, cluster, cluster_config
     )
 
 
-for _command in (capture, self_influence, influence, top_k, info, demo):
+for _command in (capture, self_influence, influence, top_k, index, net_influence, info, demo):
     cli.add_command(_command)
 
 

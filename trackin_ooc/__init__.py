@@ -21,9 +21,12 @@ from .errors import (
     StoreLockedError,
     TrackinError,
 )
+from .indexing import build_index, open_index
+from .net import net_influence
 from .scores import influence, plan_for, self_influence, top_k
 from .spec import ProjectionSpec
 from .store import GradientStore, from_arrays, open_store
+from .store.index_store import StaleIndexError, TopKIndex
 
 
 def __getattr__(name: str):
@@ -40,6 +43,7 @@ __all__ = [
     "__version__",
     "capture", "from_arrays", "open_store", "GradientStore", "ProjectionSpec",
     "self_influence", "influence", "top_k", "plan_for",
+    "build_index", "open_index", "TopKIndex", "StaleIndexError", "net_influence",
     "TrackinError", "ArgumentError", "StoreError", "StoreExistsError", "IncompleteStoreError", "NonFiniteError",
     "NonFiniteWarning",
     "IncompatibleStoresError", "CorruptChunkError", "StoreLockedError", "CheckpointError",

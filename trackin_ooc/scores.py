@@ -150,6 +150,8 @@ def top_k(
     *,
     k: int = 10,
     normalize: bool = False,
+    index=None,
+    n_probe: int | None = None,
     device: str = "auto",
     memory_limit=None,
     compute_now: bool = True,
@@ -161,6 +163,12 @@ def top_k(
 
     One streaming pass over the train store per test block; no score block outlives its task.
     Ties go to the lower train index. Dims ("test", "rank").
+
+    ``index``: a :class:`TopKIndex` of ``train`` (``build_index``), its path, or True for the train
+    store's saved index. Then only the ``n_probe`` lists nearest each test example (per end; default
+    calibrated at build time for recall@10 ≥ 0.95) are read and scored exactly; a better example in an
+    unprobed list may be missed. ``attrs["approximate"]`` is True and ``attrs["fraction_read"]`` tells
+    the fraction of train rows read.
     """
     te, tr = _open(test, storage_options), _open(train, storage_options)
     check_compatible(te, tr)
@@ -170,6 +178,13 @@ def top_k(
         raise ArgumentError(
             f"k={k} is larger than the train store's {tr.n_examples} examples; use k <= {tr.n_examples}"
         )
+    if index is not None and index is not False:
+        from .indexing import index_top_k
+
+        return index_top_k(te, tr, index, k=int(k), n_probe=n_probe, normalize=normalize, device=device,
+                           memory_limit=memory_limit, compute_now=compute_now, progress=progress, client=client)
+    if n_probe is not None:
+        raise ArgumentError("n_probe needs an index: pass index=build_index(train) (or index=True)")
     backend = resolve_backend(device).name
     plan = plan_for(te, tr, memory_limit=memory_limit, k=int(k), client=client)
     pi, ps, oi, os_ = graphs.topk_arrays(te, tr, plan, int(k), normalize, backend)
@@ -183,7 +198,7 @@ def top_k(
         },
         coords={"test": te.example_ids(), "rank": np.arange(int(k))},
         attrs={"k": int(k), "normalize": bool(normalize), "test_store": te.path, "train_store": tr.path,
-               "test_fingerprint": te.fingerprint, "train_fingerprint": tr.fingerprint},
+               "test_fingerprint": te.fingerprint, "train_fingerprint": tr.fingerprint, "approximate": False},
     )
     if compute_now:
         names = list(ds.data_vars)

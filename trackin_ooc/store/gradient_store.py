@@ -281,6 +281,13 @@ class GradientStore:
         """Whether the capture stored exact squared gradient norms (for exact self-influence)."""
         return layout.GRAD_SQ_NORM in self._array_names()
 
+    @property
+    def index(self):
+        """The top-k index saved in this store's folder (``trackin_ooc.build_index``), or None."""
+        from .index_store import find_index
+
+        return find_index(self)
+
     def require_exact_norms(self) -> GradientStore:
         """Raise :class:`StoreError` unless the capture stored exact gradient norms."""
         if not self.has_exact_norms:

@@ -1,0 +1,265 @@
+"""Top-k on big stores without reading them whole: build an out-of-core IVF index once, then query it.
+
+    idx = build_index(train)                      # saved in the train store's folder
+    top_k(test, train, k=10, index=idx)           # reads only the probed lists; exact scores
+
+The scores returned are exact for the rows returned; what may be missed is a better row in a list
+that was not probed (docs/queries.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import xarray as xr
+
+from .engine import ivf, ivf_graphs, planning, resources
+from .engine.backend import resolve_backend
+from .engine.execute import compute
+from .errors import ArgumentError, StoreError
+from .store import GradientStore, backends, layout, open_store
+from .store.backends import StorageOptions
+from .store.guard import check_output_location, location
+from .store.index_store import TopKIndex, default_index_path, find_index, index_meta
+from .store.index_store import open_index as _open_index_path
+from .store.lock import StoreLock
+
+StoreLike = GradientStore | str | os.PathLike
+IndexLike = TopKIndex | str | os.PathLike | bool
+
+# Re-ordered index rows per chunk: about one list (so reading a list touches few chunks), but at least
+# MIN_CHUNK_BYTES per checkpoint (zarr's cost per chunk, ~1-2 ms, makes smaller chunks slow) and at most
+# MAX_CHUNK_ROWS.
+MIN_CHUNK_BYTES, MAX_CHUNK_ROWS = 128 << 10, 4096
+WINDOW_BYTES = 32 << 20  # re-ordered rows written per pass-2 task (all checkpoints)
+
+
+def _chunk_rows(n_rows: int, n_lists: int, feature_bytes: int) -> int:
+    mean = max(1, n_rows // max(1, n_lists))
+    rows = max(1 << max(0, mean.bit_length() - 1), -(-MIN_CHUNK_BYTES // max(1, feature_bytes)))
+    return int(min(n_rows, MAX_CHUNK_ROWS, rows))
+
+
+def _window_rows(n_rows: int, chunk_rows: int, row_bytes: int) -> int:
+    return int(min(n_rows, chunk_rows * max(1, WINDOW_BYTES // max(1, chunk_rows * row_bytes))))
+
+
+def _params(train: GradientStore, n_lists: int, normalize: bool, seed: int, target_recall: float) -> dict:
+    """What makes two builds the same job (a killed build resumes only the same job)."""
+    return {"n_lists": int(n_lists), "normalize": bool(normalize), "seed": int(seed),
+            "target_recall": float(target_recall), "train_fingerprint": train.fingerprint}
+
+
+def build_index(
+    train: StoreLike,
+    *,
+    path: str | os.PathLike | None = None,
+    n_lists: int | None = None,
+    normalize: bool = False,
+    target_recall: float = ivf.TARGET_RECALL,
+    seed: int = 0,
+    overwrite: bool = False,
+    memory_limit=None,
+    progress: bool | None = None,
+    storage_options: StorageOptions = None,
+    client=None,
+) -> TopKIndex:
+    """An out-of-core inverted-file index of ``train`` for ``top_k(..., index=...)``.
+
+    Four steps, each in bounded memory under the active Dask scheduler: a sample pass (k-means
+    quantizer of ``n_lists`` centroids, default ≈ √N), an assignment pass (each row's list; rows
+    sorted by list within each source block into a staging copy), a gather pass (each list one
+    contiguous run of rows), and a calibration of the default ``n_probe`` for ``target_recall``
+    (recall@10 on held-in queries, at both ends). Saved in the store's folder unless ``path`` is
+    given (``normalize=True``: an index for cosine queries, saved apart). A killed build resumes
+    when the same call is repeated; ``overwrite=True`` replaces a finished index (or an unfinished
+    one of another build).
+    """
+    tr = open_store(train, storage_options=storage_options).require_complete()
+    if n_lists is not None and (isinstance(n_lists, bool) or not isinstance(n_lists, (int, np.integer))
+                                or not 1 <= n_lists <= tr.n_examples):
+        raise ArgumentError(f"n_lists must be an integer from 1 to the store's {tr.n_examples} examples, "
+                            f"got {n_lists!r}")
+    if not 0 < target_recall <= 1:
+        raise ArgumentError(f"target_recall must be in (0, 1], got {target_recall!r}")
+    ivf.index_weights(tr.learning_rates)  # refuses negative learning rates before any work
+    default_path = default_index_path(tr, normalize)
+    out = default_path if path is None else path
+    here, there = location(out), location(default_path)
+    inside = (here.scheme, here.path) == (there.scheme, there.path)
+    # The default location belongs to the store; anywhere else must not touch an input store.
+    check_output_location(out, () if inside else (tr,), kind="index", overwrite=overwrite, resumable=True,
+                          storage_options=storage_options)
+    res = resources.detect(memory_limit, client)
+    n_lists = int(n_lists or ivf.default_n_lists(tr.n_examples))
+    params = _params(tr, n_lists, normalize, seed, target_recall)
+    with StoreLock(out, storage_options):
+        idx = TopKIndex.resumable(out, tr, params, storage_options)
+        if idx is None:
+            meta = index_meta(out, storage_options)
+            if meta is not None and not meta.get("complete") and not overwrite:
+                raise StoreError(
+                    f"{backends.normalize_path(out)} holds an unfinished index of another build (other store "
+                    "version or parameters); pass overwrite=True (--overwrite) to start over"
+                )
+            if backends.exists(out, storage_options):
+                backends.remove(out, storage_options)
+            idx = _lay_out(tr, out, n_lists, normalize, seed, params, res.memory_limit, progress, client,
+                           storage_options)
+        _fill(tr, idx, normalize, target_recall, progress, client)
+    return TopKIndex(out, storage_options=storage_options)
+
+
+def _lay_out(tr: GradientStore, out, n_lists: int, normalize: bool, seed: int, params: dict, memory_limit: int,
+             progress, client, storage_options) -> TopKIndex:
+    """Sample, train the quantizer, pick the calibration queries, and lay out an empty index."""
+    width = tr.n_checkpoints * tr.feature_dim
+    n_sample = ivf.sample_size(tr.n_examples, n_lists, width, memory_limit)
+    if n_lists > n_sample:
+        raise ArgumentError(f"n_lists={n_lists} needs at least as many sampled rows, but the memory budget allows "
+                            f"{n_sample}; use fewer lists or a larger memory_limit")
+    block_rows = tr.chunk_rows
+    (parts,) = compute(ivf_graphs.sample_graph(tr, block_rows, n_sample, seed, normalize),
+                       desc="index: sample", progress=progress, client=client)
+    positions = np.concatenate([p for p, _ in parts])
+    sample = np.concatenate([x for _, x in parts])
+    del parts
+    centroids = ivf.train_quantizer(sample, n_lists, seed)
+    rng = np.random.default_rng(seed)
+    n_q = min(ivf.CALIBRATION_QUERIES, len(positions))
+    pick = np.sort(rng.choice(len(positions), size=n_q, replace=False))
+    queries, query_rows = sample[pick].copy(), positions[pick]
+    del sample
+    chunk_rows = _chunk_rows(tr.n_examples, n_lists, tr.feature_dim * layout.itemsize(tr.dtype))
+    row_bytes = tr.n_checkpoints * tr.feature_dim * layout.itemsize(tr.dtype)
+    return TopKIndex.create(
+        out, train=tr, normalize=normalize, centroids=centroids, calibration_rows=query_rows,
+        calibration_queries=queries, calibration_k=min(tr.n_examples, ivf.CALIBRATION_K + 1),
+        block_rows=block_rows, chunk_rows=chunk_rows,
+        window_rows=_window_rows(tr.n_examples, chunk_rows, row_bytes), params=params,
+        storage_options=storage_options,
+    )
+
+
+def _fill(tr: GradientStore, idx: TopKIndex, normalize: bool, target_recall: float, progress, client) -> None:
+    """Passes 1 and 2 (skipping what an earlier run finished), the calibration, then the seal."""
+    windows_done = idx.windows_done()
+    if not windows_done.all():
+        done = idx.blocks_done()
+        if not done.all():
+            compute(ivf_graphs.assign_graph(tr, idx, normalize, done), desc="index: assign", progress=progress,
+                    client=client)
+        counts = idx.block_counts()
+        offsets = np.concatenate([[0], np.cumsum(counts.sum(axis=0))]).astype(np.int64)
+        idx.write_lists(offsets, idx.block_radius().max(axis=0))
+        compute(ivf_graphs.gather_graph(idx, counts, offsets, windows_done), desc="index: gather",
+                progress=progress, client=client)
+    idx = TopKIndex(idx.path, storage_options=idx.storage_options)
+    cal = _calibrate(idx, target_recall)
+    idx.drop_staging()
+    idx.mark_complete(n_probe=cal.n_probe, bound_weight=cal.bound_weight,
+                      calibration={"k": ivf.CALIBRATION_K, "target_recall": target_recall,
+                                   "queries": int(len(idx.calibration_data()["rows"])), "by_n_probe": cal.table})
+
+
+def _calibrate(idx: TopKIndex, target_recall: float) -> ivf.Calibration:
+    data = idx.calibration_data()
+    k = min(ivf.CALIBRATION_K, idx.n_examples - 1)
+    sizes = idx.list_sizes()
+    if k < 1:
+        return ivf.Calibration(n_probe=idx.n_lists, bound_weight=0.0, table={})
+    best, worst = ivf.true_top(data, data["rows"], k)
+    rows, where = np.unique(np.concatenate([best.ravel(), worst.ravel()]), return_inverse=True)
+    lists = idx.assignment(rows).astype(np.int64)[where]
+    best_lists, worst_lists = lists[: best.size].reshape(best.shape), lists[best.size:].reshape(worst.shape)
+    return ivf.calibrate(data["queries"], best, worst, best_lists, worst_lists, idx.centroids(),
+                         idx.list_radius(), sizes, target=target_recall)
+
+
+def open_index(store: StoreLike | TopKIndex, *, normalize: bool = False,
+               storage_options: StorageOptions = None) -> TopKIndex:
+    """The index saved for ``store`` (a gradient store or its path), or the index at an index's own path."""
+    if isinstance(store, TopKIndex):
+        return store
+    if not isinstance(store, GradientStore) and index_meta(store, storage_options) is not None:
+        return _open_index_path(store, storage_options=storage_options)
+    st = open_store(store, storage_options=storage_options)
+    idx = find_index(st, normalize)
+    if idx is None:
+        what = "cosine " if normalize else ""
+        raise StoreError(
+            f"store {st.path} has no {what}index; build one with trackin_ooc.build_index(store"
+            f"{', normalize=True' if normalize else ''}) (trackin-ooc index {st.path})"
+        )
+    return idx
+
+
+def resolve_index(index: IndexLike, train: GradientStore, normalize: bool) -> TopKIndex:
+    """The index to use for ``top_k``: checked complete, made for this very train store and for ``normalize``."""
+    if index is True:
+        idx = open_index(train, normalize=normalize)
+    elif isinstance(index, (TopKIndex, str, os.PathLike)):
+        idx = index if isinstance(index, TopKIndex) else _open_index_path(index, storage_options=train.storage_options)
+    else:
+        raise ArgumentError(f"index must be a TopKIndex, an index path or True (the train store's own), got {index!r}")
+    idx.check_for(train)
+    if idx.normalize != bool(normalize):
+        want = "normalize=True (cosine)" if normalize else "normalize=False (dot products)"
+        raise ArgumentError(f"index {idx.path} was built for normalize={idx.normalize}; for {want} queries build "
+                            f"one with build_index(train, normalize={bool(normalize)})")
+    return idx
+
+
+def index_top_k(
+    te: GradientStore,
+    tr: GradientStore,
+    index: IndexLike,
+    *,
+    k: int,
+    n_probe: int | None,
+    normalize: bool,
+    device: str,
+    memory_limit,
+    compute_now: bool,
+    progress: bool | None,
+    client,
+) -> xr.Dataset:
+    """``top_k`` through an index (called by :func:`trackin_ooc.top_k`; stores already checked compatible)."""
+    idx = resolve_index(index, tr, normalize)
+    if n_probe is None:
+        n_probe = idx.n_probe
+    elif isinstance(n_probe, bool) or not isinstance(n_probe, (int, np.integer)) or n_probe < 1:
+        raise ArgumentError(f"n_probe must be a positive integer (lists read per test example), got {n_probe!r}")
+    n_probe = int(min(n_probe, idx.n_lists))
+    backend = resolve_backend(device).name
+    res = resources.detect(memory_limit, client)
+    from .store.layout import itemsize
+
+    plan = planning.plan_blocks(
+        n_test=te.n_examples, n_train=tr.n_examples, n_checkpoints=tr.n_checkpoints, feature_dim=tr.feature_dim,
+        itemsize=itemsize(tr.dtype), memory_limit=res.memory_limit, threads=res.threads, k=int(k),
+        test_align=te.chunk_rows,
+    )
+    (probed,) = compute(ivf_graphs.probe_graph(te, idx, plan, normalize, n_probe, int(k)), desc="top-k: probe",
+                        progress=False, client=client)
+    offsets = idx.list_offsets()
+    rows = [ivf.rows_of_lists(lists, offsets) for lists in probed]
+    read = sum(len(r) for r in rows)
+    pi, ps, oi, os_ = ivf_graphs.search_arrays(te, idx, plan, rows, int(k), normalize, backend)
+    dims = ("test", "rank")
+    ds = xr.Dataset(
+        {"proponent_index": (dims, pi), "proponent_score": (dims, ps),
+         "opponent_index": (dims, oi), "opponent_score": (dims, os_)},
+        coords={"test": te.example_ids(), "rank": np.arange(int(k))},
+        attrs={"k": int(k), "normalize": bool(normalize), "test_store": te.path, "train_store": tr.path,
+               "test_fingerprint": te.fingerprint, "train_fingerprint": tr.fingerprint,
+               "approximate": True, "index": idx.path, "n_probe": n_probe, "n_lists": idx.n_lists,
+               "rows_read": int(read), "fraction_read": float(read / (tr.n_examples * max(1, len(rows)))),
+               "bytes_read": int(read * tr.n_checkpoints * tr.feature_dim * itemsize(tr.dtype))},
+    )
+    if compute_now:
+        names = list(ds.data_vars)
+        values = compute(*(ds[n].data for n in names), desc="top-k", progress=progress, client=client)
+        ds = ds.copy(data={n: v for n, v in zip(names, values)})
+    return ds

@@ -1,0 +1,125 @@
+"""Net influence: which training examples help or hurt a whole test set (or each class of it).
+
+``net_influence(test, train)`` equals ``influence(test, train).sum("test")`` but reads each store
+once and never forms the test × train matrix (engine/net.py).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .engine import planning, resources
+from .engine.compat import check_compatible
+from .engine.execute import compute
+from .engine.net import net_influence_array
+from .errors import ArgumentError
+from .store import GradientStore, open_store
+from .store.backends import StorageOptions
+from .store.layout import itemsize
+
+StoreLike = GradientStore | str | os.PathLike
+
+
+def _groups(by, te: GradientStore) -> tuple[np.ndarray, np.ndarray] | None:
+    """(group labels, code per test example), or None for one sum over the whole test set."""
+    if by is None:
+        return None
+    if isinstance(by, str):
+        if by != "label":
+            raise ArgumentError(f"by must be None, 'label' or one group per test example, got {by!r}")
+        if not te.has_labels:
+            raise ArgumentError(f"by='label' needs test labels, and store {te.path} has none; pass by=[...] "
+                                "(one group per test example)")
+        by = te.labels()
+    values = np.asarray(by)
+    if values.ndim != 1 or len(values) != te.n_examples:
+        raise ArgumentError(f"by has shape {values.shape}; give one group per test example ({te.n_examples},)")
+    labels, codes = np.unique(values, return_inverse=True)
+    return labels, codes.astype(np.int64)
+
+
+def net_influence(
+    test: StoreLike,
+    train: StoreLike,
+    *,
+    by: str | Sequence | np.ndarray | None = None,
+    normalize: bool = False,
+    memory_limit=None,
+    compute_now: bool = True,
+    progress: bool | None = None,
+    storage_options: StorageOptions = None,
+    client=None,
+) -> xr.DataArray:
+    """Σ over test examples of influence(test example, train example), for every train example.
+
+    Positive: the train example pushes the test set's losses down (helps), negative: up (hurts).
+    ``by``: None (one sum, dims ("train",)); "label" (the test store's labels) or one group per test
+    example (dims ("group", "train"), the sorted group labels as coordinate, ``n_test`` per group).
+    Train labels, where the store has them, are the coordinate ``label``. ``normalize``: cosine.
+    """
+    te = open_store(test, storage_options=storage_options).require_complete()
+    tr = open_store(train, storage_options=storage_options).require_complete()
+    check_compatible(te, tr)
+    grouping = _groups(by, te)
+    labels, codes = grouping if grouping is not None else (np.array([0]), np.zeros(te.n_examples, np.int64))
+    width = tr.n_checkpoints * tr.feature_dim
+    res = resources.detect(memory_limit, client)
+    if len(labels) * width * 8 * 4 > res.memory_limit:
+        raise ArgumentError(f"{len(labels)} groups × {width} features do not fit the memory budget; use fewer groups")
+    plan = planning.plan_blocks(n_test=len(labels), n_train=tr.n_examples, n_checkpoints=tr.n_checkpoints,
+                                feature_dim=tr.feature_dim, itemsize=itemsize(tr.dtype) + 8,
+                                memory_limit=res.memory_limit, threads=res.threads, train_align=tr.chunk_rows)
+    data = net_influence_array(te, tr, codes, len(labels), normalize, plan.train_rows)
+    coords = {"train": tr.example_ids()}
+    if tr.has_labels:
+        coords["label"] = ("train", tr.labels())
+    attrs = {"normalize": bool(normalize), "test_store": te.path, "train_store": tr.path,
+             "test_fingerprint": te.fingerprint, "train_fingerprint": tr.fingerprint, "n_test": te.n_examples,
+             "by": "label" if isinstance(by, str) else ("groups" if by is not None else "none")}
+    if grouping is None:
+        arr = xr.DataArray(data[0], dims=("train",), coords=coords, name="net_influence", attrs=attrs)
+    else:
+        coords["group"] = labels
+        coords["n_test"] = ("group", np.bincount(codes, minlength=len(labels)))
+        arr = xr.DataArray(data, dims=("group", "train"), coords=coords, name="net_influence", attrs=attrs)
+    if compute_now:
+        (values,) = compute(arr.data, desc="net influence", progress=progress, client=client)
+        arr = arr.copy(data=values)
+    return arr
+
+
+# ---- as a table --------------------------------------------------------------------------------
+def net_influence_dataset(net: xr.DataArray) -> xr.Dataset:
+    """Net influence with its rank (1 = most helpful) per train example (and group)."""
+    values = np.asarray(net.values)
+    order = np.argsort(-values, axis=-1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(1, values.shape[-1] + 1), axis=-1)
+    ds = xr.Dataset({"net_influence": net.copy(data=values), "rank": (net.dims, rank)},
+                    attrs={k: v for k, v in net.attrs.items() if isinstance(v, (str, int, float, bool))})
+    ds["rank"].attrs["description"] = "1 = most helpful (highest net influence); the last ranks hurt most"
+    return ds
+
+
+def net_influence_frame(net: xr.DataArray) -> pd.DataFrame:
+    """One row per train example (per group with ``by``), most helpful first: [test_label,] rank, train,
+    label (if any), net_influence."""
+    ds = net_influence_dataset(net)
+    grouped = "group" in ds.dims
+    n_groups = ds.sizes["group"] if grouped else 1
+    n_train = ds.sizes["train"]
+    cols: dict[str, np.ndarray] = {}
+    if grouped:
+        cols["test_label"] = np.repeat(ds["group"].values, n_train)
+    cols["rank"] = ds["rank"].values.reshape(-1)
+    cols["train"] = np.tile(ds["train"].values, n_groups)
+    if "label" in ds.coords:
+        cols["label"] = np.tile(ds["label"].values, n_groups)
+    cols["net_influence"] = ds["net_influence"].values.reshape(-1)
+    keys = ["test_label", "rank"] if grouped else ["rank"]
+    return pd.DataFrame(cols).sort_values(keys, kind="stable").reset_index(drop=True)
