@@ -2,6 +2,20 @@
 
     .venv/bin/python benchmarks/vs_captum.py            # 1,000 test × 20,000 train, 5 checkpoints
     .venv/bin/python benchmarks/vs_captum.py --quick    # 200 × 2,000, 3 checkpoints (smoke run)
+    .venv/bin/python benchmarks/vs_captum.py --modes factors --captum-test 50,200   # Captum on test subsets
+
+Modes: ``exact`` (flat exact gradients), ``factored`` (at each ``--dims``), ``factors`` (exact gradients
+as per-layer factors, ``projection="factors"``). Captum's operations take minutes at full size; two
+ways to spend less time on them, both printed with the results:
+
+- ``--captum-test N1,N2``: Captum's ``influence`` and ``influence(k=10)`` run on the first N1 and N2
+  test examples only, and their full-size times are extrapolated by the straight line through those two
+  points (Captum's cost per operation is a fixed part, the train gradients at every checkpoint, plus a
+  part proportional to the test examples); ``self_influence`` runs in full; the repeated query is
+  the same operation as ``influence`` on another test set and gets its estimate. Quality is compared on
+  the first N2 test rows.
+- ``--captum-cache FILE.npz``: reuse the Captum timings and results that an earlier run of the same work
+  (sizes, checkpoints, subset) saved there; a run without a matching cache saves one.
 
 Model: digits MLP 64-256-256-10 (85k parameters) trained with SGD; data: digits resampled with
 replacement plus pixel noise (train, test, and a second test set for the repeated query).
@@ -18,6 +32,7 @@ Each of our times includes the captures that operation needs.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -41,7 +56,9 @@ def load_checkpoint(model: nn.Module, path: str) -> float:
     return float(ckpt["learning_rate"])
 
 
-def run_captum(ckpts, train, test, test2, batch_size: int) -> tuple[dict, dict]:
+def run_captum(ckpts, train, test, test2, batch_size: int, subset: tuple[int, int] | None = None
+               ) -> tuple[dict, dict, str]:
+    """Captum's timings, results and a note on how the timings were obtained."""
     from captum.influence import TracInCP
 
     tracin = TracInCP(
@@ -51,25 +68,67 @@ def run_captum(ckpts, train, test, test2, batch_size: int) -> tuple[dict, dict]:
     sw, out = Stopwatch(), {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with sw("influence"):
-            out["influence"] = tracin.influence(tuple(test.tensors)).detach().numpy()
+        if subset is None:
+            with sw("influence"):
+                out["influence"] = tracin.influence(tuple(test.tensors)).detach().numpy()
+            with sw("self_influence"):
+                out["self_influence"] = tracin.self_influence().detach().numpy()
+            with sw("top_k"):
+                idx, _ = tracin.influence(tuple(test.tensors), k=K, proponents=True)
+                out["proponents"] = idx.numpy()
+            with sw("repeat"):
+                out["influence2"] = tracin.influence(tuple(test2.tensors)).detach().numpy()
+            return sw.t, out, "measured in full"
+        n1, n2 = subset
+        x, y = test.tensors
+        points = {}
+        for op in ("influence", "top_k"):
+            for n in (n1, n2):
+                batch = (x[:n], y[:n])
+                t0 = time.perf_counter()
+                if op == "influence":
+                    res = tracin.influence(batch).detach().numpy()
+                else:
+                    res = tracin.influence(batch, k=K, proponents=True)[0].numpy()
+                points[op, n] = time.perf_counter() - t0
+            out["influence" if op == "influence" else "proponents"] = res
         with sw("self_influence"):
             out["self_influence"] = tracin.self_influence().detach().numpy()
-        with sw("top_k"):
-            idx, _ = tracin.influence(tuple(test.tensors), k=K, proponents=True)
-            out["proponents"] = idx.numpy()
-        with sw("repeat"):
-            out["influence2"] = tracin.influence(tuple(test2.tensors)).detach().numpy()
-    return sw.t, out
+    n = len(y)
+    t = {"self_influence": sw.t["self_influence"]}
+    for op in ("influence", "top_k"):
+        slope = (points[op, n2] - points[op, n1]) / (n2 - n1)
+        t[op] = points[op, n2] + slope * (n - n2)
+    t["repeat"] = t["influence"]
+    note = (f"Captum influence and top-k measured on the first {n1} and {n2} test examples and extrapolated "
+            f"linearly to {n}: " + ", ".join(f"{op} {points[op, m]:.1f} s at {m}" for op in ("influence", "top_k")
+                                             for m in (n1, n2))
+            + "; self_influence measured in full; repeat = the influence estimate (not run)")
+    return t, out, note
+
+
+def captum_cached(path: str | None, key: dict, run) -> tuple[dict, dict, str]:
+    """``run()`` unless ``path`` holds Captum results of the same ``key`` (then those, marked as reused)."""
+    if path and os.path.exists(path):
+        saved = np.load(path, allow_pickle=False)
+        meta = json.loads(str(saved["meta"]))
+        if meta["key"] == key:
+            out = {k: saved[k] for k in saved.files if k != "meta"}
+            return meta["timings"], out, f"reused from {path} ({meta['note']}; run {meta['when']})"
+    timings, out, note = run()
+    if path:
+        meta = {"key": key, "timings": timings, "note": note, "when": time.strftime("%Y-%m-%d %H:%M")}
+        np.savez(path, meta=json.dumps(meta), **out)
+    return timings, out, note
 
 
 SELF_ONLY_DIM = 64  # features kept by the self-influence-only capture (its scores come from the exact norms)
 
 
-def run_ours(model, ckpts, train, test, test2, where: str, dim: int | None, batch_size: int, device: str,
-             memory_limit: str | None):
-    kw = dict(projection_dim=dim, projection="factored" if dim else "gaussian", batch_size=batch_size,
-              device=device)
+def run_ours(model, ckpts, train, test, test2, where: str, mode: str, dim: int | None, batch_size: int,
+             device: str, memory_limit: str | None):
+    projection = {"exact": "gaussian", "factored": "factored", "factors": "factors"}[mode]
+    kw = dict(projection_dim=dim, projection=projection, batch_size=batch_size, device=device)
     sw, out = Stopwatch(), {}
     with sw("capture_train"):
         tr = to.capture(model, ckpts, train, os.path.join(where, "train.zarr"), **kw)
@@ -89,6 +148,7 @@ def run_ours(model, ckpts, train, test, test2, where: str, dim: int | None, batc
                         projection_dim=SELF_ONLY_DIM, batch_size=batch_size, device=device)
         out["self_only"] = to.self_influence(so, device=device, exact_norms=True).values
     out["store_gb"] = tr.nbytes / 1e9
+    out["flat_gb"] = tr.n_checkpoints * tr.n_examples * tr.spec.n_parameters * 4 / 1e9  # a flat exact store
     return sw.t, out
 
 
@@ -102,7 +162,11 @@ def main() -> None:
     p.add_argument("--test", type=int, default=1_000)
     p.add_argument("--checkpoints", type=int, default=5)
     p.add_argument("--dims", default="4096", help="factored projection dims, comma separated")
-    p.add_argument("--modes", default="exact,factored")
+    p.add_argument("--modes", default="exact,factored", help="exact, factored, factors (comma separated)")
+    p.add_argument("--captum-test", default=None, metavar="N1,N2",
+                   help="run Captum's influence and top-k on N1 and N2 test examples and extrapolate (see above)")
+    p.add_argument("--captum-cache", default=None, metavar="FILE.npz",
+                   help="reuse (or save) Captum's timings and results of the same work")
     p.add_argument("--quick", action="store_true", help="200 test × 2,000 train, 3 checkpoints")
     p.add_argument("--captum-batch", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=1024, help="our capture batch size")
@@ -121,23 +185,29 @@ def main() -> None:
     print(f"{args.test} test × {args.train} train, {args.checkpoints} checkpoints, MLP 64-256-256-10 "
           f"({sum(q.numel() for q in model.parameters()):,} params), torch {torch.get_num_threads()} threads")
 
+    print(f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}", flush=True)
+    subset = tuple(int(v) for v in args.captum_test.split(",")) if args.captum_test else None
+    key = {"train": args.train, "test": args.test, "checkpoints": args.checkpoints, "subset": subset,
+           "batch": args.captum_batch}
     t0 = time.perf_counter()
-    captum_t, ref = run_captum(ckpts, train, test, test2, args.captum_batch)
+    captum_t, ref, captum_note = captum_cached(
+        args.captum_cache, key, lambda: run_captum(ckpts, train, test, test2, args.captum_batch, subset))
     print("captum: " + ", ".join(f"{k} {v:.1f} s" for k, v in captum_t.items())
-          + f" (total {time.perf_counter() - t0:.1f} s)", flush=True)
+          + f" (this step {time.perf_counter() - t0:.1f} s; {captum_note})", flush=True)
+    rows_compared = ref["influence"].shape[0]
 
     modes = []
     for m in args.modes.split(","):
-        modes += [(m, None)] if m == "exact" else [(m, int(d)) for d in args.dims.split(",")]
+        modes += [(m, None)] if m in ("exact", "factors") else [(m, int(d)) for d in args.dims.split(",")]
     rows = []
-    for _, dim in modes:
+    for mode, dim in modes:
         where = tempfile.mkdtemp(prefix="vs_captum_", dir=args.workdir)
         try:
-            t, out = run_ours(model, ckpts, train, test, test2, where, dim, args.batch_size, args.device,
+            t, out = run_ours(model, ckpts, train, test, test2, where, mode, dim, args.batch_size, args.device,
                               args.memory_limit)
         finally:
             shutil.rmtree(where, ignore_errors=True)
-        label = "exact" if dim is None else f"factored {dim}"
+        label = mode if dim is None else f"{mode} {dim}"
         ours = {
             "influence": t["capture_train"] + t["capture_test"] + t["influence"],
             "self_influence": t["capture_train"] + t["self_influence"],
@@ -148,17 +218,20 @@ def main() -> None:
         }
         captum = dict(captum_t, **{"all three": captum_t["influence"] + captum_t["self_influence"] + captum_t["top_k"],
                                    "self-inf only": captum_t["self_influence"]})
+        inf = out["influence"][:rows_compared]
         quality = {
-            "spearman": mean_row_spearman(out["influence"], ref["influence"]),
-            "spearman2": mean_row_spearman(out["influence2"], ref["influence2"]),
+            "spearman": mean_row_spearman(inf, ref["influence"]),
+            "spearman2": (mean_row_spearman(out["influence2"], ref["influence2"]) if "influence2" in ref
+                          else float("nan")),
             "self_spearman": mean_row_spearman(out["self_influence"][None], ref["self_influence"][None]),
-            "top10_overlap": topk_overlap(out["proponents"], ref["proponents"]),
-            "max_rel_err": float(np.abs(out["influence"] - ref["influence"]).max() / np.abs(ref["influence"]).max()),
+            "top10_overlap": topk_overlap(out["proponents"][:rows_compared], ref["proponents"]),
+            "max_rel_err": float(np.abs(inf - ref["influence"]).max() / np.abs(ref["influence"]).max()),
             "self_rel_err": float(np.max(np.abs(out["self_only"] - ref["self_influence"]) / ref["self_influence"])),
         }
         rows.append((label, t, ours, captum, quality, out["store_gb"]))
         print(f"{label}: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
-              + f"; train store {out['store_gb']:.2f} GB", flush=True)
+              + f"; train store {out['store_gb']:.2f} GB (a flat exact store: {out['flat_gb']:.2f} GB, "
+              f"{out['flat_gb'] / out['store_gb']:.0f}x larger)", flush=True)
 
     print(f"\n{'mode':14s} {'operation':15s} {'captum s':>9s} {'ours s':>8s} {'ratio':>7s}")
     for label, _, ours, captum, _, _ in rows:
@@ -169,7 +242,9 @@ def main() -> None:
     for label, _, _, _, q, _ in rows:
         print(f"{label:14s} {q['spearman']:9.4f} {q['spearman2']:9.4f} {q['self_spearman']:9.4f} "
               f"{q['top10_overlap']:15.3f} {q['max_rel_err']:12.2e} {q['self_rel_err']:18.2e}")
-    print("\nours: capture train/test are included in every operation that needs them (see the docstring); "
+    print(f"\nquality compared on {rows_compared} test rows; machine load average at the end "
+          f"{os.getloadavg()[0]:.2f}")
+    print("ours: capture train/test are included in every operation that needs them (see the docstring); "
           "'repeat' = capture of the new test set + its influence against the stored train set; "
           f"'self-inf only' = a factored {SELF_ONLY_DIM}-dim capture of the train set + "
           "self_influence(exact_norms=True); "

@@ -3,7 +3,11 @@ so the graphs of :mod:`.graphs` run either (``graphs.block_tasks`` picks the mod
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from . import factor_kernels as fk
 from .backend import ArrayBackend
@@ -14,6 +18,36 @@ __all__ = [
     "read_test_block", "score_block", "topk_block", "write_influence_block", "self_influence_block",
     "exact_self_influence_block", "merge_topk", "done", "getitem",
 ]
+
+
+_blas = {"users": 0, "limiter": None}
+_blas_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _one_blas_thread(backend: str):
+    """One BLAS thread while any factor task of this process runs on the CPU.
+
+    The factor kernels make many small GEMMs (tiles of TILE_ROWS × TILE_COLS); with several BLAS threads
+    per Dask thread each of them waits for cores the other tasks hold (a lazy ``influence(...).values``
+    computes outside :func:`~.execute.compute`, which limits BLAS threads itself). Shared by concurrent
+    tasks: the first sets the limit, the last restores it.
+    """
+    if backend != "numpy":
+        yield
+        return
+    with _blas_lock:
+        if _blas["users"] == 0:
+            _blas["limiter"] = threadpool_limits(limits=1, user_api="blas")
+        _blas["users"] += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas["users"] -= 1
+            if _blas["users"] == 0:
+                _blas["limiter"].restore_original_limits()
+                _blas["limiter"] = None
 
 
 def _read(ref: StoreRef, start: int, stop: int, scale_by: np.ndarray | None, normalize: bool) -> fk.FactorRows:
@@ -45,13 +79,15 @@ def _scores(test: fk.FactorRows, ref: StoreRef, start: int, stop: int, normalize
 def score_block(test, ref: StoreRef, start: int, stop: int, normalize: bool, backend: str) -> np.ndarray:
     """One (test block × train block) influence block on the host."""
     test, train, be = _scores(test, ref, start, stop, normalize, backend)
-    return be.to_host(fk.score_block(test, train, be.xp))
+    with _one_blas_thread(backend):
+        return be.to_host(fk.score_block(test, train, be.xp))
 
 
 def topk_block(test, ref: StoreRef, start: int, stop: int, k: int, normalize: bool, backend: str):
     """The k best and worst of one (test block × train block) score block, which never leaves the task."""
     test, train, be = _scores(test, ref, start, stop, normalize, backend)
-    return topk_to_host(fk.score_topk(test, train, k, start, be.xp), be.to_host)
+    with _one_blas_thread(backend):
+        return topk_to_host(fk.score_topk(test, train, k, start, be.xp), be.to_host)
 
 
 def write_influence_block(
@@ -70,4 +106,5 @@ def self_influence_block(ref: StoreRef, start: int, stop: int, weights, backend:
     block = _read(ref, start, stop, None, False)
     if backend != "numpy":
         block = block.to(be.asarray)
-    return be.to_host(fk.self_influence(block, weights, be.xp))
+    with _one_blas_thread(backend):
+        return be.to_host(fk.self_influence(block, weights, be.xp))

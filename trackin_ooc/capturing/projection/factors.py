@@ -251,14 +251,19 @@ class FactorsFeatures:
 
     def __call__(self, states, inputs, targets: torch.Tensor) -> tuple[FactorFeatures, torch.Tensor, torch.Tensor]:
         """Features at every prepared checkpoint, losses (C, B) and exact squared gradient norms (C, B)."""
-        out = [self.one(prepared, inputs, targets) for prepared in states]
-        values = {k: torch.stack([o[1][k] for o in out]) for k in out[0][1]}
-        feats = FactorFeatures(torch.stack([o[0] for o in out]), values, out[0][2])
-        return feats, torch.stack([o[3] for o in out]), torch.stack([o[4] for o in out])
+        n, batch = len(states), targets.shape[0]
+        feats = FactorFeatures(torch.zeros(n, batch, 0, device=self.device), {}, {})
+        losses = torch.empty(n, batch, dtype=torch.float32, device=self.device)
+        sq = torch.zeros(n, batch, dtype=torch.float32, device=self.device)
+        for c, prepared in enumerate(states):
+            losses[c] = self.one(prepared, inputs, targets, c, n, feats, sq[c])
+        return feats, losses, sq
 
-    def one(self, prepared, inputs, targets: torch.Tensor):
-        """(flat (B, F), {name: (B, T, width)}, {name: ids (B, T)}, losses (B,), squared norms (B,)) at one
-        checkpoint: one batched forward and backward, plus the flat part's per-example gradients."""
+    def one(self, prepared, inputs, targets: torch.Tensor, c: int, n_checkpoints: int, feats: FactorFeatures,
+            sq: torch.Tensor) -> torch.Tensor:
+        """Checkpoint ``c``: one batched forward and backward (plus the flat part's per-example gradients)
+        written into ``feats`` (its arrays made at the first checkpoint) and the squared norms into ``sq``
+        (B,); returns the losses (B,)."""
         state, plain = prepared
         batch = targets.shape[0]
         for t in self.taps:
@@ -280,32 +285,40 @@ class FactorsFeatures:
             self._check_hooks(grads[: len(outputs)], grads[len(outputs):])
         self._checked = True
         deltas = iter(grads[: len(outputs)])
-        values: dict[str, torch.Tensor] = {}
-        tokens: dict[str, torch.Tensor] = {}
-        sq = torch.zeros(batch, dtype=torch.float32, device=self.device)
         for i, (t, x) in enumerate(zip(self.taps, self.choices)):
             ins, outs = self._positions(t, x, deltas, batch)
             t.calls.clear()
-            embedding = x.kind == "embedding"
+            name = f"factors_{i}"
+            if c == 0:  # positions are known now: the batch's arrays at every checkpoint
+                positions = sum(int(d.shape[1]) for d in outs)
+                width = x.d_out if x.kind == "embedding" else x.d_in + x.d_out
+                # every value is written below (each call's positions in turn)
+                feats.values[name] = torch.empty(n_checkpoints, batch, positions, width, device=self.device)
+                if x.kind == "embedding":
+                    feats.tokens[f"tokens_{i}"] = torch.cat(ins, 1).to(torch.int64) if ins else \
+                        torch.zeros(batch, 0, dtype=torch.int64, device=self.device)
+            v = feats.values[name][c]
+            start = 0
+            for a, d in zip(ins, outs):  # each call's positions in turn: [a | 1 | δ] (δ alone for an Embedding)
+                stop = start + d.shape[1]
+                if x.kind == "embedding":
+                    v[:, start:stop] = d
+                else:
+                    v[:, start:stop, : a.shape[-1]] = a
+                    if x.has_bias:
+                        v[:, start:stop, a.shape[-1]] = 1.0
+                    v[:, start:stop, x.d_in:] = d
+                start = stop
             if ins:
-                sq += factored_sq_norms(ins, outs, bias=x.has_bias, embedding=embedding)
-            d = torch.cat(outs, 1) if outs else torch.zeros(batch, 0, x.d_out, device=self.device)
-            if embedding:
-                ids = torch.cat(ins, 1) if ins else torch.zeros(batch, 0, dtype=torch.int64, device=self.device)
-                tokens[f"tokens_{i}"] = ids.to(torch.int64)
-                values[f"factors_{i}"] = d
-            else:
-                width = x.d_in - x.has_bias
-                a = torch.cat(ins, 1) if ins else torch.zeros(batch, 0, width, device=self.device)
-                parts = [a, a.new_ones(a.shape[:-1] + (1,))] if x.has_bias else [a]
-                values[f"factors_{i}"] = torch.cat([*parts, d], dim=-1)
+                sq += _sq_norms(x, v, ins, outs)
         if self._flat is not None:
             g, _ = self._flat(plain, inputs, targets)
             sq += dense_sq_norms({n: g[n] for n in self.plan.flat}, batch)
             flat = torch.cat([g[n].reshape(batch, -1).to(torch.float32) for n in self.plan.flat], dim=1)
-        else:
-            flat = torch.zeros(batch, 0, device=self.device)
-        return flat.detach(), values, tokens, losses.detach(), sq.detach()
+            if c == 0:
+                feats.flat = torch.empty(n_checkpoints, batch, flat.shape[1], device=self.device)
+            feats.flat[c] = flat
+        return losses.detach()
 
     @staticmethod
     def _positions(t: _Tap, x: LayerChoice, deltas, batch: int):
@@ -349,6 +362,15 @@ class FactorsFeatures:
         for t in self.taps:
             t.handle.remove()
         self.taps = []
+
+
+def _sq_norms(x: LayerChoice, v: torch.Tensor, ins, outs) -> torch.Tensor:
+    """‖G‖² per example of one layer from its stored rows ``v`` (B, T, width): ‖a‖²‖δ‖² for one position
+    (the bias's 1 is in a), the Gram form otherwise (:func:`factored_sq_norms`)."""
+    if x.kind != "embedding" and v.shape[1] == 1:
+        a, d = v[:, 0, : x.d_in], v[:, 0, x.d_in :]
+        return torch.einsum("bk,bk->b", a, a) * torch.einsum("bk,bk->b", d, d)
+    return factored_sq_norms(ins, outs, bias=x.has_bias, embedding=x.kind == "embedding")
 
 
 def _call_parts(t: _Tap, x: torch.Tensor, delta: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
