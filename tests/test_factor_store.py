@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 import trackin_ooc as to
 from trackin_ooc import testing as tt
@@ -229,13 +229,18 @@ def test_varying_lengths_pad_to_the_longest_example(tmp_path, monkeypatch):
 
 
 # ---- scoring on a LocalCluster ---------------------------------------------------------------------
-def test_factor_scores_on_a_local_cluster(mlp, digits, digits_test, tmp_path):
-    pair = capture_pair(mlp.model, mlp.checkpoints, Subset(digits.train, range(200)), digits_test, tmp_path, "f",
+def test_factor_capture_and_scores_on_a_local_cluster(mlp, digits, digits_test, tmp_path):
+    train_ds = Subset(digits.train, range(200))
+    pair = capture_pair(mlp.model, mlp.checkpoints, train_ds, digits_test, tmp_path, "f",
                         projection="factors", chunk_rows=32)
     here_inf = to.influence(*pair).values
     here_top = to.top_k(*pair, k=4, normalize=True)
     here_self = to.self_influence(pair[1]).values
     with two_worker_client() as client:
+        # Row blocks captured as Dask tasks on the workers: the same bytes as in-process.
+        spread = to.capture(mlp.model, mlp.checkpoints, train_ds, tmp_path / "spread.zarr", projection="factors",
+                            chunk_rows=32, batch_size=64, device="cpu", client=client)
+        tt.assert_stores_identical(spread, pair[1])
         there_inf = to.influence(*pair, client=client, memory_limit="64MB").values
         there_top = to.top_k(*pair, k=4, normalize=True, client=client)
         there_self = to.self_influence(pair[1], client=client).values
@@ -264,6 +269,27 @@ def test_refusals_and_bfloat16(mlp, digits, digits_test, tmp_path):
     assert 0 < err < 3e-2, f"bfloat16 factors: relative error {err:.1e}"
     ds = half[1].to_xarray()
     assert ds["factors_0"].dtype == np.float32 and ds["factors_0"].dims[2:] == ("position_0", "width_0")
+
+
+def test_nonfinite_examples_are_flagged_and_zeroed_in_every_factor_array(mlp, digits, tmp_path):
+    data = Subset(digits.train, range(48))
+    labels = np.array([int(digits.train[i][1]) for i in range(48)])
+
+    def loss_nan_for_threes(outputs, targets):
+        loss = nn.functional.cross_entropy(outputs, targets, reduction="none")
+        scale = torch.where(targets == 3, float("nan"), 1.0)  # a constant: NaN gradients for those examples only
+        return loss * scale
+
+    store = to.capture(mlp.model, mlp.checkpoints, data, tmp_path / "s.zarr", projection="factors", device="cpu",
+                       loss_fn=loss_nan_for_threes, nonfinite="flag", chunk_rows=16)
+    bad = np.flatnonzero(labels == 3)
+    assert len(bad) > 0
+    np.testing.assert_array_equal(store.nonfinite_examples(), bad)
+    for _, values, _ in store.read_factors():
+        assert np.isfinite(values).all() and not values[:, bad].any() and values[:, labels != 3].any()
+    with pytest.warns(to.NonFiniteWarning):
+        scores = to.influence(store, store).values
+    assert not scores[bad].any() and not scores[:, bad].any() and np.isfinite(scores).all()
 
 
 def test_exact_capture_logs_when_factors_are_cheaper(mlp, cnn, digits, tmp_path, caplog):
