@@ -309,3 +309,15 @@ def test_cli_bad_input(clustered, tmp_path, args, status, words):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "o.csv").exists()
+
+
+def test_factor_stores_refused(mlp, digits_test, tmp_path):
+    """Per-layer factors (projection="factors") are not one feature matrix: refused in one line, before any work."""
+    factors = to.capture(mlp.model, mlp.checkpoints, digits_test, tmp_path / "factors.zarr", projection="factors",
+                         progress=False)
+    assert factors.has_factors
+    for call in (lambda: to.build_index(factors), lambda: to.net_influence(factors, factors)):
+        with pytest.raises(to.ArgumentError, match="per-layer factors") as e:
+            call()
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "factors.zarr" / "index").exists()

@@ -28,16 +28,26 @@ from .store.lock import StoreLock
 StoreLike = GradientStore | str | os.PathLike
 IndexLike = TopKIndex | str | os.PathLike | bool
 
-# Re-ordered index rows per chunk: about one list (so reading a list touches few chunks), but at least
-# MIN_CHUNK_BYTES per checkpoint (zarr's cost per chunk, ~1-2 ms, makes smaller chunks slow) and at most
-# MAX_CHUNK_ROWS.
-MIN_CHUNK_BYTES, MAX_CHUNK_ROWS = 128 << 10, 4096
+# Re-ordered index rows per chunk (all checkpoints in one chunk): about one list, so that reading a list
+# touches few chunks, but at least MIN_CHUNK_BYTES (zarr's cost per chunk read, ~1 ms, makes smaller chunks
+# slow) and at most MAX_CHUNK_ROWS.
+MIN_CHUNK_BYTES, MAX_CHUNK_ROWS = 256 << 10, 4096
 WINDOW_BYTES = 32 << 20  # re-ordered rows written per pass-2 task (all checkpoints)
 
 
-def _chunk_rows(n_rows: int, n_lists: int, feature_bytes: int) -> int:
+def require_flat(store: GradientStore, what: str) -> GradientStore:
+    """Refuse a store of per-layer factors (layout version 2): ``what`` works on flat gradient features."""
+    if getattr(store, "has_factors", False):
+        raise ArgumentError(
+            f"{what} needs flat gradient features, and {store.path} stores per-layer factors "
+            "(projection='factors'); use the exact top_k/influence, or capture with a projection (projection_dim=...)"
+        )
+    return store
+
+
+def _chunk_rows(n_rows: int, n_lists: int, row_bytes: int) -> int:
     mean = max(1, n_rows // max(1, n_lists))
-    rows = max(1 << max(0, mean.bit_length() - 1), -(-MIN_CHUNK_BYTES // max(1, feature_bytes)))
+    rows = max(1 << max(0, mean.bit_length() - 1), -(-MIN_CHUNK_BYTES // max(1, row_bytes)))
     return int(min(n_rows, MAX_CHUNK_ROWS, rows))
 
 
@@ -76,7 +86,7 @@ def build_index(
     when the same call is repeated; ``overwrite=True`` replaces a finished index (or an unfinished
     one of another build).
     """
-    tr = open_store(train, storage_options=storage_options).require_complete()
+    tr = require_flat(open_store(train, storage_options=storage_options).require_complete(), "an index")
     if n_lists is not None and (isinstance(n_lists, bool) or not isinstance(n_lists, (int, np.integer))
                                 or not 1 <= n_lists <= tr.n_examples):
         raise ArgumentError(f"n_lists must be an integer from 1 to the store's {tr.n_examples} examples, "
@@ -131,8 +141,8 @@ def _lay_out(tr: GradientStore, out, n_lists: int, normalize: bool, seed: int, p
     pick = np.sort(rng.choice(len(positions), size=n_q, replace=False))
     queries, query_rows = sample[pick].copy(), positions[pick]
     del sample
-    chunk_rows = _chunk_rows(tr.n_examples, n_lists, tr.feature_dim * layout.itemsize(tr.dtype))
     row_bytes = tr.n_checkpoints * tr.feature_dim * layout.itemsize(tr.dtype)
+    chunk_rows = _chunk_rows(tr.n_examples, n_lists, row_bytes)
     return TopKIndex.create(
         out, train=tr, normalize=normalize, centroids=centroids, calibration_rows=query_rows,
         calibration_queries=queries, calibration_k=min(tr.n_examples, ivf.CALIBRATION_K + 1),
@@ -226,6 +236,8 @@ def index_top_k(
     client,
 ) -> xr.Dataset:
     """``top_k`` through an index (called by :func:`trackin_ooc.top_k`; stores already checked compatible)."""
+    require_flat(tr, "an index")
+    require_flat(te, "an index query")
     idx = resolve_index(index, tr, normalize)
     if n_probe is None:
         n_probe = idx.n_probe

@@ -18,6 +18,7 @@ from .engine.compat import check_compatible
 from .engine.execute import compute
 from .engine.net import net_influence_array
 from .errors import ArgumentError
+from .indexing import require_flat
 from .store import GradientStore, open_store
 from .store.backends import StorageOptions
 from .store.layout import itemsize
@@ -65,6 +66,7 @@ def net_influence(
     te = open_store(test, storage_options=storage_options).require_complete()
     tr = open_store(train, storage_options=storage_options).require_complete()
     check_compatible(te, tr)
+    require_flat(tr, "net_influence")
     grouping = _groups(by, te)
     labels, codes = grouping if grouping is not None else (np.array([0]), np.zeros(te.n_examples, np.int64))
     width = tr.n_checkpoints * tr.feature_dim

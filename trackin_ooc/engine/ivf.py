@@ -23,6 +23,9 @@ from .kernels import fold_checkpoints
 
 BOUND_WEIGHTS = (0.0, 0.1, 0.25, 0.5)  # λ values the calibration tries
 TARGET_RECALL = 0.95
+# The calibration queries are train rows, whose neighbours are a little easier to find than a held-out
+# example's (measured: 0.925 held-out at a held-in 0.95 on digits gradients): calibrate with this margin.
+CALIBRATION_MARGIN = 0.02
 CALIBRATION_QUERIES = 256
 CALIBRATION_K = 10
 SAMPLE_PER_LIST = 40  # k-means training rows per list (as FAISS recommends), within the memory budget
@@ -152,11 +155,13 @@ def true_top(parts: dict[str, np.ndarray], query_rows: np.ndarray, k: int) -> tu
 def calibrate(queries: np.ndarray, best: np.ndarray, worst: np.ndarray, best_lists: np.ndarray,
               worst_lists: np.ndarray, centroids: np.ndarray, radius: np.ndarray, sizes: np.ndarray,
               target: float = TARGET_RECALL) -> Calibration:
-    """The λ and smallest ``n_probe`` whose recall@k on held-in queries reaches ``target`` at both ends,
-    λ chosen to read the fewest rows. ``best``/``worst``: the queries' exact top-k rows; ``*_lists``: their lists.
+    """The λ and smallest ``n_probe`` whose recall@k on held-in queries reaches ``target`` (plus
+    CALIBRATION_MARGIN) at both ends, λ chosen to read the fewest rows. ``best``/``worst``: the queries'
+    exact top-k rows; ``*_lists``: their lists.
 
     Recall is counted conservatively: a query finds a row only through its own probed lists.
     """
+    target = min(1.0, target + CALIBRATION_MARGIN)
     n_lists = centroids.shape[0]
     n_rows = int(sizes.sum())
     probes = sorted({p for p in (2 ** np.arange(0, int(np.log2(max(1, n_lists))) + 1)).tolist()} | {n_lists})

@@ -6,7 +6,7 @@ subgroup ``index`` (``index_cosine`` for ``normalize=True`` queries), and record
 
 | array | shape | meaning |
 |---|---|---|
-| ``grads`` | (checkpoint, row, feature) | the train store's features, rows re-ordered so each list is one run |
+| ``grads`` | (checkpoint, row, feature) | the train store's features, rows re-ordered so each list is one run; chunks (C, rows, F) |
 | ``train_index`` | (row,) | train position (0..N-1) of each re-ordered row |
 | ``list_offsets`` | (list + 1,) | list L is rows ``list_offsets[L]:list_offsets[L+1]`` |
 | ``centroids`` | (list, C·F) | the coarse quantizer, in the √η_c-weighted concatenated space |
@@ -148,8 +148,10 @@ class TopKIndex:
                                   chunk_key_encoding={"name": "default", "separator": "."})
 
         n_q, kc = calibration_queries.shape[0], calibration_k
-        make(group, GRADS, (c, n, f), (1, chunk_rows, f), on_disk, ("checkpoint", "row", "feature"))
-        make(group, TRAIN_INDEX, (n,), (chunk_rows,), "int64", ("row",), fill=-1)
+        # Chunks hold every checkpoint of their rows: a query reads all of them, in half the chunk reads.
+        make(group, GRADS, (c, n, f), (c, chunk_rows, f), on_disk, ("checkpoint", "row", "feature"))
+        # One chunk of train positions per window (as many bytes as a features chunk; one writer each).
+        make(group, TRAIN_INDEX, (n,), (window_rows,), "int64", ("row",), fill=-1)
         make(group, LIST_OFFSETS, (k_lists + 1,), (k_lists + 1,), "int64", ("list_edge",))
         make(group, CENTROIDS, (k_lists, width), (k_lists, width), "float32", ("list", "width"))[:] = centroids
         make(group, LIST_RADIUS, (k_lists,), (k_lists,), "float32", ("list",))
@@ -165,7 +167,7 @@ class TopKIndex:
             dtype = "float32" if name.endswith("score") else "int64"
             make(group, name, (n_blocks, n_q, kc), (1, n_q, kc), dtype, ("block", "query", "rank"))
         staging = group.create_group(STAGING)
-        make(staging, GRADS, (c, n, f), (1, _staging_chunk_rows(block_rows, chunk_rows), f), on_disk,
+        make(staging, GRADS, (c, n, f), (c, _staging_chunk_rows(block_rows, chunk_rows), f), on_disk,
              ("checkpoint", "row", "feature"))
         make(staging, TRAIN_INDEX, (n,), (_staging_chunk_rows(block_rows, chunk_rows),), "int64", ("row",))
         group.attrs[layout.ATTRS_KEY] = {
