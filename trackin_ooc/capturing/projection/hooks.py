@@ -10,12 +10,17 @@ its exact squared norm likewise from the Gram form or ‖G‖².
 
 A layer called on a tensor broadcast over the batch (position ids of shape (1, T)) gets its output
 expanded to one copy per example, so δ stays per example.
+
+The plan's dense group (parameters of other layer types: BatchNorm/LayerNorm/GroupNorm affine, tied
+weights, grouped convolutions, ...) gets exact per-example gradients from the hooked rules of
+:mod:`..per_example.hooked`, tapped in the same forward and backward; the parameters those rules do
+not cover (or whose batch-gradient check fails on the first batch) from :class:`PerExampleGradients`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -23,9 +28,11 @@ from torch import nn
 from ...errors import CaptureError
 from ...spec import ProjectionSpec
 from ..per_example.batches import call_functional
+from ..per_example.gradients import PerExampleGradients
+from ..per_example.hooked import _mismatch, parameter_uses, per_call_gradients
+from ..per_example.hooked import _Tap as _HookedTap
 from ..per_example.losses import LossFn, check_losses, default_loss
 from ..per_example.norms import dense_sq_norms, factored_sq_norms
-from ..per_example.vmap import PerExampleGradients
 from .calls import ConvCall, RowsCall
 from .costs import norm_cost
 from .factored import (
@@ -138,6 +145,17 @@ def layer_features(layer: FactorLayer, calls: Sequence[RowsCall | ConvCall], fac
     return f, sq, "per position"
 
 
+def _gradients(total: torch.Tensor, wrt: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """d total / d each of ``wrt``; None for a tensor outside the graph (a call made under no_grad)."""
+    live = [i for i, t in enumerate(wrt) if t.requires_grad]
+    got = torch.autograd.grad(total, [wrt[i] for i in live], allow_unused=True) \
+        if live and total.requires_grad else ()
+    out: list[torch.Tensor | None] = [None] * len(wrt)
+    for i, g in zip(live, got):
+        out[i] = g
+    return out
+
+
 def _formed_chunks(layer: FactorLayer, calls: Sequence[RowsCall | ConvCall], batch: int):
     """Per-example gradients (b, d_in, d_out), summed over calls, for chunks of examples within
     FORMED_CHUNK_ELEMENTS."""
@@ -151,18 +169,100 @@ def _formed_chunks(layer: FactorLayer, calls: Sequence[RowsCall | ConvCall], bat
         yield g
 
 
+class _DenseGroup:
+    """Per-example gradients of the plan's dense group, from the factored pass itself where possible.
+
+    Parameters with a hooked rule (:func:`..per_example.hooked.parameter_uses`) are tapped during the
+    factored forward and get their δ from the same backward; the rest, and any parameter whose
+    batch-gradient check fails on the first batch, come from :class:`PerExampleGradients` (its own
+    pass: vmap, or the per-example loop where vmap fails).
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[str], loss_fn: LossFn, methods: Mapping[str, str] | None):
+        self.model = model
+        self.params = list(params)
+        self.loss_fn = loss_fn
+        self.uses, _ = parameter_uses(model, self.params)
+        forced = {n for n in self.params if methods and methods.get(n) not in (None, "hooks")}
+        self.hooked = [n for n in self.params if n in self.uses and n not in forced]
+        self._methods = methods
+        self.others: PerExampleGradients | None = None
+        self._set_others([n for n in self.params if n not in self.hooked])
+        self.taps: list[_HookedTap] = []
+
+    def _set_others(self, names: list[str]) -> None:
+        plan = {n: self._methods[n] for n in names} if self._methods and all(
+            self._methods.get(n) in ("vmap", "loop") for n in names) else None
+        self.others = PerExampleGradients(self.model, names, self.loss_fn, methods=plan) if names else None
+
+    def start(self, batch: int) -> None:
+        modules = {}
+        for n in self.hooked:
+            for use in self.uses[n]:
+                modules.setdefault(id(use.module), use)
+        self.taps = [_HookedTap(use, batch) for use in modules.values()]
+
+    def stop(self) -> None:
+        for t in self.taps:
+            t.remove()
+
+    def outputs(self) -> list[torch.Tensor]:
+        return [o for t in self.taps for _, o in t.calls]
+
+    def gradients(self, deltas, batch_grads, plain, inputs, targets, batch: int) -> dict[str, torch.Tensor]:
+        """{name: (B, *shape)} of every dense parameter. ``batch_grads`` (first batch only): the hooked
+        parameters' batch gradients, to check the taps saw every use."""
+        grads: dict[str, torch.Tensor] = {}
+        hooked = set(self.hooked)
+        failed = {n: f"{type(t.use.module).__name__} {t.use.module_name!r} {t.problem}"
+                  for t in self.taps if t.problem for n in t.use.attrs.values() if n in hooked}
+        it = iter(deltas)
+        for t in self.taps:
+            want = {a for a, n in t.use.attrs.items() if n in hooked}
+            for x, _ in t.calls:
+                delta = next(it)
+                if delta is None:
+                    continue
+                with torch.no_grad():
+                    for attr, g in per_call_gradients(t.use, x, delta, want).items():
+                        n = t.use.attrs[attr]
+                        grads[n] = g if n not in grads else grads[n].add_(g)
+            t.calls.clear()
+        self.taps = []
+        for n in self.hooked:
+            if n not in grads:
+                shape = plain[n].shape
+                grads[n] = torch.zeros(batch, *shape, dtype=plain[n].dtype, device=plain[n].device)
+        if batch_grads is not None:
+            for n, bg in zip(self.hooked, batch_grads):
+                why = failed.get(n) or _mismatch(grads[n].sum(0), bg)
+                if why:
+                    failed[n] = why
+            if failed:
+                log.warning("factored projection: %d parameters of the dense group are not computed by hooks "
+                            "(%s: %s); using vmap for them", len(failed), next(iter(failed)),
+                            next(iter(failed.values())))
+                self.hooked = [n for n in self.hooked if n not in failed]
+                self._set_others([n for n in self.params if n not in self.hooked])
+        if self.others is not None:
+            g, _ = self.others(plain, inputs, targets)
+            grads.update(g)
+        return {n: grads[n] for n in self.params}
+
+
 class FactoredFeatures:
     """Per-example factored features of a batch at each checkpoint: (C, B, spec.dim), losses (C, B).
 
     Registers forward hooks on the model's factored layers until :meth:`close`. Parameters of
-    other layer types (the plan's dense group) get per-example gradients from
-    :class:`PerExampleGradients` (hooks off) and the dense projection.
+    other layer types (the plan's dense group) get exact per-example gradients (hooked rules where they
+    apply, else :class:`PerExampleGradients`) and the dense projection. ``methods``: per-example
+    methods chosen for the dense group before the capture ({name: "hooks" | "vmap" | "loop"}).
     """
 
     method = "factored hooks"
 
     def __init__(self, model: nn.Module, spec: ProjectionSpec, loss_fn: LossFn | None = None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", methods: Mapping[str, str] | None = None):
         self.model = model
         self.spec = spec
         self.loss_fn = loss_fn or default_loss
@@ -172,14 +272,14 @@ class FactoredFeatures:
         modules = dict(model.named_modules())
         self.taps: list[_Tap] = []
         self.dense: FactorLayer | None = None
-        self._dense_grads: PerExampleGradients | None = None
+        self._dense_group: _DenseGroup | None = None
         # How each hooked layer's features were computed in the last batch ("per position" or "formed").
         self.paths: dict[str, str] = {}
         try:
             for layer in self.plan:
                 if layer.kind == "dense":
                     self.dense = layer
-                    self._dense_grads = PerExampleGradients(model, layer.params, self.loss_fn)
+                    self._dense_group = _DenseGroup(model, layer.params, self.loss_fn, methods)
                 elif layer.kind != "pad":
                     self.taps.append(_Tap(layer, modules[layer.module]))
         except Exception:
@@ -190,7 +290,7 @@ class FactoredFeatures:
 
     def prepare(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Per checkpoint, once: (state whose factored weights require grad, the plain state)."""
-        hooked = set(self._weights)
+        hooked = set(self._weights) | set(self._dense_group.hooked if self._dense_group else ())
         with_grad = {k: (v.detach().requires_grad_(True) if k in hooked else v) for k, v in state.items()}
         return with_grad, state
 
@@ -204,25 +304,33 @@ class FactoredFeatures:
         checkpoint: one forward and backward."""
         state, plain = prepared
         batch = targets.shape[0]
+        dense = self._dense_group
         for t in self.taps:
             t.calls.clear()
             t.batch = batch
             t.active = True
+        if dense is not None:
+            dense.start(batch)
         try:
             with torch.enable_grad():
                 out = call_functional(self.model, state, inputs)
         finally:
             for t in self.taps:
                 t.active = False
+            if dense is not None:
+                dense.stop()
         losses = check_losses(self.loss_fn(out, targets), batch)
         outputs = [o for t in self.taps for _, o in t.calls]
+        dense_outputs = dense.outputs() if dense is not None else []
         check = not self._checked  # first batch: also the weights' batch gradients, to verify the hooks
-        wrt = outputs + ([state[w] for w in self._weights] if check and outputs else [])
-        grads = torch.autograd.grad(losses.sum(), wrt, allow_unused=True) if wrt else ()
+        checked = (self._weights + (dense.hooked if dense is not None else [])) if check else []
+        grads = _gradients(losses.sum(), outputs + dense_outputs + [state[w] for w in checked])
+        n_out, n_dense = len(outputs), len(dense_outputs)
         if check:
             self._checked = True
-            self._check_hooks(grads[: len(outputs)], grads[len(outputs):], state, batch)
-        deltas = iter(grads[: len(outputs)])
+            self._check_hooks(grads[:n_out], grads[n_out + n_dense: n_out + n_dense + len(self._weights)], state,
+                              batch)
+        deltas = iter(grads[:n_out])
         parts: dict[int, torch.Tensor] = {}
         sq_norms = torch.zeros(batch, dtype=torch.float32, device=self.device)
         for t in self.taps:
@@ -236,10 +344,11 @@ class FactoredFeatures:
             parts[id(t.layer)] = f
             sq_norms += sq
             self.paths[t.layer.module] = how
-        if self.dense is not None:
-            grads, _ = self._dense_grads(plain, inputs, targets)
-            sq_norms += dense_sq_norms({n: grads[n] for n in self.dense.params}, batch)
-            parts[id(self.dense)] = dense_features(self.spec, self.dense, grads, self.device)
+        if dense is not None:
+            batch_grads = grads[n_out + n_dense + len(self._weights):] if check else None
+            g = dense.gradients(grads[n_out: n_out + n_dense], batch_grads, plain, inputs, targets, batch)
+            sq_norms += dense_sq_norms(g, batch)
+            parts[id(self.dense)] = dense_features(self.spec, self.dense, g, self.device)
         feats = torch.cat([parts.get(id(x)) if x.kind != "pad" else torch.zeros(batch, x.width, device=self.device)
                            for x in self.plan], dim=1)
         return feats.detach(), losses.detach(), sq_norms.detach()
