@@ -96,6 +96,36 @@ def factor_rows(flat: np.ndarray, parts, scale: np.ndarray | None = None) -> Fac
 
 # ---- scores ------------------------------------------------------------------------------------
 _local = threading.local()
+_fma_lock = threading.Lock()
+_fma = None
+
+
+def _multiply_add(acc, x, y) -> None:
+    """acc += x * y elementwise (2-D, same shape): one pass over memory instead of two."""
+    rows, cols = acc.shape
+    for i in range(rows):
+        for j in range(cols):
+            acc[i, j] += x[i, j] * y[i, j]
+
+
+def _fused_multiply_add():
+    """``_multiply_add`` compiled by numba on first use (nogil, cached on disk)."""
+    global _fma
+    with _fma_lock:
+        if _fma is None:
+            import numba
+
+            _fma = numba.njit(nogil=True, cache=True, fastmath=False)(_multiply_add)
+    return _fma
+
+
+def multiply_add(acc, x, y, xp) -> None:
+    """acc += x ⊙ y: fused on the CPU (numba), two array operations elsewhere."""
+    if xp is np:
+        _fused_multiply_add()(acc, x, y)
+    else:
+        x *= y
+        acc += x
 
 
 def _buffers(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -152,8 +182,7 @@ def _tile(test: FactorRows, train: FactorRows, acc, t1, t2, xp) -> None:
                 continue
             xp.matmul(xt.a[c, :, 0], xr.a[c, :, 0].T, out=t1)
             xp.matmul(xt.d[c, :, 0], xr.d[c, :, 0].T, out=t2)
-            t1 *= t2
-            acc += t1
+            multiply_add(acc, t1, t2, xp)
 
 
 def score_block(test: FactorRows, train: FactorRows, xp):
