@@ -228,6 +228,31 @@ def test_varying_lengths_pad_to_the_longest_example(tmp_path, monkeypatch):
     assert_same_scores(factor_pair, flat_pair)
 
 
+def test_array_module_path_equals_the_cpu_path(cnn, digits, digits_test, tmp_path, monkeypatch):
+    """The kernels' path for array modules other than numpy (CuPy on a GPU: whole-block tiles, unfused
+    products, sampled-threshold top-k) run here with numpy behind another module object."""
+    import types
+
+    from trackin_ooc.engine import factor_kernels as fk
+    from trackin_ooc.engine import factor_tasks
+    from trackin_ooc.engine.tasks import StoreRef
+
+    monkeypatch.setattr(factors_module, "prefer_factors", lambda kind, d_in, d_out, positions: positions > 0)
+    test, train = capture_pair(cnn.model, cnn.checkpoints, Subset(digits.train, range(90)),
+                               Subset(digits_test, range(12)), tmp_path, "f", projection="factors")
+    xp = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+    a = factor_tasks.read_test_block(StoreRef.of(test), 0, 12, list(train.learning_rates), True)
+    b = factor_tasks._read(StoreRef.of(train), 0, 90, None, True)
+    cpu, other = fk.score_block(a, b, np), fk.score_block(a, b, xp)
+    np.testing.assert_allclose(other, cpu, rtol=1e-5, atol=1e-6 * np.abs(cpu).max())
+    best_cpu, best_other = fk.score_topk(a, b, 4, 0, np), fk.score_topk(a, b, 4, 0, xp)
+    np.testing.assert_array_equal(best_other.best_index, best_cpu.best_index)
+    np.testing.assert_array_equal(best_other.worst_index, best_cpu.worst_index)
+    plain = factor_tasks._read(StoreRef.of(train), 0, 90, None, False)
+    np.testing.assert_allclose(fk.self_influence(plain, train.learning_rates, xp),
+                               fk.self_influence(plain, train.learning_rates, np), rtol=1e-6)
+
+
 # ---- scoring on a LocalCluster ---------------------------------------------------------------------
 def test_factor_capture_and_scores_on_a_local_cluster(mlp, digits, digits_test, tmp_path):
     train_ds = Subset(digits.train, range(200))
