@@ -54,6 +54,9 @@ def run_on_cluster(client, job: CaptureJob, path: str, blocks: Sequence[Block], 
     # The job (model, data) reaches the workers as the result of a task, not scattered data: if the worker
     # holding it dies, the scheduler recomputes it from the task instead of failing the capture.
     shared_job = client.submit(_identity, job, key=f"trackin-capture-job-{os.getpid()}-{id(job)}", pure=False)
+    # On every worker before the ranges are submitted: otherwise they queue where the job is, and other
+    # workers get a share only by stealing, which short tasks may never trigger.
+    client.replicate([shared_job])
     futures = [
         client.submit(_run_task, shared_job, path, r, storage_options,
                       key=f"trackin-capture-{r[0][0]}-{r[-1][1]}-{os.getpid()}", retries=1, pure=False)

@@ -125,6 +125,8 @@ class PerExampleGradients:
                 self.methods = dict.fromkeys(names, "vmap")
                 return grads, losses
             except Exception as e:  # vmap refuses many models (data-dependent control flow, in-place ops)
+                if isinstance(e, CaptureError):  # bad input (a batch no default loss fits, ...): the user's to fix
+                    raise
                 vmap_error = e
                 if not self.hooked.uses:
                     return self._loop_rest(state, inputs, targets, names, {}, {}, None, vmap_error)
@@ -150,6 +152,8 @@ class PerExampleGradients:
             try:
                 g, loss = vmap_gradients(self.model, self.loss_fn, state, rest, inputs, targets)
             except Exception as e:
+                if isinstance(e, CaptureError):
+                    raise
                 return self._loop_rest(state, inputs, targets, rest, grads, plan, losses, e)
             grads.update(g)
             plan.update(dict.fromkeys(rest, "vmap"))
