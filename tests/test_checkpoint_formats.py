@@ -6,6 +6,7 @@ learning rates and gives the gradients (and checkpoint hashes) of the same weigh
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -410,3 +411,24 @@ def test_run_folder_scaled_out_and_resumed(mlp, digits_test, tmp_path):
               run / "checkpoint-20" / "model.safetensors")
     with pytest.raises(to.CaptureError, match="checkpoint contents"):
         capture(mlp.fresh(), [run], digits_test, tmp_path / "part.zarr", **kw)
+
+
+# ---- the worked examples of docs/checkpoints.md ---------------------------------------------------
+def test_docs_worked_examples_run(tmp_path, monkeypatch, capsys):
+    text = (Path(__file__).resolve().parent.parent / "docs" / "checkpoints.md").read_text()
+    section = text.split("## Bringing a Trainer run / a Lightning run")[1].split("\n## ")[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(blocks[0], "docs/checkpoints.md (Trainer)", "exec"), ns)
+        assert ns["store"].checkpoint_names == ["checkpoint-4", "checkpoint-8"]
+        assert ns["store"].learning_rates[0] > ns["store"].learning_rates[1] > 0
+        assert ns["store"].n_examples == 64 and ns["store"].complete
+        exec(compile(blocks[1], "docs/checkpoints.md (Lightning)", "exec"), ns)
+        assert ns["store"].checkpoint_names == ["epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt", "epoch=2-step=6.ckpt"]
+        np.testing.assert_allclose(ns["store"].learning_rates, [0.05, 0.025, 0.0125], rtol=1e-12)
+        exec(compile(blocks[2], "docs/checkpoints.md (safetensors)", "exec"), ns)
+        assert ns["store"].learning_rates.tolist() == [0.1, 0.05]
