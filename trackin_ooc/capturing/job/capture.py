@@ -26,7 +26,7 @@ from .capture_job import CaptureJob, checkpoints_as_given, loader_settings, prob
 from .data import as_loader, dataset_length
 from .device import resolve_device
 from .factor_layout import store_layout
-from .methods import choose_per_example_methods
+from .methods import choose_per_example_methods, probe_batch
 from .resume import StoreSettings, check_resumable, existing_store
 
 log = logging.getLogger("trackin_ooc")
@@ -112,16 +112,18 @@ def capture(
     ckpts = load_checkpoints(model, checkpoints, learning_rates)
     names = select_parameters(model, layers)
     params = dict(model.named_parameters())
+    loader = as_loader(data, batch_size)
+    n = dataset_length(loader)
     if projection == "factored" and projection_dim is not None:
-        spec = factored_spec(model, names, projection_dim, seed)
+        # One example, run once: each convolution's output positions decide how its gradient is projected.
+        example, _ = probe_batch(loader.dataset, loader.collate_fn, target_key, 1, torch.device("cpu"))
+        spec = factored_spec(model, names, projection_dim, seed, example=example)
     elif projection == "factors" and projection_dim is not None:
         raise CaptureError("projection='factors' keeps gradients exact: leave projection_dim out (None)")
     else:
         spec = make_spec(projection, projection_dim, seed, [(n, tuple(params[n].shape)) for n in names])
-    loader = as_loader(data, batch_size)
     layout = store_layout(spec, projection, model, names, loader, dev, target_key)  # "factors": per-layer choices
     spec = layout.spec
-    n = dataset_length(loader)
     settings = loader_settings(loader)
     label_dtype = probe_labels(loader.dataset, settings["collate_fn"], target_key)
     job = CaptureJob(

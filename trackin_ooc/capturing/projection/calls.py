@@ -53,8 +53,13 @@ class RowsCall:
         return a.T @ d if layer.kind == "hf_conv1d" else d.T @ a
 
     def formed(self, start: int, stop: int) -> torch.Tensor:
-        """Per-example gradients of examples ``start:stop`` as (b, d_in, d_out), bias row last."""
+        """Per-example gradients of examples ``start:stop`` as (b, d_in, d_out), bias row last (an
+        Embedding's: (b, vocabulary, d_out), δ_t added to its token's row)."""
         d = self.delta[start:stop].to(torch.float32)
+        if self.layer.kind == "embedding":
+            ids = self.x[start:stop]
+            g = torch.zeros(ids.shape[0], self.layer.d_in, self.layer.d_out, dtype=torch.float32, device=d.device)
+            return g.scatter_add_(1, ids.unsqueeze(-1).expand(*ids.shape, self.layer.d_out), d)
         g = torch.bmm(self.x[start:stop].to(torch.float32).transpose(1, 2), d)
         if self.layer.has_bias:
             g = torch.cat([g, d.sum(1, keepdim=True)], dim=1)

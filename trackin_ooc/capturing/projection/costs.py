@@ -34,10 +34,9 @@ def per_position_cost(kind: str, d_in: int, d_out: int, n_in: int, n_out: int, p
 def formed_cost(kind: str, d_in: int, d_out: int, n_out: int, products: int, in_identity: bool,
                 out_identity: bool, positions: int, dense_width: int = 0) -> float:
     """Forming G (T·D), then the factor map (or a dense map of ``dense_width`` columns) applied to it."""
-    if kind == "embedding":
-        return INFINITE
     d = d_in * d_out
-    cost = float(positions + 1) * d  # forming G, and writing it
+    # forming G and writing it (an embedding's: zeroing V·E rows, then adding δ_t to its token's row)
+    cost = float(d + positions * d_out) if kind == "embedding" else float(positions + 1) * d
     if dense_width:
         return cost + d * dense_width
     if not out_identity:
@@ -52,5 +51,5 @@ def norm_cost(kind: str, d_in: int, d_out: int, positions: int) -> tuple[str, fl
     if positions <= 1:
         return "gram", float(d_in + d_out)  # ‖a‖²‖δ‖²
     gram = float(positions) ** 2 * ((1 if kind == "embedding" else d_in) + d_out)
-    formed = INFINITE if kind == "embedding" else float(positions) * d_in * d_out
+    formed = float(d_in * d_out + positions * d_out) if kind == "embedding" else float(positions) * d_in * d_out
     return ("formed", formed) if formed < gram else ("gram", gram)

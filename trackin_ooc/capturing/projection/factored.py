@@ -32,7 +32,7 @@ from torch import nn
 
 from ...errors import CaptureError
 from ...spec import ProjectionSpec
-from ..per_example.batches import Inputs, call_model
+from ..per_example.batches import Inputs, call_model, to_device
 from .costs import formed_cost, per_position_cost
 from .dense import Projector, _BlockCache, projection_matrix
 
@@ -55,7 +55,7 @@ class FactorLayer:
     the factors' widths; ``k == d`` means that side is the identity. ``width`` is the number of stored
     values (at most ``k_in·k_out·blocks``: extra products are dropped, which keeps the estimate
     unbiased when both factors are random). ``method="formed"``: the feature is a dense Gaussian map
-    (D × width) of the formed gradient; then ``k_in = 1``, ``k_out = width``. The dense group has
+    (D × width) of the formed gradient; then ``k_in = k_out = 1`` and ``blocks = width``. The dense group has
     ``d_in = k_in = 1``, ``d_out`` = its parameter count and ``k_out = width``.
     """
 
@@ -230,10 +230,11 @@ def conv_positions(model: nn.Module, inputs: Inputs) -> dict[str, int]:
                     found[name] = max(found.get(name, 0), int(out.shape[2] * out.shape[3]))
             handles.append(mod.register_forward_hook(hook))
     was_training = model.training
+    first = next(model.parameters(), None)
     try:
         model.eval()
         with torch.no_grad():
-            call_model(model, inputs)
+            call_model(model, inputs if first is None else to_device(inputs, first.device))
     finally:
         model.train(was_training)
         for h in handles:
@@ -251,6 +252,12 @@ BETA = 4.0
 FACTOR_ELEMENTS = 1 << 25
 # All formed layers' dense maps together (elements; 256 MiB of float32), so they stay in the block cache.
 FORMED_ELEMENTS = 1 << 26
+# A dense map of at most this many elements (1 MiB of float32) costs as many multiply-adds per example:
+# negligible next to any forward pass, so a small layer takes it whatever its positions.
+SMALL_MAP = 1 << 18
+# Layers kept exact: as many of the smallest as keep the variance of the rest, were all layers' gradient
+# norms equal, within 1 + EXACT_REGRET of its minimum (see ``exact_layers``).
+EXACT_REGRET = 0.25
 # Variance model of one random side, c = 1 + 1/cos² between examples' vectors (3 for cos² = ½).
 _C = 3.0
 _BLOCK_OVERRIDE: int | None = None  # experiments only (benchmarks/projection_quality.py)
@@ -277,11 +284,15 @@ def block_size(kind: str, d_in: int, d_out: int, share: int, positions: int = 1)
 
 
 def _formed_allowed(kind: str, d_in: int, d_out: int, width: int, positions: int, room: int) -> bool:
-    """A dense map of the formed gradient: within the cost allowance, FACTOR_ELEMENTS and ``room``."""
+    """A dense map of the formed gradient: its matrix within FACTOR_ELEMENTS and ``room``, and its cost
+    within the allowance at ``positions`` (forming G is then nearly free next to the layer's own
+    work) or, whatever the positions, at most SMALL_MAP multiply-adds per example."""
     d = d_in * d_out
-    if kind in ("embedding", "dense") or positions <= 1 or width >= d:
-        return False
-    if d * width > min(FACTOR_ELEMENTS, room):
+    if kind == "dense" or min(d_in, d_out) == 1 or width >= d or d * width > min(FACTOR_ELEMENTS, room):
+        return False  # (with one side of width 1 its identity factor is as good)
+    if d * width <= SMALL_MAP:
+        return True
+    if kind == "embedding" or positions <= 1:
         return False
     return positions * d + d * width <= 3 * BETA * positions * d
 
@@ -314,7 +325,7 @@ def _factor_widths(kind: str, d_in: int, d_out: int, share: int, positions: int 
         blocks = -(-share // (m * m))
         options.append(((2 * c * m + c * c) / share, max(d_in, d_out) * m * blocks, m, m, blocks, share, "factors"))
     if _formed_allowed(kind, d_in, d_out, share, positions, room):
-        options.append((c / share, d_in * d_out * share, 1, share, 1, share, "formed"))
+        options.append((c / share, d_in * d_out * share, 1, 1, share, share, "formed"))
     if not options:  # pragma: no cover - a share below both widths always admits two random factors
         raise CaptureError(f"cannot split {share} dims over a {d_in}×{d_out} layer")
     fitting = [o for o in options if o[1] <= FACTOR_ELEMENTS] or [min(options, key=lambda o: o[1])]
@@ -326,9 +337,8 @@ def split_layers(layers: Sequence[tuple[str, int, int, int]], total: int) -> lis
     """Split ``total`` dims over layers given as (kind, d_in, d_out, positions): (k_in, k_out, blocks,
     width, method) each.
 
-    1. Water-filling with equal shares: a layer whose exact gradient (d_in·d_out values) fits in
-       an equal share of what is left is stored exactly; its unused share goes back to the others,
-       until no remaining layer fits.
+    1. The smallest layers are stored exactly (identity factors), as many as :func:`exact_layers`
+       allows: at least every layer whose exact gradient (d_in·d_out values) fits an equal share.
     2. The rest is shared equally by the remaining layers (in order; the first ones get the
        remainder of the division), and each picks its factors (see ``_factor_widths``; the formed
        layers' dense maps share FORMED_ELEMENTS, in model order). A layer with an identity factor may
@@ -344,18 +354,11 @@ def split_layers(layers: Sequence[tuple[str, int, int, int]], total: int) -> lis
         )
     n = len(layers)
     result: list[tuple[int, int, int, int, str] | None] = [None] * n
-    pending = list(range(n))
-    left = total
-    while pending:
-        share = left // len(pending)
-        fits = [i for i in pending if layers[i][1] * layers[i][2] <= share]
-        if not fits:
-            break
-        for i in fits:
-            _, d_in, d_out, _ = layers[i]
-            result[i] = (d_in, d_out, 1, d_in * d_out, "factors")
-            left -= d_in * d_out
-        pending = [i for i in pending if result[i] is None]
+    for i in exact_layers([d_in * d_out for _, d_in, d_out, _ in layers], total):
+        _, d_in, d_out, _ = layers[i]
+        result[i] = (d_in, d_out, 1, d_in * d_out, "factors")
+    pending = [i for i in range(n) if result[i] is None]
+    left = total - sum(r[3] for r in result if r is not None)
     if pending:
         base, extra = divmod(left, len(pending))
         carry = 0
@@ -377,12 +380,37 @@ def split_layers(layers: Sequence[tuple[str, int, int, int]], total: int) -> lis
                     result[i] = (1, grown, 1, grown, "factors")
                     break
                 if method == "formed" and grown < d_in * d_out and d_in * d_out * grown <= FACTOR_ELEMENTS:
-                    result[i] = (1, grown, 1, grown, "formed")
+                    result[i] = (1, 1, grown, grown, "formed")
                     break
                 if method == "factors" and kind != "dense" and k_in < d_in and k_out < d_out:
                     result[i] = (k_in, k_out, -(-grown // (k_in * k_out)), grown, "factors")
                     break
     return [r for r in result if r is not None]
+
+
+def exact_layers(sizes: Sequence[int], total: int) -> list[int]:
+    """Indices of the layers stored exactly: the smallest first, a prefix of them.
+
+    With equal per-layer gradient norms, the estimate's variance over the n layers left, sharing the
+    K dims left, goes like n²/K: keeping a layer of D values exact changes it to (n−1)²/(K−D), a gain
+    while D < (2 − 1/n)·K/n. Norms are not equal in practice (a classifier head often holds most of
+    the gradient in a few hundred values, where a shared few dozen dims would ruin the ranking), so
+    the prefix taken is the longest whose variance stays within 1 + EXACT_REGRET of the best prefix:
+    a bounded loss if the norms are equal, a large gain when a small layer dominates. Every layer
+    left keeps at least one dim.
+    """
+    order = sorted(range(len(sizes)), key=lambda i: (sizes[i], i))
+    n, left = len(sizes), total
+    variances = [n * n / left if left > 0 else math.inf]
+    for k, i in enumerate(order, start=1):
+        left -= sizes[i]
+        rest = n - k
+        if left < rest:
+            break
+        variances.append(rest * rest / left if rest else 0.0)
+    best = min(variances)
+    take = max(k for k, v in enumerate(variances) if v <= best * (1 + EXACT_REGRET))
+    return order[:take]
 
 
 def split_dim(layers: Sequence[tuple[str, int, int]], total: int) -> list[tuple[int, int, int, int]]:

@@ -114,6 +114,6 @@ def make_featurizer(model: nn.Module, spec: ProjectionSpec, loss_fn: LossFn | No
     if spec.kind == "factored":
         from .hooks import FactoredFeatures
 
-        return FactoredFeatures(model, spec, loss_fn, device)
+        return FactoredFeatures(model, spec, loss_fn, device, methods=methods)
     # methods: the per-parameter per-example methods chosen before the capture (see DenseFeatures)
     return DenseFeatures(model, spec, loss_fn, device, methods=methods)

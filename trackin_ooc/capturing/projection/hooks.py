@@ -124,7 +124,7 @@ def layer_features(layer: FactorLayer, calls: Sequence[RowsCall | ConvCall], fac
     positions = sum(c.positions for c in calls)
     per_position, formed = layer.cost(positions)
     norm_how, norm = norm_cost(layer.kind, layer.d_in, layer.d_out, positions)
-    if formed <= per_position + norm:
+    if layer.formed or formed <= per_position + norm:
         feats, sq = [], []
         for g in _formed_chunks(layer, calls, batch):
             feats.append(features_from_formed(layer, g, factors))
