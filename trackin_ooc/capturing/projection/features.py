@@ -47,12 +47,6 @@ def micro_batch_size(batch: int, n_parameters: int, budget: int, n_checkpoints: 
     return max(1, min(batch, budget // per_example))
 
 
-def _slice(inputs, start: int, stop: int):
-    if isinstance(inputs, (tuple, list)):
-        return tuple(t[start:stop] for t in inputs)
-    return inputs[start:stop]
-
-
 class DenseFeatures:
     """Per-example gradients of the selected parameters, then the dense projection (or exact).
 
