@@ -108,11 +108,14 @@ def build_index(
         idx = TopKIndex.resumable(out, tr, params, storage_options)
         if idx is None:
             meta = index_meta(out, storage_options)
-            if meta is not None and not meta.get("complete") and not overwrite:
+            ours = meta is not None and meta.get("train_store_id") == tr.store_id and meta.get("params") == params
+            if meta is not None and not meta.get("complete") and not overwrite and not ours:
                 raise StoreError(
                     f"{backends.normalize_path(out)} holds an unfinished index of another build (other store "
                     "version or parameters); pass overwrite=True (--overwrite) to start over"
                 )
+            # Nothing there, a finished index that overwrite replaces, or this very build killed while laying
+            # out (too early to resume): start over.
             if backends.exists(out, storage_options):
                 backends.remove(out, storage_options)
             idx = _lay_out(tr, out, n_lists, normalize, seed, params, res.memory_limit, progress, client,

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 
+from ..store import layout
 from ..store.index_store import TopKIndex
 from . import ivf, kernels
 from .backend import ArrayBackend
@@ -154,15 +155,30 @@ def probe_block(test: StoreRef, index: IndexRef, start: int, stop: int, learning
 def search_block(test_folded, index: IndexRef, rows: np.ndarray, k: int, normalize: bool, backend: str):
     """Exact scores of a test block against the index rows at positions ``rows``: the k best and worst,
     indexed by train position (rows are put in train order first, so ties go to the lower train index)."""
-    grads, ids = index.open().read_rows(rows)
+    idx = index.open()
+    raw, ids = idx.read_raw_rows(rows)
     order = np.argsort(ids, kind="stable")
     ids = ids[order]
-    grads = grads[:, order]
+    train = fold_rows(raw, order, idx.dtype, normalize)
     if backend == "numpy":
-        part = kernels.score_topk(test_folded, kernels.fold_checkpoints(grads, np, normalize=normalize), k, 0, np)
+        part = kernels.score_topk(test_folded, train, k, 0, np)
     else:
         be = ArrayBackend(backend)
-        train = kernels.fold_checkpoints(be.asarray(grads), be.xp, normalize=normalize)
-        scores = kernels.score_block(be.asarray(test_folded), train, be.xp)
+        scores = kernels.score_block(be.asarray(test_folded), be.asarray(train), be.xp)
         part = kernels.topk_to_host(kernels.select_topk(scores, k, 0, be.xp), be.to_host)
     return kernels.TopK(part.best_score, ids[part.best_index], part.worst_score, ids[part.worst_index])
+
+
+def fold_rows(raw: np.ndarray, order: np.ndarray, dtype: str, normalize: bool) -> np.ndarray:
+    """``kernels.fold_checkpoints`` of the stored rows ``raw[:, order]`` (on-disk dtype) in one pass: each
+    checkpoint's rows are gathered and converted to float32 straight into the folded (rows, C·F) array."""
+    n_ckpt, _, feat = raw.shape
+    out = np.empty((len(order), n_ckpt, feat), dtype=np.float32)
+    for c in range(n_ckpt):
+        picked = raw[c][order]
+        out[:, c, :] = picked if dtype != "bfloat16" else layout.decode(picked, dtype)
+        if normalize:
+            block = out[:, c, :]
+            norms = np.sqrt(np.einsum("rf,rf->r", block, block, dtype=np.float32))
+            block /= np.maximum(norms, kernels.NORM_EPS)[:, None]
+    return out.reshape(len(order), n_ckpt * feat)

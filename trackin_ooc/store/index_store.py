@@ -6,7 +6,7 @@ subgroup ``index`` (``index_cosine`` for ``normalize=True`` queries), and record
 
 | array | shape | meaning |
 |---|---|---|
-| ``grads`` | (checkpoint, row, feature) | the train store's features, rows re-ordered so each list is one run; chunks (C, rows, F) |
+| ``grads`` | (checkpoint, row, feature) | the train store's features re-ordered so each list is one run |
 | ``train_index`` | (row,) | train position (0..N-1) of each re-ordered row |
 | ``list_offsets`` | (list + 1,) | list L is rows ``list_offsets[L]:list_offsets[L+1]`` |
 | ``centroids`` | (list, C·F) | the coarse quantizer, in the √η_c-weighted concatenated space |
@@ -136,40 +136,10 @@ class TopKIndex:
         n_blocks = len(layout.row_blocks(n, block_rows))
         n_windows = len(layout.row_blocks(n, window_rows))
         on_disk = layout.on_disk_dtype(train.dtype)
+        n_q, kc = calibration_queries.shape[0], calibration_k
         group = zarr.open_group(store=backends.zarr_store(path, storage_options=storage_options), mode="w",
                                 zarr_format=3)
-        codecs = layout.checksum_codecs()
-
-        def make(g, name, shape, chunks, dtype, dims, fill=0):
-            # Chunk files side by side ("c.0.12.0"), not one folder per chunk row: removing thousands of
-            # folders costs seconds on some file systems, and the staging copy is removed at the end.
-            return g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=codecs,
-                                  dimension_names=list(dims), fill_value=fill,
-                                  chunk_key_encoding={"name": "default", "separator": "."})
-
-        n_q, kc = calibration_queries.shape[0], calibration_k
-        # Chunks hold every checkpoint of their rows: a query reads all of them, in half the chunk reads.
-        make(group, GRADS, (c, n, f), (c, chunk_rows, f), on_disk, ("checkpoint", "row", "feature"))
-        # One chunk of train positions per window (as many bytes as a features chunk; one writer each).
-        make(group, TRAIN_INDEX, (n,), (window_rows,), "int64", ("row",), fill=-1)
-        make(group, LIST_OFFSETS, (k_lists + 1,), (k_lists + 1,), "int64", ("list_edge",))
-        make(group, CENTROIDS, (k_lists, width), (k_lists, width), "float32", ("list", "width"))[:] = centroids
-        make(group, LIST_RADIUS, (k_lists,), (k_lists,), "float32", ("list",))
-        make(group, WINDOW_COMPLETE, (n_windows,), (1,), "uint8", ("window",))
-        make(group, ASSIGNMENT, (n,), (block_rows,), "int32", ("example",), fill=-1)
-        make(group, BLOCK_COUNTS, (n_blocks, k_lists), (1, k_lists), "int64", ("block", "list"))
-        make(group, BLOCK_RADIUS, (n_blocks, k_lists), (1, k_lists), "float32", ("block", "list"))
-        make(group, BLOCK_COMPLETE, (n_blocks,), (1,), "uint8", ("block",))
-        make(group, CALIB_ROWS, (n_q,), (max(1, n_q),), "int64", ("query",))[:] = calibration_rows
-        make(group, CALIB_QUERIES, calibration_queries.shape, calibration_queries.shape, "float32",
-             ("query", "width"))[:] = calibration_queries
-        for name in CALIB_PARTS:
-            dtype = "float32" if name.endswith("score") else "int64"
-            make(group, name, (n_blocks, n_q, kc), (1, n_q, kc), dtype, ("block", "query", "rank"))
-        staging = group.create_group(STAGING)
-        make(staging, GRADS, (c, n, f), (c, _staging_chunk_rows(block_rows, chunk_rows), f), on_disk,
-             ("checkpoint", "row", "feature"))
-        make(staging, TRAIN_INDEX, (n,), (_staging_chunk_rows(block_rows, chunk_rows),), "int64", ("row",))
+        # The attributes first: a build killed while laying out leaves a recognisable (unfinished) index.
         group.attrs[layout.ATTRS_KEY] = {
             "kind": KIND,
             "format_version": INDEX_FORMAT_VERSION,
@@ -193,6 +163,37 @@ class TopKIndex:
             "params": params,
             "complete": False,
         }
+        codecs = layout.checksum_codecs()
+
+        def make(g, name, shape, chunks, dtype, dims, fill=0):
+            # Chunk files side by side ("c.0.12.0"), not one folder per chunk row: removing thousands of
+            # folders costs seconds on some file systems, and the staging copy is removed at the end.
+            return g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=codecs,
+                                  dimension_names=list(dims), fill_value=fill,
+                                  chunk_key_encoding={"name": "default", "separator": "."})
+
+        # Chunks hold every checkpoint of their rows: a query reads all of them, in half the chunk reads.
+        make(group, GRADS, (c, n, f), (c, chunk_rows, f), on_disk, ("checkpoint", "row", "feature"))
+        # One chunk of train positions per window (as many bytes as a features chunk; one writer each).
+        make(group, TRAIN_INDEX, (n,), (window_rows,), "int64", ("row",), fill=-1)
+        make(group, LIST_OFFSETS, (k_lists + 1,), (k_lists + 1,), "int64", ("list_edge",))
+        make(group, CENTROIDS, (k_lists, width), (k_lists, width), "float32", ("list", "width"))[:] = centroids
+        make(group, LIST_RADIUS, (k_lists,), (k_lists,), "float32", ("list",))
+        make(group, WINDOW_COMPLETE, (n_windows,), (1,), "uint8", ("window",))
+        make(group, ASSIGNMENT, (n,), (block_rows,), "int32", ("example",), fill=-1)
+        make(group, BLOCK_COUNTS, (n_blocks, k_lists), (1, k_lists), "int64", ("block", "list"))
+        make(group, BLOCK_RADIUS, (n_blocks, k_lists), (1, k_lists), "float32", ("block", "list"))
+        make(group, BLOCK_COMPLETE, (n_blocks,), (1,), "uint8", ("block",))
+        make(group, CALIB_ROWS, (n_q,), (max(1, n_q),), "int64", ("query",))[:] = calibration_rows
+        make(group, CALIB_QUERIES, calibration_queries.shape, calibration_queries.shape, "float32",
+             ("query", "width"))[:] = calibration_queries
+        for name in CALIB_PARTS:
+            dtype = "float32" if name.endswith("score") else "int64"
+            make(group, name, (n_blocks, n_q, kc), (1, n_q, kc), dtype, ("block", "query", "rank"))
+        staging = group.create_group(STAGING)
+        make(staging, GRADS, (c, n, f), (c, _staging_chunk_rows(block_rows, chunk_rows), f), on_disk,
+             ("checkpoint", "row", "feature"))
+        make(staging, TRAIN_INDEX, (n,), (_staging_chunk_rows(block_rows, chunk_rows),), "int64", ("row",))
         return cls(path, storage_options=storage_options, _group=group)
 
     @classmethod
@@ -204,8 +205,17 @@ class TopKIndex:
             return None
         if meta.get("train_store_id") != train.store_id or meta.get("params") != params:
             return None
-        idx = cls(path, storage_options=storage_options)
-        return idx if idx._has(STAGING) or idx.windows_done().all() else None
+        try:  # every array a resumed build needs must be there (a kill while laying out leaves some out)
+            idx = cls(path, storage_options=storage_options)
+            idx.blocks_done(), idx.centroids(), idx._read(CALIB_QUERIES), idx._read(CALIB_ROWS)
+            if not idx.windows_done().all():
+                idx._array(f"{STAGING}/{GRADS}"), idx._array(f"{STAGING}/{TRAIN_INDEX}")
+            for name in (GRADS, TRAIN_INDEX, LIST_OFFSETS, LIST_RADIUS, ASSIGNMENT, BLOCK_COUNTS, BLOCK_RADIUS,
+                         *CALIB_PARTS):
+                idx._array(name)
+        except (KeyError, FileNotFoundError, StoreError, ValueError):
+            return None
+        return idx
 
     # ---- metadata -------------------------------------------------------------------------------
     @property
@@ -359,9 +369,13 @@ class TopKIndex:
 
     def read_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Re-ordered rows at positions ``rows`` (sorted): float32 features (C, n, F) and their train positions."""
+        raw, ids = self.read_raw_rows(rows)
+        return layout.decode(raw, self.dtype), ids
+
+    def read_raw_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`read_rows`, with the features as stored (the store's on-disk dtype)."""
         rows = np.asarray(rows, dtype=np.int64)
-        grads = self._oindex(GRADS, rows, 3)
-        return layout.decode(grads, self.dtype), self._oindex(TRAIN_INDEX, rows, 1)
+        return self._oindex(GRADS, rows, 3), self._oindex(TRAIN_INDEX, rows, 1)
 
     def _oindex(self, name: str, rows: np.ndarray, ndim: int) -> np.ndarray:
         """Rows at sorted positions ``rows`` along the row axis (axis 1 of 3-d arrays), reading only their chunks."""
