@@ -52,8 +52,8 @@ def split_batch(item, target_key: str = "labels") -> tuple[Inputs, torch.Tensor]
         return inputs, torch.as_tensor(item[target_key])
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         raise CaptureError(
-            "each batch must be (inputs, targets) or a dict holding the targets under 'labels'; "
-            "wrap the dataset to yield one of these"
+            f"each batch must be (inputs, targets) or a dict holding the targets under {target_key!r}, "
+            f"got {type(item).__name__}; wrap the dataset to yield one of these"
         )
     inputs, targets = item
     if isinstance(inputs, list):
