@@ -328,3 +328,15 @@ def test_factor_stores_refused(mlp, digits_test, tmp_path):
             call()
         assert "\n" not in str(e.value)
     assert not (tmp_path / "factors.zarr" / "index").exists()
+
+
+def test_local_chunk_reads_equal_zarr(clustered):
+    """Queries read local index chunks as files (checksums checked): the same rows as zarr's own reading."""
+    train, _ = clustered
+    idx = to.build_index(train, n_lists=16, overwrite=True)
+    rows = np.sort(np.random.default_rng(4).choice(train.n_examples, 3000, replace=False))
+    assert idx._plain_local_chunks("grads") and idx._plain_local_chunks("train_index")
+    raw, ids = idx.read_raw_rows(rows)
+    np.testing.assert_array_equal(raw, idx._oindex("grads", rows, 3))
+    np.testing.assert_array_equal(ids, idx._oindex("train_index", rows, 1))
+    np.testing.assert_array_equal(raw, train.read_grads()[:, ids].astype(np.float16))

@@ -33,7 +33,7 @@ import numpy as np
 import zarr
 
 from .._version import __version__
-from ..errors import IncompleteStoreError, StoreError
+from ..errors import CorruptChunkError, IncompleteStoreError, StoreError
 from . import backends, layout
 from .backends import StorageOptions
 from .gradient_store import GradientStore, _consolidate
@@ -375,7 +375,60 @@ class TopKIndex:
     def read_raw_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`read_rows`, with the features as stored (the store's on-disk dtype)."""
         rows = np.asarray(rows, dtype=np.int64)
+        if self._plain_local_chunks(GRADS) and self._plain_local_chunks(TRAIN_INDEX):
+            return self._gather_local(GRADS, rows), self._gather_local(TRAIN_INDEX, rows)
         return self._oindex(GRADS, rows, 3), self._oindex(TRAIN_INDEX, rows, 1)
+
+    # A query reads a few hundred scattered chunks. zarr's read path costs ~1-3 ms per chunk here (its
+    # event loop, the orthogonal indexer), ten times reading the files: for local indexes, whose arrays this
+    # module lays out itself with the plainest Zarr v3 encoding (little-endian bytes, then a crc32c
+    # checksum; chunk keys "c.i.j.k"), chunks are read as files and their checksums checked here.
+    _PLAIN_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+
+    def _plain_local_chunks(self, name: str) -> bool:
+        if backends.is_remote(self.path):
+            return False
+        meta = self._array(name).metadata
+        codecs = [c.to_dict() for c in getattr(meta, "codecs", ())]
+        key_encoding = meta.chunk_key_encoding.to_dict()
+        return codecs == self._PLAIN_CODECS and key_encoding.get("configuration", {}).get("separator") == "."
+
+    def _gather_local(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows at sorted positions ``rows`` (the row axis: 0 of 1-d arrays, 1 of 3-d ones), chunk file by file."""
+        import google_crc32c
+
+        arr = self._array(name)
+        meta = arr.metadata
+        chunk_rows = arr.chunks[0 if arr.ndim == 1 else 1]
+        dtype = np.dtype(arr.dtype).newbyteorder("<")
+        size = int(np.prod(arr.chunks)) * dtype.itemsize
+        out_shape = (len(rows),) if arr.ndim == 1 else (arr.shape[0], len(rows), arr.shape[2])
+        out = np.empty(out_shape, dtype=arr.dtype)
+        chunk_of = rows // chunk_rows
+        starts = np.flatnonzero(np.diff(chunk_of, prepend=-1))
+        for i, first in enumerate(starts):
+            last = starts[i + 1] if i + 1 < len(starts) else len(rows)
+            j = int(chunk_of[first])
+            key = meta.encode_chunk_key((j,) if arr.ndim == 1 else (0, j, 0))
+            file = os.path.join(self.path, name, key)
+            try:
+                with open(file, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:  # a chunk of fill values is not written
+                chunk = np.full(arr.chunks, meta.fill_value, dtype=arr.dtype)
+            else:
+                if len(data) != size + 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
+                    raise CorruptChunkError(
+                        f"index {self.path}: array {name!r} chunk {key} failed its crc32c checksum: the data on "
+                        "disk is damaged; rebuild the index (build_index(train, overwrite=True))"
+                    )
+                chunk = np.frombuffer(data, dtype=dtype, count=size // dtype.itemsize).reshape(arr.chunks)
+            local = rows[first:last] - j * chunk_rows
+            if arr.ndim == 1:
+                out[first:last] = chunk[local]
+            else:
+                out[:, first:last] = chunk[:, local]
+        return out
 
     def _oindex(self, name: str, rows: np.ndarray, ndim: int) -> np.ndarray:
         """Rows at sorted positions ``rows`` along the row axis (axis 1 of 3-d arrays), reading only their chunks."""
