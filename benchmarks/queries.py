@@ -113,6 +113,7 @@ def main() -> None:
     p.add_argument("--net-test", type=int, default=2000)
     p.add_argument("--recall-test", type=int, default=256, help="held-out test examples for a steadier recall")
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--only", choices=["top-k", "net"], help="run one half of the benchmark")
     args = p.parse_args()
     os.environ.setdefault("TRACKIN_OOC_QUIET", "1")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -132,6 +133,14 @@ def main() -> None:
     print(f"train store: {train.n_examples:,} × {train.feature_dim} × {train.n_checkpoints} checkpoints float16 "
           f"({gib(train.nbytes)}), last-layer gradients of the digits MLP (ready in {time.perf_counter() - t0:.0f} s)")
 
+    if args.only != "net":
+        top_k_part(args, train, test, held_out)
+    if args.only != "top-k":
+        net_part(train, net_test)
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def top_k_part(args, train, test, held_out) -> None:
     index_path = os.path.join(train.path, "index")
     shutil.rmtree(index_path, ignore_errors=True)
     with PeakMemory() as mem:
@@ -156,14 +165,15 @@ def main() -> None:
               f"{recall(many, exact_many, 'proponent'):.3f} / {recall(many, exact_many, 'opponent'):.3f}, "
               f"{100 * many.attrs['fraction_read']:.1f} % of rows read")
 
-    net_s, net = timed(lambda: to.net_influence(net_test, train, by="label"))
+
+def net_part(train, net_test) -> None:
+    net_s, net = timed(lambda: to.net_influence(net_test, train, by="label"), repeat=2)
     summed_s, summed = timed(lambda: to.influence(net_test, train).groupby(
         xr_labels(net_test)).sum("test").compute())
     ref = summed.values.astype(np.float64)
     err = np.abs(net.values - ref).max() / np.abs(ref).max()
     print(f"net influence, {net_test.n_examples} test by label: {net_s:.1f} s; influence(...) summed per label "
           f"{summed_s:.1f} s ({summed_s / net_s:.0f}× slower); max difference {err:.1e} of the largest value")
-    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 def xr_labels(store: to.GradientStore):

@@ -340,3 +340,24 @@ def test_local_chunk_reads_equal_zarr(clustered):
     np.testing.assert_array_equal(raw, idx._oindex("grads", rows, 3))
     np.testing.assert_array_equal(ids, idx._oindex("train_index", rows, 1))
     np.testing.assert_array_equal(raw, train.read_grads()[:, ids].astype(np.float16))
+
+
+def test_on_a_local_cluster(tmp_path):
+    """Build, query and net influence as tasks on two worker processes: the same results as in-process."""
+    from . import two_worker_client
+
+    rng = np.random.default_rng(5)
+    g = (rng.standard_normal((2, 5000, 16)) + 3 * rng.integers(0, 4, 5000)[None, :, None]).astype(np.float32)
+    train = to.from_arrays(tmp_path / "train.zarr", g, [0.2, 0.1], chunk_rows=1000)
+    test = to.from_arrays(tmp_path / "test.zarr", g[:, :9] + 0.1, [0.2, 0.1])
+    local = to.build_index(train, path=tmp_path / "local.zarr", n_lists=30)
+    with two_worker_client() as client:
+        idx = to.build_index(train, n_lists=30, client=client)
+        res = to.top_k(test, train, k=K, index=idx, client=client)
+        net = to.net_influence(test, train, client=client)
+    zl, zc = zarr.open_group(local.path, mode="r"), zarr.open_group(idx.path, mode="r")
+    for name in ("grads", "train_index", "list_offsets"):
+        np.testing.assert_array_equal(zl[name][...], zc[name][...], err_msg=name)
+    want = to.top_k(test, train, k=K, index=local)
+    np.testing.assert_array_equal(res["proponent_index"].values, want["proponent_index"].values)
+    np.testing.assert_allclose(net.values, to.net_influence(test, train).values, rtol=1e-12)

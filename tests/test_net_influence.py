@@ -109,13 +109,13 @@ def test_cli(stores, tmp_path):
     threes = table[table["test_label"] == 3].sort_values("rank")
     want = net.sel(group=3).sortby(net.sel(group=3), ascending=False)
     np.testing.assert_array_equal(threes["train"].values, want["train"].values)
-    np.testing.assert_allclose(threes["net_influence"].values, want.values, rtol=1e-12)
+    np.testing.assert_allclose(threes["net_influence"].values, want.values, rtol=1e-6)  # float32 through text
     np.testing.assert_array_equal(threes["label"].values, want["label"].values)
 
     ok(run_cli("net-influence", "--train", train.path, "--test", test.path, "--out", "net.zarr", cwd=tmp_path))
     ds = xr.open_zarr(tmp_path / "net.zarr").load()
     assert ds["net_influence"].dims == ("train",) and ds["rank"].values.min() == 1
-    np.testing.assert_allclose(ds["net_influence"].values, to.net_influence(test, train).values, rtol=1e-12)
+    np.testing.assert_array_equal(ds["net_influence"].values, to.net_influence(test, train).values)
 
     into_store = run_cli("net-influence", "--train", train.path, "--test", test.path, "--out",
                          f"{train.path}/net.csv", cwd=tmp_path)

@@ -74,7 +74,7 @@ def net_influence(
     if len(labels) * width * 8 * 4 > res.memory_limit:
         raise ArgumentError(f"{len(labels)} groups × {width} features do not fit the memory budget; use fewer groups")
     plan = planning.plan_blocks(n_test=len(labels), n_train=tr.n_examples, n_checkpoints=tr.n_checkpoints,
-                                feature_dim=tr.feature_dim, itemsize=itemsize(tr.dtype) + 8,
+                                feature_dim=tr.feature_dim, itemsize=itemsize(tr.dtype),
                                 memory_limit=res.memory_limit, threads=res.threads, train_align=tr.chunk_rows)
     data = net_influence_array(te, tr, codes, len(labels), normalize, plan.train_rows)
     coords = {"train": tr.example_ids()}
