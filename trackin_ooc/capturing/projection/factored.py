@@ -582,6 +582,8 @@ def features_from_formed(layer: FactorLayer, g: torch.Tensor, factors: Factors) 
     y = g if p_out is None else torch.matmul(g, p_out)  # (B, d_in, n_out)
     if p_in is None:
         f = y.reshape(b, -1)
+    elif layer.k_in == layer.k_out == 1:  # 1×1 blocks: column j of P_in against column j of G P_out
+        f = (y * p_in).sum(1)
     else:
         r = layer.blocks
         p4 = p_in.reshape(layer.d_in, r, layer.k_in)
