@@ -16,6 +16,9 @@ from .errors import (
     IncompleteStoreError,
     NonFiniteError,
     NonFiniteWarning,
+    OutputKindError,
+    OutputOverlapsInputError,
+    StaleIndexError,
     StoreError,
     StoreExistsError,
     StoreLockedError,
@@ -26,7 +29,7 @@ from .net import net_influence
 from .scores import influence, plan_for, self_influence, top_k
 from .spec import ProjectionSpec
 from .store import GradientStore, from_arrays, open_store
-from .store.index_store import StaleIndexError, TopKIndex
+from .store.index_store import TopKIndex
 
 
 def __getattr__(name: str):
@@ -47,5 +50,5 @@ __all__ = [
     "TrackinError", "ArgumentError", "StoreError", "StoreExistsError", "IncompleteStoreError", "NonFiniteError",
     "NonFiniteWarning",
     "IncompatibleStoresError", "CorruptChunkError", "StoreLockedError", "CheckpointError",
-    "CheckpointNotFoundError", "CaptureError", "EmptyDatasetError",
+    "CheckpointNotFoundError", "CaptureError", "EmptyDatasetError", "OutputOverlapsInputError", "OutputKindError",
 ]

@@ -57,3 +57,15 @@ class NonFiniteError(CaptureError):
 
 class NonFiniteWarning(UserWarning):
     """A store scored has examples flagged for NaN/inf gradients (stored as zeros)."""
+
+
+class OutputOverlapsInputError(StoreError, ValueError):
+    """The output location is an input's location, lies inside one, or contains one."""
+
+
+class OutputKindError(StoreExistsError):
+    """The output location holds something that this writer's ``overwrite`` must not replace."""
+
+
+class StaleIndexError(StoreError):
+    """The index was built for another train store, or an older version of it (the store was rewritten)."""

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import StoreError, StoreExistsError
+from ..errors import OutputKindError, OutputOverlapsInputError, StoreExistsError
 from . import backends, layout
 from .backends import StorageOptions
 
@@ -41,14 +41,6 @@ KIND_NAMES = {
 }
 # Kinds that may also be plain files with these extensions (which carry no trackin-ooc attributes).
 FILE_KINDS = {"table": (".csv", ".parquet")}
-
-
-class OutputOverlapsInputError(StoreError, ValueError):
-    """The output location is an input's location, lies inside one, or contains one."""
-
-
-class OutputKindError(StoreExistsError):
-    """The output location holds something that this writer's ``overwrite`` must not replace."""
 
 
 def kind_name(kind: str | None) -> str:

@@ -33,7 +33,7 @@ import numpy as np
 import zarr
 
 from .._version import __version__
-from ..errors import CorruptChunkError, IncompleteStoreError, StoreError
+from ..errors import CorruptChunkError, IncompleteStoreError, StaleIndexError, StoreError
 from . import backends, layout
 from .backends import StorageOptions
 from .gradient_store import GradientStore, _consolidate
@@ -59,10 +59,6 @@ CALIB_ROWS = "calibration_rows"
 CALIB_QUERIES = "calibration_queries"
 CALIB_PARTS = ("calibration_best_score", "calibration_best_index", "calibration_worst_score",
                "calibration_worst_index")
-
-
-class StaleIndexError(StoreError):
-    """The index was built for another train store, or an older version of it (the store was rewritten)."""
 
 
 def default_index_path(store: GradientStore, normalize: bool = False) -> str:
