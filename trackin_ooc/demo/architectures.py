@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from .training import train_with_checkpoints
+
 # ---- ResNets with BatchNorm -----------------------------------------------------------------------
 
 
@@ -173,26 +175,10 @@ def train_dict_batches(
     model: nn.Module, dataset: Dataset, checkpoint_dir: str | os.PathLike, *, epochs: int = 6, lr: float = 0.05,
     batch_size: int = 32, checkpoint_every: int = 2, seed: int = 0,
 ) -> list[Path]:
-    """SGD on dict batches (``model(**batch)`` computes the loss from ``labels``), saving TracIn checkpoints
-    ``{"model_state_dict", "learning_rate", "epoch"}`` every few epochs."""
-    out = Path(checkpoint_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=pad_collate,
-                        generator=torch.Generator().manual_seed(seed))
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    paths: list[Path] = []
-    for epoch in range(1, epochs + 1):
-        model.train()
-        for batch in loader:
-            opt.zero_grad()
-            model(**batch).loss.backward()
-            opt.step()
-        if epoch % checkpoint_every == 0 or epoch == epochs:
-            path = out / f"epoch_{epoch:03d}.pt"
-            torch.save({"model_state_dict": model.state_dict(), "learning_rate": lr, "epoch": epoch}, path)
-            paths.append(path)
-    model.eval()
-    return paths
+    """SGD on padded dict batches (``model(**batch)`` computes the loss from ``labels``), saving TracIn
+    checkpoints every few epochs (:func:`~.training.train_with_checkpoints` with :func:`pad_collate`)."""
+    return train_with_checkpoints(model, dataset, checkpoint_dir, epochs=epochs, lr=lr, batch_size=batch_size,
+                                  checkpoint_every=checkpoint_every, seed=seed, collate_fn=pad_collate)
 
 
 def accuracy(model: nn.Module, dataset: Dataset) -> float:
