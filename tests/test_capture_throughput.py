@@ -46,10 +46,9 @@ def test_factored_capture_runs_one_forward_and_backward_per_batch_and_checkpoint
     n, c = len(digits.train), len(mlp.checkpoints)
     batches = math.ceil(n / 64)
     assert store.complete and store.n_examples == n
-    # One forward and backward of the first example chooses the per-example methods before the store exists;
-    # after that, one batched forward and backward per batch and checkpoint, never one per example.
-    assert forwards[0] == 1
-    assert len(forwards) == 1 + batches * c and sum(forwards) == 1 + n * c
+    # No probe (no convolution whose positions to count, no dense group whose per-example methods to choose):
+    # one batched forward and backward per batch and checkpoint, never one per example.
+    assert len(forwards) == batches * c and sum(forwards) == n * c
     assert len(backwards) == batches * c
     assert len(loads) == c  # each checkpoint file read once, outside the batch loop
 

@@ -229,6 +229,8 @@ def conv_positions(model: nn.Module, inputs: Inputs) -> dict[str, int]:
                 if isinstance(out, torch.Tensor) and out.ndim == 4:
                     found[name] = max(found.get(name, 0), int(out.shape[2] * out.shape[3]))
             handles.append(mod.register_forward_hook(hook))
+    if not handles:
+        return found
     was_training = model.training
     first = next(model.parameters(), None)
     try:
