@@ -257,6 +257,11 @@ class FactorsFeatures:
         sq = torch.zeros(n, batch, dtype=torch.float32, device=self.device)
         for c, prepared in enumerate(states):
             losses[c] = self.one(prepared, inputs, targets, c, n, feats, sq[c])
+        for i, x in enumerate(self.choices):  # one position: ‖a‖²‖δ‖², every checkpoint at once
+            v = feats.values[f"factors_{i}"]
+            if x.kind != "embedding" and v.shape[2] == 1:
+                a, d = v[:, :, 0, : x.d_in], v[:, :, 0, x.d_in :]
+                sq += torch.einsum("cbk,cbk->cb", a, a) * torch.einsum("cbk,cbk->cb", d, d)
         return feats, losses, sq
 
     def one(self, prepared, inputs, targets: torch.Tensor, c: int, n_checkpoints: int, feats: FactorFeatures,
@@ -292,8 +297,10 @@ class FactorsFeatures:
             if c == 0:  # positions are known now: the batch's arrays at every checkpoint
                 positions = sum(int(d.shape[1]) for d in outs)
                 width = x.d_out if x.kind == "embedding" else x.d_in + x.d_out
-                # every value is written below (each call's positions in turn)
+                # every value is written below (each call's positions in turn), the bias's 1 here
                 feats.values[name] = torch.empty(n_checkpoints, batch, positions, width, device=self.device)
+                if x.has_bias:
+                    feats.values[name][..., x.d_in - 1] = 1.0
                 if x.kind == "embedding":
                     feats.tokens[f"tokens_{i}"] = torch.cat(ins, 1).to(torch.int64) if ins else \
                         torch.zeros(batch, 0, dtype=torch.int64, device=self.device)
@@ -305,12 +312,10 @@ class FactorsFeatures:
                     v[:, start:stop] = d
                 else:
                     v[:, start:stop, : a.shape[-1]] = a
-                    if x.has_bias:
-                        v[:, start:stop, a.shape[-1]] = 1.0
                     v[:, start:stop, x.d_in:] = d
                 start = stop
-            if ins:
-                sq += _sq_norms(x, v, ins, outs)
+            if ins and (x.kind == "embedding" or v.shape[1] != 1):  # one position: in __call__
+                sq += factored_sq_norms(ins, outs, bias=x.has_bias, embedding=x.kind == "embedding")
         if self._flat is not None:
             g, _ = self._flat(plain, inputs, targets)
             sq += dense_sq_norms({n: g[n] for n in self.plan.flat}, batch)
@@ -362,15 +367,6 @@ class FactorsFeatures:
         for t in self.taps:
             t.handle.remove()
         self.taps = []
-
-
-def _sq_norms(x: LayerChoice, v: torch.Tensor, ins, outs) -> torch.Tensor:
-    """‖G‖² per example of one layer from its stored rows ``v`` (B, T, width): ‖a‖²‖δ‖² for one position
-    (the bias's 1 is in a), the Gram form otherwise (:func:`factored_sq_norms`)."""
-    if x.kind != "embedding" and v.shape[1] == 1:
-        a, d = v[:, 0, : x.d_in], v[:, 0, x.d_in :]
-        return torch.einsum("bk,bk->b", a, a) * torch.einsum("bk,bk->b", d, d)
-    return factored_sq_norms(ins, outs, bias=x.has_bias, embedding=x.kind == "embedding")
 
 
 def _call_parts(t: _Tap, x: torch.Tensor, delta: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
