@@ -215,7 +215,7 @@ class FactorsFeatures:
 
     Forward hooks (:class:`~.hooks._Tap`) on the factor layers collect their inputs during one batched
     forward; one backward of the summed loss gives every δ (in eval mode examples do not interact).
-    The flat part's per-example gradients come from :class:`PerExampleGradients` (hooks off).
+    The flat part's per-example gradients come from :class:`PerExampleGradients` (with these taps off).
     """
 
     method = "factor hooks"
