@@ -18,6 +18,7 @@ from torch.utils.data import default_collate
 from ..checkpoints import Checkpoint, drop_tied_duplicates
 from ..per_example.batches import split_batch, to_device
 from ..per_example.gradients import PerExampleGradients
+from ..projection import factors as factors_spec
 from ..projection.factored import plan_from_spec
 
 # Examples in the probe batch. One is enough for the hooks' batch-gradient check (a use of a parameter
@@ -35,7 +36,8 @@ def probe_batch(dataset, collate_fn, target_key: str, n: int, device: torch.devi
 
 
 def choose_per_example_methods(job, checkpoint: Checkpoint, device: torch.device | None = None) -> dict[str, str]:
-    """{parameter: "hooks" | "vmap" | "loop" | "factored"} for a :class:`~.capture_job.CaptureJob`'s spec."""
+    """{parameter: "hooks" | "vmap" | "loop" | "factored" | "factors"} for a :class:`~.capture_job.CaptureJob`'s
+    spec: parameters the factored projection hooks, or a factors store keeps as factors, need no probe."""
     spec = job.spec
     names = [n for n, _ in spec.layers]
     methods: dict[str, str] = {}
@@ -43,6 +45,10 @@ def choose_per_example_methods(job, checkpoint: Checkpoint, device: torch.device
         dense = {p for layer in plan_from_spec(spec) if layer.kind == "dense" for p in layer.params}
         methods = {n: "factored" for n in names if n not in dense}
         names = [n for n in names if n in dense]
+    elif spec.kind == "factors":
+        flat = set(factors_spec.plan_from_spec(spec).flat)
+        methods = {n: "factors" for n in names if n not in flat}
+        names = [n for n in names if n in flat]
     if not names:
         return methods
     dev = torch.device("cpu") if device is None else torch.device(device)

@@ -97,7 +97,7 @@ def parameter_uses(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, li
     return hookable, refused
 
 
-class _Tap:
+class LayerTap:
     """Hooks on one module during a hooked pass: expand broadcast inputs, keep (input, output) per call."""
 
     def __init__(self, use: _Use, batch: int):
@@ -249,7 +249,7 @@ class HookedGradients:
         for n in names:
             for use in self.uses[n]:
                 modules.setdefault(id(use.module), use)
-        taps = [_Tap(use, batch) for use in modules.values()]
+        taps = [LayerTap(use, batch) for use in modules.values()]
         try:
             with torch.enable_grad():
                 out = call_functional(self.model, {**state, **leaves}, inputs)
@@ -288,13 +288,13 @@ class HookedGradients:
         if check:
             for n, batch_grad in zip(leaves, got[len(live):]):
                 if n not in failed:
-                    why = _mismatch(grads[n].sum(0), batch_grad)
+                    why = gradient_mismatch(grads[n].sum(0), batch_grad)
                     if why:
                         failed[n] = why
         return grads, losses.detach(), failed
 
 
-def _mismatch(summed: torch.Tensor, batch_grad: torch.Tensor | None) -> str | None:
+def gradient_mismatch(summed: torch.Tensor, batch_grad: torch.Tensor | None) -> str | None:
     want = torch.zeros_like(summed) if batch_grad is None else batch_grad.to(summed.dtype)
     err = (summed - want).abs().max().item()
     scale = want.abs().max().item()

@@ -32,7 +32,7 @@ from ..per_example.batches import Inputs, call_functional, call_model
 from ..per_example.losses import LossFn, check_losses, default_loss
 from ..per_example.norms import dense_sq_norms, factored_sq_norms
 from .factored import FactorLayer, layer_groups
-from .hooks import _Tap
+from .hooks import FactorTap
 
 SPEC_KEY = "factors"
 PLAN_VERSION = 1
@@ -111,7 +111,7 @@ def probe_positions(model: nn.Module, candidates: Sequence[tuple], inputs: Itera
     """The most positions any example has at each candidate layer (summed over the layer's calls), from
     forward passes (no gradients) over ``inputs``: (model inputs, batch size) pairs."""
     modules = dict(model.named_modules())
-    taps = [_Tap(FactorLayer(k, m, p, di, do, di, do, di * do), modules[m]) for k, m, p, di, do in candidates]
+    taps = [FactorTap(FactorLayer(k, m, p, di, do, di, do, di * do), modules[m]) for k, m, p, di, do in candidates]
     most = {t.layer.module: 0 for t in taps}
     try:
         for x, batch in inputs:
@@ -213,7 +213,7 @@ class FactorFeatures:
 class FactorsFeatures:
     """Per-example exact gradients of a batch as per-layer factors plus a flat part, at each checkpoint.
 
-    Forward hooks (:class:`~.hooks._Tap`) on the factor layers collect their inputs during one batched
+    Forward hooks (:class:`~.hooks.FactorTap`) on the factor layers collect their inputs during one batched
     forward; one backward of the summed loss gives every δ (in eval mode examples do not interact).
     The flat part's per-example gradients come from :class:`PerExampleGradients` (with these taps off).
     """
@@ -228,10 +228,10 @@ class FactorsFeatures:
         self.device = torch.device(device)
         self.plan = plan_from_spec(spec)
         modules = dict(model.named_modules())
-        self.taps: list[_Tap] = []
+        self.taps: list[FactorTap] = []
         try:
             for x in self.plan.factored:
-                self.taps.append(_Tap(x.tap_layer(), modules[x.module]))
+                self.taps.append(FactorTap(x.tap_layer(), modules[x.module]))
         except Exception:
             self.close()
             raise
@@ -326,7 +326,7 @@ class FactorsFeatures:
         return losses.detach()
 
     @staticmethod
-    def _positions(t: _Tap, x: LayerChoice, deltas, batch: int):
+    def _positions(t: FactorTap, x: LayerChoice, deltas, batch: int):
         """A layer's inputs (B, T, d) or token ids (B, T) and output gradients (B, T, d_out), per call."""
         ins, outs = [], []
         for a, o in t.calls:
@@ -369,7 +369,7 @@ class FactorsFeatures:
         self.taps = []
 
 
-def _call_parts(t: _Tap, x: torch.Tensor, delta: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _call_parts(t: FactorTap, x: torch.Tensor, delta: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One hooked call as (input rows (B, T, d_in without bias) or token ids (B, T), δ (B, T, d_out))."""
     c = t.call(x, delta, batch)
     return c.rows(), c.delta

@@ -29,8 +29,7 @@ from ...errors import CaptureError
 from ...spec import ProjectionSpec
 from ..per_example.batches import call_functional
 from ..per_example.gradients import PerExampleGradients
-from ..per_example.hooked import _mismatch, parameter_uses, per_call_gradients
-from ..per_example.hooked import _Tap as _HookedTap
+from ..per_example.hooked import LayerTap, gradient_mismatch, parameter_uses, per_call_gradients
 from ..per_example.losses import LossFn, check_losses, default_loss
 from ..per_example.norms import dense_sq_norms, factored_sq_norms
 from .calls import ConvCall, RowsCall
@@ -52,7 +51,7 @@ log = logging.getLogger("trackin_ooc")
 FORMED_CHUNK_ELEMENTS = 1 << 24
 
 
-class _Tap:
+class FactorTap:
     """Forward hook of one factored layer: keeps (input, output) of every call while active."""
 
     def __init__(self, layer: FactorLayer, module: nn.Module):
@@ -188,7 +187,7 @@ class _DenseGroup:
         self._methods = methods
         self.others: PerExampleGradients | None = None
         self._set_others([n for n in self.params if n not in self.hooked])
-        self.taps: list[_HookedTap] = []
+        self.taps: list[LayerTap] = []
 
     def _set_others(self, names: list[str]) -> None:
         plan = {n: self._methods[n] for n in names} if self._methods and all(
@@ -200,7 +199,7 @@ class _DenseGroup:
         for n in self.hooked:
             for use in self.uses[n]:
                 modules.setdefault(id(use.module), use)
-        self.taps = [_HookedTap(use, batch) for use in modules.values()]
+        self.taps = [LayerTap(use, batch) for use in modules.values()]
 
     def stop(self) -> None:
         for t in self.taps:
@@ -235,7 +234,7 @@ class _DenseGroup:
                 grads[n] = torch.zeros(batch, *shape, dtype=plain[n].dtype, device=plain[n].device)
         if batch_grads is not None:
             for n, bg in zip(self.hooked, batch_grads):
-                why = failed.get(n) or _mismatch(grads[n].sum(0), bg)
+                why = failed.get(n) or gradient_mismatch(grads[n].sum(0), bg)
                 if why:
                     failed[n] = why
             if failed:
@@ -270,7 +269,7 @@ class FactoredFeatures:
         self.plan = plan_from_spec(spec)
         self.factors = Factors(spec.seed, self.device)
         modules = dict(model.named_modules())
-        self.taps: list[_Tap] = []
+        self.taps: list[FactorTap] = []
         self.dense: FactorLayer | None = None
         self._dense_group: _DenseGroup | None = None
         # How each hooked layer's features were computed in the last batch ("per position" or "formed").
@@ -281,7 +280,7 @@ class FactoredFeatures:
                     self.dense = layer
                     self._dense_group = _DenseGroup(model, layer.params, self.loss_fn, methods)
                 elif layer.kind != "pad":
-                    self.taps.append(_Tap(layer, modules[layer.module]))
+                    self.taps.append(FactorTap(layer, modules[layer.module]))
         except Exception:
             self.close()
             raise
