@@ -117,23 +117,35 @@ def topk_arrays(test: GradientStore, train: GradientStore, plan: BlockPlan, k: i
         level = [(part, i, j) for j in range(len(train_ranges))]
         for j, (s, e) in enumerate(train_ranges):
             dsk[(part, i, j)] = (block_tasks(train).topk_block, (tname, i), ref, s, e, k, normalize, backend)
-        depth = 0
-        while len(level) > 1:
-            depth += 1
-            merged = []
-            for g in range(0, len(level), SPLIT_EVERY):
-                key = (f"trackin-topk-merge{depth}-{token}", i, g // SPLIT_EVERY)
-                dsk[key] = (tasks.merge_topk, level[g : g + SPLIT_EVERY], k)
-                merged.append(key)
-            level = merged
-        dsk[(final, i)] = level[0]
+        dsk[(final, i)] = merge_tree(dsk, level, k, "trackin-topk-merge", token, i)
+    return topk_fields(dsk, final, test_ranges, k, "trackin-topk-field", token)
+
+
+def merge_tree(dsk: dict, parts: list, k: int, prefix: str, token: str, i: int):
+    """Add merge tasks (SPLIT_EVERY wide) combining the partial top-k results ``parts`` of test block ``i``;
+    return the key of the last one."""
+    level, depth = list(parts), 0
+    while len(level) > 1:
+        depth += 1
+        merged = []
+        for g in range(0, len(level), SPLIT_EVERY):
+            key = (f"{prefix}{depth}-{token}", i, g // SPLIT_EVERY)
+            dsk[key] = (tasks.merge_topk, level[g : g + SPLIT_EVERY], k)
+            merged.append(key)
+        level = merged
+    return level[0]
+
+
+def topk_fields(dsk: dict, final: str, test_ranges, k: int, prefix: str, token: str) -> tuple[da.Array, ...]:
+    """(proponent index, proponent score, opponent index, opponent score) as lazy (n_test, k) arrays
+    from the per-test-block results under ``(final, i)``."""
     chunks = (tuple(e - s for s, e in test_ranges), (k,))
     out = []
     for field, dtype in ((0, np.float32), (1, np.int64), (2, np.float32), (3, np.int64)):
-        name = f"trackin-topk-field{field}-{token}"
+        fname = f"{prefix}{field}-{token}"
         fdsk = dict(dsk)
         for i in range(len(test_ranges)):
-            fdsk[(name, i, 0)] = (tasks.getitem, (final, i), field)
-        out.append(da.Array(fdsk, name, chunks=chunks, dtype=dtype, meta=np.empty((0, 0), dtype)))
+            fdsk[(fname, i, 0)] = (tasks.getitem, (final, i), field)
+        out.append(da.Array(fdsk, fname, chunks=chunks, dtype=dtype, meta=np.empty((0, 0), dtype)))
     best_score, best_index, worst_score, worst_index = out
     return best_index, best_score, worst_index, worst_score

@@ -14,6 +14,7 @@ from dask.delayed import Delayed
 from ..store import GradientStore
 from ..store.index_store import TopKIndex
 from . import ivf_tasks, tasks
+from .graphs import merge_tree, topk_fields
 from .ivf_tasks import IndexRef
 from .planning import BlockPlan, blocks
 from .tasks import StoreRef
@@ -114,23 +115,5 @@ def search_arrays(test: GradientStore, index: TopKIndex, plan: BlockPlan, rows: 
         for j, piece in enumerate(pieces):
             dsk[(part, i, j)] = (ivf_tasks.search_block, (tname, i), iref, piece, k, normalize, backend)
             level.append((part, i, j))
-        depth = 0
-        while len(level) > 1:
-            depth += 1
-            merged = []
-            for g in range(0, len(level), SPLIT_EVERY):
-                key = (f"trackin-index-merge{depth}-{token}", i, g // SPLIT_EVERY)
-                dsk[key] = (tasks.merge_topk, level[g:g + SPLIT_EVERY], k)
-                merged.append(key)
-            level = merged
-        dsk[(final, i)] = level[0]
-    chunks = (tuple(e - s for s, e in test_ranges), (k,))
-    out = []
-    for field, dtype in ((0, np.float32), (1, np.int64), (2, np.float32), (3, np.int64)):
-        name = f"trackin-index-field{field}-{token}"
-        fdsk = dict(dsk)
-        for i in range(len(test_ranges)):
-            fdsk[(name, i, 0)] = (tasks.getitem, (final, i), field)
-        out.append(da.Array(fdsk, name, chunks=chunks, dtype=dtype, meta=np.empty((0, 0), dtype)))
-    best_score, best_index, worst_score, worst_index = out
-    return best_index, best_score, worst_index, worst_score
+        dsk[(final, i)] = merge_tree(dsk, level, k, "trackin-index-merge", token, i)
+    return topk_fields(dsk, final, test_ranges, k, "trackin-index-field", token)
