@@ -245,11 +245,7 @@ class HookedGradients:
         batch = targets.shape[0]
         names = [n for n in names if n in self.uses]
         leaves = {n: state[n].detach().requires_grad_(True) for n in names}
-        modules: dict[int, _Use] = {}
-        for n in names:
-            for use in self.uses[n]:
-                modules.setdefault(id(use.module), use)
-        taps = [LayerTap(use, batch) for use in modules.values()]
+        taps = open_taps(self.uses, names, batch)
         try:
             with torch.enable_grad():
                 out = call_functional(self.model, {**state, **leaves}, inputs)
@@ -269,22 +265,7 @@ class HookedGradients:
         got = torch.autograd.grad(total, wrt, allow_unused=True) if wrt and total.requires_grad else (None,) * len(wrt)
         live_deltas = iter(got[: len(live)])
         deltas = iter([next(live_deltas) if o.requires_grad else None for o in outputs])
-        grads: dict[str, torch.Tensor] = {}
-        for t in taps:
-            want = {a for a, n in t.use.attrs.items() if n in leaves}
-            for x, _ in t.calls:
-                delta = next(deltas)
-                if delta is None:
-                    continue
-                with torch.no_grad():
-                    per_call = per_call_gradients(t.use, x, delta, want)
-                for attr, g in per_call.items():
-                    n = t.use.attrs[attr]
-                    grads[n] = g if n not in grads else grads[n].add_(g)
-            t.calls.clear()
-        for n, leaf in leaves.items():
-            if n not in grads:
-                grads[n] = torch.zeros(batch, *leaf.shape, dtype=leaf.dtype, device=leaf.device)
+        grads = gradients_from_taps(taps, deltas, leaves, batch)
         if check:
             for n, batch_grad in zip(leaves, got[len(live):]):
                 if n not in failed:
@@ -292,6 +273,39 @@ class HookedGradients:
                     if why:
                         failed[n] = why
         return grads, losses.detach(), failed
+
+
+def open_taps(uses: Mapping[str, Sequence[_Use]], names: Sequence[str], batch: int) -> list[LayerTap]:
+    """One tap per module that uses any of ``names`` (a module shared by several parameters is hooked once)."""
+    modules: dict[int, _Use] = {}
+    for n in names:
+        for use in uses[n]:
+            modules.setdefault(id(use.module), use)
+    return [LayerTap(use, batch) for use in modules.values()]
+
+
+def gradients_from_taps(taps: Sequence[LayerTap], deltas, params: Mapping[str, torch.Tensor],
+                        batch: int) -> dict[str, torch.Tensor]:
+    """{name: (B, *shape)} for every parameter in ``params`` from the taps' calls and their output gradients
+    ``deltas`` (one per call, in the taps' order; None for a call that contributes nothing). A parameter used
+    by several calls sums them; one no call reached is zero. Clears the taps' calls."""
+    grads: dict[str, torch.Tensor] = {}
+    it = iter(deltas)
+    for t in taps:
+        want = {a for a, n in t.use.attrs.items() if n in params}
+        for x, _ in t.calls:
+            delta = next(it)
+            if delta is None:
+                continue
+            with torch.no_grad():
+                for attr, g in per_call_gradients(t.use, x, delta, want).items():
+                    n = t.use.attrs[attr]
+                    grads[n] = g if n not in grads else grads[n].add_(g)
+        t.calls.clear()
+    for n, like in params.items():
+        if n not in grads:
+            grads[n] = torch.zeros(batch, *like.shape, dtype=like.dtype, device=like.device)
+    return grads
 
 
 def gradient_mismatch(summed: torch.Tensor, batch_grad: torch.Tensor | None) -> str | None:

@@ -29,7 +29,7 @@ from ...errors import CaptureError
 from ...spec import ProjectionSpec
 from ..per_example.batches import call_functional
 from ..per_example.gradients import PerExampleGradients
-from ..per_example.hooked import LayerTap, gradient_mismatch, parameter_uses, per_call_gradients
+from ..per_example.hooked import LayerTap, gradient_mismatch, gradients_from_taps, open_taps, parameter_uses
 from ..per_example.losses import LossFn, check_losses, default_loss
 from ..per_example.norms import dense_sq_norms, factored_sq_norms
 from .calls import ConvCall, RowsCall
@@ -195,11 +195,7 @@ class _DenseGroup:
         self.others = PerExampleGradients(self.model, names, self.loss_fn, methods=plan) if names else None
 
     def start(self, batch: int) -> None:
-        modules = {}
-        for n in self.hooked:
-            for use in self.uses[n]:
-                modules.setdefault(id(use.module), use)
-        self.taps = [LayerTap(use, batch) for use in modules.values()]
+        self.taps = open_taps(self.uses, self.hooked, batch)
 
     def stop(self) -> None:
         for t in self.taps:
@@ -211,27 +207,11 @@ class _DenseGroup:
     def gradients(self, deltas, batch_grads, plain, inputs, targets, batch: int) -> dict[str, torch.Tensor]:
         """{name: (B, *shape)} of every dense parameter. ``batch_grads`` (first batch only): the hooked
         parameters' batch gradients, to check the taps saw every use."""
-        grads: dict[str, torch.Tensor] = {}
         hooked = set(self.hooked)
         failed = {n: f"{type(t.use.module).__name__} {t.use.module_name!r} {t.problem}"
                   for t in self.taps if t.problem for n in t.use.attrs.values() if n in hooked}
-        it = iter(deltas)
-        for t in self.taps:
-            want = {a for a, n in t.use.attrs.items() if n in hooked}
-            for x, _ in t.calls:
-                delta = next(it)
-                if delta is None:
-                    continue
-                with torch.no_grad():
-                    for attr, g in per_call_gradients(t.use, x, delta, want).items():
-                        n = t.use.attrs[attr]
-                        grads[n] = g if n not in grads else grads[n].add_(g)
-            t.calls.clear()
+        grads = gradients_from_taps(self.taps, deltas, {n: plain[n] for n in self.hooked}, batch)
         self.taps = []
-        for n in self.hooked:
-            if n not in grads:
-                shape = plain[n].shape
-                grads[n] = torch.zeros(batch, *shape, dtype=plain[n].dtype, device=plain[n].device)
         if batch_grads is not None:
             for n, bg in zip(self.hooked, batch_grads):
                 why = failed.get(n) or gradient_mismatch(grads[n].sum(0), bg)
