@@ -110,3 +110,118 @@ def flipped_mlp(tmp_path_factory, flipped_digits) -> TrainedModel:
         tmp_path_factory, "flipped_mlp", lambda: digits_mlp((64,), seed=0), flipped_digits.train,
         epochs=30, every=10, last_linear="3",
     )
+
+
+# ---- shared captures ------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def captured(request, tmp_path_factory, digits, digits_test):
+    """``captured(model, split, **capture_kwargs)``: one capture per configuration per session, read-only.
+
+    ``model`` names a session model fixture ("mlp", "cnn", "flipped_mlp"), ``split`` is "train"
+    (``digits.train``) or "test" (``digits_test``); keyword arguments go to ``to.capture`` (default
+    ``device="cpu"``, ``batch_size=64``, no progress bar). Tests that change a store must capture their own.
+    """
+    import trackin_ooc as to
+
+    cache: dict = {}
+    data = {"train": digits.train, "test": digits_test}
+
+    def get(model: str, split: str, **kw):
+        kw = {"device": "cpu", "batch_size": 64, "progress": False, **kw}
+        key = (model, split, tuple(sorted((k, repr(v)) for k, v in kw.items())))
+        if key not in cache:
+            trained = request.getfixturevalue(model)
+            path = tmp_path_factory.mktemp(f"captured_{model}_{split}") / "store.zarr"
+            cache[key] = to.capture(trained.model, trained.checkpoints, data[split], path, **kw)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exact_pair(captured):
+    """``exact_pair(model)``: the (test, train) exact-gradient stores of a session model, captured once."""
+    return lambda model: (captured(model, "test"), captured(model, "train"))
+
+
+@pytest.fixture(scope="session")
+def factors_pair(captured):
+    """``factors_pair(model)``: the (test, train) per-layer factor stores (``projection="factors"``, layout
+    version 2) of a session model, captured once."""
+    return lambda model: (captured(model, "test", projection="factors"),
+                          captured(model, "train", projection="factors"))
+
+
+@pytest.fixture(scope="session")
+def captum_reference(request, digits, digits_test):
+    """``captum_reference(model, layers=None)``: Captum ``TracInCP``'s influence matrix, self-influence and
+    top-5 proponents/opponents of ``digits_test`` against ``digits.train`` (tests/test_captum_parity.py),
+    computed once per session and configuration."""
+    from .test_captum_parity import captum_results
+
+    cache: dict = {}
+
+    def get(model: str, layers=None):
+        key = (model, tuple(layers) if layers else None)
+        if key not in cache:
+            cache[key] = captum_results(request.getfixturevalue(model), digits.train, digits_test, layers)
+        return cache[key]
+
+    return get
+
+
+# ---- a LocalCluster shared by the tests of one process ---------------------------------------------
+@pytest.fixture
+def local_cluster():
+    """The test process's two-worker LocalCluster (tests/__init__.py ``two_worker_client``), its Client
+    active for the test. Tests using it run in one pytest-xdist process (group "local-cluster")."""
+    from . import two_worker_client
+
+    with two_worker_client() as client:
+        yield client
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from . import close_shared_cluster
+
+    close_shared_cluster()
+
+
+# ---- pytest-xdist: what runs together, and what starts first ---------------------------------------
+# Longest modules first (measured: wall seconds, serial, 2 cores), so no long module starts last and
+# leaves the other worker idle. A hint only: a module missing here just starts later.
+RUN_FIRST = {
+    "test_scheduler_file": 85, "test_notebooks": 73, "test_cli_errors": 56, "test_resume_capture": 55,
+    "test_output_guard": 44, "test_cli": 39, "test_index": 31, "test_factor_store": 25, "test_disk_errors": 20,
+    "test_resume_scoring": 19, "test_engine_reference": 16, "test_distributed": 13, "test_demo": 12,
+}
+LOCAL_CLUSTER_GROUP = "local-cluster"
+
+
+def _shares_module_state(item) -> bool:
+    """Whether the test uses a fixture that lives longer than a test but not the session."""
+    defs = getattr(item, "_fixtureinfo", None)
+    if defs is None:
+        return False
+    return any(fixturedefs and fixturedefs[-1].scope in ("module", "class", "package")
+               for fixturedefs in defs.name2fixturedefs.values())
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under ``--dist loadgroup``: tests that share a module-scoped fixture run in one worker (the fixture
+    is built once), as do the users of the shared LocalCluster; other tests spread one by one. Items are
+    ordered longest module first (without xdist the order changes nothing)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        if "local_cluster" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group(LOCAL_CLUSTER_GROUP))
+        elif _shares_module_state(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__.rsplit(".", 1)[-1]))
+    position = {id(item): i for i, item in enumerate(items)}
+
+    def cost(item) -> float:
+        return RUN_FIRST.get(item.module.__name__.rsplit(".", 1)[-1], 0) if item.module else 0
+
+    items.sort(key=lambda item: (-cost(item), position[id(item)]))
