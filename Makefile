@@ -6,10 +6,10 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
-# Test processes (pytest-xdist); tests sharing a module fixture or the LocalCluster stay in one process
-# (tests/conftest.py). `make test PYTEST_WORKERS=0` runs everything in this process.
+# Test processes (pytest-xdist): each module's tests run in one of them (its module fixtures are built
+# once), the longest modules first (tests/conftest.py). `make test PYTEST_WORKERS=0` runs them all here.
 PYTEST_WORKERS ?= 2
-XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
+XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder)
 LINTED = trackin_ooc cli tests benchmarks docs/hooks
 # mkdocs 1.x plugins print a banner about a future mkdocs 2; it says nothing about this build.
 export NO_MKDOCS_2_WARNING = 1

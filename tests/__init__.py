@@ -27,7 +27,7 @@ def stop_process_group(proc, timeout: float = 20) -> None:
         proc.wait(timeout=10)
 
 
-# ---- one LocalCluster per test process ------------------------------------------------------------
+# ---- one LocalCluster at a time, shared by the tests of a module ---------------------------------------
 _shared: dict = {}
 
 
@@ -58,9 +58,9 @@ def two_worker_client() -> Iterator:
     """A ``distributed.Client`` on a real LocalCluster of two single-thread worker processes on 127.0.0.1,
     active (what ``distributed.default_client()`` returns) inside the block.
 
-    Every caller in a test process shares one cluster, started on first use: tests that kill a worker
-    leave it to the nanny, and the next caller waits until both workers are back. The ``local_cluster``
-    fixture (conftest.py) is this, and it also tells pytest-xdist to run its users in one process.
+    Callers share one cluster, started on first use and stopped by conftest.py after the last test of
+    the module: tests that kill a worker leave it to the nanny, and the next caller waits until both
+    workers are back. The ``local_cluster`` fixture (conftest.py) is this block around a test.
     """
     client = _shared_client()
     client.wait_for_workers(2, timeout=120)

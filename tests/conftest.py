@@ -170,15 +170,25 @@ def captum_reference(request, digits, digits_test):
     return get
 
 
-# ---- a LocalCluster shared by the tests of one process ---------------------------------------------
+# ---- a LocalCluster shared by the tests of one module ------------------------------------------------
 @pytest.fixture
 def local_cluster():
-    """The test process's two-worker LocalCluster (tests/__init__.py ``two_worker_client``), its Client
-    active for the test. Tests using it run in one pytest-xdist process (group "local-cluster")."""
+    """The two-worker LocalCluster of tests/__init__.py ``two_worker_client``, its Client active for the
+    test (so scoring without ``client=`` runs on it). Started on first use, shared by the module's tests."""
     from . import two_worker_client
 
     with two_worker_client() as client:
         yield client
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """An idle LocalCluster still costs CPU (~6 s a minute here): stop it when the next test is in
+    another module (or none is known yet); the next user starts it again."""
+    from . import close_shared_cluster
+
+    if nextitem is None or nextitem.module is not item.module:
+        close_shared_cluster()
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -187,41 +197,24 @@ def pytest_sessionfinish(session, exitstatus):
     close_shared_cluster()
 
 
-# ---- pytest-xdist: what runs together, and what starts first ---------------------------------------
-# Longest modules first (measured: wall seconds, serial, 2 cores), so no long module starts last and
-# leaves the other worker idle. A hint only: a module missing here just starts later.
+# ---- order: longest modules first -------------------------------------------------------------------
+# make test runs pytest-xdist with --dist loadscope (each module's tests in one process, so module
+# fixtures are built once) and --no-loadscope-reorder (modules handed out in this order): the longest
+# modules start first, so none starts last and leaves the other process idle. Measured wall seconds,
+# serial, 2 cores; a hint only: a module missing here just starts later.
 RUN_FIRST = {
     "test_scheduler_file": 85, "test_notebooks": 73, "test_cli_errors": 56, "test_resume_capture": 55,
     "test_output_guard": 44, "test_cli": 39, "test_index": 31, "test_factor_store": 25, "test_disk_errors": 20,
     "test_resume_scoring": 19, "test_engine_reference": 16, "test_distributed": 13, "test_demo": 12,
 }
-LOCAL_CLUSTER_GROUP = "local-cluster"
 
 
-def _shares_module_state(item) -> bool:
-    """Whether the test uses a fixture that lives longer than a test but not the session."""
-    defs = getattr(item, "_fixtureinfo", None)
-    if defs is None:
-        return False
-    return any(fixturedefs and fixturedefs[-1].scope in ("module", "class", "package")
-               for fixturedefs in defs.name2fixturedefs.values())
-
-
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Under ``--dist loadgroup``: tests that share a module-scoped fixture run in one worker (the fixture
-    is built once), as do the users of the shared LocalCluster; other tests spread one by one. Items are
-    ordered longest module first (without xdist the order changes nothing)."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        if "local_cluster" in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group(LOCAL_CLUSTER_GROUP))
-        elif _shares_module_state(item):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__.rsplit(".", 1)[-1]))
+    """Longest modules first, each module's tests in their order (serially too: it changes nothing else)."""
     position = {id(item): i for i, item in enumerate(items)}
 
     def cost(item) -> float:
-        return RUN_FIRST.get(item.module.__name__.rsplit(".", 1)[-1], 0) if item.module else 0
+        module = getattr(item, "module", None)
+        return RUN_FIRST.get(module.__name__.rsplit(".", 1)[-1], 0) if module is not None else 0
 
     items.sort(key=lambda item: (-cost(item), position[id(item)]))

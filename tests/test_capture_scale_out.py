@@ -18,7 +18,7 @@ from trackin_ooc.capturing.job.scale_out import split_ranges
 
 from . import two_worker_client
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("local-cluster")]
+pytestmark = pytest.mark.timeout(300)
 
 KW = dict(projection_dim=24, chunk_rows=50, batch_size=32)
 

@@ -20,7 +20,7 @@ from trackin_ooc.store import layout
 
 from . import two_worker_client
 
-pytestmark = [pytest.mark.timeout(180), pytest.mark.xdist_group("local-cluster")]
+pytestmark = pytest.mark.timeout(180)
 
 LRS = [0.7, 0.2, 1.1]
 

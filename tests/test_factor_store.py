@@ -250,7 +250,6 @@ def test_array_module_path_equals_the_cpu_path(cnn, digits, digits_test, tmp_pat
 
 
 # ---- scoring on a LocalCluster ---------------------------------------------------------------------
-@pytest.mark.xdist_group("local-cluster")
 def test_factor_capture_and_scores_on_a_local_cluster(mlp, digits, digits_test, tmp_path):
     train_ds = Subset(digits.train, range(200))
     pair = capture_pair(mlp.model, mlp.checkpoints, train_ds, digits_test, tmp_path, "f",
@@ -258,7 +257,7 @@ def test_factor_capture_and_scores_on_a_local_cluster(mlp, digits, digits_test, 
     here_inf = to.influence(*pair).values
     here_top = to.top_k(*pair, k=4, normalize=True)
     here_self = to.self_influence(pair[1]).values
-    with two_worker_client() as client:  # the test process's shared LocalCluster (tests/__init__.py)
+    with two_worker_client() as client:  # the module's LocalCluster (tests/__init__.py)
         # Row blocks captured as Dask tasks on the workers: the same bytes as in-process.
         spread = to.capture(mlp.model, mlp.checkpoints, train_ds, tmp_path / "spread.zarr", projection="factors",
                             chunk_rows=32, batch_size=64, device="cpu", client=client)
