@@ -594,3 +594,70 @@ def test_gpt2_factored_adam(digits, tmp_path):
     assert_rel(store.read_grads(checkpoint=0), want)
     assert_rel(store.read_sq_norms()[0], (flat(ref, names) ** 2).sum(1))
 
+
+# ---- stores with different preconditioners, info and the CLI ----------------------------------------------
+def test_stores_with_different_preconditioners_are_refused(adamw, digits, data, tmp_path):
+    x, y = digits.train.tensors
+    train_data = TensorDataset(x[:24].clone(), y[:24].clone())
+    train = capture(adamw.make(), adamw.paths, train_data, tmp_path / "train.zarr", preconditioner="adam")
+    test = capture(adamw.make(), adamw.paths, data, tmp_path / "test.zarr", preconditioner="adam")
+    names = [n for n, _ in adamw.make().named_parameters()]
+    want = sum(LR * flat(reference_adam(adamw, data, names, c), names)
+               @ flat(reference_adam(adamw, train_data, names, c), names).T for c in range(len(adamw.paths)))
+    assert_rel(to.influence(test, train).values, want)  # Σ_c η_c g'ᵀ P_c g
+    for other, kind in [(None, "none"), ("adafactor", "adafactor")]:
+        mixed = capture(adamw.make(), adamw.paths, data, tmp_path / f"test_{kind}.zarr", preconditioner=other)
+        for call in (lambda: to.influence(mixed, train), lambda: to.top_k(mixed, train, k=3)):
+            with pytest.raises(to.IncompatibleStoresError) as err:
+                call()
+            msg = one_line(err)
+            assert "different preconditioners" in msg and f"test '{kind}', train 'adam'" in msg
+            assert "preconditioner='adam'" in msg and "different weights" not in msg
+
+
+def test_cli_preconditioner_option_and_info(adamw, tmp_path):
+    import json
+
+    from .test_cli import ok, run_cli
+
+    ex = "trackin_ooc.demo.examples"
+    common = ["capture", "--model", f"{ex}:digits_mlp_model", "--data", f"{ex}:digits_test_small",
+              *[a for p in adamw.paths for a in ("--checkpoint", p)], "--batch-size", "50"]
+    ok(run_cli(*common, "--projection-dim", "16", "--preconditioner", "adam", "--out", "adam.zarr", cwd=tmp_path))
+    store = to.open_store(tmp_path / "adam.zarr")
+    assert store.spec.preconditioner == "adam"
+    from trackin_ooc.demo.examples import digits_test_small
+
+    lib = capture(adamw.make(), adamw.paths, digits_test_small(), tmp_path / "lib.zarr", projection_dim=16,
+                  preconditioner="adam", batch_size=50)
+    np.testing.assert_allclose(store.read_grads(), lib.read_grads(), rtol=1e-5, atol=1e-7)
+    assert store.fingerprint == lib.fingerprint and store.checkpoint_hashes == lib.checkpoint_hashes
+
+    text = ok(run_cli("info", "adam.zarr", cwd=tmp_path)).stdout
+    assert "preconditioner  adam (features of P^1/2 g" in text
+    info = json.loads(ok(run_cli("info", "adam.zarr", "--json", cwd=tmp_path)).stdout)
+    assert info["preconditioner"]["kind"] == "adam" and info["preconditioner"]["adafactor_layers"] == []
+    assert [m.split("/")[-1] for m in info["preconditioner"]["moments"]] == [
+        f"{p.name} (optimizer_state_dict)" for p in adamw.paths]
+
+    ok(run_cli(*common, "--projection", "factored", "--projection-dim", "32", "--out", "fac.zarr", cwd=tmp_path))
+    text = ok(run_cli("info", "fac.zarr", cwd=tmp_path)).stdout  # auto: adam, its layers in the rank-1 form
+    assert "preconditioner  adam" in text and "Adafactor form  1, 3" in text
+    info = json.loads(ok(run_cli("info", "fac.zarr", "--json", cwd=tmp_path)).stdout)
+    assert [x["module"] for x in info["preconditioner"]["adafactor_layers"]] == ["1", "3"]
+
+    ok(run_cli(*common, "--preconditioner", "none", "--out", "none.zarr", cwd=tmp_path))
+    assert "preconditioner  none (SGD form" in ok(run_cli("info", "none.zarr", cwd=tmp_path)).stdout
+    assert json.loads(ok(run_cli("info", "none.zarr", "--json", cwd=tmp_path)).stdout)["preconditioner"]["kind"] \
+        == "none"
+
+    bad = run_cli(*common, "--preconditioner", "sgd", "--out", "bad.zarr", cwd=tmp_path)
+    assert bad.returncode == 2 and "sgd" in bad.stderr and not (tmp_path / "bad.zarr").exists()
+    torch.save(adamw.states[0], tmp_path / "plain.pt")
+    failed = run_cli("capture", "--model", f"{ex}:digits_mlp_model", "--data", f"{ex}:digits_test_small",
+                     "--checkpoint", "plain.pt", "--lr", "0.01", "--preconditioner", "adam", "--out", "p.zarr",
+                     cwd=tmp_path)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    lines = [line for line in failed.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "plain.pt" in lines[0] and "--preconditioner none" in lines[0]
+    assert not (tmp_path / "p.zarr").exists()
