@@ -294,7 +294,7 @@ def peers(cfg, split, ckpts, runs, work, names, rows: list[Row]) -> None:
 # ---- one run -----------------------------------------------------------------------------------------
 def run_config(cfg: Config, args, work_root: Path) -> tuple[list[Row], dict]:
     recipe = cfg.recipe(args.epochs)
-    key = _key(cfg, recipe, FLIP, args.subsets)
+    key = _key(cfg, dataclasses.replace(recipe, make_model=None), FLIP, args.subsets)
     work = work_root / f"{cfg.name}-{key}"
     work.mkdir(parents=True, exist_ok=True)
     split = cfg.split()

@@ -8,16 +8,21 @@ import torch
 from torch import nn
 
 
-def digits_mlp(hidden: Sequence[int] = (64,), *, seed: int = 0) -> nn.Module:
+def mlp(in_features: int, hidden: Sequence[int] = (64,), *, seed: int = 0) -> nn.Module:
     """Flatten → Linear/ReLU stack → 10 logits."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Flatten()]
-    width = 64
+    width = in_features
     for h in hidden:
         layers += [nn.Linear(width, h), nn.ReLU()]
         width = h
     layers.append(nn.Linear(width, 10))
     return nn.Sequential(*layers)
+
+
+def digits_mlp(hidden: Sequence[int] = (64,), *, seed: int = 0) -> nn.Module:
+    """Flatten 8×8 digits → Linear/ReLU stack → 10 logits."""
+    return mlp(64, hidden, seed=seed)
 
 
 class DigitsCNN(nn.Module):
@@ -43,14 +48,7 @@ def digits_cnn(channels: int = 8, *, seed: int = 0) -> nn.Module:
 
 def mnist1d_mlp(hidden: Sequence[int] = (128, 128), *, seed: int = 0) -> nn.Module:
     """MNIST-1D (40 samples per signal) → Linear/ReLU stack → 10 logits; inputs (batch, 40) or (batch, 1, 40)."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = 40
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    layers.append(nn.Linear(width, 10))
-    return nn.Sequential(*layers)
+    return mlp(40, hidden, seed=seed)
 
 
 class Mnist1dCNN(nn.Module):
