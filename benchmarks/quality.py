@@ -106,6 +106,11 @@ def mislabel(scores: np.ndarray, flipped: np.ndarray) -> tuple[float, float]:
     return float(roc_auc_score(flipped, scores)), recall_at(scores, flipped, 0.1)
 
 
+def flipped_share(proponents: np.ndarray, flipped: np.ndarray) -> float:
+    """Share of mislabelled training examples among the proponents (test, k) of every test example."""
+    return float(flipped[np.asarray(proponents)].mean())
+
+
 def lds_of_matrix(matrix: np.ndarray, runs) -> float:
     """Mean LDS of a (test, train) score matrix (peers): its subset sums against the retrained losses."""
     pred = np.asarray(matrix, dtype=np.float64) @ runs["subset"].values.T.astype(np.float64)
@@ -121,6 +126,8 @@ class Row:
     lds_normalized: float | None = None
     auc: float | None = None
     recall10: float | None = None
+    flipped_top10: float | None = None  # share of mislabelled examples among the top-10 proponents (raw)
+    flipped_top10_normalized: float | None = None
     seconds: float = 0.0
     note: str = ""
 
@@ -140,11 +147,14 @@ def ours(cfg: Config, split, model, ckpts, runs, work: Path, forms, projections,
                 raw = to.lds(test, train, runs, progress=False).attrs["lds"]
                 cos = to.lds(test, train, runs, normalize=True, progress=False).attrs["lds"]
                 auc, rec = mislabel(to.self_influence(train, progress=False).values, split.flipped)
+                top = [flipped_share(to.top_k(test, train, k=10, normalize=n, progress=False)["proponent_index"].values,
+                                     split.flipped) for n in (False, True)]
                 note = f"{train.feature_dim:,} features"
                 label = f"{form} {pname}" + (" last checkpoint" if last else "")
-                rows.append(Row(cfg.name, label, raw, cos, auc, rec, time.perf_counter() - t0, note))
+                rows.append(Row(cfg.name, label, raw, cos, auc, rec, *top, time.perf_counter() - t0, note))
                 print(f"  {label:<32} LDS {raw:6.3f} (cos {cos:6.3f})  AUC {auc:.3f}  recall@10% {rec:.3f}  "
-                      f"{rows[-1].seconds:5.1f} s  {note}", flush=True)
+                      f"flipped in top-10 {top[0]:.0%} (cos {top[1]:.0%})  {rows[-1].seconds:5.1f} s  {note}",
+                      flush=True)
                 if form == "sgd" and pname == "exact" and not last:
                     loss = train.read_losses()[-1]
                     a, r = mislabel(loss, split.flipped)
@@ -285,10 +295,13 @@ def peers(cfg, split, ckpts, runs, work, names, rows: list[Row]) -> None:
             print(f"  {label:<32} failed: {rows[-1].note}", flush=True)
             continue
         auc, rec = mislabel(si, split.flipped) if si is not None else (None, None)
-        rows.append(Row(cfg.name, label, lds_of_matrix(matrix, runs), None, auc, rec, time.perf_counter() - t0, note))
+        top = flipped_share(np.argsort(-matrix, axis=1, kind="stable")[:, :10], split.flipped)
+        rows.append(Row(cfg.name, label, lds_of_matrix(matrix, runs), None, auc, rec, top, None,
+                        time.perf_counter() - t0, note))
         r = rows[-1]
         extra = f"AUC {auc:.3f}  recall@10% {rec:.3f}" if auc is not None else "(no self-influence)"
-        print(f"  {label:<32} LDS {r.lds:6.3f}               {extra}  {r.seconds:5.1f} s  {note}", flush=True)
+        print(f"  {label:<32} LDS {r.lds:6.3f}               {extra}  flipped in top-10 {top:.0%}  "
+              f"{r.seconds:5.1f} s  {note}", flush=True)
 
 
 # ---- one run -----------------------------------------------------------------------------------------
@@ -407,8 +420,9 @@ def markdown(rows: list[Row], meta: dict) -> str:
     for name, m in meta.items():
         lines.append(f"\n**{name}** — {m['n_params']:,} parameters, test accuracy {m['test_accuracy']:.2f}, "
                      f"flipped labels fitted {m['flipped_fit']:.0%}\n")
-        lines.append("| score | LDS | LDS, normalize=True | mislabel AUC | recall at 10 % | s | note |")
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("| score | LDS | LDS, normalize=True | mislabel AUC | recall at 10 % | flipped in top-10 "
+                     "proponents (raw / normalize) | s | note |")
+        lines.append("|---|---|---|---|---|---|---|---|")
         for r in rows:
             if r.config != name:
                 continue
@@ -416,8 +430,11 @@ def markdown(rows: list[Row], meta: dict) -> str:
             def f(v):
                 return "—" if v is None else f"{v:.3f}"
 
+            def pct(v):
+                return "—" if v is None else f"{v:.0%}"
+
             lines.append(f"| {r.method} | {f(r.lds)} | {f(r.lds_normalized)} | {f(r.auc)} | {f(r.recall10)} | "
-                         f"{r.seconds:.0f} | {r.note} |")
+                         f"{pct(r.flipped_top10)} / {pct(r.flipped_top10_normalized)} | {r.seconds:.0f} | {r.note} |")
     return "\n".join(lines)
 
 
