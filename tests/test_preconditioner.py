@@ -8,7 +8,6 @@ the package's id mapping) and plain per-example autograd gradients.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -436,16 +435,17 @@ def test_checkpoint_hashes_cover_the_moments(adamw, data, tmp_path):
 # ---- the rank-1 (Adafactor) form: flat, factored and factors stores ---------------------------------------
 def rank1_scaled(grads, moments, layers) -> dict[str, torch.Tensor]:
     """The reference rank-1 form from the raw moments: per layer (weight as d_out × d_in via ``as_matrix``, its
-    bias as one more input column) v̂ ≈ r cᵀ / m, P^{1/2}_ij = ((√(r_i/√m) + √ε)(√(c_j/√m) + √ε))^{-1/2};
-    every other parameter elementwise (√v̂ + ε)^{-1/2}."""
+    bias as one more input column) the Adafactor factorisation of v̂ + ε², P_ij = √(m' / (r'_i c'_j)) with
+    r' = row means + ε², c' = column means + ε², m' = mean + ε²; every other parameter elementwise
+    (√v̂ + ε)^{-1/2}."""
     out = adam_scaled(grads, moments)
     for weight, bias, as_matrix, from_matrix in layers:
         w = moments[weight]
         cols = [as_matrix(w.v_hat)] + ([moments[bias].v_hat.reshape(-1, 1)] if bias else [])
         v = torch.cat(cols, dim=1)
-        r, c, m = v.mean(1), v.mean(0), v.mean()
-        se = math.sqrt(w.eps)
-        s = ((torch.sqrt(r / m.sqrt()) + se)[:, None] * (torch.sqrt(c / m.sqrt()) + se)[None, :]).rsqrt()
+        e2 = w.eps**2
+        r, c, m = v.mean(1) + e2, v.mean(0) + e2, v.mean() + e2
+        s = (m / (r[:, None] * c[None, :])) ** 0.25  # P^{1/2}
         d_in = as_matrix(w.v_hat).shape[1]
         out[weight] = grads[weight].double() * from_matrix(s[:, :d_in])
         if bias:
@@ -607,9 +607,9 @@ def test_stores_with_different_preconditioners_are_refused(adamw, digits, data, 
     assert_rel(to.influence(test, train).values, want)  # Σ_c η_c g'ᵀ P_c g
     for other, kind in [(None, "none"), ("adafactor", "adafactor")]:
         mixed = capture(adamw.make(), adamw.paths, data, tmp_path / f"test_{kind}.zarr", preconditioner=other)
-        for call in (lambda: to.influence(mixed, train), lambda: to.top_k(mixed, train, k=3)):
+        for call in (to.influence, lambda a, b: to.top_k(a, b, k=3)):
             with pytest.raises(to.IncompatibleStoresError) as err:
-                call()
+                call(mixed, train)
             msg = one_line(err)
             assert "different preconditioners" in msg and f"test '{kind}', train 'adam'" in msg
             assert "preconditioner='adam'" in msg and "different weights" not in msg
