@@ -661,3 +661,17 @@ def test_cli_preconditioner_option_and_info(adamw, tmp_path):
     lines = [line for line in failed.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "plain.pt" in lines[0] and "--preconditioner none" in lines[0]
     assert not (tmp_path / "p.zarr").exists()
+
+
+def test_scaled_out_adam_capture_equals_the_in_process_one(adamw, data, tmp_path):
+    """Workers read the moments from the checkpoint files themselves and write the same bytes."""
+    from distributed import Client, LocalCluster
+
+    from trackin_ooc import testing as tt
+
+    kw = dict(projection_dim=16, chunk_rows=4, preconditioner="adam")
+    whole = capture(adamw.make(), adamw.paths, data, tmp_path / "whole.zarr", **kw)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        spread = capture(adamw.make(), adamw.paths, data, tmp_path / "spread.zarr", client=client, **kw)
+    tt.assert_stores_identical(spread, whole)
