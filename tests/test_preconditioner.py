@@ -547,29 +547,27 @@ def test_factors_store_adafactor_scores_equal_the_reference(adamw, data, tmp_pat
 
 
 def test_scaled_calls_equal_the_scaled_gradients():
-    """A preconditioned conv or Embedding call (a and δ scaled) forms P^{1/2} ∘ G, and projects its
-    inputs as the scaled patches would be."""
+    """A preconditioned conv or Embedding call (a and δ scaled) forms P^{1/2} ∘ G, and gives the scaled patches."""
     from trackin_ooc.capturing.projection.calls import ConvCall, RowsCall
-    from trackin_ooc.capturing.projection.factored import FactorLayer
+    from trackin_ooc.capturing.projection.factors import LayerChoice
     from trackin_ooc.capturing.projection.preconditioner import LayerScale
 
     gen = torch.Generator().manual_seed(0)
     conv = nn.Conv2d(3, 5, 3, padding=1)
     x, delta = torch.randn(4, 3, 6, 6, generator=gen), torch.randn(4, 5, 6, 6, generator=gen)
-    layer = FactorLayer("conv2d", "c", ("c.weight", "c.bias"), 28, 5, 28, 5, 140)
+    layer = LayerChoice("conv2d", "c", ("c.weight", "c.bias"), 28, 5, "factors").tap_layer()
     p, q = torch.rand(5, generator=gen) + 0.5, torch.rand(28, generator=gen) + 0.5  # P^{1/2}_ij = p_i q_j
     plain = ConvCall(layer, conv, x, delta)
     scaled = ConvCall(layer, conv, x, delta, LayerScale(q[:-1] / q[-1], p * q[-1]))
     g = plain.formed(0, 4)  # (B, d_in incl. bias, d_out)
     torch.testing.assert_close(scaled.formed(0, 4), g * q[None, :, None] * p[None, None, :], rtol=1e-5, atol=1e-6)
-    proj = torch.randn(28, 7, generator=gen)
-    want = torch.matmul(plain.rows() * (q[:-1] / q[-1]), proj[:-1]) + proj[-1]
-    torch.testing.assert_close(scaled.project_input(proj), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scaled.rows(), plain.rows() * (q[:-1] / q[-1]), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(scaled.delta, plain.delta * p * q[-1], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(scaled.batch_weight_grad().reshape(5, -1).T,
                                (g[:, :-1] * (q[:-1] / q[-1])[None, :, None] * (p * q[-1])[None, None, :]).sum(0),
                                rtol=1e-5, atol=1e-5)
 
-    emb = FactorLayer("embedding", "e", ("e.weight",), 11, 4, 11, 4, 44)
+    emb = LayerChoice("embedding", "e", ("e.weight",), 11, 4, "factors").tap_layer()
     ids, d = torch.randint(0, 11, (3, 5), generator=gen), torch.randn(3, 5, 4, generator=gen)
     p, q = torch.rand(4, generator=gen) + 0.5, torch.rand(11, generator=gen) + 0.5
     g = RowsCall(emb, ids, d).formed(0, 3)  # (B, vocabulary, d_out)
