@@ -451,6 +451,9 @@ def test_checkpoint_hashes_cover_the_moments(adamw, data, tmp_path):
     torch.save(saved, copies[1])
     with pytest.raises(to.CaptureError, match="checkpoint contents"):
         capture(adamw.make(), copies, data, tmp_path / "s.zarr", **kw)
+    with pytest.raises(to.CaptureError) as err:  # resuming it as the SGD form: the preconditioner is named
+        capture(adamw.make(), copies, data, tmp_path / "s.zarr", **{**kw, "preconditioner": None})
+    assert "preconditioner: store adam vs this capture none" in one_line(err)
 
 
 # ---- the rank-1 (Adafactor) form: flat, factored and factors stores ---------------------------------------
