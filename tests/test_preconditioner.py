@@ -8,7 +8,6 @@ the package's id mapping) and plain per-example autograd gradients.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -267,6 +266,27 @@ def test_trainer_folder_adam_form(trainer_run, tmp_path, caplog):
     assert store.attrs["preconditioner_moments"][0].endswith("checkpoint-3/optimizer.pt")
 
 
+def test_trainer_folder_without_readable_moments(trainer_run, tmp_path, caplog):
+    from trackin_ooc.demo.architectures import tiny_bert
+
+    folder = tmp_path / "checkpoint-3"
+    shutil.copytree(trainer_run.run / "checkpoint-3", folder)
+    (folder / "optimizer.pt").write_bytes(b"not a torch file")
+    with pytest.raises(to.CheckpointError) as err:
+        capture(tiny_bert(), [folder], trainer_run.data, tmp_path / "s.zarr", layers=["classifier"],
+                preconditioner="adam")
+    assert "optimizer.pt" in one_line(err) and not (tmp_path / "s.zarr").exists()
+    with caplog.at_level(logging.INFO, logger="trackin_ooc"):
+        store = capture(tiny_bert(), [folder], trainer_run.data, tmp_path / "auto.zarr", layers=["classifier"])
+    assert store.spec.preconditioner == "none"
+    assert any(r.levelno == logging.WARNING and "optimizer.pt" in r.getMessage() for r in caplog.records)
+    (folder / "optimizer.pt").unlink()
+    with pytest.raises(to.CheckpointError) as err:
+        capture(tiny_bert(), [folder], trainer_run.data, tmp_path / "s.zarr", layers=["classifier"],
+                preconditioner="adam")
+    assert "has no optimizer.pt" in one_line(err) and "checkpoint-3" in str(err.value)
+
+
 # ---- (c) a real Lightning checkpoint -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lightning_run(tmp_path_factory, digits):
@@ -431,21 +451,25 @@ def test_checkpoint_hashes_cover_the_moments(adamw, data, tmp_path):
     torch.save(saved, copies[1])
     with pytest.raises(to.CaptureError, match="checkpoint contents"):
         capture(adamw.make(), copies, data, tmp_path / "s.zarr", **kw)
+    with pytest.raises(to.CaptureError) as err:  # resuming it as the SGD form: the preconditioner is named
+        capture(adamw.make(), copies, data, tmp_path / "s.zarr", **{**kw, "preconditioner": None})
+    assert "preconditioner: store adam vs this capture none" in one_line(err)
 
 
 # ---- the rank-1 (Adafactor) form: flat, factored and factors stores ---------------------------------------
 def rank1_scaled(grads, moments, layers) -> dict[str, torch.Tensor]:
     """The reference rank-1 form from the raw moments: per layer (weight as d_out × d_in via ``as_matrix``, its
-    bias as one more input column) v̂ ≈ r cᵀ / m, P^{1/2}_ij = ((√(r_i/√m) + √ε)(√(c_j/√m) + √ε))^{-1/2};
-    every other parameter elementwise (√v̂ + ε)^{-1/2}."""
+    bias as one more input column) the Adafactor factorisation of v̂ + ε², P_ij = √(m' / (r'_i c'_j)) with
+    r' = row means + ε², c' = column means + ε², m' = mean + ε²; every other parameter elementwise
+    (√v̂ + ε)^{-1/2}."""
     out = adam_scaled(grads, moments)
     for weight, bias, as_matrix, from_matrix in layers:
         w = moments[weight]
         cols = [as_matrix(w.v_hat)] + ([moments[bias].v_hat.reshape(-1, 1)] if bias else [])
         v = torch.cat(cols, dim=1)
-        r, c, m = v.mean(1), v.mean(0), v.mean()
-        se = math.sqrt(w.eps)
-        s = ((torch.sqrt(r / m.sqrt()) + se)[:, None] * (torch.sqrt(c / m.sqrt()) + se)[None, :]).rsqrt()
+        e2 = w.eps**2
+        r, c, m = v.mean(1) + e2, v.mean(0) + e2, v.mean() + e2
+        s = (m / (r[:, None] * c[None, :])) ** 0.25  # P^{1/2}
         d_in = as_matrix(w.v_hat).shape[1]
         out[weight] = grads[weight].double() * from_matrix(s[:, :d_in])
         if bias:
@@ -526,29 +550,27 @@ def test_factors_store_adafactor_scores_equal_the_reference(adamw, data, tmp_pat
 
 
 def test_scaled_calls_equal_the_scaled_gradients():
-    """A preconditioned conv or Embedding call (a and δ scaled) forms P^{1/2} ∘ G, and projects its
-    inputs as the scaled patches would be."""
+    """A preconditioned conv or Embedding call (a and δ scaled) forms P^{1/2} ∘ G, and gives the scaled patches."""
     from trackin_ooc.capturing.projection.calls import ConvCall, RowsCall
-    from trackin_ooc.capturing.projection.factored import FactorLayer
+    from trackin_ooc.capturing.projection.factors import LayerChoice
     from trackin_ooc.capturing.projection.preconditioner import LayerScale
 
     gen = torch.Generator().manual_seed(0)
     conv = nn.Conv2d(3, 5, 3, padding=1)
     x, delta = torch.randn(4, 3, 6, 6, generator=gen), torch.randn(4, 5, 6, 6, generator=gen)
-    layer = FactorLayer("conv2d", "c", ("c.weight", "c.bias"), 28, 5, 28, 5, 140)
+    layer = LayerChoice("conv2d", "c", ("c.weight", "c.bias"), 28, 5, "factors").tap_layer()
     p, q = torch.rand(5, generator=gen) + 0.5, torch.rand(28, generator=gen) + 0.5  # P^{1/2}_ij = p_i q_j
     plain = ConvCall(layer, conv, x, delta)
     scaled = ConvCall(layer, conv, x, delta, LayerScale(q[:-1] / q[-1], p * q[-1]))
     g = plain.formed(0, 4)  # (B, d_in incl. bias, d_out)
     torch.testing.assert_close(scaled.formed(0, 4), g * q[None, :, None] * p[None, None, :], rtol=1e-5, atol=1e-6)
-    proj = torch.randn(28, 7, generator=gen)
-    want = torch.matmul(plain.rows() * (q[:-1] / q[-1]), proj[:-1]) + proj[-1]
-    torch.testing.assert_close(scaled.project_input(proj), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scaled.rows(), plain.rows() * (q[:-1] / q[-1]), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(scaled.delta, plain.delta * p * q[-1], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(scaled.batch_weight_grad().reshape(5, -1).T,
                                (g[:, :-1] * (q[:-1] / q[-1])[None, :, None] * (p * q[-1])[None, None, :]).sum(0),
                                rtol=1e-5, atol=1e-5)
 
-    emb = FactorLayer("embedding", "e", ("e.weight",), 11, 4, 11, 4, 44)
+    emb = LayerChoice("embedding", "e", ("e.weight",), 11, 4, "factors").tap_layer()
     ids, d = torch.randint(0, 11, (3, 5), generator=gen), torch.randn(3, 5, 4, generator=gen)
     p, q = torch.rand(4, generator=gen) + 0.5, torch.rand(11, generator=gen) + 0.5
     g = RowsCall(emb, ids, d).formed(0, 3)  # (B, vocabulary, d_out)
@@ -607,9 +629,9 @@ def test_stores_with_different_preconditioners_are_refused(adamw, digits, data, 
     assert_rel(to.influence(test, train).values, want)  # Σ_c η_c g'ᵀ P_c g
     for other, kind in [(None, "none"), ("adafactor", "adafactor")]:
         mixed = capture(adamw.make(), adamw.paths, data, tmp_path / f"test_{kind}.zarr", preconditioner=other)
-        for call in (lambda: to.influence(mixed, train), lambda: to.top_k(mixed, train, k=3)):
+        for call in (to.influence, lambda a, b: to.top_k(a, b, k=3)):
             with pytest.raises(to.IncompatibleStoresError) as err:
-                call()
+                call(mixed, train)
             msg = one_line(err)
             assert "different preconditioners" in msg and f"test '{kind}', train 'adam'" in msg
             assert "preconditioner='adam'" in msg and "different weights" not in msg
@@ -643,13 +665,13 @@ def test_cli_preconditioner_option_and_info(adamw, tmp_path):
     ok(run_cli(*common, "--projection", "factored", "--projection-dim", "32", "--out", "fac.zarr", cwd=tmp_path))
     text = ok(run_cli("info", "fac.zarr", cwd=tmp_path)).stdout  # auto: adam, its layers in the rank-1 form
     assert "preconditioner  adam" in text and "Adafactor form  1, 3" in text
-    info = json.loads(ok(run_cli("info", "fac.zarr", "--json", cwd=tmp_path)).stdout)
-    assert [x["module"] for x in info["preconditioner"]["adafactor_layers"]] == ["1", "3"]
 
-    ok(run_cli(*common, "--preconditioner", "none", "--out", "none.zarr", cwd=tmp_path))
+    capture(adamw.make(), adamw.paths, digits_test_small(), tmp_path / "none.zarr", preconditioner=None)
     assert "preconditioner  none (SGD form" in ok(run_cli("info", "none.zarr", cwd=tmp_path)).stdout
-    assert json.loads(ok(run_cli("info", "none.zarr", "--json", cwd=tmp_path)).stdout)["preconditioner"]["kind"] \
-        == "none"
+    from trackin_ooc.summary import store_info
+
+    assert store_info(tmp_path / "none.zarr")["preconditioner"]["kind"] == "none"
+    assert [x["module"] for x in store_info(tmp_path / "fac.zarr")["preconditioner"]["adafactor_layers"]] == ["1", "3"]
 
     bad = run_cli(*common, "--preconditioner", "sgd", "--out", "bad.zarr", cwd=tmp_path)
     assert bad.returncode == 2 and "sgd" in bad.stderr and not (tmp_path / "bad.zarr").exists()
@@ -661,3 +683,17 @@ def test_cli_preconditioner_option_and_info(adamw, tmp_path):
     lines = [line for line in failed.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "plain.pt" in lines[0] and "--preconditioner none" in lines[0]
     assert not (tmp_path / "p.zarr").exists()
+
+
+def test_scaled_out_adam_capture_equals_the_in_process_one(adamw, data, tmp_path):
+    """Workers read the moments from the checkpoint files themselves and write the same bytes."""
+    from distributed import Client, LocalCluster
+
+    from trackin_ooc import testing as tt
+
+    kw = dict(projection_dim=16, chunk_rows=4, preconditioner="adam")
+    whole = capture(adamw.make(), adamw.paths, data, tmp_path / "whole.zarr", **kw)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        spread = capture(adamw.make(), adamw.paths, data, tmp_path / "spread.zarr", client=client, **kw)
+    tt.assert_stores_identical(spread, whole)

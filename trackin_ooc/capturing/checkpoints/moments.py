@@ -31,6 +31,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -66,7 +67,7 @@ class Moments:
     params: dict[str, ParamMoments]
     amsgrad: bool = False
 
-    @property
+    @cached_property
     def sha256(self) -> str:
         """Content hash of what the preconditioner uses (every v̂ and ε, by parameter name)."""
         return state_dict_sha256({**{f"{n}#v_hat": m.v_hat for n, m in self.params.items()},
@@ -266,10 +267,13 @@ def read_moments(model: nn.Module, raw: RawCheckpoint, names: Sequence[str]) -> 
     """The bias-corrected second moments of parameters ``names`` stored with checkpoint ``raw``.
 
     Returns ``FoundMoments(absent=...)`` when the checkpoint holds no Adam-family optimizer state, and
-    ``FoundMoments(error=...)`` when it holds one that does not fit (a shape, a missing parameter); raises
-    :class:`CheckpointError` only for a file that cannot be read.
+    ``FoundMoments(error=...)`` when it holds one that does not fit (a shape, a missing parameter) or cannot be
+    read (an ``optimizer.pt`` that ``weights_only=True`` refuses).
     """
-    found = optimizer_state(raw)
+    try:
+        found = optimizer_state(raw)
+    except CheckpointError as e:  # an optimizer.pt that cannot be read: "adam" raises it, "auto" says it
+        return FoundMoments(error=str(e))
     if found is None:
         return FoundMoments(absent=_absent_reason(raw))
     where, state = found

@@ -158,6 +158,7 @@ def capture(
         learning_rates=tuple(job.learning_rates), checkpoint_hashes=tuple(job.checkpoint_hashes), dtype=dtype,
         loss_name=_loss_name(loss_fn), label_dtype=None if label_dtype is None else str(label_dtype),
         chunk_rows=None if chunk_rows is None else max(1, min(int(chunk_rows), n)), factors=layout.factors,
+        preconditioner=spec.preconditioner,
     )
     t0 = time.perf_counter()
     lock = StoreLock(path, storage_options)  # one writer per store; released even on failure

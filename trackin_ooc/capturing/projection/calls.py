@@ -13,7 +13,8 @@ into what the features need, each the cheap way for its layer type:
 A call made with a preconditioner's :class:`~.preconditioner.LayerScale` is the call of the scaled layer:
 its inputs are multiplied by ``scale.inputs`` (a convolution's per patch column, applied wherever patches
 are used, since the image itself cannot carry it; an Embedding's per token, folded into δ) and its output
-gradients by ``scale.outputs``, so every product below is of P^{1/2}-scaled gradients.
+gradients by ``scale.outputs``, so every product below is of P^{1/2}-scaled gradients. A ``ConvCall``'s ``x``
+stays the unscaled image: read its inputs through ``rows()``, ``project_input()`` or ``formed()`` only.
 """
 
 from __future__ import annotations

@@ -6,16 +6,20 @@ that of P_c^{1/2} g_c, so that influence = Σ_c η_c g'ᵀ P_c g and self-influe
 
 - elementwise ("adam"): s = (√v̂ + ε)^{-1/2}, the parameter's gradient times s;
 - rank-1 ("adafactor"), per layer: v̂ of the layer's weight (d_out × d_in, a Linear's bias its last input
-  column: the layer's constant input 1) is replaced by r cᵀ / m (r, c: its row and column means, m its mean),
-  so that √v̂ = R_i C_j with R = √r / m^{1/4}, C = √c / m^{1/4}. ε does not factor; the form used is
+  column: the layer's constant input 1) is replaced by its Adafactor factorisation r cᵀ / m (r, c: its row and
+  column means, m its mean). ε does not factor through √v̂ + ε, so it is folded into the second moment
+  first, as Adafactor folds its ε₁ into g²: the factorised moment is that of v̂ + ε²,
 
-      P^{1/2}_ij = (R_i + √ε)^{-1/2} · (C_j + √ε)^{-1/2},  i.e.  P_ij = 1 / (R_i C_j + √ε (R_i + C_j) + ε),
+      P_ij = 1 / √((r_i + ε²)(c_j + ε²) / (m + ε²)),   P^{1/2}_ij = p_i q_j,
+      p_i = (r_i + ε²)^{-1/4} (m + ε²)^{1/8},   q_j = (c_j + ε²)^{-1/4} (m + ε²)^{1/8}.
 
-  which is 1/(√v̂ + ε) of the factorised v̂ up to a factor 1 + √ε (R_i + C_j) / (R_i C_j + ε) ∈ [1, 2] (≈ 1
-  wherever √v̂ ≫ ε). It keeps the outer-product structure: a layer whose gradient is Σ_t δ_t a_tᵀ gets
-  Σ_t (p ∘ δ_t)(q ∘ a_t)ᵀ, so the factored projection and ``factors`` stores scale a and δ. With a bias the
-  bias column's q_b moves to the output side (a ∘ q / q_b, δ ∘ p q_b), which keeps the constant input 1.
-  ε is the layer weight's.
+  On one entry √(x + ε²) lies between (√x + ε)/√2 and √x + ε; so where ε² is negligible beside the row and
+  column means (any row and column that received gradients), P is 1/(√v̂₁ + ε) of the factorised moment
+  v̂₁ = r cᵀ / m to within a factor in [1, √2], → 1 where √v̂₁ ≫ ε. A layer never updated (v̂ = 0) gets
+  P = 1/ε, as the elementwise form does. It keeps the outer-product
+  structure: a layer whose gradient is Σ_t δ_t a_tᵀ gets Σ_t (p ∘ δ_t)(q ∘ a_t)ᵀ, so the factored projection
+  and ``factors`` stores scale a and δ. With a bias the bias column's q_b moves to the output side
+  (a ∘ q / q_b, δ ∘ p q_b), which keeps the constant input 1. ε is the layer weight's.
 
 Which parameters take which form is recorded in the spec (``preconditioner_layers``): under "adam" only the
 layers the factored projection hooks, or a ``factors`` store keeps as factors; under "adafactor" every layer
@@ -97,14 +101,10 @@ def rank1_factors(kind: str, params: Sequence[str], moments: Mapping[str, ParamM
     if len(params) == 2:
         cols.append(moments[params[1]].v_hat.to(torch.float64).reshape(-1, 1))
     v = torch.cat(cols, dim=1) if len(cols) == 2 else cols[0]
-    r, c, mean = v.mean(1), v.mean(0), v.mean()
-    if mean > 0:
-        root = mean.pow(0.25)
-        big_r, big_c = r.sqrt() / root, c.sqrt() / root
-    else:  # never updated: v̂ = 0, and P = 1/ε as the elementwise form gives
-        big_r, big_c = torch.zeros_like(r), torch.zeros_like(c)
-    se = float(weight.eps) ** 0.5
-    return torch.rsqrt(big_r + se).to(torch.float32), torch.rsqrt(big_c + se).to(torch.float32)
+    tiny = float(weight.eps) ** 2  # ε folded into the moment: the factorisation of v̂ + ε²
+    r, c, mean = v.mean(1) + tiny, v.mean(0) + tiny, v.mean() + tiny
+    root = mean.pow(0.125)
+    return (r.pow(-0.25) * root).to(torch.float32), (c.pow(-0.25) * root).to(torch.float32)
 
 
 # ---- which parameters take which form ----------------------------------------------------------------
