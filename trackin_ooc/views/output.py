@@ -63,7 +63,7 @@ def check_file_output(path: str | os.PathLike, *, what: str, overwrite: bool, in
 
 
 def write_text_output(path: str | os.PathLike, content: str | Callable[[str], None], *, kind: str,
-                      overwrite: bool = False, binary: bool = False, inputs: Iterable[Any] = ()) -> str:
+                      overwrite: bool = False, inputs: Iterable[Any] = ()) -> str:
     """Write ``content`` (text, or a function that writes the file at the path it is given) to ``path``."""
     what = "report" if kind == "report" else "view"
     final = check_file_output(path, what=what, overwrite=overwrite, inputs=inputs)

@@ -30,11 +30,13 @@ class InfluenceView:
     :class:`~trackin_ooc.views.cards.Row`).
     """
 
-    def __init__(self, title: str, note: str, rows: list[c.Row], *, invert: bool = False):
+    def __init__(self, title: str, note: str, rows: list[c.Row], *, invert: bool = False,
+                 inputs: Sequence[Any] = ()):
         self.title = title
         self.note = note
         self.rows = rows
         self.invert = invert
+        self.inputs = [p for p in inputs if p is not None]  # the stores behind the result: never written over
 
     def html(self) -> str:
         """The view's HTML body (no styles): for embedding in a larger page (the report does)."""
@@ -65,8 +67,8 @@ class InfluenceView:
             def draw(target: str) -> None:
                 c.save_png(target, self.title, self.rows, invert=self.invert)
 
-            return write_text_output(path, draw, kind="view", overwrite=overwrite, binary=True)
-        return write_text_output(path, self.to_html(), kind="view", overwrite=overwrite)
+            return write_text_output(path, draw, kind="view", overwrite=overwrite, inputs=self.inputs)
+        return write_text_output(path, self.to_html(), kind="view", overwrite=overwrite, inputs=self.inputs)
 
     def __repr__(self) -> str:
         n = sum(len(r.cards) for r in self.rows)
@@ -245,9 +247,12 @@ def show(
     renderer = _as_renderer(render, tokenizer, columns=columns, kind=kind, invert=invert,
                             token_weights=token_weights)
     what = result_kind(result)
+    inputs = [result.attrs.get(key) for key in ("store", "train_store", "test_store")]
     if what == "top_k":
-        return _show_top_k(result, train_data, test_data, n=n, k=k, renderer=renderer, labels=labels,
+        view = _show_top_k(result, train_data, test_data, n=n, k=k, renderer=renderer, labels=labels,
                            test_labels=test_labels, class_names=class_names, target_key=target_key, invert=invert)
+        view.inputs = [p for p in inputs if p is not None]
+        return view
     if what == "self_influence":
         stored = result.coords["label"].values if "label" in result.coords else None
         ids = result.coords["example"].values if "example" in result.coords else None
@@ -259,9 +264,11 @@ def show(
         note = (f"The {len(order)} training examples of highest self-influence Σ_c η_c‖g_c(z)‖² (of "
                 f"{len(values):,}): check their labels first.")
         return InfluenceView("Most self-influential training examples", note, [c.Row("suspects", [group])],
-                             invert=invert)
-    return _show_net(result, train_data, n=n, k=k, renderer=renderer, labels=labels, class_names=class_names,
+                             invert=invert, inputs=inputs)
+    view = _show_net(result, train_data, n=n, k=k, renderer=renderer, labels=labels, class_names=class_names,
                      target_key=target_key, invert=invert)
+    view.inputs = [p for p in inputs if p is not None]
+    return view
 
 
 def _show_top_k(result, train_data, test_data, *, n, k, renderer, labels, test_labels, class_names, target_key,
