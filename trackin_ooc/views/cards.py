@@ -88,7 +88,8 @@ class Row:
             if i:
                 parts.append('<div class="tko-sep"></div>')
             parts.extend(c.html() for c in group)
-        return h.tag("h3", h.text(self.title)) + h.tag("div", "".join(parts), class_="tko-row")
+        head = h.tag("h3", h.text(self.title)) if self.title else ""
+        return head + h.tag("div", "".join(parts), class_="tko-row")
 
 
 def legend(roles: Sequence[str]) -> str:

@@ -263,7 +263,7 @@ def show(
                  for i, r in enumerate(order)]
         note = (f"The {len(order)} training examples of highest self-influence Σ_c η_c‖g_c(z)‖² (of "
                 f"{len(values):,}): check their labels first.")
-        return InfluenceView("Most self-influential training examples", note, [c.Row("suspects", [group])],
+        return InfluenceView("Most self-influential training examples", note, [c.Row("", [group])],
                              invert=invert, inputs=inputs)
     view = _show_net(result, train_data, n=n, k=k, renderer=renderer, labels=labels, class_names=class_names,
                      target_key=target_key, invert=invert)
