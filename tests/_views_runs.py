@@ -80,16 +80,19 @@ class DictTexts(Dataset):
 
 
 class BagOfWords(nn.Module):
-    """Embedding → masked mean → Linear; returns a dict with logits (and loss when labels are given)."""
+    """Embedding → per-token tanh layer → masked mean → Linear; returns a dict with logits (and loss when
+    labels are given). The per-token layer makes each token's gradient its own."""
 
     def __init__(self, vocab: int, classes: int = 2):
         super().__init__()
         self.embed = nn.Embedding(vocab, 8)
+        self.token = nn.Linear(8, 8)
         self.head = nn.Linear(8, classes)
 
     def forward(self, input_ids, attention_mask, labels=None):
         m = attention_mask.unsqueeze(-1).to(torch.float32)
-        logits = self.head((self.embed(input_ids) * m).sum(1) / m.sum(1).clamp(min=1))
+        h = torch.tanh(self.token(self.embed(input_ids)))
+        logits = self.head((h * m).sum(1) / m.sum(1).clamp(min=1))
         out = {"logits": logits}
         if labels is not None:
             out["loss"] = nn.functional.cross_entropy(logits, labels)

@@ -263,3 +263,29 @@ def test_bad_input_is_one_line(digits):
         to.show(si, digits.train_data, n=0)
     with pytest.raises(ViewError, match="no decode"):
         to.show(si, digits.train_data, tokenizer=object())
+
+
+def test_token_gradient_mass_adds_up_to_the_embeddings_self_influence(texts, tmp_path):
+    model, ckpts = texts.extra["model"], texts.extra["checkpoints"]
+    # Reference: an exact capture of the embedding alone; its self-influence is Σ_c η_c ‖∂ℓ_c/∂E‖².
+    emb = to.capture(model, ckpts, texts.train_data, tmp_path / "embed.zarr", layers=["embed"], progress=False)
+    reference = to.self_influence(emb, progress=False).values
+    rows = range(20)
+    mass = to.token_gradient_mass(model, ckpts, texts.train_data, rows)
+    distinct = 0
+    for p in rows:
+        item = texts.train_data[p]
+        ids, keep = item["input_ids"].numpy(), item["attention_mask"].numpy().astype(bool)
+        assert mass[p].shape == ids.shape and (mass[p][~keep] == 0).all() and (mass[p][keep] > 0).all()
+        if len(set(ids[keep])) == keep.sum():  # distinct tokens: the rows of ∂ℓ/∂E are the per-token δ_t
+            distinct += 1
+            np.testing.assert_allclose(mass[p].sum(), reference[p], rtol=1e-4)
+        else:  # a repeated token's δ_t add before squaring: mass and reference differ, both positive
+            assert mass[p].sum() > 0 and reference[p] > 0
+    assert distinct >= 2
+    view = to.show(to.self_influence(texts.train, progress=False), texts.train_data, n=3, tokenizer=texts.tokenizer,
+                   token_weights={"train": to.token_gradient_mass(model, ckpts, texts.train_data,
+                                  np.argsort(-to.self_influence(texts.train, progress=False).values)[:3])})
+    assert view._repr_html_().count("background:rgba(255,140,0,1.00)") == 3  # the heaviest token of each
+    with pytest.raises(ViewError, match="model has no module 'nope'; its embeddings: embed"):
+        to.token_gradient_mass(model, ckpts, texts.train_data, [0], embedding="nope")
