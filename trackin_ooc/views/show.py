@@ -295,7 +295,8 @@ def _show_top_k(result, train_data, test_data, *, n, k, renderer, labels, test_l
     approx = " (from an index: exact scores, approximate membership)" if result.attrs.get("approximate") else ""
     note = (f"Each test example, its {k} strongest proponents (+: training examples that lowered its loss most) "
             f"and opponents (−: raised it most), by {how}{approx}.")
-    return InfluenceView("Proponents and opponents", note, rows, invert=invert)
+    title = "Proponents and opponents" + (" (cosine TracIn)" if result.attrs.get("normalize") else " (TracIn)")
+    return InfluenceView(title, note, rows, invert=invert)
 
 
 def _show_net(result, train_data, *, n, k, renderer, labels, class_names, target_key, invert) -> InfluenceView:
