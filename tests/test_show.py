@@ -289,3 +289,29 @@ def test_token_gradient_mass_adds_up_to_the_embeddings_self_influence(texts, tmp
     assert view._repr_html_().count("background:rgba(255,140,0,1.00)") == 3  # the heaviest token of each
     with pytest.raises(ViewError, match="model has no module 'nope'; its embeddings: embed"):
         to.token_gradient_mass(model, ckpts, texts.train_data, [0], embedding="nope")
+
+
+def test_hugging_face_style_items_pil_images_and_list_columns(digits):
+    from PIL import Image
+
+    # Items as a Hugging Face image dataset yields them: {"image": PIL image, "label": int}.
+    split = digits.extra["split"]
+    rows = [{"image": Image.fromarray((255 * img).astype(np.uint8)), "label": int(y)}
+            for img, y in zip(split.train_images, split.train.tensors[1].numpy())]
+    si = to.self_influence(digits.train, progress=False)
+    html = to.show(si, rows, n=4)._repr_html_()
+    pictures = PNG_URI.findall(html)
+    assert len(pictures) == 4 and _png_size(base64.b64decode(pictures[0])) == (8, 8)
+    # ... and a text dataset whose columns are lists: token ids decoded, the text field shown as text.
+    class Words:
+        all_special_ids = [0]
+
+        def decode(self, ids):
+            return " ".join(f"w{i}" for i in ids)
+
+    items = [{"input_ids": [0, 5 + i, 7, 0], "attention_mask": [1, 1, 1, 0], "labels": i % 2} for i in range(240)]
+    html = to.show(si, items, n=2, tokenizer=Words())._repr_html_()
+    top = np.argsort(-si.values, kind="stable")[:2]
+    assert all(f"w{5 + t} w7<" in html for t in top) and "w0" not in html
+    texts = [{"text": f"<b>text {i}</b>", "label": 0} for i in range(240)]
+    assert f"&lt;b&gt;text {top[0]}&lt;/b&gt;" in to.show(si, texts, n=1)._repr_html_()

@@ -13,10 +13,10 @@ Nothing here imports torch except :func:`token_gradient_mass`, when called; scor
 """
 
 from .examples import Renderer, ViewError, kind_of
-from .report import report
+from .html_report import report
+from .influence_view import InfluenceView, show
 from .reprs import plan_table_html
 from .saliency import token_gradient_mass
-from .show import InfluenceView, show
 
 __all__ = ["show", "report", "InfluenceView", "ViewError", "Renderer", "kind_of", "plan_table_html",
            "token_gradient_mass"]

@@ -77,6 +77,33 @@ def _numpy(x: Any) -> Any:
         return x.get()
     if hasattr(x, "__array__") and not isinstance(x, (str, bytes, Mapping)) and not _is_pil(x):
         return np.asarray(x)
+    if isinstance(x, (list, tuple)) and x and all(isinstance(v, (int, float, np.number)) or
+                                                  isinstance(v, (list, tuple)) for v in x):
+        try:  # a Hugging Face dataset's columns come as lists
+            a = np.asarray(x)
+        except ValueError:
+            return x
+        return a if a.dtype.kind in "biuf" else x
+    return x
+
+
+PICTURE_KEYS = ("image", "img", "pixel_values", "picture")
+TEXT_KEYS = ("text", "sentence", "content", "review")
+
+
+def unwrap(x: Any, *, tokenizer: Any = None) -> Any:
+    """The part of a Mapping input to draw: ``input_ids`` stay with their Mapping (tokens), a picture or
+    text field is drawn alone, a Mapping of one field is that field; other Mappings are table rows."""
+    if not isinstance(x, Mapping) or (tokenizer is not None and "input_ids" in x):
+        return x
+    for key in PICTURE_KEYS:
+        if key in x and (_is_pil(x[key]) or image_array(x[key]) is not None):
+            return x[key]
+    for key in TEXT_KEYS:
+        if isinstance(x.get(key), str):
+            return x[key]
+    if len(x) == 1:
+        return next(iter(x.values()))
     return x
 
 
@@ -225,7 +252,7 @@ class Renderer:
     def draw(self, example: Example, *, side: str = "train") -> Drawing:
         if self.render is not None:
             return self._draw_rendered(example)
-        x = example.input
+        x = unwrap(example.input, tokenizer=self.tokenizer) if self.kind in ("auto", "image", "text") else example.input
         kind = self.kind if self.kind != "auto" else kind_of(x, tokenizer=self.tokenizer)
         if kind == "image":
             return self._draw_image(x)

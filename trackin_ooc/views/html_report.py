@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import dask
-import dask.array as da
 import numpy as np
 import xarray as xr
 
@@ -25,11 +24,12 @@ from .._version import __version__
 from ..errors import TrackinError
 from . import html as h
 from .examples import ViewError
+from .influence_view import InfluenceView, show
 from .output import check_file_output, write_text_output
 from .plots import bars_svg, histogram_svg
-from .show import InfluenceView, show
 
 N_DISTRIBUTION = 100  # test examples whose scores against every training example make the histogram
+SLAB_BYTES = 256 * 2**20  # ... at most this many bytes of them (fewer rows for a bigger train store)
 BINS = 40
 
 HOW_TO_READ = """
@@ -87,31 +87,31 @@ def _stores_table(te, tr) -> str:
 
 
 # ---- scores ------------------------------------------------------------------------------------
-def _sorted(idx: np.ndarray, val: np.ndarray, *, largest: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of (index, score) pairs ordered by score (descending if ``largest``), ties to the lower index."""
-    out_i, out_v = np.empty_like(idx), np.empty_like(val)
-    for r in range(len(idx)):
-        order = np.lexsort((idx[r], -val[r] if largest else val[r]))
-        out_i[r], out_v[r] = idx[r][order], val[r][order]
-    return out_i, out_v
+def _top(rows: np.ndarray, k: int, *, largest: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and scores of the k largest (or smallest) scores per row, ties to the lower index."""
+    order = np.argsort(-rows if largest else rows, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(rows, order, axis=1)
 
 
-def top_k_slab(slab: da.Array, k: int, te, tr, normalize: bool) -> tuple[xr.Dataset, float, float]:
-    """A ``to.top_k``-shaped Dataset for the test rows of the lazy ``slab`` (so :func:`show` draws it), and
-    the slab's minimum and maximum, in one streaming pass (dask's top-k reductions: bounded memory)."""
-    pi, ps, oi, os_, lo, hi = dask.compute(da.argtopk(slab, k, axis=1), da.topk(slab, k, axis=1),
-                                           da.argtopk(slab, -k, axis=1), da.topk(slab, -k, axis=1),
-                                           slab.min(), slab.max())
-    pi, ps = _sorted(np.asarray(pi), np.asarray(ps, dtype=np.float64), largest=True)
-    oi, os_ = _sorted(np.asarray(oi), np.asarray(os_, dtype=np.float64), largest=False)
+def top_k_rows(rows: np.ndarray, k: int, te, tr, normalize: bool) -> xr.Dataset:
+    """A ``to.top_k``-shaped Dataset for the first test rows (their scores against every training example),
+    so that :func:`show` draws it."""
+    pi, ps = _top(rows, k, largest=True)
+    oi, os_ = _top(rows, k, largest=False)
     dims = ("test", "rank")
-    ds = xr.Dataset(
+    return xr.Dataset(
         {"proponent_index": (dims, pi), "proponent_score": (dims, ps), "opponent_index": (dims, oi),
          "opponent_score": (dims, os_)},
-        coords={"test": te.example_ids()[: slab.shape[0]], "rank": np.arange(k)},
+        coords={"test": te.example_ids()[: len(rows)], "rank": np.arange(k)},
         attrs={"k": k, "normalize": normalize, "test_store": te.path, "train_store": tr.path, "approximate": False},
     )
-    return ds, float(lo), float(hi)
+
+
+def slab_rows(n_train: int, n_shown: int, n_test: int) -> int:
+    """Test rows whose scores the report holds: at least the shown ones, up to N_DISTRIBUTION within
+    SLAB_BYTES (float32 scores against every training example)."""
+    fit = max(1, SLAB_BYTES // max(1, 4 * n_train))
+    return min(n_test, max(n_shown, min(N_DISTRIBUTION, fit)))
 
 
 def _grads(store) -> xr.DataArray | None:
@@ -156,16 +156,15 @@ def checkpoint_shares(te, tr, pairs: Sequence[tuple[int, int]], *, normalize: bo
     return out
 
 
-def _histogram(x: da.Array | np.ndarray, lo: float | None = None, hi: float | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Counts and edges of BINS bins over [lo, hi] (the data's range when not given); lazy input streams."""
-    arr = x if isinstance(x, da.Array) else da.from_array(np.asarray(x, dtype=np.float64))
-    if lo is None or hi is None:
-        lo, hi = (float(v) for v in dask.compute(arr.min(), arr.max()))
+def _histogram(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Counts and edges of BINS bins over the finite values' range."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = v[np.isfinite(v)]
+    lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 1.0)
     if not hi > lo:
         lo, hi = lo - 0.5, lo + 0.5
-    counts, edges = da.histogram(arr, bins=BINS, range=(lo, hi))
-    return np.asarray(counts.compute()), np.asarray(edges)
+    counts, edges = np.histogram(v, bins=BINS, range=(lo, hi))
+    return counts, edges
 
 
 # ---- the report --------------------------------------------------------------------------------
@@ -248,9 +247,12 @@ def report(
     scores = to.influence(te, tr, normalize=normalize)  # lazy; checks the stores combine
     n_shown = min(int(n_test), te.n_examples)
     si = to.self_influence(tr, progress=progress)
-    best, _, _ = top_k_slab(scores.isel(test=slice(0, n_shown)).data, k, te, tr, normalize)
-    m = min(te.n_examples, max(n_shown, N_DISTRIBUTION))
-    slab = scores.isel(test=slice(0, m)).data
+    # The first test rows' scores against every training example, in one pass over the train store: the
+    # shown rows' proponents and opponents, and the distribution of all m rows.
+    m = slab_rows(tr.n_examples, n_shown, te.n_examples)
+    (slab,) = dask.compute(scores.isel(test=slice(0, m)).data.astype(np.float32))
+    slab = np.asarray(slab)
+    best = top_k_rows(slab[:n_shown].astype(np.float64), k, te, tr, normalize)
 
     sections = [_section("how-to-read", "How to read this", HOW_TO_READ),
                 _section("stores", "Stores", _stores_table(te, tr))]
@@ -267,7 +269,8 @@ def report(
     shares = checkpoint_shares(te, tr, pairs, normalize=normalize)
     sections.append(_section("checkpoints", "Each checkpoint's share of the scores", _shares_body(tr, shares)))
 
-    sections.append(_section("distribution", "Score distribution", _distribution_body(si, slab, m, normalize)))
+    sections.append(_section("distribution", "Score distribution",
+                             _distribution_body(si, slab, normalize)))
 
     when = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     head = (h.tag("h1", h.text(title or "trackin-ooc report"))
@@ -318,15 +321,15 @@ def _shares_body(tr, shares: dict[str, np.ndarray | None]) -> str:
     return body
 
 
-def _distribution_body(si: xr.DataArray, slab: da.Array, m: int, normalize: bool) -> str:
-    si_counts, si_edges = _histogram(np.asarray(si.values, dtype=np.float64))
+def _distribution_body(si: xr.DataArray, slab: np.ndarray, normalize: bool) -> str:
+    si_counts, si_edges = _histogram(si.values)
     inf_counts, inf_edges = _histogram(slab)
     what = "cosine TracIn" if normalize else "influence"
     body = histogram_svg(si_counts, si_edges, title="self-influence of every training example", xlabel="self-influence",
                          log=True, color="#9a6700")
-    body += histogram_svg(inf_counts, inf_edges, title=f"{what} of the first {m:,} test examples on every training "
-                          "example", xlabel=what, log=True)
-    positive = float(inf_counts[inf_edges[1:] > 0].sum()) / max(1, int(inf_counts.sum()))
+    body += histogram_svg(inf_counts, inf_edges, title=f"{what} of the first {len(slab):,} test examples on every "
+                          "training example", xlabel=what, log=True)
+    positive = float((slab > 0).mean()) if slab.size else 0.0
     body += h.tag("p", h.text(f"Counts on a log scale; the dashed line is 0. {positive:.0%} of the {what} scores are "
                               "positive. The few examples far out on either side carry most of the influence: they "
                               "are the proponents and opponents above."), class_="tko-note")
