@@ -46,8 +46,9 @@ lowered its own loss. Mislabelled and unusual examples are the ones the model ha
 come first (brown <b>suspects</b>); check their labels from the top down.</li>
 <li><b>Net influence</b> sums a training example's influence over the whole test set: the most harmful ones
 are candidates to remove.</li>
-<li><b>Each checkpoint's share</b> says which phase of training the scores come from: early checkpoints
-(large η, large gradients) usually dominate.</li>
+<li><b>Each checkpoint's share</b> says which phase of training the scores come from: a checkpoint counts
+with its learning rate η<sub>c</sub> and its gradients, so a schedule that decays η makes late checkpoints count
+for less.</li>
 <li>Labels are the ones stored with the gradients (what the model was trained on); where true labels were
 given, a different one is marked in red.</li>
 </ul>
@@ -328,7 +329,7 @@ def _distribution_body(si: xr.DataArray, slab: np.ndarray, normalize: bool) -> s
     body = histogram_svg(si_counts, si_edges, title="self-influence of every training example", xlabel="self-influence",
                          log=True, color="#9a6700")
     body += histogram_svg(inf_counts, inf_edges, title=f"{what} of the first {len(slab):,} test examples on every "
-                          "training example", xlabel=what, log=True)
+                          "training example", xlabel=what, log=True, unit="pairs")
     positive = float((slab > 0).mean()) if slab.size else 0.0
     body += h.tag("p", h.text(f"Counts on a log scale; the dashed line is 0. {positive:.0%} of the {what} scores are "
                               "positive. The few examples far out on either side carry most of the influence: they "

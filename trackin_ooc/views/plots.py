@@ -29,7 +29,7 @@ def _frame(title: str, body: str, xlabel: str, ylabel: str) -> str:
 
 
 def histogram_svg(counts: Sequence[int], edges: Sequence[float], *, title: str, xlabel: str,
-                  log: bool = False, color: str = "#0969da") -> str:
+                  log: bool = False, color: str = "#0969da", unit: str = "examples") -> str:
     """An SVG histogram of ``counts`` over bins ``edges`` (len(counts) + 1); ``log`` scales the counts."""
     counts = np.asarray(counts, dtype=np.float64)
     edges = np.asarray(edges, dtype=np.float64)
@@ -56,7 +56,7 @@ def histogram_svg(counts: Sequence[int], edges: Sequence[float], *, title: str, 
     peak = int(counts.max()) if counts.size else 0
     ticks.append(f'<text x="{LEFT - 4}" y="{TOP + 4}" text-anchor="end">{peak:,}</text>')
     ticks.append(f'<text x="{LEFT - 4}" y="{H - BOTTOM}" text-anchor="end">0</text>')
-    ylabel = "examples (log scale)" if log else "examples"
+    ylabel = f"{unit} (log scale)" if log else unit
     return _frame(title, "".join(bars) + "".join(ticks), xlabel, ylabel)
 
 
@@ -69,7 +69,7 @@ def bars_svg(names: Sequence[str], values: Sequence[float], *, title: str, xlabe
     bar_w = plot_w / max(1, len(values))
     parts = []
     for i, (name, v) in enumerate(zip(names, values)):
-        bh = plot_h * abs(v) / top
+        bh = 0.85 * plot_h * abs(v) / top  # room above the tallest bar for its value
         x, y = LEFT + i * bar_w, H - BOTTOM - bh
         parts.append(f'<rect x="{x + 0.15 * bar_w:.1f}" y="{y:.1f}" width="{0.7 * bar_w:.1f}" height="{bh:.1f}" '
                      f'fill="{color}"><title>{h.text(f"{name}: {fmt.format(v)}")}</title></rect>')
