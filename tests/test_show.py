@@ -175,6 +175,8 @@ def test_flat_vectors_are_pictures_only_when_they_look_like_pixels():
     assert kind_of(digit) == "image"
     assert kind_of(np.linspace(-1, 1, 64)) == "table"  # negative values: features, not pixels
     assert kind_of(np.linspace(0, 1, 60)) == "table"  # not a square
+    assert kind_of(np.arange(64)) == "table"  # integer ids or counts, not pixels (uint8 would be)
+    assert kind_of(np.arange(64, dtype=np.uint8)) == "image"
     assert kind_of(np.zeros((3, 32, 32), np.float32)) == "image" and kind_of(np.zeros((28, 28))) == "image"
     assert kind_of(np.arange(5)) == "table" and kind_of(np.arange(5), tokenizer=object()) == "tokens"
     assert kind_of("some text") == "text" and kind_of({"age": 3, "city": "x"}) == "table"

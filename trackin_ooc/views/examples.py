@@ -7,8 +7,8 @@ list, or a ``DataLoader`` (its ``.dataset`` is read). An item is ``(input, targe
 What an input is decides how it is drawn (:func:`kind_of`):
 
 - ``image``: an array or tensor (C, H, W) or (H, W, C) with 1, 3 or 4 channels, or (H, W); also a flat
-  vector whose length is a perfect square ≥ 64 with values in [0, 1] or whole numbers in 0..255 (the
-  digits' 64 → 8×8, MNIST's 784 → 28×28); a PIL image.
+  vector whose length is a perfect square ≥ 64 that is uint8, or floats in [0, 1] or whole in 0..255
+  (the digits' 64 → 8×8, MNIST's 784 → 28×28); a PIL image.
 - ``tokens``: 1-D integer ids when a tokenizer is given (or a Mapping with ``input_ids``): decoded text.
 - ``text``: a string.
 - ``table``: other 1-D numbers, a Mapping of scalars, a pandas Series: one row of a table.
@@ -159,9 +159,10 @@ def _square_side(n: int) -> int | None:
 
 
 def _looks_like_pixels(a: np.ndarray) -> bool:
+    """uint8, or floats in [0, 1] or whole in 0..255; other integer vectors are ids or counts, not pixels."""
     if a.dtype == np.uint8 or a.dtype == bool:
         return True
-    if not np.issubdtype(a.dtype, np.number) or not np.all(np.isfinite(a)):
+    if a.dtype.kind != "f" or not np.all(np.isfinite(a)):
         return False
     lo, hi = float(a.min()), float(a.max())
     if lo >= 0.0 and hi <= 1.0:
