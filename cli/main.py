@@ -14,6 +14,7 @@ from .cmd_demo import demo
 from .cmd_info import info
 from .cmd_quality import lds, retrain
 from .cmd_queries import index, net_influence
+from .cmd_report import report
 from .cmd_scores import influence, self_influence, top_k
 from .settings import Settings
 
@@ -117,7 +118,7 @@ def cli(ctx, scheduler_address, scheduler_file, workers, cluster, cluster_config
     )
 
 
-for _command in (capture, self_influence, influence, top_k, index, net_influence, retrain, lds, info, demo):
+for _command in (capture, self_influence, influence, top_k, index, net_influence, retrain, lds, info, demo, report):
     cli.add_command(_command)
 
 
