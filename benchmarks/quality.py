@@ -438,6 +438,34 @@ def markdown(rows: list[Row], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[Row], meta: dict, configs: list[Config], forms) -> list[str]:
+    """Print the targets (raw and cosine as ours) and the tables; return the targets' lines."""
+
+    def default_form(c: Config) -> str:  # what preconditioner="auto" picks for the run's checkpoints
+        return "adam" if c.optimizer == "adamw" and "adam" in forms else "sgd"
+
+    report = []
+    for normalize in (False, True):
+        report += [f"\n-- targets with the {'cosine' if normalize else 'raw'} score as ours --"]
+        report += targets(rows, configs, default_form, normalize)
+    print("\n".join(report))
+    print(markdown(rows, meta))
+    return report
+
+
+def report_only(args) -> None:
+    rows, meta, configs = [], {}, []
+    for path in args.report.split(","):
+        data = json.loads(Path(path).read_text())
+        print(f"{path}: commit {data['commit']}, load before {data['load'][0][0]:.2f}, after {data['load'][1][0]:.2f}")
+        rows += [Row(**r) for r in data["rows"]]
+        meta.update(data["meta"])
+    for name in meta:
+        dataset, arch, optimizer = name.split("-")
+        configs.append(Config(dataset, arch, optimizer, 0, 0))
+    summary(rows, meta, configs, args.forms)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default="mnist1d,digits")
@@ -452,6 +480,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one small config (digits MLP, AdamW), 400 train")
     ap.add_argument("--work", default=str(HERE / "_data" / "quality"))
     ap.add_argument("--json", help="write the rows and targets here")
+    ap.add_argument("--report", help="comma-separated --json files of earlier runs (say, one per dataset run "
+                                     "side by side): print their targets and tables together, run nothing")
     args = ap.parse_args()
     args.forms = args.forms.split(",")
     args.projections = args.projections.split(",")
@@ -461,6 +491,8 @@ def main() -> None:
     else:
         configs = [Config(d, a, o, 2000 if d == "mnist1d" else 1500, 100)
                    for d in args.datasets.split(",") for a in args.archs.split(",") for o in args.optimizers.split(",")]
+    if args.report:
+        return report_only(args)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=HERE).stdout.strip()
     load_before = os.getloadavg()
@@ -473,15 +505,7 @@ def main() -> None:
         rows += r
         meta[cfg.name] = m
 
-    def default_form(c: Config) -> str:  # what preconditioner="auto" picks for the run's checkpoints
-        return "adam" if c.optimizer == "adamw" and "adam" in args.forms else "sgd"
-
-    report = []
-    for normalize in (False, True):
-        report += [f"\n-- targets with the {'cosine' if normalize else 'raw'} score as ours --"]
-        report += targets(rows, configs, default_form, normalize)
-    print("\n".join(report))
-    print(markdown(rows, meta))
+    report = summary(rows, meta, configs, args.forms)
     load_after = os.getloadavg()
     print(f"\nload before {load_before[0]:.2f}, after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     if args.json:
