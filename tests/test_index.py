@@ -306,7 +306,7 @@ def tt_frame(path):
     (["index", "{train}", "--lists", "0"], 2, "--lists"),
     (["top-k", "--train", "{train}", "--test", "{test}", "--index", "--probe", "0", "--out", "o.csv"], 2, "--probe"),
     (["top-k", "--train", "{train}", "--test", "{test}", "--probe", "3", "--out", "o.csv"], 2, "--probe needs --index"),
-    (["top-k", "--train", "{test}", "--test", "{test}", "--index", "--out", "o.csv"], 1, "has no index"),
+    (["top-k", "--train", "{test}", "--test", "{test}", "--index", "--out", "o.csv"], 1, "has no cosine index"),
 ])
 def test_cli_bad_input(clustered, tmp_path, args, status, words):
     train, test = clustered
