@@ -174,9 +174,12 @@ def _load_into(model: nn.Module, path) -> float:
 def peer_captum(cfg, split, ckpts, work):
     from captum.influence import TracInCP
 
+    # Captum's batched per-example gradients cover Linear and Conv2d layers; for Conv1d it loops over examples,
+    # which wants a per-example ("none") loss.
+    batched = cfg.arch == "mlp" or cfg.dataset == "digits"
     tracin = TracInCP(cfg.make_model()(seed=0), split.train, [str(p) for p in ckpts], checkpoints_load_func=_load_into,
-                      loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=256,
-                      sample_wise_grads_per_batch=cfg.arch == "mlp" or cfg.dataset == "digits")
+                      loss_fn=nn.CrossEntropyLoss(reduction="sum" if batched else "none"), batch_size=256,
+                      sample_wise_grads_per_batch=batched)
     matrix = tracin.influence(tuple(split.test.tensors)).detach().numpy()
     return matrix, tracin.self_influence().detach().numpy(), "exact, SGD form"
 
@@ -458,7 +461,10 @@ def report_only(args) -> None:
     for path in args.report.split(","):
         data = json.loads(Path(path).read_text())
         print(f"{path}: commit {data['commit']}, load before {data['load'][0][0]:.2f}, after {data['load'][1][0]:.2f}")
-        rows += [Row(**r) for r in data["rows"]]
+        for r in (Row(**d) for d in data["rows"]):  # a later success replaces an earlier failure
+            same = [o for o in rows if (o.config, o.method) == (r.config, r.method)]
+            if all(o.note.startswith("failed") for o in same):
+                rows = [o for o in rows if o not in same] + [r]
         meta.update(data["meta"])
     for name in meta:
         dataset, arch, optimizer = name.split("-")
@@ -471,7 +477,7 @@ def main() -> None:
     ap.add_argument("--datasets", default="mnist1d,digits")
     ap.add_argument("--archs", default="mlp,cnn")
     ap.add_argument("--optimizers", default="adamw,sgd")
-    ap.add_argument("--forms", default="sgd,adam,adafactor")
+    ap.add_argument("--forms", default="sgd,adam,adafactor", help="comma-separated, or 'none' (peers only)")
     ap.add_argument("--projections", default=",".join(PROJECTIONS))
     ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated, or 'none'")
     ap.add_argument("--subsets", type=int, default=64)
@@ -483,7 +489,7 @@ def main() -> None:
     ap.add_argument("--report", help="comma-separated --json files of earlier runs (say, one per dataset run "
                                      "side by side): print their targets and tables together, run nothing")
     args = ap.parse_args()
-    args.forms = args.forms.split(",")
+    args.forms = [] if args.forms == "none" else args.forms.split(",")
     args.projections = args.projections.split(",")
     args.peers = [] if args.peers == "none" else args.peers.split(",")
     if args.quick:
