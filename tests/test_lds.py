@@ -150,3 +150,27 @@ def test_lds_from_predictions_matches_scipy():
     assert np.isnan(got[3])
     with pytest.raises(to.ArgumentError, match="must be"):
         to.lds_from_predictions(pred, out[:, :5])
+
+
+def test_lds_never_imports_torch(tmp_path):
+    """Scoring stays torch-free: the LDS of stores made from arrays, in a fresh process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        import trackin_ooc as to
+
+        rng = np.random.default_rng(0)
+        train = to.from_arrays({str(tmp_path / "train.zarr")!r}, rng.normal(size=(2, 40, 8)), [0.1, 0.2])
+        test = to.from_arrays({str(tmp_path / "test.zarr")!r}, rng.normal(size=(2, 5, 8)), [0.1, 0.2])
+        runs = to.retrain(lambda idx, seed: rng.normal(size=5), 40, n_subsets=6, out={str(tmp_path / "r.zarr")!r},
+                          progress=False)
+        print(to.lds(test, train, {str(tmp_path / "r.zarr")!r}, progress=False).attrs["lds"])
+        assert "torch" not in sys.modules, "lds imported torch"
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert -1 <= float(out.stdout.strip()) <= 1
