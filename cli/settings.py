@@ -48,6 +48,22 @@ class Settings:
         if not self.quiet:
             click.echo(message)
 
+    @contextlib.contextmanager
+    def plan_lines(self):
+        """Show what the library announces before long work (a capture's size estimate) as status lines."""
+        log = logging.getLogger("trackin_ooc.plan")
+        handler = _SayHandler(self.say)
+        saved = log.level, log.propagate
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        try:
+            yield
+        finally:
+            log.removeHandler(handler)
+            log.setLevel(saved[0])
+            log.propagate = saved[1]
+
     def _quieten_dask(self) -> None:
         import distributed  # noqa: F401  (configures its loggers on import: quieten them after)
 
@@ -85,6 +101,17 @@ class Settings:
             workers = len(client.scheduler_info().get("workers", {}))
             self.say(f"dask: {plural(workers, 'worker')} ({spec.describe()})" + (f", dashboard {link}" if link else ""))
             yield client
+
+
+class _SayHandler(logging.Handler):
+    """A logging handler that prints each record's message as a status line."""
+
+    def __init__(self, say):
+        super().__init__(level=logging.INFO)
+        self._say = say
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._say(record.getMessage())
 
 
 def _gpu_cluster_spec(spec):
