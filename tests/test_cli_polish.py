@@ -20,7 +20,7 @@ from trackin_ooc import testing as tt
 from trackin_ooc.demo import digits_cnn, train_with_checkpoints
 from trackin_ooc.demo.examples import digits_test_small, digits_train_small
 
-from .test_cli import EX, EXE, cli_env, ok, run_cli
+from .test_cli import EX, cli_env, ok, run_cli
 
 USAGE, FAILURE = 2, 1
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
