@@ -134,7 +134,7 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, like
     target = os.path.join(staging, os.path.basename(os.path.abspath(out))) if staging else out
     t0 = time.perf_counter()
     try:
-        with settings.client() as client, settings.plan_lines():
+        with settings.client() as client, settings.plan_lines({target: out} if staging else None):
             common = dict(batch_size=batch_size, overwrite=overwrite, device=settings.device,
                           progress=settings.progress, chunk_rows=chunk_rows,
                           nonfinite="flag" if allow_nonfinite else "raise", client=client)

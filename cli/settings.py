@@ -49,10 +49,11 @@ class Settings:
             click.echo(message)
 
     @contextlib.contextmanager
-    def plan_lines(self):
-        """Show what the library announces before long work (a capture's size estimate) as status lines."""
+    def plan_lines(self, rename: dict[str, str] | None = None):
+        """Show what the library announces before long work (a capture's size estimate) as status lines;
+        ``rename``: paths to say otherwise (a staging folder → the output the user named)."""
         log = logging.getLogger("trackin_ooc.plan")
-        handler = _SayHandler(self.say)
+        handler = _SayHandler(self.say, rename or {})
         saved = log.level, log.propagate
         log.addHandler(handler)
         log.setLevel(logging.INFO)
@@ -106,12 +107,15 @@ class Settings:
 class _SayHandler(logging.Handler):
     """A logging handler that prints each record's message as a status line."""
 
-    def __init__(self, say):
+    def __init__(self, say, rename: dict[str, str]):
         super().__init__(level=logging.INFO)
-        self._say = say
+        self._say, self._rename = say, rename
 
     def emit(self, record: logging.LogRecord) -> None:
-        self._say(record.getMessage())
+        message = record.getMessage()
+        for old, new in self._rename.items():
+            message = message.replace(old, new)
+        self._say(message)
 
 
 def _gpu_cluster_spec(spec):

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dask
 import numpy as np
 import xarray as xr
 
@@ -16,21 +17,26 @@ def rank_coordinate(k: int) -> np.ndarray:
     return np.arange(1, int(k) + 1, dtype=np.int64)
 
 
-def _take(labels: np.ndarray, index):
-    """``labels[index]`` for a NumPy or a dask array of positions (lazily for dask)."""
-    if isinstance(index, np.ndarray):
-        return labels[index]
-    return index.map_blocks(labels.__getitem__, dtype=labels.dtype)
+def _pick(index: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return labels[index]
 
 
 def label_top_k(ds: xr.Dataset, test, train) -> xr.Dataset:
     """A top-k Dataset with its ranks described and, where the stores hold labels, ``proponent_label`` and
-    ``opponent_label`` (the train labels at ``*_index``) and a ``test_label`` coordinate."""
+    ``opponent_label`` (the train labels at ``*_index``) and a ``test_label`` coordinate.
+
+    On a lazy result (``compute_now=False``) the labels are read when it is computed, not before.
+    """
     ds["rank"].attrs["description"] = TOP_K_RANK
-    labels = train.labels()
-    if labels is not None:
+    if train.has_labels:
+        lazy = not isinstance(ds["proponent_index"].data, np.ndarray)
+        labels = dask.delayed(train.labels, pure=True)() if lazy else train.labels()
+        dtype = train.label_dtype
         for side in ("proponent", "opponent"):
-            ds[f"{side}_label"] = (("test", "rank"), _take(labels, ds[f"{side}_index"].data))
+            index = ds[f"{side}_index"].data
+            picked = (index.map_blocks(_pick, labels, dtype=dtype, meta=np.empty((0, 0), dtype=dtype))
+                      if lazy else labels[index])
+            ds[f"{side}_label"] = (("test", "rank"), picked)
     if test.has_labels:
         ds = ds.assign_coords(test_label=("test", test.labels()))
     return ds
