@@ -14,6 +14,7 @@ from .cmd_capture import capture
 from .cmd_demo import demo
 from .cmd_info import info
 from .cmd_queries import index, net_influence
+from .cmd_report import report
 from .cmd_scores import influence, self_influence, top_k
 from .settings import Settings
 
@@ -148,7 +149,7 @@ def _example_counts(train, test) -> tuple[int, int] | None:
         return None
 
 
-for _command in (capture, self_influence, influence, top_k, index, net_influence, info, demo):
+for _command in (capture, self_influence, influence, top_k, index, net_influence, info, demo, report):
     names = {p.name for p in _command.params}
     cli.add_command(_warn_if_swapped(_command) if {"train", "test"} <= names else _command)
 
