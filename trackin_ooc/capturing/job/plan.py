@@ -165,10 +165,11 @@ class CapturePlan:
 
     def _repr_html_(self) -> str:
         try:  # the shared table style of the package's views, where that module exists
-            from ...views.reprs import plan_table_html  # type: ignore[import-not-found]
-        except ImportError:
+            from ...views.reprs import plan_table_html
+        except ImportError:  # pragma: no cover - a build without the views
             return plan_html(self)
-        return plan_table_html(self.to_dict())
+        # The summary as text entries (listed above the table), then one row per parameter.
+        return plan_table_html({**dict(self._rows()), "layers": self.to_dict()["layers"]})
 
 
 def plan_html(plan: CapturePlan) -> str:
