@@ -13,6 +13,7 @@ from .cmd_capture import capture
 from .cmd_demo import demo
 from .cmd_info import info
 from .cmd_queries import index, net_influence
+from .cmd_report import report
 from .cmd_scores import influence, self_influence, top_k
 from .settings import Settings
 
@@ -116,7 +117,7 @@ def cli(ctx, scheduler_address, scheduler_file, workers, cluster, cluster_config
     )
 
 
-for _command in (capture, self_influence, influence, top_k, index, net_influence, info, demo):
+for _command in (capture, self_influence, influence, top_k, index, net_influence, info, demo, report):
     cli.add_command(_command)
 
 

@@ -30,6 +30,7 @@ from .scores import influence, plan_for, self_influence, top_k
 from .spec import ProjectionSpec
 from .store import GradientStore, from_arrays, open_store
 from .store.index_store import TopKIndex
+from .views import InfluenceView, ViewError, plan_table_html, report, show, token_gradient_mass
 
 
 def __getattr__(name: str):
@@ -47,6 +48,7 @@ __all__ = [
     "capture", "from_arrays", "open_store", "GradientStore", "ProjectionSpec",
     "self_influence", "influence", "top_k", "plan_for",
     "build_index", "open_index", "TopKIndex", "StaleIndexError", "net_influence",
+    "show", "report", "InfluenceView", "ViewError", "plan_table_html", "token_gradient_mass",
     "TrackinError", "ArgumentError", "StoreError", "StoreExistsError", "IncompleteStoreError", "NonFiniteError",
     "NonFiniteWarning",
     "IncompatibleStoresError", "CorruptChunkError", "StoreLockedError", "CheckpointError",

@@ -192,7 +192,9 @@ def _run(out, *, n_train, flip_fraction, epochs, checkpoint_every, lr, projectio
         "top_k": out / "top_k.csv",
     }
     _plot_mislabels(files["mislabels"], methods, split.flipped)
-    _plot_proponents(files["proponents"], split, best, n_show=n_show, n_cols=min(3, k))
+    files["proponents"].unlink(missing_ok=True)  # the demo's own folder (MARKER): its files are replaced
+    to.show(best, split.train, split.test, n=n_show, k=min(3, k), labels=split.true_train_labels,
+            invert=True).save(files["proponents"])
     frame = tables.self_influence_frame(si)
     frame["true_label"] = split.true_train_labels[frame["example"].values]
     frame["flipped"] = split.flipped[frame["example"].values]
@@ -233,36 +235,6 @@ def _plot_mislabels(path: Path, methods: dict[str, np.ndarray], flipped: np.ndar
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _plot_proponents(path: Path, split, best, *, n_show: int, n_cols: int) -> None:
-    """Rows: a test digit, its top proponents, its top opponents; titles give stored labels."""
-    plt = _pyplot()
-    n_show = min(n_show, best.sizes["test"])
-    ncols = 1 + 2 * n_cols
-    fig, axes = plt.subplots(n_show, ncols, figsize=(1.25 * ncols, 1.45 * n_show), dpi=110, squeeze=False)
-    train_labels = split.train.tensors[1].numpy()
-    test_labels = split.test.tensors[1].numpy()
-    for row in range(n_show):
-        ax = axes[row, 0]
-        ax.imshow(split.test_images[row], cmap="gray_r")
-        ax.set_title(f"test #{row}\nlabel {test_labels[row]}", fontsize=7, color="tab:blue")
-        for j in range(n_cols):
-            for side, col, color in (("proponent", 1 + j, "tab:green"), ("opponent", 1 + n_cols + j, "tab:red")):
-                idx = int(best[f"{side}_index"].values[row, j])
-                ax = axes[row, col]
-                ax.imshow(split.train_images[idx], cmap="gray_r")
-                note = f", true {split.true_train_labels[idx]}" if split.flipped[idx] else ""
-                sign = "+" if side == "proponent" else "−"
-                ax.set_title(f"{sign}{j + 1} #{idx}\nlabel {train_labels[idx]}{note}", fontsize=7, color=color)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    how = "cosine TracIn" if best.attrs.get("normalize") else "TracIn"
-    fig.suptitle(f"Test digits, their top proponents (+, green) and opponents (−, red) by {how}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -517,6 +517,12 @@ class GradientStore:
             f"{width}, {self.dtype}, {self.spec.describe()}, {state}>"
         )
 
+    def _repr_html_(self) -> str:
+        """A table of what the store holds, for Jupyter (metadata only; trackin_ooc.views.reprs)."""
+        from ..views.reprs import store_html
+
+        return store_html(self)
+
 
 def _consolidate(group: zarr.Group) -> None:
     """Consolidate metadata so plain ``xarray.open_zarr(path)`` opens quietly and in one read."""
