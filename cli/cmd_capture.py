@@ -13,6 +13,7 @@ from .settings import Settings, pass_settings, plural, rate
 
 PROJECTIONS = ("gaussian", "rademacher", "factored", "factors")  # factors: exact, per-layer factors
 DTYPES = ("float32", "float16", "bfloat16")
+PRECONDITIONERS = ("auto", "adam", "adafactor", "none")  # capture(preconditioner=...)
 
 
 def _ref(ctx, param, value):
@@ -59,6 +60,11 @@ def _layers(value: str | None) -> list[str] | None:
               help="Kind of random projection (with --projection-dim); 'factors' (without it): exact "
                    "gradients, per-layer factors where cheaper.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random projection.")
+@click.option("--preconditioner", type=click.Choice(PRECONDITIONERS), default="auto", show_default=True,
+              help="adam: store features of P^1/2 g, P = 1/(sqrt(v_hat)+eps) from each checkpoint's Adam moments "
+                   "(factored layers: their rank-1 Adafactor form); adafactor: the rank-1 form for every weight "
+                   "matrix; none: plain gradients (the SGD form); auto: adam when every checkpoint carries Adam "
+                   "moments, else none. Capture test stores like their train store (docs/preconditioning.md).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, metavar="B",
               help="Examples per batch of per-example gradients.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
@@ -76,7 +82,7 @@ def _layers(value: str | None) -> list[str] | None:
               "incomplete one left by the same capture, refuse a complete one).")
 @pass_settings
 def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, layers, projection_dim, projection,
-            seed, batch_size, dtype, loss_ref, target_key, chunk_rows, allow_nonfinite, overwrite):
+            seed, preconditioner, batch_size, dtype, loss_ref, target_key, chunk_rows, allow_nonfinite, overwrite):
     """Capture per-example loss gradients at every checkpoint into a gradient store.
 
     Rerunning a capture that was killed resumes it: only the row blocks it had not written are
@@ -131,7 +137,7 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, laye
                 projection_dim=projection_dim, projection=projection, seed=seed, batch_size=batch_size,
                 dtype=dtype, overwrite=overwrite, device=settings.device, progress=settings.progress,
                 chunk_rows=chunk_rows, nonfinite="flag" if allow_nonfinite else "raise", client=client,
-                target_key=target_key,
+                target_key=target_key, preconditioner=preconditioner,
             )
         if staging:
             _swap_in(target, out)
