@@ -13,6 +13,7 @@ from .settings import Settings, pass_settings, plural, rate
 
 PROJECTIONS = ("gaussian", "rademacher", "factored", "factors")  # factors: exact, per-layer factors
 DTYPES = ("float32", "float16", "bfloat16")
+PRECONDITIONERS = ("auto", "adam", "adafactor", "none")  # capture(preconditioner=...)
 
 
 def _ref(ctx, param, value):
@@ -63,6 +64,11 @@ def _layers(value: str | None) -> list[str] | None:
               help="Kind of random projection (with --projection-dim); 'factors' (without it): exact "
                    "gradients, per-layer factors where cheaper.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random projection.")
+@click.option("--preconditioner", type=click.Choice(PRECONDITIONERS), default="auto", show_default=True,
+              help="adam: store features of P^1/2 g, P = 1/(sqrt(v_hat)+eps) from each checkpoint's Adam moments "
+                   "(factored layers: their rank-1 Adafactor form); adafactor: the rank-1 form for every weight "
+                   "matrix; none: plain gradients (the SGD form); auto: adam when every checkpoint carries Adam "
+                   "moments, else none. Capture test stores like their train store (docs/preconditioning.md).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, metavar="B",
               help="Examples per batch of per-example gradients.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
@@ -80,7 +86,7 @@ def _layers(value: str | None) -> list[str] | None:
               "incomplete one left by the same capture, refuse a complete one).")
 @pass_settings
 def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, like, layers, projection_dim, projection,
-            seed, batch_size, dtype, loss_ref, target_key, chunk_rows, allow_nonfinite, overwrite, **more):
+            seed, preconditioner, batch_size, dtype, loss_ref, target_key, chunk_rows, allow_nonfinite, overwrite):
     """Capture per-example loss gradients at every checkpoint into a gradient store.
 
     Rerunning a capture that was killed resumes it: only the row blocks it had not written are
@@ -146,14 +152,13 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, like
                     given["loss_fn"] = loss_fn
                 if checkpoints:
                     given["checkpoints"] = list(checkpoints)
-                more = {k: v for k, v in more.items() if k not in LIKE_FIXED}  # taken from the train store
-                store = to.capture_like(like, model, data, target, **given, **common, **more)
+                store = to.capture_like(like, model, data, target, **given, **common)
             else:
                 store = to.capture(
                     model, list(checkpoints), data, target,
                     learning_rates=list(lrs) if lrs else None, loss_fn=loss_fn, layers=layer_names,
                     projection_dim=projection_dim, projection=projection, seed=seed, dtype=dtype,
-                    target_key=target_key, **common, **more,
+                    target_key=target_key, preconditioner=preconditioner, **common,
                 )
         if staging:
             _swap_in(target, out)

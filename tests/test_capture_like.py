@@ -184,3 +184,41 @@ def test_top_k_ranks_from_one_with_labels(trains, cnn, digits_test, tmp_path):
     np.testing.assert_array_equal(best.test_label.values, test.labels())
     lazy = to.top_k(test, train, k=4, compute_now=False, progress=False)
     np.testing.assert_array_equal(lazy.proponent_label.values, best.proponent_label.values)
+
+
+@pytest.fixture(scope="module")
+def adam_checkpoints(digits, tmp_path_factory) -> tuple[torch.nn.Module, list]:
+    """A small MLP after real AdamW steps on 160 digits: a torch file per epoch with its optimizer state."""
+    from trackin_ooc.demo import digits_mlp
+
+    root = tmp_path_factory.mktemp("adam")
+    model = digits_mlp((16,), seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    x, y = digits.train.tensors
+    paths = []
+    for epoch in range(2):
+        for idx in torch.randperm(160, generator=torch.Generator().manual_seed(epoch)).split(32):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+        paths.append(root / f"epoch_{epoch}.pt")
+        torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
+                    "learning_rate": 0.01}, paths[-1])
+    return model, paths
+
+
+def test_like_repeats_the_preconditioner(adam_checkpoints, digits, digits_test, tmp_path):
+    model, paths = adam_checkpoints
+    train = to.capture(model, paths, Subset(digits.train, range(80)), tmp_path / "train.zarr", projection_dim=32,
+                       progress=False)  # preconditioner="auto": Adam moments in every file
+    assert train.spec.preconditioner == "adam"
+    like = to.capture_like(train, model, digits_test, tmp_path / "like.zarr", progress=False)
+    spelled = to.capture(model, paths, digits_test, tmp_path / "spelled.zarr", projection_dim=32,
+                         preconditioner="adam", progress=False)
+    tt.assert_stores_identical(like, spelled)
+    assert to.top_k(like, train, k=2, progress=False).sizes["rank"] == 2
+    sgd = to.capture(model, paths, Subset(digits.train, range(80)), tmp_path / "sgd.zarr", projection_dim=32,
+                     preconditioner=None, progress=False)
+    assert to.capture_like(sgd, model, digits_test, None, progress=False).spec.preconditioner == "none"
+    plan = to.plan_capture(model, paths, Subset(digits.train, range(80)), projection_dim=32)
+    assert plan.preconditioner == "adam" and plan.spec.fingerprint == train.fingerprint

@@ -96,11 +96,15 @@ def _checkpoints(train: GradientStore, given) -> list:
 
 
 def check_same_checkpoints(train: GradientStore, model: nn.Module, checkpoints: list) -> None:
-    """Refuse, in one line, checkpoints other than the train store's (moved away, retrained, reordered)."""
+    """Refuse, in one line, checkpoints other than the train store's (moved away, retrained, reordered).
+
+    Hashed as the train store hashed them: a preconditioned store's hashes cover the optimizer moments too."""
     recorded = train.attrs.get("checkpoint_paths") or [None] * train.n_checkpoints
     checkpoints = expand_checkpoints(checkpoints)
+    with_moments = _preconditioner(train) != "none"
     try:
-        loaded = load_checkpoints(model, checkpoints, list(train.learning_rates))
+        loaded = load_checkpoints(model, checkpoints, list(train.learning_rates),
+                                  moments_for=[n for n, _ in train.spec.layers] if with_moments else None)
     except CheckpointNotFoundError as e:
         raise CheckpointNotFoundError(
             f"{e}; {train.path} was captured from {', '.join(p for p in recorded if p) or 'other paths'}: if the "
@@ -114,12 +118,16 @@ def check_same_checkpoints(train: GradientStore, model: nn.Module, checkpoints: 
             ) from None
         raise e
     for i, (ck, want) in enumerate(zip(loaded, train.checkpoint_hashes)):
-        if want is not None and ck.sha256 != want:
+        try:
+            got = ck.recorded_sha256(with_moments)
+        except ValueError:  # no moments where the train store used them: capture says why, in its words
+            continue
+        if want is not None and got != want:
             where = os.fspath(checkpoints[i]) if isinstance(checkpoints[i], (str, os.PathLike)) else f"#{i}"
             raise CheckpointError(
                 f"checkpoint {where} is not the one "
                 f"{train.path} was captured from as {train.checkpoint_names[i]} (its tensors hash to "
-                f"{ck.sha256[:12]}, the store recorded {want[:12]}): it was moved or overwritten; pass the train "
+                f"{got[:12]}, the store recorded {want[:12]}): it was moved or overwritten; pass the train "
                 "store's checkpoints, checkpoints=[...] (--checkpoint)"
             )
 

@@ -30,6 +30,7 @@ from ..projection.factored import factored_spec
 from .data import as_loader, dataset_length
 from .factor_layout import store_layout
 from .methods import probe_batch
+from .preconditioning import check_preconditioner, resolve_preconditioner, with_preconditioner
 
 # The line a capture announces goes to this logger; with no handler on it, it is also printed on stderr
 # when progress bars are on (a terminal, Jupyter). The CLI puts a handler on it and prints it itself.
@@ -221,7 +222,7 @@ def plan_capture(
     batch_size: int = 256,
     dtype: str = "float32",
     target_key: str = "labels",
-    preconditioner: str | None = None,
+    preconditioner: str | None = "auto",
     device: str | torch.device | None = "cpu",
     **options: Any,
 ) -> CapturePlan:
@@ -265,8 +266,10 @@ def plan_capture(
         raise CaptureError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
     if projection == "factors" and projection_dim is not None:
         raise CaptureError("projection='factors' keeps gradients exact: leave projection_dim out (None)")
-    ckpts = load_checkpoints(model, checkpoints, learning_rates)
+    preconditioner = check_preconditioner(preconditioner)
     names = select_parameters(model, layers)
+    ckpts = load_checkpoints(model, checkpoints, learning_rates,
+                             moments_for=None if preconditioner == "none" else names)
     params = dict(model.named_parameters())
     loader = as_loader(data, batch_size)
     n = dataset_length(loader)
@@ -277,12 +280,14 @@ def plan_capture(
     else:
         spec = make_spec(projection, projection_dim, seed, [(n_, tuple(params[n_].shape)) for n_ in names])
     layout = store_layout(spec, projection, model, names, loader, dev, target_key)
-    how = _stored_as(layout.spec, projection_dim)
+    kind = resolve_preconditioner(preconditioner, ckpts, names)
+    spec = with_preconditioner(layout.spec, kind, model)
+    how = _stored_as(spec, projection_dim)
     return CapturePlan(
         n_examples=n, checkpoints=tuple(ck.name for ck in ckpts),
         learning_rates=tuple(float(ck.learning_rate) for ck in ckpts),
         projection=projection, projection_dim=projection_dim,
         seed=None if projection_dim is None else int(seed), dtype=dtype, feature_dim=layout.feature_dim,
-        layers=tuple(LayerPlan(nm, tuple(shape), how[nm]) for nm, shape in layout.spec.layers),
-        factors=tuple(layout.factors), preconditioner=str(preconditioner or "none"), spec=layout.spec,
+        layers=tuple(LayerPlan(nm, tuple(shape), how[nm]) for nm, shape in spec.layers),
+        factors=tuple(layout.factors), preconditioner=kind, spec=spec,
     )
