@@ -22,6 +22,7 @@ import xarray as xr
 
 from .._version import __version__
 from ..errors import TrackinError
+from ..ranks import rank_coordinate
 from . import html as h
 from .examples import ViewError
 from .influence_view import InfluenceView, show
@@ -103,7 +104,7 @@ def top_k_rows(rows: np.ndarray, k: int, te, tr, normalize: bool) -> xr.Dataset:
     return xr.Dataset(
         {"proponent_index": (dims, pi), "proponent_score": (dims, ps), "opponent_index": (dims, oi),
          "opponent_score": (dims, os_)},
-        coords={"test": te.example_ids()[: len(rows)], "rank": np.arange(k)},
+        coords={"test": te.example_ids()[: len(rows)], "rank": rank_coordinate(k)},
         attrs={"k": k, "normalize": normalize, "test_store": te.path, "train_store": tr.path, "approximate": False},
     )
 
