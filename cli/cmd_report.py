@@ -22,7 +22,8 @@ from .settings import Settings, pass_settings
               help="Test examples shown with their proponents and opponents.")
 @click.option("--suspects", "n_suspects", type=click.IntRange(min=1), default=10, show_default=True,
               help="Most self-influential training examples shown.")
-@click.option("--normalize", is_flag=True, help="Cosine similarity of gradients instead of dot products.")
+@click.option("--normalize/--raw", default=True, show_default=True,
+              help="Proponents and opponents by cosine TracIn (as top-k), or by raw dot products.")
 @click.option("--tokenizer", "tokenizer_ref", metavar="MOD:FN",
               help="Zero-argument callable returning a tokenizer (anything with decode): token ids shown as text.")
 @click.option("--target-key", default="labels", show_default=True, help="The target's key in dict examples.")

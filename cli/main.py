@@ -13,6 +13,7 @@ from . import errors
 from .cmd_capture import capture
 from .cmd_demo import demo
 from .cmd_info import info
+from .cmd_quality import lds, retrain
 from .cmd_queries import index, net_influence
 from .cmd_report import report
 from .cmd_scores import influence, self_influence, top_k
@@ -149,7 +150,8 @@ def _example_counts(train, test) -> tuple[int, int] | None:
         return None
 
 
-for _command in (capture, self_influence, influence, top_k, index, net_influence, info, demo, report):
+for _command in (capture, self_influence, influence, top_k, index, net_influence, retrain, lds, info, demo,
+                 report):
     names = {p.name for p in _command.params}
     cli.add_command(_warn_if_swapped(_command) if {"train", "test"} <= names else _command)
 

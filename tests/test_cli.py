@@ -238,7 +238,7 @@ def test_top_k(fmt, stores, project):
     train, test = stores
     out = project / f"top{fmt}"
     device = ["--device", "cpu"] if fmt == ".parquet" else []  # --device reaches the engine (cpu: NumPy)
-    result = ok(run_cli(*device, "top-k", "--train", "train.zarr", "--test", "test.zarr", "-k", K,
+    result = ok(run_cli(*device, "top-k", "--train", "train.zarr", "--test", "test.zarr", "-k", K, "--raw",
                         "--out", out.name, cwd=project))
     assert result.stdout.startswith(f"wrote the top {K} proponents and opponents of 100 test examples")
     expected = to.top_k(test, train, k=K)
@@ -327,7 +327,7 @@ def test_local_cluster_workers(stores, project):
     """--workers N: a LocalCluster of worker processes on 127.0.0.1 computes the same scores."""
     train, test = stores
     result = ok(run_cli("--workers", "1", "--memory-limit", "2GiB", "top-k", "--train", "train.zarr",
-                        "--test", "test.zarr", "-k", K, "--out", "cluster.zarr", cwd=project))
+                        "--test", "test.zarr", "-k", K, "--raw", "--out", "cluster.zarr", cwd=project))
     assert "dask: 1 worker (a local cluster on 127.0.0.1)" in result.stderr
     got = xr.open_zarr(project / "cluster.zarr").load()
     expected = to.top_k(test, train, k=K)

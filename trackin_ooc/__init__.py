@@ -5,6 +5,7 @@
 """
 
 from ._version import __version__
+from .datamodeling import lds, lds_from_predictions, subset_predictions
 from .errors import (
     ArgumentError,
     CaptureError,
@@ -26,6 +27,7 @@ from .errors import (
 )
 from .indexing import build_index, open_index
 from .net import net_influence
+from .retraining import open_runs, retrain
 from .scores import influence, plan_for, self_influence, top_k
 from .spec import ProjectionSpec
 from .store import GradientStore, from_arrays, open_store
@@ -61,6 +63,7 @@ __all__ = [
     "capture", "capture_like", "plan_capture", "from_arrays", "open_store", "GradientStore", "ProjectionSpec",
     "self_influence", "influence", "top_k", "plan_for",
     "build_index", "open_index", "TopKIndex", "StaleIndexError", "net_influence",
+    "retrain", "open_runs", "lds", "subset_predictions", "lds_from_predictions",
     "show", "report", "InfluenceView", "ViewError", "plan_table_html", "token_gradient_mass",
     "TrackinError", "ArgumentError", "StoreError", "StoreExistsError", "IncompleteStoreError", "NonFiniteError",
     "NonFiniteWarning",
