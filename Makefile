@@ -1,4 +1,4 @@
-# `make demo` and `make test` set everything up on a fresh clone (Python 3.11 + pip), then run.
+# `make demo`, `make notebooks` and `make test` set everything up on a fresh clone (Python 3.11 + pip), then run.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,7 +15,7 @@ LINTED = trackin_ooc cli tests benchmarks docs/hooks
 export NO_MKDOCS_2_WARNING = 1
 export DISABLE_MKDOCS_2_WARNING = true
 
-.PHONY: all install demo test lint typecheck docs docs-check bench clean
+.PHONY: all install demo notebooks test lint typecheck docs docs-check bench clean
 
 all: test
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[demo,io,test,docs,lint]"
+	$(BIN)/python -m pip install -q -e ".[demo,io,notebooks,test,docs,lint]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,8 +31,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/trackin-ooc demo --out ./trackin-demo
 
+# Execute every notebook in place (outputs committed with them); what they write goes to a temporary folder.
+notebooks: $(STAMP)
+	$(BIN)/python scripts/run_notebooks.py
+
 # Lint, the test suite (the slowest 15 tests listed at the end), then the documentation site built
-# strictly from the committed notebooks (a broken API reference or link fails here).
+# strictly (a broken API reference or link fails here).
 test: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
@@ -47,9 +51,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# The site with the notebooks executed (build/notebooks, rerun only when a notebook changes), in build/site.
+# The site, in build/site: the guides, the notebooks with the outputs they are committed with (make notebooks
+# refreshes them), and the API reference generated from the package.
 docs: $(STAMP)
-	$(BIN)/python docs/hooks/execute_notebooks.py build/notebooks
 	$(BIN)/mkdocs build --strict
 
 docs-check: $(STAMP)

@@ -13,6 +13,7 @@ from .settings import Settings, pass_settings, plural, rate
 
 PROJECTIONS = ("gaussian", "rademacher", "factored", "factors")  # factors: exact, per-layer factors
 DTYPES = ("float32", "float16", "bfloat16")
+PRECONDITIONERS = ("auto", "adam", "adafactor", "none")  # capture(preconditioner=...)
 
 
 def _ref(ctx, param, value):
@@ -43,15 +44,19 @@ def _layers(value: str | None) -> list[str] | None:
               help="Zero-argument callable returning the torch model (module:function or file.py:function).")
 @click.option("--data", "data_ref", required=True, metavar="MOD:FN", callback=_ref,
               help="Zero-argument callable returning the dataset (a torch Dataset, or a non-shuffling DataLoader).")
-@click.option("--checkpoint", "checkpoints", required=True, multiple=True, metavar="PATH",
+@click.option("--checkpoint", "checkpoints", multiple=True, metavar="PATH",
               help="A checkpoint: a torch file (state dict, optionally with its learning rate or optimizer state), "
                    "a .safetensors file, a Hugging Face Trainer checkpoint-N folder, or a run folder of them "
-                   "(all its checkpoint-N folders, in step order); repeat in training order.")
+                   "(all its checkpoint-N folders, in step order); repeat in training order. Required "
+                   "unless --like names a store that records its checkpoints.")
 @click.option("--lr", "lrs", multiple=True, type=float, metavar="X",
               help="Learning rate of each checkpoint, one --lr per checkpoint (a run folder counts as its "
                    "checkpoint-N folders; default: read from the checkpoints).")
 @click.option("--out", required=True, metavar="STORE",
               help="Where the gradient store goes (a folder, e.g. train.zarr).")
+@click.option("--like", "like", metavar="TRAIN_STORE",
+              help="Capture with TRAIN_STORE's options (checkpoints, learning rates, layers, projection, seed, "
+                   "dtype, preconditioner, target key), so the new store combines with it.")
 @click.option("--layers", metavar="A,B", help="Comma-separated module or parameter names (default: all trainable).")
 @click.option("--projection-dim", type=click.IntRange(min=1), metavar="K",
               help="Project gradients to K dimensions (default: exact gradients).")
@@ -59,6 +64,11 @@ def _layers(value: str | None) -> list[str] | None:
               help="Kind of random projection (with --projection-dim); 'factors' (without it): exact "
                    "gradients, per-layer factors where cheaper.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random projection.")
+@click.option("--preconditioner", type=click.Choice(PRECONDITIONERS), default="auto", show_default=True,
+              help="adam: store features of P^1/2 g, P = 1/(sqrt(v_hat)+eps) from each checkpoint's Adam moments "
+                   "(factored layers: their rank-1 Adafactor form); adafactor: the rank-1 form for every weight "
+                   "matrix; none: plain gradients (the SGD form); auto: adam when every checkpoint carries Adam "
+                   "moments, else none. Capture test stores like their train store (docs/preconditioning.md).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, metavar="B",
               help="Examples per batch of per-example gradients.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
@@ -75,8 +85,8 @@ def _layers(value: str | None) -> list[str] | None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out (default: resume an "
               "incomplete one left by the same capture, refuse a complete one).")
 @pass_settings
-def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, layers, projection_dim, projection,
-            seed, batch_size, dtype, loss_ref, target_key, chunk_rows, allow_nonfinite, overwrite):
+def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, like, layers, projection_dim, projection,
+            seed, preconditioner, batch_size, dtype, loss_ref, target_key, chunk_rows, allow_nonfinite, overwrite):
     """Capture per-example loss gradients at every checkpoint into a gradient store.
 
     Rerunning a capture that was killed resumes it: only the row blocks it had not written are
@@ -89,7 +99,13 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, laye
           --data trackin_ooc.demo.examples:digits_train \\
           --checkpoint ckpt/epoch_005.pt --checkpoint ckpt/epoch_010.pt \\
           --projection-dim 512 --out train.zarr
+      trackin-ooc capture --like train.zarr --model trackin_ooc.demo.examples:digits_cnn_model \\
+          --data trackin_ooc.demo.examples:digits_test --out test.zarr
     """
+    if like is not None:
+        _check_like_options(click.get_current_context())
+    elif not checkpoints:
+        raise click.UsageError("Missing option '--checkpoint' (or --like TRAIN_STORE: its checkpoints and options)")
     # A run folder expands to several checkpoints: the library counts --lr against that expansion.
     if lrs and len(lrs) != len(checkpoints) and not any(os.path.isdir(c) for c in checkpoints):
         raise click.BadParameter(
@@ -124,15 +140,26 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, laye
     target = os.path.join(staging, os.path.basename(os.path.abspath(out))) if staging else out
     t0 = time.perf_counter()
     try:
-        with settings.client() as client:
-            store = to.capture(
-                model, list(checkpoints), data, target,
-                learning_rates=list(lrs) if lrs else None, loss_fn=loss_fn, layers=layer_names,
-                projection_dim=projection_dim, projection=projection, seed=seed, batch_size=batch_size,
-                dtype=dtype, overwrite=overwrite, device=settings.device, progress=settings.progress,
-                chunk_rows=chunk_rows, nonfinite="flag" if allow_nonfinite else "raise", client=client,
-                target_key=target_key,
-            )
+        with settings.client() as client, settings.plan_lines({target: out} if staging else None):
+            common = dict(batch_size=batch_size, overwrite=overwrite, device=settings.device,
+                          progress=settings.progress, chunk_rows=chunk_rows,
+                          nonfinite="flag" if allow_nonfinite else "raise", client=client)
+            if like is not None:
+                ctx = click.get_current_context()
+                given = {k: v for k, v in (("dtype", dtype), ("target_key", target_key))
+                         if _given(ctx, k)}
+                if loss_ref:
+                    given["loss_fn"] = loss_fn
+                if checkpoints:
+                    given["checkpoints"] = list(checkpoints)
+                store = to.capture_like(like, model, data, target, **given, **common)
+            else:
+                store = to.capture(
+                    model, list(checkpoints), data, target,
+                    learning_rates=list(lrs) if lrs else None, loss_fn=loss_fn, layers=layer_names,
+                    projection_dim=projection_dim, projection=projection, seed=seed, dtype=dtype,
+                    target_key=target_key, preconditioner=preconditioner, **common,
+                )
         if staging:
             _swap_in(target, out)
             store = to.open_store(out)
@@ -158,6 +185,27 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, laye
         f"({store.spec.describe()}) into {store.path} in {seconds:.1f} s "
         f"({rate(store.n_examples, seconds, 'examples')}, {human_bytes(info['size_on_disk'])} on disk)"
     )
+
+
+# What --like takes from the train store (by click parameter name): giving them too is a usage error.
+LIKE_FIXED = {"projection": "--projection", "projection_dim": "--projection-dim", "seed": "--seed",
+              "layers": "--layers", "lrs": "--lr", "preconditioner": "--preconditioner"}
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether the user gave option ``name`` on the command line (not its default)."""
+    from click.core import ParameterSource
+
+    return name in ctx.params and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+
+def _check_like_options(ctx: click.Context) -> None:
+    given = [flag for name, flag in LIKE_FIXED.items() if _given(ctx, name)]
+    if given:
+        raise click.UsageError(
+            f"--like takes {', '.join(given)} from the train store (another value would not combine with it); "
+            "leave {} out".format("it" if len(given) == 1 else "them")
+        )
 
 
 def _staging_dir(out: str) -> str:

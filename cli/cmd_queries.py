@@ -16,7 +16,8 @@ OUT_HELP = "Output file: .csv, .parquet or .zarr (by extension)."
 @click.argument("store", metavar="TRAIN")
 @click.option("--lists", "n_lists", type=click.IntRange(min=1), metavar="N",
               help="Inverted lists (k-means cells); default about the square root of the number of examples.")
-@click.option("--normalize", is_flag=True, help="An index for cosine queries (top-k --index --normalize).")
+@click.option("--normalize/--raw", default=True, show_default=True,
+              help="An index for cosine queries (top-k's default) or, with --raw, for top-k --index --raw.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier index of TRAIN.")
 @pass_settings
 def index(settings: Settings, store, n_lists, normalize, overwrite):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import warnings
@@ -12,7 +13,9 @@ from . import errors
 from .cmd_capture import capture
 from .cmd_demo import demo
 from .cmd_info import info
+from .cmd_quality import lds, retrain
 from .cmd_queries import index, net_influence
+from .cmd_report import report
 from .cmd_scores import influence, self_influence, top_k
 from .settings import Settings
 
@@ -80,7 +83,8 @@ def _configure_output(debug: bool, quiet: bool) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary line, only errors.")
 @click.option("--progress", "progress_forced", is_flag=True,
               help="Show progress bars even when stderr is not a terminal.")
-@click.option("--debug", is_flag=True, help="Show tracebacks and library warnings.")
+@click.option("--debug", is_flag=True, is_eager=True, callback=errors.set_debug,
+              help="Show tracebacks and library warnings (a global option: before the command).")
 @click.pass_context
 def cli(ctx, scheduler_address, scheduler_file, workers, cluster, cluster_config, jobs, minimum_jobs, maximum_jobs,
         memory_limit, device, quiet, progress_forced, debug):
@@ -107,6 +111,7 @@ def cli(ctx, scheduler_address, scheduler_file, workers, cluster, cluster_config
         raise click.UsageError("--cluster-config, --jobs, --minimum-jobs and --maximum-jobs need --cluster")
     if quiet and progress_forced:
         raise click.UsageError("--quiet and --progress exclude each other")
+    errors.RunState.command = ctx.invoked_subcommand
     _configure_output(debug, quiet)
     ctx.obj = Settings(
         scheduler_address=scheduler_address, scheduler_file=scheduler_file, workers=workers,
@@ -116,8 +121,39 @@ def cli(ctx, scheduler_address, scheduler_file, workers, cluster, cluster_config
     )
 
 
-for _command in (capture, self_influence, influence, top_k, index, net_influence, info, demo):
-    cli.add_command(_command)
+def _warn_if_swapped(command: click.Command) -> click.Command:
+    """Wrap a command taking --train and --test: warn when the train store holds fewer examples than the
+    test store (the two look swapped). Reads metadata only; a store that does not open is left to the command."""
+    callback = command.callback
+
+    @functools.wraps(callback)
+    def checked(*args, **kwargs):
+        train, test = kwargs.get("train"), kwargs.get("test")
+        settings = click.get_current_context().find_object(Settings)
+        if train is not None and test is not None and settings is not None:
+            counts = _example_counts(train, test)
+            if counts is not None and counts[0] < counts[1]:
+                settings.say(f"{errors.PROG} {command.name}: warning: --train {train} holds {counts[0]:,} examples, "
+                             f"fewer than --test {test} ({counts[1]:,}): are --train and --test swapped?")
+        return callback(*args, **kwargs)
+
+    command.callback = checked
+    return command
+
+
+def _example_counts(train, test) -> tuple[int, int] | None:
+    from trackin_ooc.store import open_store
+
+    try:
+        return open_store(train).n_examples, open_store(test).n_examples
+    except Exception:  # noqa: BLE001 - the command reports a store that does not open, in its own words
+        return None
+
+
+for _command in (capture, self_influence, influence, top_k, index, net_influence, retrain, lds, info, demo,
+                 report):
+    names = {p.name for p in _command.params}
+    cli.add_command(_warn_if_swapped(_command) if {"train", "test"} <= names else _command)
 
 
 def main(argv: list[str] | None = None) -> None:

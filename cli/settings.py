@@ -48,6 +48,23 @@ class Settings:
         if not self.quiet:
             click.echo(message)
 
+    @contextlib.contextmanager
+    def plan_lines(self, rename: dict[str, str] | None = None):
+        """Show what the library announces before long work (a capture's size estimate) as status lines;
+        ``rename``: paths to say otherwise (a staging folder → the output the user named)."""
+        log = logging.getLogger("trackin_ooc.plan")
+        handler = _SayHandler(self.say, rename or {})
+        saved = log.level, log.propagate
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        try:
+            yield
+        finally:
+            log.removeHandler(handler)
+            log.setLevel(saved[0])
+            log.propagate = saved[1]
+
     def _quieten_dask(self) -> None:
         import distributed  # noqa: F401  (configures its loggers on import: quieten them after)
 
@@ -85,6 +102,20 @@ class Settings:
             workers = len(client.scheduler_info().get("workers", {}))
             self.say(f"dask: {plural(workers, 'worker')} ({spec.describe()})" + (f", dashboard {link}" if link else ""))
             yield client
+
+
+class _SayHandler(logging.Handler):
+    """A logging handler that prints each record's message as a status line."""
+
+    def __init__(self, say, rename: dict[str, str]):
+        super().__init__(level=logging.INFO)
+        self._say, self._rename = say, rename
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        for old, new in self._rename.items():
+            message = message.replace(old, new)
+        self._say(message)
 
 
 def _gpu_cluster_spec(spec):

@@ -118,7 +118,7 @@ def test_progress_bar_reports_examples_per_second(mlp, digits_test, tmp_path, ca
     cap(mlp, digits_test, tmp_path / "p.zarr", projection="factored", projection_dim=256, progress=True,
         batch_size=8)
     err = capsys.readouterr().err
-    assert "capture" in err and "ex/s" in err
+    assert "capture" in err and "examples/s" in err
 
 
 def test_device_auto_picks_cuda_when_available():

@@ -184,7 +184,6 @@ def test_cli_captures_a_run_folder(trainer_run, tmp_path):
 @pytest.fixture(scope="module")
 def lightning_run(tmp_path_factory, digits):
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
 
     saved: list[tuple[float, dict[str, torch.Tensor]]] = []
 
@@ -207,16 +206,23 @@ def lightning_run(tmp_path_factory, digits):
 
     folder = tmp_path_factory.mktemp("lightning")
     x, y = digits.train.tensors
-    loader = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = pl.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                             enable_model_summary=False,
-                             callbacks=[ModelCheckpoint(dirpath=folder, save_top_k=-1, every_n_epochs=1)])
-        trainer.fit(LitDigits(), loader)
-    files = sorted(folder.glob("*.ckpt"), key=lambda p: int(p.stem.split("step=")[1]))
+    files = fit_lightning(LitDigits(), DataLoader(TensorDataset(x[:64], y[:64]), batch_size=16), folder, epochs=3)
     assert len(files) == len(saved) == 3
     return files, saved
+
+
+def fit_lightning(module, loader: DataLoader, folder: Path, epochs: int) -> list[Path]:
+    """Train ``module`` with a real Lightning Trainer on the CPU, one .ckpt per epoch in ``folder`` (step order)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False,
+                             callbacks=[ModelCheckpoint(dirpath=folder, save_top_k=-1, every_n_epochs=1)])
+        trainer.fit(module, loader)
+    return sorted(folder.glob("*.ckpt"), key=lambda p: int(p.stem.split("step=")[1]))
 
 
 def test_lightning_checkpoints_round_trip(lightning_run, digits, tmp_path):

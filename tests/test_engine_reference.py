@@ -252,7 +252,7 @@ def test_top_k_matches_reference(workdir, p, data, small):
     res = to.top_k(te, tr, k=k, normalize=p["normalize"], memory_limit=limit)
     tt.assert_top_k_equal(res, reference(te, tr, p["normalize"]), k)
     assert res.attrs["k"] == k
-    np.testing.assert_array_equal(res["rank"].values, np.arange(k))
+    np.testing.assert_array_equal(res["rank"].values, np.arange(1, k + 1))
     np.testing.assert_array_equal(res["test"].values, np.arange(p["n_test"]))
 
 

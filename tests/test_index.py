@@ -281,13 +281,13 @@ def test_killed_build_resumes(tmp_path):
 # ---- the CLI ----------------------------------------------------------------------------------------
 def test_cli_index_and_top_k(clustered, tmp_path):
     train, test = clustered
-    built = ok(run_cli("index", train.path, "--lists", "20", "--overwrite", cwd=tmp_path))
+    built = ok(run_cli("index", train.path, "--lists", "20", "--raw", "--overwrite", cwd=tmp_path))
     line = built.stdout.strip()
     assert "\n" not in line and line.startswith("indexed 20,000 train examples into 20 lists")
     assert "recall@10" in line and "--probe" in line
     idx = to.open_index(train)
     assert idx.n_lists == 20
-    out = ok(run_cli("top-k", "--train", train.path, "--test", test.path, "--index", "--probe", "20",
+    out = ok(run_cli("top-k", "--train", train.path, "--test", test.path, "--raw", "--index", "--probe", "20",
                      "--out", "top.csv", cwd=tmp_path))
     assert "20 lists per end, 100.0 % of rows read" in out.stdout
     table = tt_frame(tmp_path / "top.csv")
@@ -306,7 +306,7 @@ def tt_frame(path):
     (["index", "{train}", "--lists", "0"], 2, "--lists"),
     (["top-k", "--train", "{train}", "--test", "{test}", "--index", "--probe", "0", "--out", "o.csv"], 2, "--probe"),
     (["top-k", "--train", "{train}", "--test", "{test}", "--probe", "3", "--out", "o.csv"], 2, "--probe needs --index"),
-    (["top-k", "--train", "{test}", "--test", "{test}", "--index", "--out", "o.csv"], 1, "has no index"),
+    (["top-k", "--train", "{test}", "--test", "{test}", "--index", "--out", "o.csv"], 1, "has no cosine index"),
 ])
 def test_cli_bad_input(clustered, tmp_path, args, status, words):
     train, test = clustered

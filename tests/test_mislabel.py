@@ -33,3 +33,37 @@ def test_self_influence_finds_flipped_labels(flipped_mlp, flipped_digits, tmp_pa
 
     # Random ranking would find ~20 %: the signal is real, and flipped examples score higher on average.
     assert np.median(si.values[split.flipped]) > np.quantile(si.values[~split.flipped], 0.9)
+
+
+def test_self_influence_finds_labels_a_model_has_memorised(tmp_path):
+    """An MLP trained with AdamW until it fits the flipped labels: their last-checkpoint loss is small and
+    misses them; self-influence (Adam-aware, from the checkpoints' moments; exact gradient norms) sums the
+    checkpoints at which those examples still had large gradients, and finds them."""
+    import functools
+
+    import torch
+
+    from trackin_ooc.demo import digits_mlp, load_digits_split
+    from trackin_ooc.demo.pipeline import recall_at
+    from trackin_ooc.demo.recipes import Recipe, train_run
+
+    split = load_digits_split(n_train=400, flip_fraction=0.1, seed=0)
+    recipe = Recipe(make_model=functools.partial(digits_mlp, (128, 128)), optimizer="adamw", lr=3e-3, epochs=50,
+                    n_checkpoints=6)
+    x, y = split.train.tensors
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, checkpoints = train_run(recipe, x, y, tmp_path / "ckpts")
+        with torch.no_grad():
+            fitted = float((model(x).argmax(1) == y)[torch.from_numpy(split.flipped)].float().mean())
+        store = to.capture(model, checkpoints, split.train, tmp_path / "train.zarr", projection_dim=64,
+                           projection="factored", progress=False)
+    finally:
+        torch.set_num_threads(previous)
+    assert fitted >= 0.8, f"the model fits only {fitted:.0%} of the flipped labels: it has not memorised them"
+    assert "adam" in store.spec.describe(), "auto picks the Adam form for AdamW checkpoints"
+    si = to.self_influence(store, exact_norms=True, progress=False).values
+    loss = store.read_losses()[-1]
+    si_recall, loss_recall = recall_at(si, split.flipped, 0.1), recall_at(loss, split.flipped, 0.1)
+    assert si_recall >= 0.75 and si_recall >= loss_recall + 0.15, (si_recall, loss_recall)

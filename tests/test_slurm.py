@@ -319,7 +319,7 @@ def test_cli_cluster_slurm_runs_top_k(slurm, tmp_path):
     out = tmp_path / "top.csv"
     run = subprocess.run(
         [str(exe), "--quiet", "--cluster", "slurm", "--cluster-config", str(config), "--jobs", "1",
-         "--memory-limit", "16000", "top-k", "--train", str(tr.path), "--test", str(te.path), "-k", "3",
+         "--memory-limit", "16000", "top-k", "--train", str(tr.path), "--test", str(te.path), "-k", "3", "--raw",
          "--out", str(out)],
         capture_output=True, text=True, timeout=180, env={**os.environ, "TRACKIN_OOC_QUIET": "1"}, cwd=tmp_path,
     )

@@ -5,6 +5,7 @@
 """
 
 from ._version import __version__
+from .datamodeling import lds, lds_from_predictions, subset_predictions
 from .errors import (
     ArgumentError,
     CaptureError,
@@ -26,27 +27,44 @@ from .errors import (
 )
 from .indexing import build_index, open_index
 from .net import net_influence
+from .retraining import open_runs, retrain
 from .scores import influence, plan_for, self_influence, top_k
 from .spec import ProjectionSpec
 from .store import GradientStore, from_arrays, open_store
 from .store.index_store import TopKIndex
+from .views import InfluenceView, ViewError, plan_table_html, report, show, token_gradient_mass
+
+# Names that import torch: loaded on first use, so a Dask worker or CLI call that only scores never loads it.
+_LAZY = {
+    "capture": ("trackin_ooc.capturing", "capture"),
+    "capture_like": ("trackin_ooc.capturing.job.like", "capture_like"),
+    "plan_capture": ("trackin_ooc.capturing.job.plan", "plan_capture"),
+}
 
 
 def __getattr__(name: str):
-    # torch is imported only where capture runs: a Dask worker or CLI call that only scores never loads it.
-    if name == "capture":
-        from .capturing import capture
+    if name in _LAZY:
+        import importlib
 
-        globals()["capture"] = capture
-        return capture
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'trackin_ooc' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The lazy names too, so that dir(trackin_ooc) and tab completion list capture.
+    return sorted(set(globals()) | set(__all__))
 
 
 __all__ = [
     "__version__",
-    "capture", "from_arrays", "open_store", "GradientStore", "ProjectionSpec",
+    "capture", "capture_like", "plan_capture", "from_arrays", "open_store", "GradientStore", "ProjectionSpec",
     "self_influence", "influence", "top_k", "plan_for",
     "build_index", "open_index", "TopKIndex", "StaleIndexError", "net_influence",
+    "retrain", "open_runs", "lds", "subset_predictions", "lds_from_predictions",
+    "show", "report", "InfluenceView", "ViewError", "plan_table_html", "token_gradient_mass",
     "TrackinError", "ArgumentError", "StoreError", "StoreExistsError", "IncompleteStoreError", "NonFiniteError",
     "NonFiniteWarning",
     "IncompatibleStoresError", "CorruptChunkError", "StoreLockedError", "CheckpointError",

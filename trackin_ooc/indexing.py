@@ -18,6 +18,7 @@ from .engine import ivf, ivf_graphs, planning, resources
 from .engine.backend import resolve_backend
 from .engine.execute import compute
 from .errors import ArgumentError, StoreError
+from .ranks import label_top_k, rank_coordinate
 from .store import GradientStore, backends, layout, open_store
 from .store.backends import StorageOptions
 from .store.guard import check_output_location, location
@@ -266,7 +267,7 @@ def index_top_k(
     ds = xr.Dataset(
         {"proponent_index": (dims, pi), "proponent_score": (dims, ps),
          "opponent_index": (dims, oi), "opponent_score": (dims, os_)},
-        coords={"test": te.example_ids(), "rank": np.arange(int(k))},
+        coords={"test": te.example_ids(), "rank": rank_coordinate(k)},
         attrs={"k": int(k), "normalize": bool(normalize), "test_store": te.path, "train_store": tr.path,
                "test_fingerprint": te.fingerprint, "train_fingerprint": tr.fingerprint,
                "approximate": True, "index": idx.path, "n_probe": n_probe, "n_lists": idx.n_lists,
@@ -277,4 +278,4 @@ def index_top_k(
         names = list(ds.data_vars)
         values = compute(*(ds[n].data for n in names), desc="top-k", progress=progress, client=client)
         ds = ds.copy(data={n: v for n, v in zip(names, values)})
-    return ds
+    return label_top_k(ds, te, tr)

@@ -14,6 +14,7 @@ from .engine.backend import resolve_backend
 from .engine.compat import check_compatible
 from .engine.execute import compute
 from .errors import ArgumentError, NonFiniteWarning
+from .ranks import label_top_k, rank_coordinate
 from .store import GradientStore, open_store
 from .store.backends import StorageOptions
 from .store.guard import check_output_location
@@ -162,7 +163,10 @@ def top_k(
     """Exact top-k proponents (highest scores) and opponents (lowest) of every test example.
 
     One streaming pass over the train store per test block; no score block outlives its task.
-    Ties go to the lower train index. Dims ("test", "rank").
+    Ties go to the lower train index. Dims ("test", "rank"); ranks count from 1 (the strongest), as in
+    the CLI's tables. ``proponent_index``/``opponent_index`` are positions in the train store; where
+    the train store holds labels, ``proponent_label``/``opponent_label`` are theirs, and where the test
+    store does, the ``test_label`` coordinate.
 
     ``index``: a :class:`TopKIndex` of ``train`` (``build_index``), its path, or True for the train
     store's saved index. Then only the ``n_probe`` lists nearest each test example (per end; default
@@ -196,7 +200,7 @@ def top_k(
             "opponent_index": (dims, oi),
             "opponent_score": (dims, os_),
         },
-        coords={"test": te.example_ids(), "rank": np.arange(int(k))},
+        coords={"test": te.example_ids(), "rank": rank_coordinate(k)},
         attrs={"k": int(k), "normalize": bool(normalize), "test_store": te.path, "train_store": tr.path,
                "test_fingerprint": te.fingerprint, "train_fingerprint": tr.fingerprint, "approximate": False},
     )
@@ -204,4 +208,4 @@ def top_k(
         names = list(ds.data_vars)
         values = compute(*(ds[n].data for n in names), desc="top-k", progress=progress, client=client)
         ds = ds.copy(data={n: v for n, v in zip(names, values)})
-    return ds
+    return label_top_k(ds, te, tr)

@@ -6,6 +6,12 @@ shapes. Its fingerprint is a hash of all of it; stores combine only when fingerp
 its per-layer plan there (layer kinds, factor widths and the split of ``dim``, see
 ``trackin_ooc.capturing.projection.factored``); a ``factors`` spec (exact gradients, some layers
 stored as per-layer factors) keeps each layer's choice there (``...projection.factors``).
+
+``preconditioner`` says whether the features are of the gradient itself ("none", the SGD form of TracIn) or of
+P^{1/2} g with the Adam preconditioner P = diag(1/(√v̂ + ε)) of each checkpoint ("adam", "adafactor"; see
+docs/preconditioning.md); ``preconditioner_layers`` lists the layers whose v̂ is taken in its rank-1
+(Adafactor) form, as (kind, module, parameters). Both are part of the fingerprint, except that a "none" spec
+records neither, so it fingerprints as specs did before preconditioners existed.
 """
 
 from __future__ import annotations
@@ -21,6 +27,13 @@ PROJECTION_KINDS = ("gaussian", "rademacher", "factored")
 # Rows of a dense projection matrix generated per seeded block: part of the spec's identity,
 # because changing it changes the random numbers.
 GENERATOR = "torch-cpu-philox-v1"
+# What ``preconditioner`` may be: the SGD form, or features scaled by an Adam preconditioner's square root.
+PRECONDITIONERS = ("none", "adam", "adafactor")
+# The forms a parameter's v̂ takes: elementwise (Adam's own), or its layer's rank-1 factorisation.
+FORM_ADAM, FORM_ADAFACTOR = "adam", "adafactor"
+PRECONDITIONER_VERSION = 1
+
+PreconditionerLayer = tuple[str, str, tuple[str, ...]]  # (kind, module, parameters), see preconditioner_layers
 
 
 @dataclass(frozen=True)
@@ -32,12 +45,26 @@ class ProjectionSpec:
     seed: int | None = None
     layers: tuple[tuple[str, tuple[int, ...]], ...] = ()
     extra: tuple[tuple[str, Any], ...] = field(default=())
+    preconditioner: str = "none"
+    preconditioner_layers: tuple[PreconditionerLayer, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown projection kind {self.kind!r}; use one of {', '.join(KINDS)}")
         if self.dim <= 0:
             raise ValueError(f"projection dimension must be positive, got {self.dim}")
+        if self.preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"unknown preconditioner {self.preconditioner!r}; use one of {', '.join(PRECONDITIONERS)}")
+        if self.preconditioner == "none" and self.preconditioner_layers:
+            raise ValueError("a spec without a preconditioner has no preconditioner layers")
+
+    def preconditioner_forms(self) -> dict[str, str]:
+        """{parameter: "adam" | "adafactor"} for a preconditioned spec (its layers' rank-1 form, or the
+        elementwise one); empty for the SGD form."""
+        if self.preconditioner == "none":
+            return {}
+        rank1 = {p for _, _, params in self.preconditioner_layers for p in params}
+        return {n: FORM_ADAFACTOR if n in rank1 else FORM_ADAM for n, _ in self.layers}
 
     @property
     def n_parameters(self) -> int:
@@ -51,16 +78,28 @@ class ProjectionSpec:
             "generator": GENERATOR if self.kind in PROJECTION_KINDS else None,
             "layers": [{"name": n, "shape": list(s)} for n, s in self.layers],
             "extra": {k: v for k, v in self.extra},
+            **({"preconditioner": {
+                "kind": self.preconditioner, "version": PRECONDITIONER_VERSION,
+                "adafactor_layers": [{"kind": k, "module": m, "params": list(p)}
+                                     for k, m, p in self.preconditioner_layers],
+            }} if self.preconditioner != "none" else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ProjectionSpec:
+        pre = d.get("preconditioner") or {}
+        if pre and pre.get("version") != PRECONDITIONER_VERSION:
+            raise ValueError(f"preconditioner record version {pre.get('version')} is not the one this trackin-ooc "
+                             f"reads (version {PRECONDITIONER_VERSION}); re-capture with this version")
         return cls(
             kind=d["kind"],
             dim=int(d["dim"]),
             seed=d.get("seed"),
             layers=tuple((x["name"], tuple(int(v) for v in x["shape"])) for x in d.get("layers", [])),
             extra=tuple(sorted((d.get("extra") or {}).items())),
+            preconditioner=str(pre.get("kind", "none")),
+            preconditioner_layers=tuple((str(x["kind"]), str(x["module"]), tuple(x["params"]))
+                                        for x in pre.get("adafactor_layers", [])),
         )
 
     @property
@@ -69,6 +108,26 @@ class ProjectionSpec:
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def describe(self) -> str:
+        what = self._describe_projection()
+        if self.preconditioner == "none":
+            return what
+        n = len(self.preconditioner_layers)
+        rank1 = f", {n} layer{'' if n == 1 else 's'} in the Adafactor form" if n and self.preconditioner == "adam" \
+            else ""
+        return f"{what}, {self.preconditioner}-preconditioned{rank1}"
+
+    def describe_preconditioner(self) -> str:
+        """In words: "none (SGD form)", "adam (P = 1/(√v̂+ε); 2 layers in the Adafactor form)", ..."""
+        if self.preconditioner == "none":
+            return "none (SGD form: plain gradients)"
+        n = len(self.preconditioner_layers)
+        if self.preconditioner == "adam":
+            rank1 = f"; {n} layer{'' if n == 1 else 's'} in the Adafactor form" if n else ""
+            return f"adam (features of P^1/2 g, P = 1/(sqrt(v_hat) + eps) per checkpoint{rank1})"
+        return (f"adafactor (features of P^1/2 g, v_hat of {n} layer{'' if n == 1 else 's'} in its rank-1 "
+                "Adafactor form)")
+
+    def _describe_projection(self) -> str:
         if self.kind == "exact":
             return f"exact gradients ({self.dim} parameters)"
         if self.kind == "external":
@@ -89,6 +148,10 @@ class ProjectionSpec:
         """Say, in words, how two specs differ (empty when they do not)."""
         a, b = self.to_dict(), other.to_dict()
         diffs = []
+        if self.preconditioner != other.preconditioner:
+            diffs.append(f"preconditioner {self.preconditioner!r} vs {other.preconditioner!r}")
+        elif self.preconditioner_layers != other.preconditioner_layers:
+            diffs.append("layers in the Adafactor form of the preconditioner differ")
         for key in ("kind", "dim", "seed", "generator"):
             if a[key] != b[key]:
                 diffs.append(f"{key} {a[key]!r} vs {b[key]!r}")

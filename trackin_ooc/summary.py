@@ -55,6 +55,7 @@ def store_info(store: GradientStore | str | os.PathLike, *, storage_options: Sto
             "n_parameters": spec.n_parameters,
             "description": spec.describe(),
         },
+        "preconditioner": preconditioner_info(st),
         "fingerprint": st.fingerprint,
         "dtype": st.dtype,
         "chunk_rows": st.chunk_rows,
@@ -73,6 +74,19 @@ def store_info(store: GradientStore | str | os.PathLike, *, storage_options: Sto
     if spec.kind == "factors":
         info["factors"] = factor_choices(st)
     return info
+
+
+def preconditioner_info(st: GradientStore) -> dict[str, Any]:
+    """What the features are of: plain gradients (``kind`` "none"), or P^{1/2} g with each checkpoint's Adam
+    preconditioner ("adam", "adafactor"), the layers whose moments take the rank-1 form, and where each
+    checkpoint's moments were read."""
+    spec = st.spec
+    return {
+        "kind": spec.preconditioner,
+        "description": spec.describe_preconditioner(),
+        "adafactor_layers": [{"kind": k, "module": m, "params": list(p)} for k, m, p in spec.preconditioner_layers],
+        "moments": list(st.attrs.get("preconditioner_moments") or []),  # written by capture (capturing.job)
+    }
 
 
 def factor_choices(st: GradientStore) -> dict[str, Any]:
@@ -169,8 +183,12 @@ def format_info(info: dict[str, Any]) -> str:
     if layers:
         names = ", ".join(x["name"] for x in layers[:6]) + (" ..." if len(layers) > 6 else "")
         layer_text = f"\n  layers          {names}"
+    pre = info.get("preconditioner") or {"description": "none (SGD form: plain gradients)", "adafactor_layers": []}
+    rank1 = [x["module"] or ",".join(x["params"]) for x in pre["adafactor_layers"]]
+    rank1_text = f"\n    Adafactor form  {', '.join(rank1[:6])}{' ...' if len(rank1) > 6 else ''}" if rank1 else ""
     lines += [
         f"  projection      {proj['description']}{layer_text}",
+        f"  preconditioner  {pre['description']}{rank1_text}",
         f"  features        {info['feature_dim']:,} per example and checkpoint"
         f"{' (the flat part; factors below)' if info.get('factors') else ''}",
         f"  dtype           {info['dtype']} (chunks of {info['chunk_rows']:,} rows)",

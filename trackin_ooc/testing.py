@@ -111,7 +111,7 @@ def reference_top_k(scores: np.ndarray, k: int) -> xr.Dataset:
             "opponent_index": (dims, worst.astype(np.int64)),
             "opponent_score": (dims, np.take_along_axis(s, worst, axis=1)),
         },
-        coords={"rank": np.arange(k)},
+        coords={"rank": np.arange(1, k + 1)},  # ranks from 1, as to.top_k counts them
     )
 
 

@@ -4,13 +4,12 @@
   ``trackin_ooc.__all__`` (each documented where it is defined) and one page per public module, so a
   new public name appears without editing anything here;
 - ``index.md`` from README.md and ``changelog.md`` from CHANGELOG.md (links into docs/ rewritten);
-- ``notebooks/``: the notebooks, executed with their outputs where ``make docs`` ran them into
-  build/notebooks (docs/hooks/execute_notebooks.py), as committed otherwise.
+- ``notebooks/``: the notebooks as committed, with their outputs (``make notebooks`` refreshes them), and
+  notebooks/README.md as their index.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import json
@@ -20,7 +19,6 @@ from pathlib import Path
 import mkdocs_gen_files
 
 ROOT = Path(__file__).resolve().parents[2]
-EXECUTED = ROOT / "build" / "notebooks"
 
 # Modules a user imports besides the top level (docs/cli.md, docs/hpc.md, docs/api.md name them).
 # Their members are what each module's ``__all__`` (or, without one, its public names) says.
@@ -132,36 +130,19 @@ def copied_pages() -> None:
 
 
 # ---- notebooks ------------------------------------------------------------------------------------
-def source_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def executed_copy(source: Path) -> Path | None:
-    """build/notebooks/NAME.ipynb when it was executed from this very source, else None."""
-    done = EXECUTED / source.name
-    if not done.is_file():
-        return None
-    meta = json.loads(done.read_text(encoding="utf-8")).get("metadata", {}).get("trackin_ooc_docs", {})
-    return done if meta.get("source_sha256") == source_hash(source) else None
-
-
 def notebooks() -> None:
     entries = []
     for source in sorted((ROOT / "notebooks").glob("*.ipynb")):
-        chosen = executed_copy(source) or source
         with mkdocs_gen_files.open(f"notebooks/{source.name}", "wb") as f:
-            f.write(chosen.read_bytes())
+            f.write(source.read_bytes())
         cells = json.loads(source.read_text(encoding="utf-8"))["cells"]
         heading = next((c for c in cells if c["cell_type"] == "markdown"), None)
         title = "".join(heading["source"]).splitlines()[0].lstrip("# ").strip() if heading else source.stem
-        entries.append((title, source.name, chosen is not source))
-    lines = ["# Notebooks", "",
-             "Each notebook runs top to bottom on scikit-learn's digits (offline, a few minutes on two cores);",
-             "`make docs` shows them here with the outputs of that run.", ""]
-    lines += [f"- [{title}]({name})" + ("" if ran else " (shown without outputs: not executed for this build)")
-              for title, name, ran in entries]
-    write("notebooks/index.md", "\n".join(lines) + "\n")
-    write("notebooks/SUMMARY.md", "* [Notebooks](index.md)\n" + "".join(f"* [{t}]({n})\n" for t, n, _ in entries))
+        entries.append((title, source.name))
+    readme = ROOT / "notebooks" / "README.md"
+    intro = readme.read_text(encoding="utf-8").rstrip() + "\n" if readme.is_file() else "# Notebooks\n"
+    write("notebooks/index.md", intro + "\n" + "".join(f"- [{t}]({n})\n" for t, n in entries))
+    write("notebooks/SUMMARY.md", "* [Notebooks](index.md)\n" + "".join(f"* [{t}]({n})\n" for t, n in entries))
 
 
 reference()

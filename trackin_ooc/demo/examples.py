@@ -57,3 +57,26 @@ def digits_cnn_model():
 def digits_mlp_model():
     """A 64-32-10 MLP, freshly initialised."""
     return digits_mlp((32,))
+
+
+# ---- retraining (trackin-ooc retrain --train-fn ...) --------------------------------------------
+RETRAIN_EPOCHS = 30
+
+
+def digits_mlp_recipe():
+    """The recipe :func:`digits_retrain_small` retrains with: the 64-32-10 MLP, plain SGD."""
+    from .recipes import Recipe
+
+    return Recipe(make_model=functools.partial(digits_mlp, (32,)), optimizer="sgd", lr=0.1,
+                  epochs=RETRAIN_EPOCHS, n_checkpoints=2)
+
+
+def digits_retrain_small(indices, seed):
+    """``train_fn`` for ``trackin-ooc retrain --n-train 300``: the MLP trained on those of the first 300
+    training digits, returning its losses on the 100 test digits of :func:`digits_test_small`."""
+    from .recipes import RetrainFn
+
+    x, y = digits_split().train.tensors
+    xt, yt = digits_split().test.tensors
+    fn = RetrainFn(digits_mlp_recipe(), x[:SMALL_TRAIN], y[:SMALL_TRAIN], xt[:SMALL_TEST], yt[:SMALL_TEST])
+    return fn(indices, seed)

@@ -37,6 +37,21 @@ def add(*parts: np.ndarray) -> np.ndarray:
     return out
 
 
+def sum_tree(dsk: dict, level: list, prefix: str):
+    """Add tasks to ``dsk`` that sum the arrays under the keys ``level`` (SPLIT_EVERY at a time, in a tree);
+    return the key of the total."""
+    depth = 0
+    while len(level) > 1:
+        depth += 1
+        merged = []
+        for g in range(0, len(level), SPLIT_EVERY):
+            key = (f"{prefix}-{depth}", g // SPLIT_EVERY)
+            dsk[key] = (add, *level[g:g + SPLIT_EVERY])
+            merged.append(key)
+        level = merged
+    return level[0]
+
+
 def net_block(sums: np.ndarray, ref: StoreRef, start: int, stop: int, normalize: bool) -> np.ndarray:
     """(groups, rows) float32 net influence of train rows [start, stop): a float32 GEMM, as ``influence``'s
     blocks (a float64 one needs the block converted, three times the time of the product)."""
@@ -56,16 +71,7 @@ def net_influence_array(test: GradientStore, train: GradientStore, codes: np.nda
     for i, (s, e) in enumerate(blocks(test.n_examples, test.chunk_rows)):
         dsk[(part, i)] = (group_sums_block, tref, s, e, weights, normalize, codes[s:e], n_groups)
         level.append((part, i))
-    depth = 0
-    while len(level) > 1:
-        depth += 1
-        merged = []
-        for g in range(0, len(level), SPLIT_EVERY):
-            key = (f"trackin-net-sum{depth}-{token}", g // SPLIT_EVERY)
-            dsk[key] = (add, *level[g:g + SPLIT_EVERY])
-            merged.append(key)
-        level = merged
-    sums = level[0]
+    sums = sum_tree(dsk, level, f"trackin-net-sum-{token}")
     name = f"trackin-net-influence-{token}"
     ranges = blocks(train.n_examples, train_rows)
     for j, (s, e) in enumerate(ranges):

@@ -86,3 +86,32 @@ def _read_only_fs(folder: str) -> bool:
         return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
     except OSError:
         return False
+
+
+# ---- in-memory stores (path=None) ------------------------------------------------------------------
+MEMORY_PREFIX = "memory://trackin-ooc/"
+
+
+def new_memory_location(what: str = "store") -> str:
+    """A fresh location in this process's memory (fsspec's ``memory://`` file system, read and written
+    through zarr's ``FsspecStore``) for a store nobody needs on disk: a one-off query of a few examples.
+
+    Every function that takes a path takes it, in this process (threads); worker processes of a
+    distributed cluster do not see it.
+    """
+    import uuid
+
+    return f"{MEMORY_PREFIX}{what}-{uuid.uuid4().hex}.zarr"
+
+
+def is_memory(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an in-memory location (``memory://``)."""
+    return os.fspath(path).startswith("memory://")
+
+
+def release_with(owner: object, path: str) -> None:
+    """Free the in-memory store at ``path`` once ``owner`` (the object handed to the user) is garbage."""
+    import weakref
+
+    if is_memory(path):
+        weakref.finalize(owner, remove, path)

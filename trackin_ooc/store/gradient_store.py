@@ -238,12 +238,8 @@ class GradientStore:
     @property
     def nbytes(self) -> int:
         """Bytes of the gradient matrix as stored (uncompressed; with its factor arrays, if any)."""
-        size = layout.itemsize(self.dtype)
-        total = self.n_checkpoints * self.n_examples * self.feature_dim * size
-        for f in self.factor_arrays:
-            total += self.n_checkpoints * self.n_examples * f.positions * f.width * size
-            total += self.n_examples * f.positions * 8 if f.tokens else 0
-        return total
+        return layout.gradient_bytes(self.n_checkpoints, self.n_examples, self.feature_dim, self.factor_arrays,
+                                     self.dtype)
 
     @property
     def factor_arrays(self) -> list[layout.FactorArray]:
@@ -516,6 +512,12 @@ class GradientStore:
             f"<GradientStore {self.path!r}: {self.n_checkpoints} checkpoints × {self.n_examples} examples × "
             f"{width}, {self.dtype}, {self.spec.describe()}, {state}>"
         )
+
+    def _repr_html_(self) -> str:
+        """A table of what the store holds, for Jupyter (metadata only; trackin_ooc.views.reprs)."""
+        from ..views.reprs import store_html
+
+        return store_html(self)
 
 
 def _consolidate(group: zarr.Group) -> None:

@@ -328,6 +328,12 @@ class TopKIndex:
         return (f"<TopKIndex {self.path!r}: {self.n_lists} lists over {self.n_examples} rows, {kind}, "
                 f"n_probe={self.n_probe} by default, {state}>")
 
+    def _repr_html_(self) -> str:
+        """A table of the index and its calibration, for Jupyter (trackin_ooc.views.reprs)."""
+        from ..views.reprs import index_html
+
+        return index_html(self)
+
     # ---- reading --------------------------------------------------------------------------------
     def _has(self, name: str) -> bool:
         try:

@@ -57,13 +57,7 @@ class InfluenceStore:
                                                storage_options=storage_options)
         layout_args = dict(test_ids=test_ids, train_ids=train_ids, chunks=chunks, n_tasks=n_tasks, attrs=attrs)
         if existing.exists and not backends.is_remote(path):
-            final = backends.normalize_path(path)
-            staging = replace.sibling(final, "replacing")
-            try:
-                _lay_out(staging, None, **layout_args)
-                replace.swap_into_place(staging, final)
-            finally:
-                replace.remove(staging)
+            replace.lay_out_replacing(backends.normalize_path(path), lambda p: _lay_out(p, None, **layout_args))
             return cls(path, storage_options=storage_options)
         if existing.exists:  # object stores cannot swap: the earlier output goes first
             backends.remove(path, storage_options)

@@ -8,6 +8,7 @@ to read and write.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,6 +148,18 @@ def decode(raw: np.ndarray, storage_dtype: str) -> np.ndarray:
     if storage_dtype == "bfloat16":
         return (np.asarray(raw, dtype=np.uint32) << np.uint32(16)).view(np.float32)
     return np.asarray(raw, dtype=np.float32)
+
+
+def gradient_bytes(n_checkpoints: int, n_examples: int, feature_dim: int, factors: Sequence[FactorArray],
+                   storage_dtype: str) -> int:
+    """Bytes of a store's gradients as laid out (uncompressed): ``grads`` plus every factor array and its
+    token ids. What a capture announces before it starts and ``GradientStore.nbytes`` reports after."""
+    size = itemsize(storage_dtype)
+    total = n_checkpoints * n_examples * feature_dim * size
+    for f in factors:
+        total += n_checkpoints * n_examples * f.positions * f.width * size
+        total += n_examples * f.positions * 8 if f.tokens else 0
+    return int(total)
 
 
 def default_chunk_rows(feature_dim: int, n_checkpoints: int, storage_dtype: str, n_examples: int) -> int:

@@ -14,6 +14,7 @@ import ctypes
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -60,3 +61,14 @@ def swap_into_place(new: str, final: str) -> None:
     os.replace(final, old)
     os.replace(new, final)
     remove(old)
+
+
+def lay_out_replacing(final: str, lay_out: Callable[[str], object]) -> None:
+    """Lay out a new output with ``lay_out(staging path)`` next to ``final``, then swap it in: killed at
+    any point, the old output or the new (resumable) one is at ``final``."""
+    staging = sibling(final, "replacing")
+    try:
+        lay_out(staging)
+        swap_into_place(staging, final)
+    finally:
+        remove(staging)

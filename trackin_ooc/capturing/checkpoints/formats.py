@@ -9,6 +9,10 @@
   ``trainer_state.json``;
 - a run folder holding ``checkpoint-N`` folders: :func:`expand_checkpoints` makes it all of them in step order;
 - a state dict (or such a dict) in memory.
+
+Besides the weights, a checkpoint may hold an optimizer state: the dict saved beside the weights
+(``optimizer_state_dict``, ``optimizer``, Lightning's ``optimizer_states[0]``), or a Trainer folder's
+``optimizer.pt``; :mod:`.moments` reads the Adam moments from it when a capture asks for them.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 import torch
 
 from ...errors import CheckpointError, CheckpointNotFoundError
-from .learning_rates import FoundRate, from_saved_dict, from_trainer_state
+from .learning_rates import FoundRate, from_saved_dict, from_trainer_state, optimizer_state_in
 
 STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
 # The weights of a Hugging Face checkpoint folder, in the order from_pretrained prefers them.
@@ -35,6 +39,8 @@ FOLDER_WEIGHTS = (SAFETENSORS_WEIGHTS, SAFETENSORS_INDEX, TORCH_WEIGHTS, TORCH_I
 CHECKPOINT_FOLDER = re.compile(r"checkpoint-(\d+)")
 # File names that say nothing on their own: a checkpoint named so is shown with its folder.
 GENERIC_NAMES = {*FOLDER_WEIGHTS, "model.pt", "model.pth", "model.ckpt", "last.ckpt", "weights.pt"}
+# The optimizer state a Trainer saves in each checkpoint folder (Trainer._save_optimizer_and_scheduler).
+TRAINER_OPTIMIZER = "optimizer.pt"
 
 CheckpointSource = str | Mapping[str, Any]
 
@@ -47,6 +53,15 @@ class RawCheckpoint:
     where: str  # how messages refer to it: a path, or "#i (state dict)"
     tensors: dict[str, Any]
     rate: FoundRate
+    # The optimizer state saved beside the weights: (how messages refer to it, the state dict), or None.
+    optimizer: tuple[str, Mapping[str, Any]] | None = None
+    # A Trainer folder's optimizer.pt (read only when the moments are asked for), or None.
+    optimizer_file: str | None = None
+
+    @property
+    def from_trainer(self) -> bool:
+        """A Hugging Face Trainer folder: its optimizer's parameter ids follow the Trainer's two groups."""
+        return self.optimizer_file is not None
 
 
 # ---- which checkpoints ---------------------------------------------------------------------------
@@ -105,7 +120,7 @@ def read_checkpoint(source: CheckpointSource, index: int) -> RawCheckpoint:
     if isinstance(source, Mapping):
         where = f"#{index} (state dict)"
         tensors, rate = split_saved_dict(source, where)
-        return RawCheckpoint(f"state_dict_{index}", where, tensors, rate)
+        return RawCheckpoint(f"state_dict_{index}", where, tensors, rate, _optimizer(source, where))
     path = os.fspath(source)
     if os.path.isdir(path):
         return _read_folder(path)
@@ -114,8 +129,14 @@ def read_checkpoint(source: CheckpointSource, index: int) -> RawCheckpoint:
     if path.endswith(".safetensors"):
         no_rate = FoundRate(problem="a .safetensors file stores tensors only")
         return RawCheckpoint(checkpoint_name(path), path, read_safetensors(path), no_rate)
-    tensors, rate = split_saved_dict(torch_load(path), path)
-    return RawCheckpoint(checkpoint_name(path), path, tensors, rate)
+    saved = torch_load(path)
+    tensors, rate = split_saved_dict(saved, path)
+    return RawCheckpoint(checkpoint_name(path), path, tensors, rate, _optimizer(saved, path))
+
+
+def _optimizer(saved: Any, where: str) -> tuple[str, Mapping[str, Any]] | None:
+    found = optimizer_state_in(saved) if isinstance(saved, Mapping) else None
+    return None if found is None else (f"{where} ({found[0]})", found[1])
 
 
 def _read_folder(folder: str) -> RawCheckpoint:
@@ -133,7 +154,9 @@ def _read_folder(folder: str) -> RawCheckpoint:
             f"checkpoint folder {folder} holds no model weights ({', '.join(FOLDER_WEIGHTS)}); "
             "pass the folder a Trainer or save_pretrained wrote, or the weights file itself"
         )
-    return RawCheckpoint(checkpoint_name(folder), folder, tensors, from_trainer_state(folder))
+    optimizer = os.path.join(folder, TRAINER_OPTIMIZER)
+    return RawCheckpoint(checkpoint_name(folder), folder, tensors, from_trainer_state(folder),
+                         optimizer_file=optimizer if os.path.isfile(optimizer) else None)
 
 
 def _read_sharded(index_path: str, read) -> dict[str, Any]:

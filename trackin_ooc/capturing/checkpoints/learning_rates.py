@@ -46,13 +46,22 @@ def from_saved_dict(obj: Mapping[str, Any], where: str) -> FoundRate:
             if value is None:
                 return FoundRate(problem=f"{where} stores {key}={obj[key]!r}, not a finite number")
             return FoundRate(value)
+    found = optimizer_state_in(obj)
+    if found is not None:
+        key, state = found
+        return from_optimizer_state(state, f"{where} ({key})")
+    return FoundRate()
+
+
+def optimizer_state_in(obj: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]] | None:
+    """(key, optimizer state dict) saved beside the weights (Lightning's ``optimizer_states[0]``), or None."""
     for key in OPTIMIZER_KEYS:
         state = obj.get(key)
         if key == "optimizer_states" and isinstance(state, Sequence) and not isinstance(state, (str, bytes)):
             state = state[0] if state else None
         if isinstance(state, Mapping) and "param_groups" in state:
-            return from_optimizer_state(state, f"{where} ({key})")
-    return FoundRate()
+            return key, state
+    return None
 
 
 def from_optimizer_state(state: Mapping[str, Any], where: str) -> FoundRate:

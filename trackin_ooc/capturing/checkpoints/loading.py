@@ -1,8 +1,10 @@
 """load_checkpoints: every checkpoint once, in any format a training run writes (formats.py), fitted to the
-model (fitting.py), hashed (hashing.py), with its learning rate (learning_rates.py)."""
+model (fitting.py), hashed (hashing.py), with its learning rate (learning_rates.py) and, when asked for, the
+Adam moments of the selected parameters (moments.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from ...errors import CaptureError
 from .fitting import fit_state_dict
 from .formats import describe_sources, expand_checkpoints, read_checkpoint
 from .hashing import state_dict_sha256
+from .moments import FoundMoments, read_moments
 
 Checkpoints = Sequence[str | os.PathLike | Mapping[str, torch.Tensor]] | str | os.PathLike | Mapping
 
@@ -21,12 +24,22 @@ Checkpoints = Sequence[str | os.PathLike | Mapping[str, torch.Tensor]] | str | o
 @dataclass
 class Checkpoint:
     """One loaded checkpoint: its tensors (named as the model's ``state_dict()``), learning rate, a name and
-    a content hash."""
+    a content hash of the tensors; ``moments``: the Adam moments read with it (None: not asked for)."""
 
     name: str
     sha256: str
     state_dict: dict[str, torch.Tensor]
     learning_rate: float
+    moments: FoundMoments | None = None
+
+    def recorded_sha256(self, with_moments: bool) -> str:
+        """The hash a store records: of the tensors, or (a preconditioned capture) of the tensors and the
+        moments it used, so that a changed optimizer state is noticed like changed weights."""
+        if not with_moments:
+            return self.sha256
+        if self.moments is None or self.moments.value is None:
+            raise ValueError(f"checkpoint {self.name} was loaded without moments")
+        return hashlib.sha256(f"{self.sha256}+moments:{self.moments.value.sha256}".encode()).hexdigest()
 
 
 def _learning_rates(learning_rates, n: int, n_given: int, sources) -> list[float] | None:
@@ -46,8 +59,13 @@ def load_checkpoints(
     model: nn.Module,
     checkpoints: Checkpoints,
     learning_rates: Sequence[float] | None = None,
+    *,
+    moments_for: Sequence[str] | None = None,
 ) -> list[Checkpoint]:
     """Load every checkpoint once (CPU tensors), with its learning rate.
+
+    ``moments_for``: parameter names whose Adam moments to read too (:func:`.moments.read_moments`; each
+    checkpoint's ``moments`` says what was found, or why nothing was); None reads none.
 
     A run folder counts as all its ``checkpoint-N`` folders, so ``learning_rates`` has one value per
     checkpoint after that expansion. Given learning rates win over stored ones; a checkpoint with neither
@@ -72,6 +90,8 @@ def load_checkpoints(
                 f"no learning rate for checkpoint {raw.where}: {why}; "
                 "pass learning_rates=[...] (--lr) with one value per checkpoint"
             )
+        found = None if moments_for is None else read_moments(model, raw, moments_for)
         # Hash the fitted tensors, not the file: every format of the same weights hashes alike.
-        loaded.append(Checkpoint(name=raw.name, sha256=state_dict_sha256(sd), state_dict=sd, learning_rate=float(lr)))
+        loaded.append(Checkpoint(name=raw.name, sha256=state_dict_sha256(sd), state_dict=sd, learning_rate=float(lr),
+                                 moments=found))
     return loaded

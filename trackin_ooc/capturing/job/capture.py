@@ -27,6 +27,14 @@ from .data import as_loader, dataset_length
 from .device import resolve_device
 from .factor_layout import store_layout
 from .methods import choose_per_example_methods, probe_batch
+from .plan import announce, estimate_line
+from .preconditioning import (
+    check_preconditioner,
+    moments_attrs,
+    recorded_hashes,
+    resolve_preconditioner,
+    with_preconditioner,
+)
 from .resume import StoreSettings, check_resumable, existing_store
 
 log = logging.getLogger("trackin_ooc")
@@ -45,7 +53,7 @@ def capture(
     model: nn.Module,
     checkpoints: Sequence[str | os.PathLike | Mapping[str, torch.Tensor]],
     data,
-    path: str | os.PathLike,
+    path: str | os.PathLike | None,
     *,
     learning_rates: Sequence[float] | None = None,
     loss_fn: LossFn | None = None,
@@ -63,6 +71,7 @@ def capture(
     nonfinite: str = "raise",
     client=None,
     target_key: str = "labels",
+    preconditioner: str | None = "auto",
 ) -> GradientStore:
     """Write per-example loss gradients of ``data`` at every checkpoint to a gradient store at ``path``.
 
@@ -95,7 +104,24 @@ def capture(
 
     With ``client`` (a ``distributed.Client``; the active one is not used implicitly) the row blocks are
     computed as Dask tasks on its workers, each writing its own chunks of the same store.
+
+    ``path=None`` keeps the store in this process's memory (freed with the returned store): a one-off
+    query of a few examples ("why this prediction") that every scoring function takes like one on disk.
+    Before any gradient is computed, the size the store will take is announced (``plan_capture`` gives
+    the same estimate without capturing).
+
+    ``preconditioner``: ``"adam"`` stores the features of P_c^{1/2} g_c with P_c = diag(1/(√v̂_c + ε)) from
+    checkpoint c's Adam moments (so influence = Σ_c η_c g'ᵀ P_c g); the factored projection's layers and a
+    factors store's factor layers take the rank-1 (Adafactor) form of those moments. ``"adafactor"``: the
+    rank-1 form for every weight matrix. ``"auto"`` (default): "adam" when every checkpoint carries Adam moments
+    for the selected parameters, else the SGD form, said in one log line. None / ``"none"``: the SGD form
+    (plain gradients). Moments are read from the optimizer state saved with each checkpoint (a Trainer
+    folder's ``optimizer.pt``); capture a test store from the same checkpoints as its train store
+    (docs/preconditioning.md).
     """
+    in_memory = path is None
+    if in_memory:
+        path = backends.new_memory_location("capture")
     if dtype not in STORAGE_DTYPES:
         raise CaptureError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
     if projection not in CAPTURE_PROJECTIONS:  # also without projection_dim: a typo never means exact
@@ -109,8 +135,10 @@ def capture(
                           storage_options=storage_options)
     if not overwrite:  # refuse early; with overwrite the old store is removed only once inputs check out
         existing_store(path, storage_options)
-    ckpts = load_checkpoints(model, checkpoints, learning_rates)
+    preconditioner = check_preconditioner(preconditioner)
     names = select_parameters(model, layers)
+    ckpts = load_checkpoints(model, checkpoints, learning_rates,
+                             moments_for=None if preconditioner == "none" else names)
     params = dict(model.named_parameters())
     loader = as_loader(data, batch_size)
     n = dataset_length(loader)
@@ -123,12 +151,13 @@ def capture(
     else:
         spec = make_spec(projection, projection_dim, seed, [(n, tuple(params[n].shape)) for n in names])
     layout = store_layout(spec, projection, model, names, loader, dev, target_key)  # "factors": per-layer choices
-    spec = layout.spec
+    kind = resolve_preconditioner(preconditioner, ckpts, names)
+    spec = with_preconditioner(layout.spec, kind, model)
     settings = loader_settings(loader)
     label_dtype = probe_labels(loader.dataset, settings["collate_fn"], target_key)
     job = CaptureJob(
         model=model, checkpoints=checkpoints_as_given(checkpoints),
-        learning_rates=[ck.learning_rate for ck in ckpts], checkpoint_hashes=[ck.sha256 for ck in ckpts],
+        learning_rates=[ck.learning_rate for ck in ckpts], checkpoint_hashes=recorded_hashes(ckpts, kind),
         spec=spec, dataset=loader.dataset, loss_fn=loss_fn, nonfinite=nonfinite, target_key=target_key,
         device=str(dev) if dev is not None else ("auto" if device is None else str(device)), **settings,
     )
@@ -138,6 +167,7 @@ def capture(
         learning_rates=tuple(job.learning_rates), checkpoint_hashes=tuple(job.checkpoint_hashes), dtype=dtype,
         loss_name=_loss_name(loss_fn), label_dtype=None if label_dtype is None else str(label_dtype),
         chunk_rows=None if chunk_rows is None else max(1, min(int(chunk_rows), n)), factors=layout.factors,
+        preconditioner=spec.preconditioner,
     )
     t0 = time.perf_counter()
     lock = StoreLock(path, storage_options)  # one writer per store; released even on failure
@@ -146,7 +176,11 @@ def capture(
         store, blocks = _open_or_create(path, wanted, spec, ckpts, overwrite=overwrite,
                                         storage_options=storage_options,
                                         extra_attrs={"per_example_methods": job.per_example_methods,
-                                                     **layout.store_attrs})
+                                                     **_like_attrs(job), **layout.store_attrs,
+                                                     **moments_attrs(ckpts, kind)})
+        if blocks:
+            announce(estimate_line(n, len(ckpts), layout.feature_dim, layout.factors, dtype,
+                                   None if in_memory else path), progress)
         if blocks and client is not None:
             from .scale_out import run_on_cluster
 
@@ -163,7 +197,17 @@ def capture(
         "captured %d examples × %d checkpoints (%s) into %s in %.1f s (%d of %d row blocks this run)",
         n, len(ckpts), spec.describe(), store.path, time.perf_counter() - t0, len(blocks), len(store.row_blocks()),
     )
+    if in_memory:
+        backends.release_with(store, store.path)
     return store
+
+
+def _like_attrs(job: CaptureJob) -> dict:
+    """What ``capture_like`` needs beyond the spec: where the checkpoints were read (absolute paths; None for
+    a state dict given in memory) and the target key of Mapping batches."""
+    paths = [None if isinstance(c, Mapping) else (os.fspath(c) if "://" in os.fspath(c) else os.path.abspath(c))
+             for c in job.checkpoints]
+    return {"checkpoint_paths": paths, "target_key": job.target_key}
 
 
 def _open_or_create(path, wanted: StoreSettings, spec, ckpts, *, overwrite: bool, storage_options,

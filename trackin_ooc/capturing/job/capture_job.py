@@ -26,6 +26,7 @@ from ..checkpoints import Checkpoint, drop_tied_duplicates, expand_checkpoints, 
 from ..per_example.batches import split_batch
 from ..per_example.losses import LossFn
 from ..projection.features import make_featurizer
+from ..projection.preconditioner import preconditioner_scales
 from .data import batches
 from .device import resolve_device
 from .finite import NONFINITE_POLICIES, check_finite
@@ -104,11 +105,21 @@ class CaptureJob:
         if not blocks:
             return 0
         dev = resolve_device(self.device)
-        ckpts = loaded if loaded is not None else load_checkpoints(self.model, self.checkpoints, self.learning_rates)
-        changed = [ck.name for ck, h in zip(ckpts, self.checkpoint_hashes) if ck.sha256 != h]
+        preconditioned = self.spec.preconditioner != "none"
+        if loaded is None:
+            names = [n for n, _ in self.spec.layers] if preconditioned else None
+            loaded = load_checkpoints(self.model, self.checkpoints, self.learning_rates, moments_for=names)
+        ckpts = loaded
+        bad = next((ck for ck in ckpts if preconditioned and (ck.moments is None or ck.moments.value is None)), None)
+        if bad is not None:
+            why = bad.moments.error or bad.moments.absent if bad.moments is not None else "they were not read"
+            raise CaptureError(f"the Adam moments of checkpoint {bad.name} changed while the capture ran ({why}); "
+                               "rerun the capture once the checkpoints are final")
+        changed = [ck.name for ck, h in zip(ckpts, self.checkpoint_hashes) if ck.recorded_sha256(preconditioned) != h]
         if changed:
             raise CaptureError(
-                f"checkpoint {', '.join(changed)} changed while the capture ran (its tensors hash differently); "
+                f"checkpoint {', '.join(changed)} changed while the capture ran (its tensors"
+                f"{' or optimizer moments' if preconditioned else ''} hash differently); "
                 "rerun the capture once the checkpoints are final"
             )
         model = self.model.to(dev).eval()
@@ -117,7 +128,8 @@ class CaptureJob:
         try:
             # Every checkpoint is loaded (and moved to the device) once, outside the batch loop.
             states = [
-                featurize.prepare({k: v.to(dev) for k, v in drop_tied_duplicates(model, ck.state_dict).items()})
+                featurize.prepare({k: v.to(dev) for k, v in drop_tied_duplicates(model, ck.state_dict).items()},
+                                  preconditioner_scales(self.spec, ck.moments.value, dev) if preconditioned else None)
                 for ck in ckpts
             ]
             writer = BlockWriter(store, blocks, with_labels=store.has_labels)

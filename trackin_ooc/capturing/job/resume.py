@@ -33,6 +33,7 @@ class StoreSettings:
     label_dtype: str | None
     chunk_rows: int | None  # None: whatever the store chose
     factors: tuple[FactorArray, ...] = ()  # per-layer factor arrays (projection="factors")
+    preconditioner: str = "none"  # also in the fingerprint; compared on its own to say so in words
 
     @property
     def row_width(self) -> int:
@@ -47,7 +48,7 @@ class StoreSettings:
             fingerprint=store.fingerprint, learning_rates=tuple(float(x) for x in store.learning_rates),
             checkpoint_hashes=tuple(str(h) for h in store.checkpoint_hashes), dtype=store.dtype,
             loss_name=store.loss_name, label_dtype=None if label is None else str(np.dtype(label)),
-            chunk_rows=store.chunk_rows, factors=tuple(store.factor_arrays),
+            chunk_rows=store.chunk_rows, factors=tuple(store.factor_arrays), preconditioner=store.spec.preconditioner,
         )
 
 
@@ -63,6 +64,7 @@ _WORDS = {
     "label_dtype": "label dtype",
     "chunk_rows": "rows per chunk",
     "factors": "factor layers (positions per layer)",
+    "preconditioner": "preconditioner",
 }
 
 

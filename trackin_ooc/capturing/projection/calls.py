@@ -9,6 +9,12 @@ into what the features need, each the cheap way for its layer type:
   it. The input factor P_inᵀ a_t of every patch is a convolution of the input with P_in as kernels, and
   the per-example gradients are the convolution's weight gradient with the examples as groups (one
   grouped backward instead of unfolding T patches of C·kh·kw values).
+
+A call made with a preconditioner's :class:`~.preconditioner.LayerScale` is the call of the scaled layer:
+its inputs are multiplied by ``scale.inputs`` (a convolution's per patch column, applied wherever patches
+are used, since the image itself cannot carry it; an Embedding's per token, folded into δ) and its output
+gradients by ``scale.outputs``, so every product below is of P^{1/2}-scaled gradients. A ``ConvCall``'s ``x``
+stays the unscaled image: read its inputs through ``rows()``, ``project_input()`` or ``formed()`` only.
 """
 
 from __future__ import annotations
@@ -18,12 +24,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .factored import FactorLayer
+from .preconditioner import LayerScale
 
 
 class RowsCall:
     """A Linear, ``Conv1D`` or Embedding call: inputs (B, T, d_in without bias) or token ids (B, T)."""
 
-    def __init__(self, layer: FactorLayer, x: torch.Tensor, delta: torch.Tensor):
+    def __init__(self, layer: FactorLayer, x: torch.Tensor, delta: torch.Tensor, scale: LayerScale | None = None):
+        if scale is not None:
+            if layer.kind == "embedding":  # a token's input is a one-hot row: its scale goes with its δ
+                delta = delta.to(torch.float32) * scale.outputs * scale.inputs[x].unsqueeze(-1)
+            else:
+                x = x.to(torch.float32) * scale.inputs
+                delta = delta.to(torch.float32) * scale.outputs
         self.layer = layer
         self.x = x
         self.delta = delta  # (B, T, d_out)
@@ -70,7 +83,12 @@ class ConvCall:
     """A Conv2d call: input (B, C, H, W) (padded here when the module pads other than with zeros) and
     output gradients (B, O, H', W')."""
 
-    def __init__(self, layer: FactorLayer, module: nn.Conv2d, x: torch.Tensor, delta_map: torch.Tensor):
+    def __init__(self, layer: FactorLayer, module: nn.Conv2d, x: torch.Tensor, delta_map: torch.Tensor,
+                 scale: LayerScale | None = None):
+        self.in_scale = None  # per patch column (C·kh·kw,), with a preconditioner
+        if scale is not None:
+            delta_map = delta_map.to(torch.float32) * scale.outputs.reshape(1, -1, 1, 1)
+            self.in_scale = scale.inputs
         self.layer = layer
         self.module = module
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
@@ -94,7 +112,7 @@ class ConvCall:
         if self._rows is None:
             m = self.module
             cols = F.unfold(self.x, m.kernel_size, dilation=m.dilation, padding=self.padding, stride=m.stride)
-            self._rows = cols.transpose(1, 2)
+            self._rows = cols.transpose(1, 2) if self.in_scale is None else cols.transpose(1, 2) * self.in_scale
         return self._rows
 
     def project_input(self, p: torch.Tensor) -> torch.Tensor:
@@ -102,7 +120,10 @@ class ConvCall:
         m = self.module
         n = p.shape[1]
         c = self.x.shape[1]
-        kernels = p[: p.shape[0] - self.layer.has_bias].T.reshape(n, c, *m.kernel_size).contiguous()
+        weights = p[: p.shape[0] - self.layer.has_bias]
+        if self.in_scale is not None:  # (a ∘ s)ᵀ P = aᵀ (diag(s) P)
+            weights = weights * self.in_scale.unsqueeze(1)
+        kernels = weights.T.reshape(n, c, *m.kernel_size).contiguous()
         bias = p[-1].contiguous() if self.layer.has_bias else None
         y = F.conv2d(self.x.to(torch.float32), kernels, bias, m.stride, self.padding, m.dilation)
         return y.reshape(y.shape[0], n, -1).transpose(1, 2)
@@ -112,8 +133,9 @@ class ConvCall:
         m = self.module
         x, d = self.x.to(torch.float32), self.delta_map.to(torch.float32)
         shape = x.new_empty(()).expand(d.shape[1], x.shape[1], *m.kernel_size)
-        return torch.ops.aten.convolution_backward(d, x, shape, None, m.stride, self.padding, m.dilation, False,
-                                                   (0, 0), 1, (False, True, False))[1]
+        g = torch.ops.aten.convolution_backward(d, x, shape, None, m.stride, self.padding, m.dilation, False,
+                                                (0, 0), 1, (False, True, False))[1]
+        return g if self.in_scale is None else g * self.in_scale.reshape(1, *g.shape[1:])
 
     def formed(self, start: int, stop: int) -> torch.Tensor:
         """Per-example weight gradients of examples ``start:stop``: the convolution's weight gradient
@@ -129,6 +151,8 @@ class ConvCall:
             m.stride, self.padding, m.dilation, False, (0, 0), b, (False, True, False),
         )[1]
         g = gw.reshape(b, o, -1).transpose(1, 2)  # (b, C·kh·kw, O)
+        if self.in_scale is not None:
+            g = g * self.in_scale.unsqueeze(1)
         if self.layer.has_bias:
             g = torch.cat([g, d.sum((2, 3)).unsqueeze(1)], dim=1)
         return g

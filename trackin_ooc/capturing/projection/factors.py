@@ -33,6 +33,7 @@ from ..per_example.losses import LossFn, check_losses, default_loss
 from ..per_example.norms import dense_sq_norms, factored_sq_norms
 from .factored import FactorLayer, layer_groups
 from .hooks import FactorTap
+from .preconditioner import LayerScale, Scales
 
 SPEC_KEY = "factors"
 PLAN_VERSION = 1
@@ -216,6 +217,8 @@ class FactorsFeatures:
     Forward hooks (:class:`~.hooks.FactorTap`) on the factor layers collect their inputs during one batched
     forward; one backward of the summed loss gives every δ (in eval mode examples do not interact).
     The flat part's per-example gradients come from :class:`PerExampleGradients` (with these taps off).
+    With a preconditioner, a factor layer stores its scaled a and δ (rank-1 P^{1/2}, :mod:`.preconditioner`)
+    and the flat part its elementwise-scaled gradients.
     """
 
     method = "factor hooks"
@@ -244,10 +247,11 @@ class FactorsFeatures:
             self._flat = PerExampleGradients(model, list(self.plan.flat), self.loss_fn, **kw)
         self._checked = False
 
-    def prepare(self, state: dict[str, torch.Tensor]):
-        """Per checkpoint, once: (state whose factor-layer weights require grad, the plain state)."""
+    def prepare(self, state: dict[str, torch.Tensor], scales: Scales | None = None):
+        """Per checkpoint, once: (state whose factor-layer weights require grad, the plain state, the
+        checkpoint's preconditioner scales or None)."""
         hooked = set(self._weights)
-        return {k: (v.detach().requires_grad_(True) if k in hooked else v) for k, v in state.items()}, state
+        return {k: (v.detach().requires_grad_(True) if k in hooked else v) for k, v in state.items()}, state, scales
 
     def __call__(self, states, inputs, targets: torch.Tensor) -> tuple[FactorFeatures, torch.Tensor, torch.Tensor]:
         """Features at every prepared checkpoint, losses (C, B) and exact squared gradient norms (C, B)."""
@@ -269,7 +273,7 @@ class FactorsFeatures:
         """Checkpoint ``c``: one batched forward and backward (plus the flat part's per-example gradients)
         written into ``feats`` (its arrays made at the first checkpoint) and the squared norms into ``sq``
         (B,); returns the losses (B,)."""
-        state, plain = prepared
+        state, plain, scales = prepared
         batch = targets.shape[0]
         for t in self.taps:
             t.calls.clear()
@@ -291,7 +295,7 @@ class FactorsFeatures:
         self._checked = True
         deltas = iter(grads[: len(outputs)])
         for i, (t, x) in enumerate(zip(self.taps, self.choices)):
-            ins, outs = self._positions(t, x, deltas, batch)
+            ins, outs = self._positions(t, x, deltas, batch, None if scales is None else scales.layers[x.module])
             t.calls.clear()
             name = f"factors_{i}"
             if c == 0:  # positions are known now: the batch's arrays at every checkpoint
@@ -318,6 +322,8 @@ class FactorsFeatures:
                 sq += factored_sq_norms(ins, outs, bias=x.has_bias, embedding=x.kind == "embedding")
         if self._flat is not None:
             g, _ = self._flat(plain, inputs, targets)
+            if scales is not None:
+                g = scales.apply(g)
             sq += dense_sq_norms({n: g[n] for n in self.plan.flat}, batch)
             flat = torch.cat([g[n].reshape(batch, -1).to(torch.float32) for n in self.plan.flat], dim=1)
             if c == 0:
@@ -326,13 +332,14 @@ class FactorsFeatures:
         return losses.detach()
 
     @staticmethod
-    def _positions(t: FactorTap, x: LayerChoice, deltas, batch: int):
-        """A layer's inputs (B, T, d) or token ids (B, T) and output gradients (B, T, d_out), per call."""
+    def _positions(t: FactorTap, x: LayerChoice, deltas, batch: int, scale: LayerScale | None = None):
+        """A layer's inputs (B, T, d) or token ids (B, T) and output gradients (B, T, d_out), per call (those
+        of the preconditioned layer with ``scale``)."""
         ins, outs = [], []
         for a, o in t.calls:
             delta = next(deltas)
             unused = delta is None  # this call's output did not reach the loss: δ = 0
-            x_in, d_out = _call_parts(t, a, torch.zeros_like(o) if unused else delta, batch)
+            x_in, d_out = _call_parts(t, a, torch.zeros_like(o) if unused else delta, batch, scale)
             ins.append(x_in if x.kind == "embedding" else x_in.to(torch.float32))
             outs.append(d_out.to(torch.float32))
         return ins, outs
@@ -369,9 +376,10 @@ class FactorsFeatures:
         self.taps = []
 
 
-def _call_parts(t: FactorTap, x: torch.Tensor, delta: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _call_parts(t: FactorTap, x: torch.Tensor, delta: torch.Tensor, batch: int,
+                scale: LayerScale | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One hooked call as (input rows (B, T, d_in without bias) or token ids (B, T), δ (B, T, d_out))."""
-    c = t.call(x, delta, batch)
+    c = t.call(x, delta, batch, scale)
     return c.rows(), c.delta
 
 

@@ -1,8 +1,9 @@
 """Featurizers: one batch at every checkpoint → (features (C, B, dim), per-example losses (C, B),
 exact squared gradient norms (C, B)).
 
-Two kinds behind one interface (``prepare(state)`` once per checkpoint, then one call per batch with
-all prepared states): :class:`DenseFeatures` forms per-example gradients (torch.func) and projects
+Two kinds behind one interface (``prepare(state, scales)`` once per checkpoint, then one call per batch
+with all prepared states; ``scales``: the checkpoint's preconditioner, :class:`~.preconditioner.Scales`, or
+None for plain gradients): :class:`DenseFeatures` forms per-example gradients (torch.func) and projects
 them densely or keeps them exact, in micro-batches sized to a memory budget, all checkpoints in one
 pass over the projection matrix (each block is generated at most once per micro-batch, even when the
 matrix is larger than the block cache); :class:`~.hooks.FactoredFeatures` never forms them
@@ -23,6 +24,7 @@ from ..per_example.gradients import PerExampleGradients
 from ..per_example.losses import LossFn
 from ..per_example.norms import dense_sq_norms
 from .dense import Projector
+from .preconditioner import Scales
 
 # Bytes the per-example gradients of one micro-batch may take; default: a share of free memory.
 MEMORY_ENV = "TRACKIN_OOC_CAPTURE_MEMORY"
@@ -70,8 +72,15 @@ class DenseFeatures:
         """{parameter: "hooks" | "vmap" | "loop"} once chosen."""
         return self.per_example.methods
 
-    def prepare(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return state
+    def prepare(self, state: dict[str, torch.Tensor], scales: Scales | None = None
+                ) -> tuple[dict[str, torch.Tensor], Scales | None]:
+        return state, scales
+
+    def _gradients(self, prepared, inputs, targets: torch.Tensor):
+        """Per-example gradients at one prepared checkpoint, times its P^{1/2} if it has one."""
+        state, scales = prepared
+        grads, losses = self.per_example(state, inputs, targets)
+        return (grads if scales is None else scales.apply(grads)), losses
 
     def __call__(self, states, inputs, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Features (C, B, dim), losses (C, B) and exact squared gradient norms (C, B)."""
@@ -81,7 +90,7 @@ class DenseFeatures:
         for start in range(0, b, step):
             stop = min(b, start + step)
             x = slice_inputs(inputs, start, stop, b) if step < b else inputs
-            per_ckpt = [self.per_example(state, x, targets[start:stop]) for state in states]
+            per_ckpt = [self._gradients(prepared, x, targets[start:stop]) for prepared in states]
             losses.append(torch.stack([loss for _, loss in per_ckpt]))
             norms.append(torch.stack([dense_sq_norms(g, stop - start) for g, _ in per_ckpt]))
             # One projector call for all checkpoints: (C·rows, D) against each block once.

@@ -8,6 +8,10 @@ features then come per position from the projected a_t and δ_t, or from its per
 G = Aᵀ Δ formed in chunks of examples, whichever costs less for the batch at hand (:mod:`.costs`);
 its exact squared norm likewise from the Gram form or ‖G‖².
 
+With a preconditioner (:mod:`.preconditioner`) each hooked layer's calls are scaled by its rank-1 P^{1/2}
+(a and δ, see :mod:`.calls`) and the dense group's per-example gradients elementwise, before anything is
+projected or normed.
+
 A layer called on a tensor broadcast over the batch (position ids of shape (1, T)) gets its output
 expanded to one copy per example, so δ stays per example.
 
@@ -44,6 +48,7 @@ from .factored import (
     project_input,
     project_output,
 )
+from .preconditioner import LayerScale, Scales
 
 log = logging.getLogger("trackin_ooc")
 
@@ -80,19 +85,21 @@ class FactorTap:
         # gradient is δ.
         return output.clone()
 
-    def call(self, x: torch.Tensor, delta: torch.Tensor, batch: int) -> RowsCall | ConvCall:
-        """One call's input and output gradient, per example (a shared input expanded to the batch)."""
+    def call(self, x: torch.Tensor, delta: torch.Tensor, batch: int, scale: LayerScale | None = None
+             ) -> RowsCall | ConvCall:
+        """One call's input and output gradient, per example (a shared input expanded to the batch); with
+        ``scale``, those of the preconditioned layer."""
         x = _per_example(self.layer, x, batch)
         if delta.shape[0] != batch:
             raise _batch_error(self.layer, delta.shape)
         if self.layer.kind == "conv2d":
-            return ConvCall(self.layer, self.module, x, delta)
+            return ConvCall(self.layer, self.module, x, delta, scale)
         x = x.reshape(batch, -1) if self.layer.kind == "embedding" else x.reshape(batch, -1, x.shape[-1])
         delta = delta.reshape(batch, -1, delta.shape[-1])
         pad = getattr(self.module, "padding_idx", None)
         if self.layer.kind == "embedding" and pad is not None:  # the padding row gets no gradient
             delta = delta * (x != pad).unsqueeze(-1).to(delta.dtype)
-        return RowsCall(self.layer, x, delta)
+        return RowsCall(self.layer, x, delta, scale)
 
 
 def _per_example(layer: FactorLayer, x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -267,11 +274,12 @@ class FactoredFeatures:
         self._weights = [t.layer.weight for t in self.taps]
         self._checked = False
 
-    def prepare(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Per checkpoint, once: (state whose factored weights require grad, the plain state)."""
+    def prepare(self, state: dict[str, torch.Tensor], scales: Scales | None = None):
+        """Per checkpoint, once: (state whose factored weights require grad, the plain state, the checkpoint's
+        preconditioner scales or None)."""
         hooked = set(self._weights) | set(self._dense_group.hooked if self._dense_group else ())
         with_grad = {k: (v.detach().requires_grad_(True) if k in hooked else v) for k, v in state.items()}
-        return with_grad, state
+        return with_grad, state, scales
 
     def __call__(self, states, inputs, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (C, B, dim) and losses (C, B) at every prepared checkpoint state."""
@@ -281,7 +289,7 @@ class FactoredFeatures:
     def one(self, prepared, inputs, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Features (B, dim), losses (B,) and exact squared gradient norms (B,) at one prepared
         checkpoint: one forward and backward."""
-        state, plain = prepared
+        state, plain, scales = prepared
         batch = targets.shape[0]
         dense = self._dense_group
         for t in self.taps:
@@ -313,8 +321,9 @@ class FactoredFeatures:
         parts: dict[int, torch.Tensor] = {}
         sq_norms = torch.zeros(batch, dtype=torch.float32, device=self.device)
         for t in self.taps:
-            calls = [t.call(a, delta, batch) for (a, _o), delta in zip(t.calls, [next(deltas) for _ in t.calls])
-                     if delta is not None]
+            scale = None if scales is None else scales.layers[t.layer.module]
+            calls = [t.call(a, delta, batch, scale)
+                     for (a, _o), delta in zip(t.calls, [next(deltas) for _ in t.calls]) if delta is not None]
             t.calls.clear()
             if not calls:
                 parts[id(t.layer)] = torch.zeros(batch, t.layer.width, device=self.device)
@@ -326,6 +335,8 @@ class FactoredFeatures:
         if dense is not None:
             batch_grads = grads[n_out + n_dense + len(self._weights):] if check else None
             g = dense.gradients(grads[n_out: n_out + n_dense], batch_grads, plain, inputs, targets, batch)
+            if scales is not None:
+                g = scales.apply(g)
             sq_norms += dense_sq_norms(g, batch)
             parts[id(self.dense)] = dense_features(self.spec, self.dense, g, self.device)
         feats = torch.cat([parts.get(id(x)) if x.kind != "pad" else torch.zeros(batch, x.width, device=self.device)
