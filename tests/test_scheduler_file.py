@@ -304,7 +304,7 @@ def test_top_k_survives_killing_one_worker_mid_run(cluster, tmp_path):
     n_parts = len(plan.test_blocks(n_test)) * len(plan.train_blocks(n_train))
     assert n_parts >= 150, plan  # many short tasks: the kill lands in the middle of the run
     args = ["top-k", "--train", str(tmp_path / "train.zarr"), "--test", str(tmp_path / "test.zarr"),
-            "-k", str(k), "--out"]
+            "-k", str(k), "--raw", "--out"]  # --raw: the dot products the NumPy reference below computes
     cli_in_process("--memory-limit", str(limit), *args, str(tmp_path / "local.csv"))
 
     # On the module's cluster: the killed worker is started again after the test.
