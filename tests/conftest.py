@@ -110,3 +110,111 @@ def flipped_mlp(tmp_path_factory, flipped_digits) -> TrainedModel:
         tmp_path_factory, "flipped_mlp", lambda: digits_mlp((64,), seed=0), flipped_digits.train,
         epochs=30, every=10, last_linear="3",
     )
+
+
+# ---- shared captures ------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def captured(request, tmp_path_factory, digits, digits_test):
+    """``captured(model, split, **capture_kwargs)``: one capture per configuration per session, read-only.
+
+    ``model`` names a session model fixture ("mlp", "cnn", "flipped_mlp"), ``split`` is "train"
+    (``digits.train``) or "test" (``digits_test``); keyword arguments go to ``to.capture`` (default
+    ``device="cpu"``, ``batch_size=64``, no progress bar). Tests that change a store must capture their own.
+    """
+    import trackin_ooc as to
+
+    cache: dict = {}
+    data = {"train": digits.train, "test": digits_test}
+
+    def get(model: str, split: str, **kw):
+        kw = {"device": "cpu", "batch_size": 64, "progress": False, **kw}
+        key = (model, split, tuple(sorted((k, repr(v)) for k, v in kw.items())))
+        if key not in cache:
+            trained = request.getfixturevalue(model)
+            path = tmp_path_factory.mktemp(f"captured_{model}_{split}") / "store.zarr"
+            cache[key] = to.capture(trained.model, trained.checkpoints, data[split], path, **kw)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exact_pair(captured):
+    """``exact_pair(model)``: the (test, train) exact-gradient stores of a session model, captured once."""
+    return lambda model: (captured(model, "test"), captured(model, "train"))
+
+
+@pytest.fixture(scope="session")
+def factors_pair(captured):
+    """``factors_pair(model)``: the (test, train) per-layer factor stores (``projection="factors"``, layout
+    version 2) of a session model, captured once."""
+    return lambda model: (captured(model, "test", projection="factors"),
+                          captured(model, "train", projection="factors"))
+
+
+@pytest.fixture(scope="session")
+def captum_reference(request, digits, digits_test):
+    """``captum_reference(model, layers=None)``: Captum ``TracInCP``'s influence matrix, self-influence and
+    top-5 proponents/opponents of ``digits_test`` against ``digits.train`` (tests/test_captum_parity.py),
+    computed once per session and configuration."""
+    from .test_captum_parity import captum_results
+
+    cache: dict = {}
+
+    def get(model: str, layers=None):
+        key = (model, tuple(layers) if layers else None)
+        if key not in cache:
+            cache[key] = captum_results(request.getfixturevalue(model), digits.train, digits_test, layers)
+        return cache[key]
+
+    return get
+
+
+# ---- a LocalCluster shared by the tests of one module ------------------------------------------------
+@pytest.fixture
+def local_cluster():
+    """The two-worker LocalCluster of tests/__init__.py ``two_worker_client``, its Client active for the
+    test (so scoring without ``client=`` runs on it). Started on first use, shared by the module's tests."""
+    from . import two_worker_client
+
+    with two_worker_client() as client:
+        yield client
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """An idle LocalCluster still costs CPU (~6 s a minute here): stop it when the next test is in
+    another module (or none is known yet); the next user starts it again."""
+    from . import close_shared_cluster
+
+    if nextitem is None or nextitem.module is not item.module:
+        close_shared_cluster()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from . import close_shared_cluster
+
+    close_shared_cluster()
+
+
+# ---- order: longest modules first -------------------------------------------------------------------
+# make test runs pytest-xdist with --dist loadscope (each module's tests in one process, so module
+# fixtures are built once) and --no-loadscope-reorder (modules handed out in this order): the longest
+# modules start first, so none starts last and leaves the other process idle. Measured wall seconds,
+# serial, 2 cores; a hint only: a module missing here just starts later.
+RUN_FIRST = {
+    "test_scheduler_file": 85, "test_notebooks": 73, "test_cli_errors": 56, "test_resume_capture": 55,
+    "test_output_guard": 44, "test_cli": 39, "test_index": 31, "test_factor_store": 25, "test_disk_errors": 20,
+    "test_resume_scoring": 19, "test_engine_reference": 16, "test_distributed": 13, "test_demo": 12,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest modules first, each module's tests in their order (serially too: it changes nothing else)."""
+    position = {id(item): i for i, item in enumerate(items)}
+
+    def cost(item) -> float:
+        module = getattr(item, "module", None)
+        return RUN_FIRST.get(module.__name__.rsplit(".", 1)[-1], 0) if module is not None else 0
+
+    items.sort(key=lambda item: (-cost(item), position[id(item)]))

@@ -57,17 +57,6 @@ def captum_results(trained, train_ds, test_ds, layers=None) -> dict[str, np.ndar
     }
 
 
-def our_stores(trained, train_ds, test_ds, tmp_path, layers=None):
-    """Exact-gradient stores of ``train_ds`` and ``test_ds``.
-
-    device="cpu": Captum runs on the CPU, and a GPU's TF32 convolutions would not meet 1e-4.
-    """
-    kw = dict(layers=layers, projection_dim=None, device="cpu", batch_size=64)
-    train = to.capture(trained.model, trained.checkpoints, train_ds, tmp_path / "train.zarr", **kw)
-    test = to.capture(trained.model, trained.checkpoints, test_ds, tmp_path / "test.zarr", **kw)
-    return test, train
-
-
 def assert_close(ours, ref, what: str, scale: float | None = None) -> None:
     ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs Captum {ref.shape}"
@@ -92,9 +81,13 @@ def assert_topk_matches(index, score, ref_index, ref_score, ref_full, what: str)
     assert len(rows) <= 0.02 * index.size, f"{what}: {len(rows)} of {index.size} ranks differ from Captum"
 
 
-def check_parity(trained, train_ds, test_ds, tmp_path, layers=None) -> None:
-    ref = captum_results(trained, train_ds, test_ds, layers)
-    test, train = our_stores(trained, train_ds, test_ds, tmp_path, layers)
+def check_parity(model_name, train_ds, test_ds, captum_reference, captured, layers=None):
+    """Our exact stores of ``train_ds``/``test_ds`` (device="cpu": Captum runs on the CPU, and a GPU's TF32
+    convolutions would not meet 1e-4; captured once per session, conftest.py) against Captum's results."""
+    ref = captum_reference(model_name, layers)
+    kw = {"layers": layers} if layers else {}
+    test, train = captured(model_name, "test", **kw), captured(model_name, "train", **kw)
+    assert train.n_examples == len(train_ds) and test.n_examples == len(test_ds)
 
     inf = to.influence(test, train)
     assert inf.dims == ("test", "train")
@@ -121,12 +114,12 @@ def check_parity(trained, train_ds, test_ds, tmp_path, layers=None) -> None:
     # Proponents descend, opponents ascend.
     assert np.all(np.diff(best.proponent_score.values, axis=1) <= 0)
     assert np.all(np.diff(best.opponent_score.values, axis=1) >= 0)
+    return test, train
 
 
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])
-def test_all_parameters_match_captum(request, model_name, digits, digits_test, tmp_path):
-    trained = request.getfixturevalue(model_name)
-    check_parity(trained, digits.train, digits_test, tmp_path)
+def test_all_parameters_match_captum(model_name, digits, digits_test, captum_reference, captured):
+    check_parity(model_name, digits.train, digits_test, captum_reference, captured)
 
 
 @pytest.mark.parametrize(
@@ -134,12 +127,11 @@ def test_all_parameters_match_captum(request, model_name, digits, digits_test, t
     [("mlp", None), ("cnn", None), ("cnn", "conv2")],
     ids=["mlp-last-linear", "cnn-last-linear", "cnn-conv2"],
 )
-def test_one_layer_matches_captum(request, model_name, layer, digits, digits_test, tmp_path):
+def test_one_layer_matches_captum(request, model_name, layer, digits, digits_test, captum_reference, captured):
     trained = request.getfixturevalue(model_name)
     layer = layer or trained.last_linear
-    check_parity(trained, digits.train, digits_test, tmp_path, layers=[layer])
+    _, store = check_parity(model_name, digits.train, digits_test, captum_reference, captured, layers=[layer])
     # The layer selection really restricted the gradients: only that module's parameters.
-    store = to.open_store(tmp_path / "train.zarr")
     module = dict(trained.model.named_modules())[layer]
     assert store.feature_dim == sum(p.numel() for p in module.parameters())
     assert {name for name, _ in store.spec.layers} == {f"{layer}.weight", f"{layer}.bias"}

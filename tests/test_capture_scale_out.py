@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from distributed import Client
+from distributed import get_task_stream
 from torch.utils.data import Dataset
 
 import trackin_ooc as to
@@ -42,19 +42,23 @@ def test_split_ranges_covers_every_block_once_in_order():
         assert len(ranges) == min(n, 11) and max(map(len, ranges)) - min(map(len, ranges)) <= 1
 
 
-def _writers(client: Client) -> dict[str, int]:
-    """Capture tasks each worker ran."""
-    def count(dask_worker):
-        return sum(1 for key in dask_worker.state.log if "trackin-capture" in str(key))
-
-    return client.run(count)
+def _writers(tasks) -> dict[str, int]:
+    """Capture tasks each worker ran, from a ``distributed.get_task_stream`` record."""
+    counts: dict[str, int] = {}
+    for task in tasks.data:
+        if "trackin-capture" in str(task["key"]):
+            counts[task["worker"]] = counts.get(task["worker"], 0) + 1
+    return counts
 
 
 def test_scaled_out_capture_equals_one_process(client, mlp, digits, whole, tmp_path):
-    store = to.capture(mlp.model, mlp.checkpoints, digits.train, tmp_path / "s.zarr", client=client, **KW)
+    with get_task_stream(client) as tasks:
+        store = to.capture(mlp.model, mlp.checkpoints, digits.train, tmp_path / "s.zarr", client=client, **KW)
     assert store.complete
     tt.assert_stores_identical(store, whole)
-    assert all(n > 0 for n in _writers(client).values()), "a worker wrote nothing: capture did not scale out"
+    writers = _writers(tasks)
+    assert len(writers) == 2 and all(n > 0 for n in writers.values()), (
+        f"capture tasks per worker {writers}: capture did not scale out to both")
 
 
 def _dies_once(base, at: int, marker: str) -> Dataset:

@@ -3,9 +3,9 @@
 Scores from a factor store equal Captum's ``TracInCP`` on the digits MLP (every layer factors) and CNN
 (a mixed store: both convolutions flat, the last layer factors), and equal the flat exact store of the
 same capture on models with positions: the text classifier (an Embedding over 16 tokens), the CNN with
-every convolution forced to factors, and a model over sequences of varying length. The store resumes
-after SIGKILL, reports damaged chunks by name, scores on a LocalCluster, and ``info`` shows the
-per-layer choice.
+every convolution forced to factors, and a model over sequences of varying length. The store reports
+damaged chunks by name, is captured and scored on a LocalCluster, and ``info`` shows the per-layer choice.
+Its resume after SIGKILL is one of the kill points of tests/test_resume_capture.py.
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +30,12 @@ from trackin_ooc.store import layout
 from trackin_ooc.summary import store_info
 
 from . import two_worker_client
-from .test_captum_parity import K, assert_close, assert_topk_matches, captum_results
+from .test_captum_parity import K, assert_close, assert_topk_matches
 
 pytestmark = pytest.mark.timeout(300)
 
 RTOL = 1e-4
 EXE = Path(sys.executable).parent / "trackin-ooc"
-CHILD = Path(__file__).resolve().parent / "scripts" / "factor_capture_child.py"
 
 
 def capture_pair(trained_model, checkpoints, train_ds, test_ds, root: Path, tag: str, **kw):
@@ -67,11 +64,10 @@ def assert_same_scores(factor_pair, flat_pair, k: int = 3) -> None:
 
 # ---- parity with Captum --------------------------------------------------------------------------
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])
-def test_factor_store_matches_captum(request, model_name, digits, digits_test, tmp_path):
+def test_factor_store_matches_captum(request, model_name, digits, digits_test, captum_reference, factors_pair):
     trained = request.getfixturevalue(model_name)
-    ref = captum_results(trained, digits.train, digits_test)
-    test, train = capture_pair(trained.model, trained.checkpoints, digits.train, digits_test, tmp_path, "f",
-                               projection="factors")
+    ref = captum_reference(model_name)  # the same Captum run as tests/test_captum_parity.py's
+    test, train = factors_pair(model_name)  # captured once per session (conftest.py), device="cpu"
 
     assert train.attrs["format_version"] == layout.FACTORS_FORMAT_VERSION == 2
     stored = {f.module: f for f in train.factor_arrays}
@@ -261,7 +257,7 @@ def test_factor_capture_and_scores_on_a_local_cluster(mlp, digits, digits_test, 
     here_inf = to.influence(*pair).values
     here_top = to.top_k(*pair, k=4, normalize=True)
     here_self = to.self_influence(pair[1]).values
-    with two_worker_client() as client:
+    with two_worker_client() as client:  # the module's LocalCluster (tests/__init__.py)
         # Row blocks captured as Dask tasks on the workers: the same bytes as in-process.
         spread = to.capture(mlp.model, mlp.checkpoints, train_ds, tmp_path / "spread.zarr", projection="factors",
                             chunk_rows=32, batch_size=64, device="cpu", client=client)
@@ -329,7 +325,7 @@ def test_exact_capture_logs_when_factors_are_cheaper(mlp, cnn, digits, tmp_path,
     assert not [r for r in caplog.records if "projection='factors'" in r.getMessage()]
 
 
-# ---- integrity: checksums and resume after SIGKILL -------------------------------------------------
+# ---- integrity: checksums ------------------------------------------------------------------------
 def test_damaged_factor_chunk_is_named_by_every_reader(mlp, digits, digits_test, tmp_path):
     test, train = capture_pair(mlp.model, mlp.checkpoints, Subset(digits.train, range(96)), digits_test, tmp_path,
                                "f", projection="factors", chunk_rows=32)
@@ -343,55 +339,6 @@ def test_damaged_factor_chunk_is_named_by_every_reader(mlp, digits, digits_test,
         with pytest.raises(to.CorruptChunkError, match="'factors_1' chunk 1/2/0/0") as e:
             run()
         assert "\n" not in str(e.value)
-
-
-def _child(out: Path, checkpoints, **env) -> subprocess.Popen:
-    e = dict(os.environ, TRACKIN_OOC_QUIET="1", OMP_NUM_THREADS="1", **{k: str(v) for k, v in env.items()})
-    return subprocess.Popen([sys.executable, str(CHILD), str(out), *checkpoints], env=e, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def _run_child(out: Path, checkpoints) -> None:
-    proc = _child(out, checkpoints)
-    _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 0, err
-
-
-def _blocks_done(path: Path) -> int:
-    try:
-        return int(to.open_store(path).blocks_done().sum())
-    except Exception:  # not laid out yet
-        return -1
-
-
-def test_sigkilled_factor_capture_resumes_to_the_uninterrupted_store(tmp_path):
-    from trackin_ooc.demo import train_with_checkpoints
-    from trackin_ooc.demo.examples import digits_mlp_model, digits_train_small
-
-    ckpts = [str(p) for p in train_with_checkpoints(digits_mlp_model(), digits_train_small(), tmp_path / "ckpt",
-                                                    epochs=2, checkpoint_every=1, seed=0)]
-    whole = tmp_path / "whole.zarr"  # the same capture, uninterrupted (in this process: it writes the same bytes)
-    to.capture(digits_mlp_model(), ckpts, digits_train_small(), whole, projection="factors", chunk_rows=30,
-               batch_size=16, progress=False)
-    assert to.open_store(whole).has_factors
-
-    out = tmp_path / "train.zarr"
-    proc = _child(out, ckpts, CHILD_SLEEP_AT=150)  # blocks of 30 rows: killed with 5 of 10 written
-    deadline = time.monotonic() + 120
-    while _blocks_done(out) != 5:
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline, "the capture never reached the kill point"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    killed = to.open_store(out)
-    assert not killed.complete and int(killed.blocks_done().sum()) == 5
-    with pytest.raises(to.IncompleteStoreError, match="resume"):
-        to.self_influence(killed)
-
-    _run_child(out, ckpts)  # resumes: only the missing blocks, same bytes
-    assert to.open_store(out).complete
-    tt.assert_stores_identical(out, whole)
 
 
 # ---- the CLI: --projection factors and info's per-layer table ---------------------------------------

@@ -18,11 +18,10 @@ def capture(trained, data, path, **kw):
 
 
 @pytest.fixture(scope="module")
-def exact_influence(tmp_path_factory, mlp, digits, digits_test) -> np.ndarray:
-    """Exact (test, train) influence on the digits MLP: the reference for projected scores."""
-    d = tmp_path_factory.mktemp("exact")
-    train = capture(mlp, digits.train, d / "train.zarr")
-    test = capture(mlp, digits_test, d / "test.zarr")
+def exact_influence(mlp, exact_pair) -> np.ndarray:
+    """Exact (test, train) influence on the digits MLP: the reference for projected scores (the exact
+    stores are the session's, conftest.py)."""
+    test, train = exact_pair("mlp")
     assert train.spec.kind == "exact"
     assert train.feature_dim == sum(p.numel() for p in mlp.model.parameters())
     return to.influence(test, train).values

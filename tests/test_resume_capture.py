@@ -1,9 +1,11 @@
 """Resumable capture: SIGKILL at several points, rerun, and get the store an uninterrupted run writes.
 
-Each capture runs in its own process (tests/scripts/capture_child.py) and is killed with SIGKILL, as
-a batch system or the OOM killer would: before its first row block, mid-way, and in the middle of
-writing its last block. Rerunning the same capture resumes from the store's own block flags and
-must end with the same bytes as a run that was never interrupted.
+Each capture runs in its own process (tests/scripts/capture_child.py, factor_capture_child.py for a
+store of per-layer factors) and is killed with SIGKILL, as a batch system or the OOM killer would:
+before its first row block, mid-way (a factor store: the mechanism is the same for both layouts, each
+row block flagged once all its arrays are written), and in the middle of writing its last block.
+Rerunning the same capture (here, in this process) resumes from the store's own block flags and must
+end with the same bytes as a run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ from trackin_ooc import testing as tt
 
 pytestmark = pytest.mark.timeout(300)
 
-CHILD = Path(__file__).resolve().parent / "scripts" / "capture_child.py"
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+CHILDREN = {"flat": SCRIPTS / "capture_child.py", "factors": SCRIPTS / "factor_capture_child.py"}
+CAPTURE = {  # what each child captures, as keyword arguments of to.capture
+    "flat": dict(projection_dim=24, chunk_rows=30, batch_size=16, progress=False),
+    "factors": dict(projection="factors", chunk_rows=30, batch_size=16, progress=False),
+}
 N_BLOCKS = 10  # 300 examples, 30 rows per block
 WAIT = 120
 
@@ -38,16 +45,17 @@ def checkpoints(tmp_path_factory) -> list[str]:
     return [str(p) for p in paths]
 
 
-def child(out: Path, checkpoints, **env) -> subprocess.Popen:
+def child(kind: str, out: Path, checkpoints, **env) -> subprocess.Popen:
     e = dict(os.environ, TRACKIN_OOC_QUIET="1", OMP_NUM_THREADS="1", **{k: str(v) for k, v in env.items()})
-    return subprocess.Popen([sys.executable, str(CHILD), str(out), *checkpoints], env=e,
+    return subprocess.Popen([sys.executable, str(CHILDREN[kind]), str(out), *checkpoints], env=e,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def run_child(out: Path, checkpoints) -> None:
-    proc = child(out, checkpoints)
-    _, err = proc.communicate(timeout=WAIT)
-    assert proc.returncode == 0, err
+def capture_here(kind: str, out: Path, checkpoints) -> to.GradientStore:
+    """The child's capture, in this process (one torch thread, as in the child: the same bytes)."""
+    from trackin_ooc.demo.examples import digits_mlp_model, digits_train_small
+
+    return to.capture(digits_mlp_model(), checkpoints, digits_train_small(), out, **CAPTURE[kind])
 
 
 def blocks_done(path: Path) -> int:
@@ -70,39 +78,47 @@ def kill_when(proc: subprocess.Popen, ready) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(checkpoints, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("whole") / "whole.zarr"
-    run_child(out, checkpoints)
-    store = to.open_store(out)
-    assert store.complete and len(store.row_blocks()) == N_BLOCKS
-    return out
+def uninterrupted(checkpoints, tmp_path_factory):
+    """kind -> the store of a capture that was never interrupted."""
+    made: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in made:
+            out = tmp_path_factory.mktemp(f"whole_{kind}") / "whole.zarr"
+            store = capture_here(kind, out, checkpoints)
+            assert store.complete and len(store.row_blocks()) == N_BLOCKS
+            assert store.has_factors == (kind == "factors")
+            made[kind] = out
+        return made[kind]
+
+    return get
 
 
 KILL_POINTS = {
-    # name: (environment of the killed run, when to kill, blocks written at the kill)
-    "before the first block": ({"CHILD_SLEEP_AT": 1}, lambda out, marker: blocks_done(out) == 0, 0),
-    "mid-way": ({"CHILD_SLEEP_AT": 150}, lambda out, marker: blocks_done(out) == 5, 5),
-    "while writing the last block": ({"CHILD_HOLD_LAST_WRITE": "{marker}"}, lambda out, marker: marker.exists(),
-                                     N_BLOCKS - 1),
+    # name: (store kind, environment of the killed run, when to kill, blocks written at the kill)
+    "before the first block": ("flat", {"CHILD_SLEEP_AT": 1}, lambda out, marker: blocks_done(out) == 0, 0),
+    "mid-way, a factor store": ("factors", {"CHILD_SLEEP_AT": 150}, lambda out, marker: blocks_done(out) == 5, 5),
+    "while writing the last block": ("flat", {"CHILD_HOLD_LAST_WRITE": "{marker}"},
+                                     lambda out, marker: marker.exists(), N_BLOCKS - 1),
 }
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_sigkilled_capture_resumes_to_the_uninterrupted_store(point, checkpoints, uninterrupted, tmp_path):
-    env, ready, written = KILL_POINTS[point]
+    kind, env, ready, written = KILL_POINTS[point]
     out, marker = tmp_path / "train.zarr", tmp_path / "holding"
     env = {k: str(v).format(marker=marker) for k, v in env.items()}
-    kill_when(child(out, checkpoints, **env), lambda: ready(out, marker))
+    kill_when(child(kind, out, checkpoints, **env), lambda: ready(out, marker))
 
     killed = to.open_store(out)
     assert not killed.complete and int(killed.blocks_done().sum()) == written
     with pytest.raises(to.IncompleteStoreError, match="resume"):
         to.self_influence(killed)
 
-    run_child(out, checkpoints)  # the same capture again: resumes (and is not refused by the dead lock)
+    capture_here(kind, out, checkpoints)  # the same capture again: resumes (and is not refused by the dead lock)
     resumed = to.open_store(out)
     assert resumed.complete
-    tt.assert_stores_identical(resumed, uninterrupted)
+    tt.assert_stores_identical(resumed, uninterrupted(kind))
 
 
 def test_resume_computes_only_the_missing_blocks(mlp, digits, tmp_path, monkeypatch):

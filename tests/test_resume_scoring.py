@@ -16,15 +16,34 @@ import trackin_ooc as to
 from trackin_ooc.engine import resources
 from trackin_ooc.engine.planning import worker_bytes
 
-N_TEST, N_TRAIN, C, F = 60, 4000, 2, 16
+N_TEST, N_TRAIN, C, F = 60, 1600, 2, 16
 
+# The run stops (sleeps) right after its HOLD-th block write, where the test kills it: a kill point that
+# does not depend on how fast the machine is.
 SCRIPT = textwrap.dedent(
     """
-    import sys, dask, trackin_ooc as to
+    import pathlib, sys, time, dask, trackin_ooc as to
+    from dask.callbacks import Callback
+    test, train, out, limit, hold, marker = sys.argv[1:]
+    written = 0
+
+    def posttask(key, result, dsk, state, worker_id):
+        global written
+        if str(key[0] if isinstance(key, tuple) else key).startswith("trackin-influence-write-"):
+            written += 1
+            if written == int(hold):
+                pathlib.Path(marker).write_text(str(written))
+                time.sleep(600)
+
     dask.config.set(scheduler="synchronous")
-    to.influence(sys.argv[1], sys.argv[2], out=sys.argv[3], memory_limit=int(sys.argv[4]), progress=False)
+    with Callback(posttask=posttask):
+        to.influence(test, train, out=out, memory_limit=int(limit), progress=False)
     """
 )
+
+
+def flags(out) -> np.ndarray:
+    return zarr.open_group(str(out), mode="r")["task_complete"][:].astype(bool)
 
 
 def test_killed_influence_resumes_to_the_same_matrix(tmp_path):
@@ -34,38 +53,32 @@ def test_killed_influence_resumes_to_the_same_matrix(tmp_path):
                           chunk_rows=16)
     train = to.from_arrays(tmp_path / "train.zarr", rng.standard_normal((C, N_TRAIN, F)).astype(np.float32),
                            lrs, chunk_rows=16)
-    # A budget for 16-row test blocks and 16-row train blocks: 4 × 250 tasks, slow enough to interrupt.
+    # A budget for 16-row test blocks and 16-row train blocks: 4 × 100 tasks.
     limit = worker_bytes(16, 16, C * F, 4, resources.detect().threads)
     plan = to.plan_for(test, train, memory_limit=limit)
     n_tasks = len(plan.test_blocks(N_TEST)) * len(plan.train_blocks(N_TRAIN))
     assert n_tasks >= 200
     out = tmp_path / "influence.zarr"
 
-    kills = 0
+    hold = n_tasks // 4
     for attempt in range(3):  # kill at a few different points, resuming each time
-        proc = subprocess.Popen([sys.executable, "-c", SCRIPT, test.path, train.path, str(out), str(limit)],
-                                env={**os.environ, "TRACKIN_OOC_QUIET": "1"})
-        target = (attempt + 1) * n_tasks // 4
+        marker = tmp_path / f"held{attempt}"
+        proc = subprocess.Popen([sys.executable, "-c", SCRIPT, test.path, train.path, str(out), str(limit),
+                                 str(hold), str(marker)], env={**os.environ, "TRACKIN_OOC_QUIET": "1"},
+                                stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
-        done = 0
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                done = int(zarr.open_group(str(out), mode="r")["task_complete"][:].sum())
-            except Exception:  # not laid out yet, or a flag chunk read while it is being written: poll again
-                pass
-            if done >= target:
-                break
+        while not marker.exists():
+            assert proc.poll() is None, f"the run ended before its kill point: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "the run never reached its kill point"
             time.sleep(0.02)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
+        os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        meta = zarr.open_group(str(out), mode="r").attrs["trackin_ooc"]
-        if done < n_tasks:
-            assert meta["complete"] is False  # never marked complete while blocks are missing
-    assert kills >= 1
+        # Each run wrote only blocks the earlier ones had not, and the output is never marked complete
+        # while blocks are missing.
+        assert int(flags(out).sum()) == (attempt + 1) * hold
+        assert zarr.open_group(str(out), mode="r").attrs["trackin_ooc"]["complete"] is False
 
-    before = zarr.open_group(str(out), mode="r")["task_complete"][:].astype(bool)
+    before = flags(out)
     resumed = to.influence(test, train, out=out, memory_limit=limit)
     assert resumed.attrs["complete"] is True
     uninterrupted = to.influence(test, train, out=tmp_path / "uninterrupted.zarr", memory_limit=limit)

@@ -63,6 +63,7 @@ class SchedulerFileCluster:
         self.file = root / "scheduler.json"
         self.n_workers = n_workers
         self.procs: dict[str, subprocess.Popen] = {}
+        self.args: dict[str, list[str]] = {}
         self.logs: dict[str, Path] = {}
         self.client = None
 
@@ -73,6 +74,7 @@ class SchedulerFileCluster:
             proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=_env(), cwd=self.root, start_new_session=True)
         self.procs[name] = proc
+        self.args[name] = args
         return proc
 
     def start(self) -> SchedulerFileCluster:
@@ -129,6 +131,16 @@ class SchedulerFileCluster:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         return proc
+
+    def restart_dead_workers(self) -> None:
+        """Start again every worker that was killed, and wait until all have joined."""
+        for name, proc in list(self.procs.items()):
+            if name != "scheduler" and proc.poll() is not None:
+                self._spawn(name, self.args[name])
+        try:
+            self.client.wait_for_workers(self.n_workers, timeout=START_TIMEOUT)
+        except TimeoutError:
+            pytest.fail(f"{self.n_workers} workers did not join again within {START_TIMEOUT} s")
 
     def stop(self) -> None:
         if self.client is not None:
@@ -201,12 +213,20 @@ def assert_same_top_k(got: pd.DataFrame, want: pd.DataFrame) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def running_cluster(tmp_path_factory):
     c = SchedulerFileCluster(tmp_path_factory.mktemp("sched_file")).start()
     try:
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture
+def cluster(running_cluster):
+    """The module's scheduler and its two workers, all running (a worker a test killed is started again)."""
+    running_cluster.restart_dead_workers()
+    yield running_cluster
+    running_cluster.restart_dead_workers()
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +291,7 @@ def _progress_probe(victim: str, prefix: str):
     return probe
 
 
-def test_top_k_survives_killing_one_worker_mid_run(tmp_path):
+def test_top_k_survives_killing_one_worker_mid_run(cluster, tmp_path):
     rng = np.random.default_rng(5)
     n_test, n_train, c, f, k = 8, 1600, 2, 16, 6
     lrs = [0.6, 0.25]
@@ -284,38 +304,34 @@ def test_top_k_survives_killing_one_worker_mid_run(tmp_path):
     n_parts = len(plan.test_blocks(n_test)) * len(plan.train_blocks(n_train))
     assert n_parts >= 150, plan  # many short tasks: the kill lands in the middle of the run
     args = ["top-k", "--train", str(tmp_path / "train.zarr"), "--test", str(tmp_path / "test.zarr"),
-            "-k", str(k), "--out"]
+            "-k", str(k), "--raw", "--out"]  # --raw: the dot products the NumPy reference below computes
     cli_in_process("--memory-limit", str(limit), *args, str(tmp_path / "local.csv"))
 
-    (tmp_path / "cluster").mkdir()
-    cluster = SchedulerFileCluster(tmp_path / "cluster").start()
-    try:
-        victim = "w1"
-        glob = ["--scheduler-file", str(cluster.file), "--memory-limit", str(limit)]
-        run = subprocess.Popen([str(TRACKIN), *glob, *args, str(tmp_path / "remote.csv")], env=_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        probe = _progress_probe(victim, "trackin-topk-part")
-        at_kill = None
-        deadline = time.monotonic() + 180
-        while run.poll() is None and time.monotonic() < deadline:
-            done, todo, busy = cluster.client.run_on_scheduler(probe)
-            if done >= 10 and todo > 0 and busy > 0:
-                at_kill = (done, todo)
-                killed = cluster.kill(victim)
-                break
-            time.sleep(0.02)
-        out, err = run.communicate(timeout=180)
-        assert at_kill is not None, (
-            f"the run ended (exit {run.returncode}) before worker {victim} could be killed mid-run; "
-            f"make the stores bigger\n{err}"
-        )
-        assert killed.returncode == -signal.SIGKILL
-        assert run.returncode == 0, f"top-k failed after the worker was killed:\n{err}"
-        done, todo = at_kill
-        assert 10 <= done < n_parts and todo > 0  # killed with work left to do
-        assert cluster.worker_names() == {"w0"}  # the killed worker stayed dead; w0 finished the run
-    finally:
-        cluster.stop()
+    # On the module's cluster: the killed worker is started again after the test.
+    victim = "w1"
+    glob = ["--scheduler-file", str(cluster.file), "--memory-limit", str(limit)]
+    run = subprocess.Popen([str(TRACKIN), *glob, *args, str(tmp_path / "remote.csv")], env=_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    probe = _progress_probe(victim, "trackin-topk-part")
+    at_kill = None
+    deadline = time.monotonic() + 180
+    while run.poll() is None and time.monotonic() < deadline:
+        done, todo, busy = cluster.client.run_on_scheduler(probe)
+        if done >= 10 and todo > 0 and busy > 0:
+            at_kill = (done, todo)
+            killed = cluster.kill(victim)
+            break
+        time.sleep(0.02)
+    out, err = run.communicate(timeout=180)
+    assert at_kill is not None, (
+        f"the run ended (exit {run.returncode}) before worker {victim} could be killed mid-run; "
+        f"make the stores bigger\n{err}"
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert run.returncode == 0, f"top-k failed after the worker was killed:\n{err}"
+    done, todo = at_kill
+    assert 10 <= done < n_parts and todo > 0  # killed with work left to do
+    assert cluster.worker_names() == {"w0"}  # the killed worker stayed dead; w0 finished the run
 
     want, got = pd.read_csv(tmp_path / "local.csv"), pd.read_csv(tmp_path / "remote.csv")
     assert len(want) == n_test * k
