@@ -99,7 +99,8 @@ def result(root: Path, step: str) -> tuple[int, str, str]:
 
 
 def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
+    # The size a capture announces before it starts is a status line, not part of the error.
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("capture: about ")]
     assert len(lines) == 1 and lines[0].startswith("trackin-ooc") and ": error: " in lines[0], err
     return lines[0]
 

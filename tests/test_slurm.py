@@ -275,7 +275,7 @@ def test_the_documented_sbatch_script_runs(slurm, tmp_path):
     script = tmp_path / "job.sbatch"
     script.write_text(text[:text.index(marker)] + (
         'T="trackin-ooc --scheduler-file $SCHED_FILE"\n'
-        f"$T top-k --train {tmp_path / 'train.zarr'} --test {tmp_path / 'test.zarr'} -k 3 --out {out}\n"
+        f"$T top-k --train {tmp_path / 'train.zarr'} --test {tmp_path / 'test.zarr'} -k 3 --raw --out {out}\n"
     ))
     env = dict(slurm.env, TRACKIN_OOC_QUIET="1",
                ENV_ACTIVATE=f'export PATH="{Path(sys.executable).parent}:$PATH"',
