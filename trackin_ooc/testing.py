@@ -129,11 +129,12 @@ def _is_materialised(node: Any) -> bool:
     try:
         from dask._task_spec import DataNode, GraphNode
     except ImportError:  # pragma: no cover - older dask
-        DataNode = GraphNode = ()  # noqa: N806
-    if DataNode and isinstance(node, DataNode):
-        return True
-    if GraphNode and isinstance(node, GraphNode):
-        return False
+        pass
+    else:
+        if isinstance(node, DataNode):
+            return True
+        if isinstance(node, GraphNode):
+            return False
     if dask.core.istask(node):
         return False
     return isinstance(node, np.ndarray | np.generic) or hasattr(node, "__cuda_array_interface__")
@@ -205,7 +206,7 @@ def _tolerance(expected: np.ndarray, rtol: float, atol: float | None) -> float:
     if atol is not None:
         return float(atol)
     scale = float(np.max(np.abs(expected))) if expected.size else 0.0
-    return rtol * max(scale, np.finfo(np.float32).tiny)
+    return rtol * max(scale, float(np.finfo(np.float32).tiny))
 
 
 def assert_influence_equal(
@@ -350,7 +351,7 @@ def assert_stores_identical(actual, expected, *, ignore_attrs: Sequence[str] = R
         else:
             same = np.array_equal(xv, yv)
         if not same:
-            diff = np.argwhere(xv != yv) if xv.shape else []
+            diff: Any = np.argwhere(xv != yv) if xv.shape else []
             first = tuple(int(i) for i in diff[0]) if len(diff) else ()
             raise AssertionError(f"array {name} differs ({len(diff)} elements, first at {first})")
     ma = {k: v for k, v in a.attrs.items() if k not in ignore_attrs}

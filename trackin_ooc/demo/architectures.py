@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,10 +95,12 @@ def tiny_bert(classes: int = 10, *, vocab: int = TOKEN_VOCAB, hidden: int = 32, 
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=2 * hidden, max_position_embeddings=max_positions, num_labels=classes,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=PAD_ID,
-                        attn_implementation="eager")
+    # num_labels and attn_implementation are PretrainedConfig keywords, outside BertConfig's typed signature.
+    options: dict[str, Any] = dict(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=2 * hidden, max_position_embeddings=max_positions, num_labels=classes,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=PAD_ID, attn_implementation="eager")
+    config = BertConfig(**options)
     return BertForSequenceClassification(config)
 
 
@@ -107,9 +110,11 @@ def tiny_gpt2(*, vocab: int = TOKEN_VOCAB, hidden: int = 32, layers: int = 2, he
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=PAD_ID,
-                        bos_token_id=CLS_ID, eos_token_id=CLS_ID, attn_implementation="eager")
+    options: dict[str, Any] = dict(
+        vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=PAD_ID, bos_token_id=CLS_ID, eos_token_id=CLS_ID,
+        attn_implementation="eager")
+    config = GPT2Config(**options)
     return GPT2LMHeadModel(config)
 
 

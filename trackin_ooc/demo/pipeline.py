@@ -240,9 +240,10 @@ def _run(out, *, n_train, flip_fraction, epochs, checkpoint_every, lr, projectio
     to.show(best, split.train, split.test, n=n_show, k=min(3, k), labels=split.true_train_labels,
             invert=True).save(files["proponents"])
     frame = tables.self_influence_frame(si)
-    frame["true_label"] = split.true_train_labels[frame["example"].values]
-    frame["flipped"] = split.flipped[frame["example"].values]
-    frame["loss_last_checkpoint"] = loss_last[frame["example"].values]
+    rows = frame["example"].to_numpy()
+    frame["true_label"] = split.true_train_labels[rows]
+    frame["flipped"] = split.flipped[rows]
+    frame["loss_last_checkpoint"] = loss_last[rows]
     tables.write(frame, files["self_influence"], overwrite=True)
     tables.write_top_k(best, files["top_k"], test=test, train=train, overwrite=True)
     files["stores"] = stores

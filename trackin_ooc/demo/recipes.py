@@ -74,7 +74,7 @@ def train_run(recipe: Recipe, x: torch.Tensor, y: torch.Tensor, checkpoint_dir: 
             opt.zero_grad()
             loss_fn(model(x[idx]), y[idx]).backward()
             opt.step()
-        if epoch in save_at:
+        if out is not None and epoch in save_at:
             path = out / f"epoch_{epoch:03d}.pt"
             torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
                         "learning_rate": recipe.lr, "epoch": epoch}, path)

@@ -8,6 +8,7 @@ import os
 import dask
 from dask.callbacks import Callback
 from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
 from ..progress import progress_bar, progress_enabled
 from .resources import active_client, local_threads
@@ -19,14 +20,15 @@ class _TqdmCallback(Callback):
     def __init__(self, desc: str):
         super().__init__()
         self.desc = desc
-        self.bar = None
+        self.bar: tqdm | None = None
 
     def _start_state(self, dsk, state):
         total = sum(len(state[k]) for k in ("ready", "waiting", "running", "finished"))
         self.bar = progress_bar(total=total, desc=self.desc, unit="task", enabled=True)
 
     def _posttask(self, key, result, dsk, state, worker_id):
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.update(1)
 
     def _finish(self, dsk, state, errored):
         if self.bar is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -20,7 +21,7 @@ __all__ = [
 ]
 
 
-_blas = {"users": 0, "limiter": None}
+_blas: dict[str, Any] = {"users": 0, "limiter": None}
 _blas_lock = threading.Lock()
 
 

@@ -7,6 +7,7 @@ test block, one train block and their score block, as :mod:`planning` sized them
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -48,6 +49,7 @@ def self_influence_array(store: GradientStore, backend: str, rows: int | None = 
     ref = StoreRef.of(store)
     weights = [float(x) for x in store.learning_rates]
     name = f"trackin-self-influence-{tokenize(ref, rows, backend, exact_norms)}"
+    dsk: dict[tuple[str, int], tuple[Any, ...]]
     if exact_norms:
         dsk = {(name, i): (tasks.exact_self_influence_block, ref, s, e, weights) for i, (s, e) in enumerate(ranges)}
     else:
@@ -136,7 +138,8 @@ def merge_tree(dsk: dict, parts: list, k: int, prefix: str, token: str, i: int):
     return level[0]
 
 
-def topk_fields(dsk: dict, final: str, test_ranges, k: int, prefix: str, token: str) -> tuple[da.Array, ...]:
+def topk_fields(dsk: dict, final: str, test_ranges, k: int, prefix: str,
+                token: str) -> tuple[da.Array, da.Array, da.Array, da.Array]:
     """(proponent index, proponent score, opponent index, opponent score) as lazy (n_test, k) arrays
     from the per-test-block results under ``(final, i)``."""
     chunks = (tuple(e - s for s, e in test_ranges), (k,))

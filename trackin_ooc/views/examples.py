@@ -270,6 +270,7 @@ class Renderer:
 
     # -- by kind --
     def _draw_rendered(self, example: Example) -> Drawing:
+        assert self.render is not None  # only called with a render function
         try:
             out = self.render(example.input)
         except Exception as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import html as h
 
@@ -28,11 +29,11 @@ def _frame(title: str, body: str, xlabel: str, ylabel: str) -> str:
     )
 
 
-def histogram_svg(counts: Sequence[int], edges: Sequence[float], *, title: str, xlabel: str,
+def histogram_svg(bin_counts: ArrayLike, bin_edges: ArrayLike, *, title: str, xlabel: str,
                   log: bool = False, color: str = "#0969da", unit: str = "examples") -> str:
-    """An SVG histogram of ``counts`` over bins ``edges`` (len(counts) + 1); ``log`` scales the counts."""
-    counts = np.asarray(counts, dtype=np.float64)
-    edges = np.asarray(edges, dtype=np.float64)
+    """An SVG histogram of ``bin_counts`` over bins ``bin_edges`` (one more); ``log`` scales the counts."""
+    counts = np.asarray(bin_counts, dtype=np.float64)
+    edges = np.asarray(bin_edges, dtype=np.float64)
     shown = np.log10(1 + counts) if log else counts
     top = float(shown.max()) if shown.size and shown.max() > 0 else 1.0
     plot_w, plot_h = W - LEFT - RIGHT, H - TOP - BOTTOM
@@ -60,10 +61,10 @@ def histogram_svg(counts: Sequence[int], edges: Sequence[float], *, title: str, 
     return _frame(title, "".join(bars) + "".join(ticks), xlabel, ylabel)
 
 
-def bars_svg(names: Sequence[str], values: Sequence[float], *, title: str, xlabel: str, ylabel: str,
+def bars_svg(names: Sequence[str], bar_values: ArrayLike, *, title: str, xlabel: str, ylabel: str,
              color: str = "#1a7f37", fmt: str = "{:.0%}") -> str:
     """An SVG bar chart: one bar per name, its value written above it."""
-    values = np.asarray(values, dtype=np.float64)
+    values = np.asarray(bar_values, dtype=np.float64)
     top = float(np.nanmax(np.abs(values))) if values.size and np.nanmax(np.abs(values)) > 0 else 1.0
     plot_w, plot_h = W - LEFT - RIGHT, H - TOP - BOTTOM
     bar_w = plot_w / max(1, len(values))

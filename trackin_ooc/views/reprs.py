@@ -125,7 +125,7 @@ def plan_body(spec_or_plan: Any) -> str:
     obj = _as_plan_input(spec_or_plan)
     summary: list[tuple[str, Any]] = []
     if isinstance(obj, Mapping) and "kind" in obj and "extra" in obj:  # a spec dict
-        spec = ProjectionSpec.from_dict(obj)
+        spec = ProjectionSpec.from_dict(dict(obj))
         summary = [("projection", spec.describe()), ("stored width", f"{spec.dim:,} per example and checkpoint")]
         extra = dict(obj.get("extra") or {})
         if spec.kind == "factored" and extra.get("factored"):

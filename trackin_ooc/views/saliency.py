@@ -96,7 +96,7 @@ def token_gradient_mass(
     hook = module.register_forward_hook(lambda _m, _i, out: seen.append(out))
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     was_training = model.training
-    mass = {p: None for p in wanted}
+    mass: dict[int, Any] = {p: None for p in wanted}
     try:
         model.to(device).eval()
         for ckpt in loaded:

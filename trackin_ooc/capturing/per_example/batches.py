@@ -32,11 +32,12 @@ def call_model(model: nn.Module, inputs: Inputs):
 
 def call_functional(model: nn.Module, state: Mapping[str, torch.Tensor] | tuple, inputs: Inputs):
     """``torch.func.functional_call`` of ``model`` at ``state`` (a dict, or a tuple of dicts) on ``inputs``."""
+    states: Any = dict(state) if isinstance(state, Mapping) else tuple(state)
     if isinstance(inputs, Mapping):
-        return functional_call(model, state, (), dict(inputs))
+        return functional_call(model, states, (), dict(inputs))
     if isinstance(inputs, (tuple, list)):
-        return functional_call(model, state, tuple(inputs))
-    return functional_call(model, state, (inputs,))
+        return functional_call(model, states, tuple(inputs))
+    return functional_call(model, states, (inputs,))
 
 
 def split_batch(item, target_key: str = "labels") -> tuple[Inputs, torch.Tensor]:
@@ -48,8 +49,7 @@ def split_batch(item, target_key: str = "labels") -> tuple[Inputs, torch.Tensor]
                 f"the batch has no {target_key!r} entry (keys: {keys}); give the targets under "
                 f"{target_key!r} or name their key with target_key= (--target-key)"
             )
-        inputs = {k: v for k, v in item.items() if k != target_key}
-        return inputs, torch.as_tensor(item[target_key])
+        return {k: v for k, v in item.items() if k != target_key}, torch.as_tensor(item[target_key])
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         raise CaptureError(
             f"each batch must be (inputs, targets) or a dict holding the targets under {target_key!r}, "
@@ -95,8 +95,8 @@ def batched_and_shared(inputs: Inputs, batch: int) -> tuple[Inputs, Inputs]:
     with ``None`` where the other part holds the value.
     """
     if isinstance(inputs, Mapping):
-        batched = {k: v for k, v in inputs.items() if _is_batched(v, batch)}
-        return batched, {k: v for k, v in inputs.items() if k not in batched}
+        by_key = {k: v for k, v in inputs.items() if _is_batched(v, batch)}
+        return by_key, {k: v for k, v in inputs.items() if k not in by_key}
     seq = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     batched = tuple(t if _is_batched(t, batch) else None for t in seq)
     shared = tuple(None if _is_batched(t, batch) else t for t in seq)
@@ -106,7 +106,9 @@ def batched_and_shared(inputs: Inputs, batch: int) -> tuple[Inputs, Inputs]:
 def join_batched_and_shared(batched: Inputs, shared: Inputs, positional: bool) -> Inputs:
     """Inverse of :func:`batched_and_shared` (``positional``: the inputs were a tensor or a tuple)."""
     if not positional:
+        assert isinstance(shared, Mapping) and isinstance(batched, Mapping)
         return {**shared, **batched}
+    assert isinstance(shared, tuple) and isinstance(batched, tuple)
     return tuple(b if b is not None else s for b, s in zip(batched, shared))
 
 

@@ -16,7 +16,7 @@ the same numbers (up to float rounding), so stores captured by different methods
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -49,8 +49,8 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def _short(names: Sequence[str], limit: int = 6) -> str:
-    names = list(names)
+def _short(given: Iterable[str], limit: int = 6) -> str:
+    names = list(given)
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
@@ -77,7 +77,7 @@ class PerExampleGradients:
             bad = {n: m for n, m in plan.items() if m not in METHODS or (m == "hooks" and n not in self.hooked.uses)}
             if bad:
                 raise ValueError(f"cannot use the per-example methods {bad}")
-            self.methods = plan
+            self.methods = {n: str(m) for n, m in plan.items()}
 
     @property
     def method(self) -> str | None:
@@ -90,6 +90,7 @@ class PerExampleGradients:
         """Choose (once) and return the plan {parameter: method}, trying it on this batch."""
         if self.methods is None:
             self._choose_and_compute(state, inputs, targets)
+        assert self.methods is not None  # chosen just now
         return dict(self.methods)
 
     def __call__(
@@ -101,10 +102,12 @@ class PerExampleGradients:
         return self._compute(state, inputs, targets)
 
     def _compute(self, state, inputs, targets):
+        methods = self.methods
+        assert methods is not None  # chosen on the first batch
         grads: dict[str, torch.Tensor] = {}
-        losses = None
+        losses: torch.Tensor | None = None
         for method in METHODS:
-            names = [n for n in self.param_names if self.methods[n] == method]
+            names = [n for n in self.param_names if methods[n] == method]
             if not names:
                 continue
             if method == "hooks":
@@ -121,9 +124,9 @@ class PerExampleGradients:
         names = self.param_names
         if self.prefer == "vmap" or not self.hooked.uses:
             try:
-                grads, losses = vmap_gradients(self.model, self.loss_fn, state, names, inputs, targets)
+                every = vmap_gradients(self.model, self.loss_fn, state, names, inputs, targets)
                 self.methods = dict.fromkeys(names, "vmap")
-                return grads, losses
+                return every
             except Exception as e:  # vmap refuses many models (data-dependent control flow, in-place ops)
                 if isinstance(e, CaptureError):  # bad input (a batch no default loss fits, ...): the user's to fix
                     raise
@@ -131,7 +134,7 @@ class PerExampleGradients:
                 if not self.hooked.uses:
                     return self._loop_rest(state, inputs, targets, names, {}, {}, None, vmap_error)
         grads: dict[str, torch.Tensor] = {}
-        losses = None
+        losses: torch.Tensor | None = None
         hooked = [n for n in names if n in self.hooked.uses]
         failed: dict[str, str] = {}
         if hooked:

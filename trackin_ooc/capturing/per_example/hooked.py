@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,9 +78,10 @@ def parameter_uses(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, li
     refused: dict[str, str] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
         for attr, p in module.named_parameters(recurse=False):
-            name = canonical.get(id(p))
-            if name not in wanted:
+            known = canonical.get(id(p))
+            if known is None or known not in wanted:
                 continue
+            name = known
             kind = hook_kind(module)
             if kind is None or attr not in ("weight", "bias"):
                 refused.setdefault(name, f"{type(module).__name__} {mod_name or 'model'!r}")
@@ -137,7 +139,7 @@ class LayerTap:
             h.remove()
 
 
-def _saved_input(use: _Use, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _saved_input(use: _Use, module: Any, x: torch.Tensor) -> torch.Tensor:
     """What the gradient rule needs of a call's input: the input itself, or for a normalisation layer
     its normalised input x̂, computed now, while the module holds the checkpoint's buffers."""
     with torch.no_grad():
@@ -150,7 +152,7 @@ def _saved_input(use: _Use, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _conv_weight_gradients(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def _conv_weight_gradients(module: Any, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Per-example weight gradients (B, *weight.shape) of a Conv1d/Conv2d call: PyTorch's own weight
     gradient, vmapped over the examples (its batching rule turns the batch into convolution groups,
     several times faster on CPU than unfolding the input into patches)."""
@@ -179,7 +181,8 @@ def _channel_sums(t: torch.Tensor, batch: int, channels: int) -> torch.Tensor:
 def per_call_gradients(use: _Use, x: torch.Tensor, delta: torch.Tensor, want: set[str]) -> dict[str, torch.Tensor]:
     """Per-example gradients {attr: (B, *shape)} of the parameters ``want`` from one call's saved input
     (:func:`_saved_input`) and δ."""
-    m, kind, batch = use.module, use.kind, x.shape[0]
+    m: Any = use.module  # its attributes depend on its kind
+    kind, batch = use.kind, x.shape[0]
     out: dict[str, torch.Tensor] = {}
     if kind in ("linear", "hf_conv1d"):
         a = x.reshape(batch, -1, x.shape[-1])

@@ -5,6 +5,7 @@ loop for models that vmap refuses (the last resort: exact, but one forward and b
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ def vmap_gradients(
         loss = check_losses(loss_fn(out, y.unsqueeze(0)), 1).sum()
         return loss, loss.detach()
 
-    fn = vmap(grad(one_loss, has_aux=True), in_dims=(None, None, 0, 0))
+    fn: Any = vmap(grad(one_loss, has_aux=True), in_dims=(None, None, 0, 0))  # torch types it with no arguments
     return fn(*_split(state, names), batched, targets)
 
 
