@@ -4,6 +4,8 @@
     self_influence(store); influence(test, train, out="inf.zarr"); top_k(test, train, k=10)
 """
 
+import typing as _typing
+
 from ._version import __version__
 from .datamodeling import lds, lds_from_predictions, subset_predictions
 from .errors import (
@@ -42,7 +44,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> _typing.Any:
     if name in _LAZY:
         import importlib
 

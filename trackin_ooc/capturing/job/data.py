@@ -31,7 +31,7 @@ def as_loader(data, batch_size: int) -> DataLoader:
 
 def dataset_length(loader: DataLoader) -> int:
     try:
-        n = len(loader.dataset)
+        n = len(loader.dataset)  # type: ignore[arg-type]  # a Dataset without __len__ raises TypeError
     except TypeError:
         raise CaptureError(
             "the dataset has no length; trackin-ooc needs len(dataset) to lay out the store"

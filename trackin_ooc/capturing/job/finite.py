@@ -40,7 +40,7 @@ def check_finite(
     rows = bad.any(axis=0)
     if policy == "raise":
         ids = np.flatnonzero(rows) + start
-        ckpts = [checkpoint_names[c] for c in np.flatnonzero(bad.any(axis=1))]
+        ckpts = [checkpoint_names[int(c)] for c in np.flatnonzero(bad.any(axis=1))]
         shown = ", ".join(str(int(i)) for i in ids[:SHOWN]) + (" ..." if len(ids) > SHOWN else "")
         raise NonFiniteError(
             f"non-finite gradients or losses for {len(ids)} example(s) (ids {shown}) at checkpoint(s) "

@@ -123,7 +123,8 @@ def check_same_checkpoints(train: GradientStore, model: nn.Module, checkpoints: 
         except ValueError:  # no moments where the train store used them: capture says why, in its words
             continue
         if want is not None and got != want:
-            where = os.fspath(checkpoints[i]) if isinstance(checkpoints[i], (str, os.PathLike)) else f"#{i}"
+            source = checkpoints[i]
+            where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"#{i}"
             raise CheckpointError(
                 f"checkpoint {where} is not the one "
                 f"{train.path} was captured from as {train.checkpoint_names[i]} (its tensors hash to "

@@ -129,10 +129,12 @@ class Projector:
         self.rows_per_block = rows_per_block(spec.dim)
 
     def _block(self, name: str, block: int, rows: int) -> torch.Tensor:
+        assert self.spec.seed is not None  # dense specs always carry their seed
+        seed = self.spec.seed
         key = (self.spec.kind, self.spec.dim, self.spec.seed, name, block, rows, str(self.device))
         return self.cache.get(
             key,
-            lambda: generate_block(self.spec.kind, self.spec.seed, name, block, rows, self.spec.dim).to(
+            lambda: generate_block(self.spec.kind, seed, name, block, rows, self.spec.dim).to(
                 self.device
             ),
         )
