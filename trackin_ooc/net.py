@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,10 +24,11 @@ from .store import GradientStore, open_store
 from .store.backends import StorageOptions
 from .store.layout import itemsize
 
-StoreLike = GradientStore | str | os.PathLike
+StoreLike = GradientStore | str | os.PathLike[str]
+Groups = str | Sequence[Any] | np.ndarray | None
 
 
-def _groups(by, te: GradientStore) -> tuple[np.ndarray, np.ndarray] | None:
+def _groups(by: Groups, te: GradientStore) -> tuple[np.ndarray, np.ndarray] | None:
     """(group labels, code per test example), or None for one sum over the whole test set."""
     if by is None:
         return None
@@ -48,20 +50,51 @@ def net_influence(
     test: StoreLike,
     train: StoreLike,
     *,
-    by: str | Sequence | np.ndarray | None = None,
+    by: Groups = None,
     normalize: bool = False,
-    memory_limit=None,
+    memory_limit: int | str | None = None,
     compute_now: bool = True,
     progress: bool | None = None,
     storage_options: StorageOptions = None,
-    client=None,
+    client: Any = None,
 ) -> xr.DataArray:
     """Σ over test examples of influence(test example, train example), for every train example.
 
-    Positive: the train example pushes the test set's losses down (helps), negative: up (hurts).
-    ``by``: None (one sum, dims ("train",)); "label" (the test store's labels) or one group per test
-    example (dims ("group", "train"), the sorted group labels as coordinate, ``n_test`` per group).
-    Train labels, where the store has them, are the coordinate ``label``. ``normalize``: cosine.
+    Positive: the train example pushes the test set's losses down (helps), negative: up (hurts). By
+    linearity this is one pass over the train store against the summed test features: the influence
+    matrix is never built.
+
+    Parameters
+    ----------
+    test, train : GradientStore, str or path
+        Complete, compatible flat stores (not per-layer factor stores).
+    by : None, "label" or array-like
+        None: one sum over the test set; "label": one per test label; or one group per test example.
+    normalize : bool
+        Sum cosines instead of raw dot products.
+    memory_limit : int or str, optional
+        Budget for the blocks in flight.
+    compute_now : bool
+        False keeps the result lazy.
+    progress : bool, optional
+        Force the progress bar on or off.
+    storage_options : dict, optional
+        fsspec options for remote stores.
+    client : distributed.Client, optional
+        The scheduler to run on.
+
+    Returns
+    -------
+    xarray.DataArray
+        Dims ("train",) without ``by``, else ("group", "train") with the sorted group labels and
+        ``n_test`` per group as coordinates; the train labels, where stored, as coordinate ``label``.
+
+    Raises
+    ------
+    ArgumentError
+        ``by`` does not give one group per test example, or the groups do not fit the memory budget.
+    IncompatibleStoresError
+        The stores were captured differently.
     """
     te = open_store(test, storage_options=storage_options).require_complete()
     tr = open_store(train, storage_options=storage_options).require_complete()
@@ -77,7 +110,7 @@ def net_influence(
                                 feature_dim=tr.feature_dim, itemsize=itemsize(tr.dtype),
                                 memory_limit=res.memory_limit, threads=res.threads, train_align=tr.chunk_rows)
     data = net_influence_array(te, tr, codes, len(labels), normalize, plan.train_rows)
-    coords = {"train": tr.example_ids()}
+    coords: dict[str, Any] = {"train": tr.example_ids()}
     if tr.has_labels:
         coords["label"] = ("train", tr.labels())
     attrs = {"normalize": bool(normalize), "test_store": te.path, "train_store": tr.path,

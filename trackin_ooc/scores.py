@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -20,7 +21,8 @@ from .store.backends import StorageOptions
 from .store.guard import check_output_location
 from .store.influence_store import InfluenceStore, open_influence
 
-StoreLike = GradientStore | str | os.PathLike
+StoreLike = GradientStore | str | os.PathLike[str]
+MemoryLimit = int | str | None
 
 
 def _open(store: StoreLike, storage_options: StorageOptions = None) -> GradientStore:
@@ -34,9 +36,27 @@ def _open(store: StoreLike, storage_options: StorageOptions = None) -> GradientS
 
 
 def plan_for(
-    test: GradientStore, train: GradientStore, *, memory_limit=None, k: int = 0, client=None
+    test: GradientStore, train: GradientStore, *, memory_limit: MemoryLimit = None, k: int = 0, client: Any = None
 ) -> planning.BlockPlan:
-    """The block plan the engine would use for these stores under ``client`` or the active scheduler."""
+    """The block plan the engine would use for these stores under ``client`` or the active scheduler.
+
+    Parameters
+    ----------
+    test, train : GradientStore
+        The stores a score would read.
+    memory_limit : int or str, optional
+        The budget for the blocks in flight (bytes, or e.g. ``"2GiB"``); default: what the scheduler's
+        workers (or this machine) have.
+    k : int
+        For top-k: the per-block result size the plan must leave room for; 0 for influence.
+    client : distributed.Client, optional
+        The scheduler whose workers the plan is for; default: the active one, or the local threads.
+
+    Returns
+    -------
+    trackin_ooc.engine.planning.BlockPlan
+        Block rows of each side and what they cost.
+    """
     res = resources.detect(memory_limit, client)
     from .store.layout import itemsize
 
@@ -55,23 +75,51 @@ def self_influence(
     compute_now: bool = True,
     progress: bool | None = None,
     storage_options: StorageOptions = None,
-    client=None,
+    client: Any = None,
     exact_norms: bool = False,
 ) -> xr.DataArray:
     """Σ_c η_c ‖g_c(z)‖² for every example, in one read pass over the store.
 
-    High values flag mislabelled or unusual training examples. Returns a DataArray with dims
-    ("example",); with ``compute_now=False`` it stays lazy (dask-backed). By default ‖g_c‖² is that of
-    the stored (projected) features, consistent with ``influence``'s diagonal; ``exact_norms=True`` uses
-    the exact gradient norms every capture also stores, so it is exact whatever the projection (and
-    reads C numbers per example instead of C × features).
+    High values flag mislabelled or unusual training examples. By default ‖g_c‖² is that of the stored
+    (projected) features, consistent with ``influence``'s diagonal; ``exact_norms=True`` uses the exact
+    gradient norms every capture also stores, so it is exact whatever the projection (and reads C
+    numbers per example instead of C × features).
+
+    Parameters
+    ----------
+    store : GradientStore, str or path
+        A complete gradient store (a local path or an ``s3://`` / fsspec URL).
+    device : {"auto", "cpu", "cuda"}
+        Where the blocks are reduced ("auto": CuPy on a GPU when there is one).
+    compute_now : bool
+        False keeps the result lazy (dask-backed); nothing is read until it is computed.
+    progress : bool, optional
+        Force the progress bar on or off; default: on a terminal or in Jupyter.
+    storage_options : dict, optional
+        fsspec options for remote stores (credentials, endpoint).
+    client : distributed.Client, optional
+        The scheduler to run on; default: the active one, or local threads.
+    exact_norms : bool
+        Use the exact per-example gradient norms instead of the projected features' norms.
+
+    Returns
+    -------
+    xarray.DataArray
+        Dims ("example",), the example ids as coordinate (and ``label`` where the store holds labels).
+
+    Raises
+    ------
+    IncompleteStoreError
+        The store's capture has not finished (resume it first).
+    StoreError
+        ``exact_norms=True`` on a store without exact norms.
     """
     st = _open(store, storage_options)
     if exact_norms:
         st.require_exact_norms()
     backend = resolve_backend(device).name
     data = graphs.self_influence_array(st, backend, exact_norms=exact_norms)
-    coords = {"example": st.example_ids()}
+    coords: dict[str, Any] = {"example": st.example_ids()}
     if st.has_labels:
         coords["label"] = ("example", st.labels())
     arr = xr.DataArray(data, dims=("example",), coords=coords, name="self_influence",
@@ -86,22 +134,57 @@ def influence(
     test: StoreLike,
     train: StoreLike,
     *,
-    out: str | os.PathLike | None = None,
+    out: str | os.PathLike[str] | None = None,
     normalize: bool = False,
     device: str = "auto",
-    memory_limit=None,
+    memory_limit: MemoryLimit = None,
     overwrite: bool = False,
     progress: bool | None = None,
     storage_options: StorageOptions = None,
-    client=None,
+    client: Any = None,
 ) -> xr.DataArray:
     """The (test, train) influence matrix Σ_c η_c ⟨g_c(z'), g_c(z)⟩ (cosine with ``normalize``).
 
     Without ``out`` the result is lazy (nothing is computed until asked). With ``out`` every block is
     written to a Zarr group there, task by task, and the result is lazily opened from it; rerunning
     the same call after an interruption (with or without ``overwrite``) writes only the blocks still
-    missing. ``out`` is checked first (``store.guard``): never an input store, inside one or around
-    one, and ``overwrite`` replaces only an earlier influence output.
+    missing. ``out`` is checked first: never an input store, inside one or around one, and
+    ``overwrite`` replaces only an earlier influence output.
+
+    Parameters
+    ----------
+    test, train : GradientStore, str or path
+        Complete, compatible stores (same checkpoints, projection and preconditioner).
+    out : str or path, optional
+        A Zarr group to write the matrix to, block by block (resumable).
+    normalize : bool
+        Cosine of the per-checkpoint features instead of their dot product.
+    device : {"auto", "cpu", "cuda"}
+        Where the blocks are multiplied.
+    memory_limit : int or str, optional
+        Budget for the blocks in flight (bytes or e.g. ``"2GiB"``).
+    overwrite : bool
+        Replace an earlier influence output at ``out``.
+    progress : bool, optional
+        Force the progress bar on or off.
+    storage_options : dict, optional
+        fsspec options for remote stores and outputs.
+    client : distributed.Client, optional
+        The scheduler to run on.
+
+    Returns
+    -------
+    xarray.DataArray
+        Dims ("test", "train"), float32; lazy without ``out``, opened from ``out`` with it.
+
+    Raises
+    ------
+    IncompatibleStoresError
+        The stores were captured differently (checkpoints, projection, seed, preconditioner).
+    StoreExistsError
+        ``out`` exists and ``overwrite`` is False.
+    OutputOverlapsInputError
+        ``out`` is an input store, inside one or around one.
     """
     if out is not None:
         check_output_location(out, (test, train), kind="influence", overwrite=overwrite, resumable=True,
@@ -142,7 +225,8 @@ def influence(
     compute(graphs.influence_write_graph(te, tr, plan, normalize, backend, target, skip=skip),
             desc="influence", progress=progress, client=client)
     target.mark_complete()
-    return open_influence(out, storage_options=storage_options)
+    opened: xr.DataArray = open_influence(out, storage_options=storage_options)
+    return opened
 
 
 def top_k(
@@ -151,14 +235,14 @@ def top_k(
     *,
     k: int = 10,
     normalize: bool = False,
-    index=None,
+    index: Any = None,
     n_probe: int | None = None,
     device: str = "auto",
-    memory_limit=None,
+    memory_limit: MemoryLimit = None,
     compute_now: bool = True,
     progress: bool | None = None,
     storage_options: StorageOptions = None,
-    client=None,
+    client: Any = None,
 ) -> xr.Dataset:
     """Exact top-k proponents (highest scores) and opponents (lowest) of every test example.
 
@@ -173,6 +257,46 @@ def top_k(
     calibrated at build time for recall@10 ≥ 0.95) are read and scored exactly; a better example in an
     unprobed list may be missed. ``attrs["approximate"]`` is True and ``attrs["fraction_read"]`` tells
     the fraction of train rows read.
+
+    Parameters
+    ----------
+    test, train : GradientStore, str or path
+        Complete, compatible stores.
+    k : int
+        Proponents and opponents per test example (at most the train store's size).
+    normalize : bool
+        Rank by cosine instead of the raw TracIn dot product.
+    index : TopKIndex, str, path or True, optional
+        Read only the probed lists of this index of ``train``.
+    n_probe : int, optional
+        Lists probed per test example and end (with ``index``); default: the calibrated value.
+    device : {"auto", "cpu", "cuda"}
+        Where the blocks are scored.
+    memory_limit : int or str, optional
+        Budget for the blocks in flight.
+    compute_now : bool
+        False returns lazy (dask-backed) variables.
+    progress : bool, optional
+        Force the progress bar on or off.
+    storage_options : dict, optional
+        fsspec options for remote stores.
+    client : distributed.Client, optional
+        The scheduler to run on.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``proponent_index``, ``proponent_score``, ``opponent_index``, ``opponent_score`` with dims
+        ("test", "rank").
+
+    Raises
+    ------
+    ArgumentError
+        ``k`` is not a positive integer no larger than the train store, or ``n_probe`` without an index.
+    IncompatibleStoresError
+        The stores were captured differently.
+    StaleIndexError
+        ``index`` was built on another version of the train store.
     """
     te, tr = _open(test, storage_options), _open(train, storage_options)
     check_compatible(te, tr)

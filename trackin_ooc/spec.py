@@ -38,7 +38,34 @@ PreconditionerLayer = tuple[str, str, tuple[str, ...]]  # (kind, module, paramet
 
 @dataclass(frozen=True)
 class ProjectionSpec:
-    """How per-example gradients were turned into stored feature vectors."""
+    """How per-example gradients were turned into stored feature vectors.
+
+    Stores whose specs differ (kind, dimension, seed, layers, preconditioner) hold features of
+    different linear maps and are refused together: their dot products would mean nothing.
+
+    Parameters
+    ----------
+    kind : str
+        The projection: "exact", "gaussian", "rademacher", "factored", "factors" or "external"
+        (features written by :func:`from_arrays`).
+    dim : int
+        Stored features per example and checkpoint.
+    seed : int, optional
+        Seed of the random projection (None for exact).
+    layers : tuple of (str, tuple of int)
+        The selected parameters and their shapes, in capture order.
+    extra : tuple of (str, Any)
+        Kind-specific settings (a factored plan, factor ranks), as sorted pairs.
+    preconditioner : str
+        "none" (the SGD form), "adam" or "adafactor".
+    preconditioner_layers : tuple
+        Per parameter, the form of the optimizer moments applied to it.
+
+    Raises
+    ------
+    ValueError
+        An unknown kind or preconditioner, or a non-positive dimension.
+    """
 
     kind: str
     dim: int

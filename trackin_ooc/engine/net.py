@@ -9,6 +9,8 @@ float32 (like ``influence``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
@@ -66,7 +68,7 @@ def net_influence_array(test: GradientStore, train: GradientStore, codes: np.nda
     weights = [float(x) for x in train.learning_rates]
     token = tokenize(tref, ref, tokenize(codes), n_groups, normalize, train_rows)
     part = f"trackin-net-sums-{token}"
-    dsk = {}
+    dsk: dict[Any, Any] = {}
     level = []
     for i, (s, e) in enumerate(blocks(test.n_examples, test.chunk_rows)):
         dsk[(part, i)] = (group_sums_block, tref, s, e, weights, normalize, codes[s:e], n_groups)

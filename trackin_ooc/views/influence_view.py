@@ -26,8 +26,18 @@ SUFFIXES = (".html", ".htm", ".png")
 class InfluenceView:
     """What :func:`show` returns: rows of examples that render in Jupyter and save as .html or .png.
 
-    Attributes: ``title``, ``note`` (one line on what the scores are), ``rows`` (list of
-    :class:`~trackin_ooc.views.cards.Row`).
+    Parameters
+    ----------
+    title : str
+        The heading.
+    note : str
+        One line on what the scores are.
+    rows : list of trackin_ooc.views.cards.Row
+        The examples, one row per test example or suspect.
+    invert : bool
+        Draw images dark-on-light.
+    inputs : sequence
+        Paths of the stores behind the result; :meth:`save` never writes over them.
     """
 
     def __init__(self, title: str, note: str, rows: list[c.Row], *, invert: bool = False,

@@ -118,6 +118,67 @@ def capture(
     (plain gradients). Moments are read from the optimizer state saved with each checkpoint (a Trainer
     folder's ``optimizer.pt``); capture a test store from the same checkpoints as its train store
     (docs/preconditioning.md).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The architecture; each checkpoint's weights are loaded into it in turn.
+    checkpoints : sequence of paths or state dicts
+        Saved checkpoints (torch files, Lightning files, Hugging Face Trainer folders, safetensors).
+    data : Dataset or DataLoader
+        The examples, in the order their rows are stored.
+    path : str, path or None
+        Where the Zarr store goes (local or ``s3://``); None keeps it in memory.
+    learning_rates : sequence of float, optional
+        η_c per checkpoint; default: read from each checkpoint (its optimizer state or recorded rate).
+    loss_fn : callable, optional
+        ``loss_fn(output, targets)`` giving one loss per example; default cross-entropy or causal LM loss.
+    layers : sequence of str or str, optional
+        Parameter or module names (or a glob) whose gradients are captured; default: every trainable one.
+    projection_dim : int, optional
+        Stored features per example and checkpoint; None keeps gradients exact.
+    projection : {"gaussian", "rademacher", "factored", "factors"}
+        How gradients are projected (see docs/projection.md for which to pick).
+    seed : int
+        Seed of the random projection: train and test stores must share it.
+    batch_size : int
+        Examples per forward and backward pass.
+    dtype : {"float32", "float16", "bfloat16"}
+        Storage dtype of the features.
+    overwrite : bool
+        Replace an earlier gradient store at ``path`` instead of resuming or refusing.
+    device : str or torch.device
+        Where gradients are computed ("auto": CUDA when available).
+    chunk_rows : int, optional
+        Rows per Zarr chunk (and per written block); default from the feature width.
+    storage_options : dict, optional
+        fsspec options for a remote ``path``.
+    progress : bool, optional
+        Force the progress bar on or off; default: on a terminal or in Jupyter.
+    nonfinite : {"raise", "flag"}
+        What to do with examples whose gradients or losses are NaN/inf.
+    client : distributed.Client, optional
+        Compute the row blocks as tasks on this scheduler's workers.
+    target_key : str
+        The key holding the targets in Mapping batches.
+    preconditioner : {"auto", "adam", "adafactor", "none"} or None
+        Optimizer-aware gradients (above).
+
+    Returns
+    -------
+    GradientStore
+        The complete store, opened for reading.
+
+    Raises
+    ------
+    CaptureError
+        Bad options or data (an unknown projection or dtype, a batch without targets, ...).
+    CheckpointError
+        A checkpoint cannot be loaded, or has no moments where ``preconditioner="adam"`` needs them.
+    StoreExistsError
+        A different store is at ``path`` and ``overwrite`` is False.
+    NonFiniteError
+        NaN/inf gradients with ``nonfinite="raise"``.
     """
     in_memory = path is None
     if in_memory:
