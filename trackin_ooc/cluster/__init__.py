@@ -17,10 +17,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import ClusterError, JobqueueError
 from . import jobqueue
-from .local import ClusterError, dashboard_link, local_client, worker_infos
+from .local import dashboard_link, local_client, worker_infos
 
-__all__ = ["ClusterSpec", "cluster_client", "ClusterError", "dashboard_link", "worker_infos", "jobqueue"]
+__all__ = ["ClusterSpec", "cluster_client", "ClusterError", "JobqueueError", "dashboard_link", "worker_infos",
+           "jobqueue"]
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .local import ClusterError
+from ..errors import JobqueueError
 
 log = logging.getLogger("trackin_ooc")
 
@@ -46,10 +46,6 @@ _RENAMED = {"extra": "worker_extra_args", "env_extra": "job_script_prologue",
 # Handled by this module (scaling, the YAML file) or by dask-jobqueue itself: never user options.
 _NOT_OPTIONS = {"self", "scheduler", "name", "config_name", "base_class_kwargs", "job_kwargs", "job_cls",
                 "n_workers", "loop", "asynchronous", "scheduler_cls", "host", "dashboard_address"}
-
-
-class JobqueueError(ClusterError, ValueError):
-    """A batch-system cluster cannot be configured or started as asked."""
 
 
 def _dask_jobqueue():

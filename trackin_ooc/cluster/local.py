@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from ..errors import TrackinError
+from ..errors import ClusterError
 
 if TYPE_CHECKING:
     from . import ClusterSpec
@@ -29,10 +29,6 @@ def worker_infos(client) -> list[dict]:
     takes_n = "n_workers" in inspect.signature(client.scheduler_info).parameters
     info = client.scheduler_info(n_workers=-1) if takes_n else client.scheduler_info()
     return list(info.get("workers", {}).values())
-
-
-class ClusterError(TrackinError, RuntimeError):
-    """The Dask scheduler cannot be reached or the local cluster cannot start."""
 
 
 def _short(e: BaseException) -> str:
