@@ -120,7 +120,7 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, like
         raise click.BadParameter("--projection needs --projection-dim K", param_hint="'--projection'")
 
     import trackin_ooc as to
-    from trackin_ooc import loading, tables
+    from trackin_ooc import refs, tables
     from trackin_ooc.capturing.job.resume import existing_store
     from trackin_ooc.store import is_remote, is_unfinished
     from trackin_ooc.summary import human_bytes, store_info
@@ -130,9 +130,9 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, like
     tables.check_output(out, overwrite=overwrite, allowed=None, resumable=True)
     if not overwrite:
         existing_store(out)
-    model = loading.load_model(model_ref)
-    data = loading.load_dataset(data_ref)
-    loss_fn = loading.load_loss(loss_ref) if loss_ref else None
+    model = refs.load_model(model_ref)
+    data = refs.load_dataset(data_ref)
+    loss_fn = refs.load_loss(loss_ref) if loss_ref else None
     existed = os.path.lexists(out)
     # Replacing a store: capture next to it and swap only on success, so that a failed capture
     # (a bad checkpoint, a crash, Ctrl-C) leaves the old store as it was.

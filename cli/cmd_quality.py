@@ -17,7 +17,7 @@ TRAIN_FN_HELP = ("train_fn(indices, seed) -> test losses (or a zero-argument cal
 def _train_fn(ref: str):
     """The train function ``ref`` names: the function itself (two parameters), or what a zero-argument
     factory returns. Functions from a file are pickled by value, so that cluster workers need not import it."""
-    from trackin_ooc.loading import LoadError, call, resolve
+    from trackin_ooc.refs import LoadError, call, resolve
 
     fn = resolve(ref)
     try:

@@ -41,16 +41,16 @@ def report(settings: Settings, train, test, train_ref, test_ref, out, k, n_test,
     cluster's login node. Without --train-data the examples are shown by id and label only.
     """
     import trackin_ooc as to
-    from trackin_ooc import loading
+    from trackin_ooc import refs
     from trackin_ooc.summary import open_gradient_store
     from trackin_ooc.views.output import check_file_output
 
     check_file_output(out, what="report", overwrite=overwrite, inputs=[train, test])
     tr = open_gradient_store(train).require_complete()
     te = open_gradient_store(test).require_complete()
-    train_data = loading.call(train_ref, "dataset") if train_ref else None
-    test_data = loading.call(test_ref, "dataset") if test_ref else None
-    tokenizer = loading.call(tokenizer_ref, "tokenizer") if tokenizer_ref else None
+    train_data = refs.call(train_ref, "dataset") if train_ref else None
+    test_data = refs.call(test_ref, "dataset") if test_ref else None
+    tokenizer = refs.call(tokenizer_ref, "tokenizer") if tokenizer_ref else None
     t0 = time.perf_counter()
     with settings.client():
         path = to.report(te, tr, out, train_data=train_data, test_data=test_data, k=min(k, tr.n_examples),

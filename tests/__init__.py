@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from trackin_ooc.engine.backend import cupy_usable
+from trackin_ooc.engine.array_module import cupy_usable
 
 has_cupy = cupy_usable()
 requires_cupy = pytest.mark.skipif(not has_cupy, reason="needs cupy and a CUDA device")

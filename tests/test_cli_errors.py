@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 import trackin_ooc as to
 from trackin_ooc.demo import digits_cnn, train_with_checkpoints
 from trackin_ooc.demo.examples import digits_test_small, digits_train_small
-from trackin_ooc.engine.backend import cupy_usable
+from trackin_ooc.engine.array_module import cupy_usable
 
 from .test_cli import EX, EXE, cli_env, ok, run_cli
 

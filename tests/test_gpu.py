@@ -12,7 +12,7 @@ import trackin_ooc as to
 from tests import has_cupy, requires_cupy
 from trackin_ooc import testing as tt
 from trackin_ooc.engine import resources
-from trackin_ooc.engine.backend import resolve_backend
+from trackin_ooc.engine.array_module import resolve_backend
 from trackin_ooc.engine.planning import worker_bytes
 from trackin_ooc.store import layout
 

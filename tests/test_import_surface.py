@@ -69,3 +69,30 @@ def test_scoring_never_imports_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def _package_modules() -> list[str]:
+    """Every module of the package (imported here: torch ones too)."""
+    import pkgutil
+
+    return [m.name for m in pkgutil.walk_packages(trackin_ooc.__path__, "trackin_ooc.")]
+
+
+def test_every_exception_is_a_trackin_error_exported_from_the_top():
+    import importlib
+    import inspect
+
+    found = {}
+    modules = _package_modules()
+    assert len(modules) > 80 and "trackin_ooc.capturing.projection.hooks" in modules  # the walk reached it all
+    for name in modules:
+        module = importlib.import_module(name)
+        for attr, obj in vars(module).items():
+            if inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == name:
+                found[f"{name}.{attr}"] = obj
+    for where, cls in found.items():
+        assert cls.__module__ == "trackin_ooc.errors", f"{where} is defined outside trackin_ooc/errors.py"
+        if not issubclass(cls, Warning):
+            assert issubclass(cls, trackin_ooc.TrackinError), f"{where} is not a TrackinError"
+        assert getattr(trackin_ooc, cls.__name__, None) is cls and cls.__name__ in trackin_ooc.__all__, (
+            f"{where} is not exported from trackin_ooc")

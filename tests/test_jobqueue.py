@@ -1,4 +1,4 @@
-"""trackin_ooc.jobqueue: the job scripts dask-jobqueue would submit for Slurm, PBS and LSF, from
+"""trackin_ooc.cluster.jobqueue: the job scripts dask-jobqueue would submit for Slurm, PBS and LSF, from
 keyword options, a YAML config in dask's format and dask's own configuration; its errors; and one
 generated script run for real by bash against a live scheduler on 127.0.0.1."""
 
@@ -15,8 +15,7 @@ import pytest
 import yaml
 
 from tests import stop_process_group
-from trackin_ooc import jobqueue
-from trackin_ooc.cluster import ClusterError
+from trackin_ooc.cluster import ClusterError, jobqueue
 
 pytest.importorskip("dask_jobqueue", reason="dask-jobqueue is not installed: pip install dask-jobqueue")
 

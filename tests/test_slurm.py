@@ -1,4 +1,4 @@
-"""A real single-node Slurm on localhost: dask-jobqueue's SLURMCluster, built by trackin_ooc.jobqueue,
+"""A real single-node Slurm on localhost: dask-jobqueue's SLURMCluster, built by trackin_ooc.cluster.jobqueue,
 submits worker jobs with sbatch; top-k on those workers equals a local run.
 
 The fixture starts munged, slurmctld and slurmd from Debian's slurm-wlm and munge packages with a
@@ -24,8 +24,8 @@ import yaml
 
 import trackin_ooc as to
 from tests import stop_process_group
-from trackin_ooc import jobqueue
 from trackin_ooc import testing as tt
+from trackin_ooc.cluster import cluster_client, jobqueue
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -229,7 +229,7 @@ def test_slurm_jobs_run_top_k_like_a_local_run(slurm, tmp_path):
     assert f"#SBATCH -p {PARTITION}" in script and "#SBATCH --comment=trackin-ooc-test" in script
     assert f"{sys.executable} -m distributed.cli.dask_worker" in script
 
-    with jobqueue.cluster_client("slurm", config=config, jobs=2, wait=2, timeout=120) as client:
+    with cluster_client(batch="slurm", batch_config=config, jobs=2, wait=2, timeout=120) as client:
         jobs = slurm.jobs()
         assert [j[0] for j in jobs] == ["trackin-test"] * 2, jobs
         assert all(j[1] == "RUNNING" and j[2] == "trackin-ooc-test" for j in jobs), jobs

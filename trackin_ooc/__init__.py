@@ -13,19 +13,26 @@ from .errors import (
     CaptureError,
     CheckpointError,
     CheckpointNotFoundError,
+    ClusterError,
     CorruptChunkError,
+    DemoOutputError,
     EmptyDatasetError,
     IncompatibleStoresError,
     IncompleteStoreError,
+    JobqueueError,
+    LoadError,
     NonFiniteError,
     NonFiniteWarning,
+    OutputFormatError,
     OutputKindError,
     OutputOverlapsInputError,
+    PlanningError,
     StaleIndexError,
     StoreError,
     StoreExistsError,
     StoreLockedError,
     TrackinError,
+    ViewError,
 )
 from .indexing import build_index, open_index
 from .net import net_influence
@@ -34,7 +41,7 @@ from .scores import influence, plan_for, self_influence, top_k
 from .spec import ProjectionSpec
 from .store import GradientStore, from_arrays, open_store
 from .store.index_store import TopKIndex
-from .views import InfluenceView, ViewError, plan_table_html, report, show, token_gradient_mass
+from .views import InfluenceView, plan_table_html, report, show, token_gradient_mass
 
 # Names that import torch: loaded on first use, so a Dask worker or CLI call that only scores never loads it.
 _LAZY = {
@@ -71,4 +78,5 @@ __all__ = [
     "NonFiniteWarning",
     "IncompatibleStoresError", "CorruptChunkError", "StoreLockedError", "CheckpointError",
     "CheckpointNotFoundError", "CaptureError", "EmptyDatasetError", "OutputOverlapsInputError", "OutputKindError",
+    "OutputFormatError", "LoadError", "PlanningError", "ClusterError", "JobqueueError", "DemoOutputError",
 ]

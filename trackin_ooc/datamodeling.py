@@ -18,13 +18,14 @@ import numpy as np
 import xarray as xr
 
 from .engine import planning, resources
-from .engine.backend import resolve_backend
-from .engine.compat import check_compatible
+from .engine.array_module import resolve_backend
 from .engine.execute import compute
 from .engine.lds import MaskSource, factor_predictions_array, row_spearman, subset_predictions_array
 from .errors import ArgumentError
-from .scores import StoreLike, _open, plan_for
+from .scores import _open, plan_for
+from .store import StoreLike
 from .store.backends import StorageOptions
+from .store.compatibility import check_compatible
 from .store.layout import itemsize
 from .store.runs_store import OUTPUT, SUBSET, RunsStore, open_runs_store
 

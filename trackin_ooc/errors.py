@@ -1,4 +1,8 @@
-"""Exception types: each says what went wrong and how to fix it, in one line."""
+"""Exception types: each says what went wrong and how to fix it, in one line.
+
+Every error trackin-ooc raises on purpose is a :class:`TrackinError` defined here (and exported from
+``trackin_ooc``), so ``except trackin_ooc.TrackinError`` catches all of them.
+"""
 
 from __future__ import annotations
 
@@ -69,3 +73,31 @@ class OutputKindError(StoreExistsError):
 
 class StaleIndexError(StoreError):
     """The index was built for another train store, or an older version of it (the store was rewritten)."""
+
+
+class OutputFormatError(TrackinError, ValueError):
+    """The output's extension names no format the writer knows."""
+
+
+class LoadError(TrackinError, ValueError):
+    """A ``MOD:FN`` reference cannot be imported, found, or called."""
+
+
+class PlanningError(TrackinError, ValueError):
+    """The memory budget cannot hold even the smallest blocks."""
+
+
+class ClusterError(TrackinError, RuntimeError):
+    """The Dask scheduler cannot be reached or the local cluster cannot start."""
+
+
+class JobqueueError(ClusterError, ValueError):
+    """A batch-system cluster cannot be configured or started as asked."""
+
+
+class ViewError(TrackinError, ValueError):
+    """An example or argument the views cannot use (the message names it and the fix)."""
+
+
+class DemoOutputError(TrackinError, FileExistsError):
+    """The demo's output folder holds files the demo did not write."""

@@ -15,18 +15,17 @@ import numpy as np
 import xarray as xr
 
 from .engine import ivf, ivf_graphs, planning, resources
-from .engine.backend import resolve_backend
+from .engine.array_module import resolve_backend
 from .engine.execute import compute
 from .errors import ArgumentError, StoreError
 from .ranks import label_top_k, rank_coordinate
-from .store import GradientStore, backends, layout, open_store
+from .store import GradientStore, StoreLike, backends, layout, open_store
 from .store.backends import StorageOptions
 from .store.guard import check_output_location, location
 from .store.index_store import TopKIndex, default_index_path, find_index, index_meta
 from .store.index_store import open_index as _open_index_path
 from .store.lock import StoreLock
 
-StoreLike = GradientStore | str | os.PathLike
 IndexLike = TopKIndex | str | os.PathLike | bool
 
 # Re-ordered index rows per chunk (all checkpoints in one chunk): about one list, so that reading a list

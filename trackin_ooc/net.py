@@ -1,12 +1,11 @@
 """Net influence: which training examples help or hurt a whole test set (or each class of it).
 
 ``net_influence(test, train)`` equals ``influence(test, train).sum("test")`` but reads each store
-once and never forms the test × train matrix (engine/net.py).
+once and never forms the test × train matrix (engine/net_graphs.py).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,16 +14,15 @@ import pandas as pd
 import xarray as xr
 
 from .engine import planning, resources
-from .engine.compat import check_compatible
 from .engine.execute import compute
-from .engine.net import net_influence_array
+from .engine.net_graphs import net_influence_array
 from .errors import ArgumentError
 from .indexing import require_flat
-from .store import GradientStore, open_store
+from .store import GradientStore, StoreLike, open_store
 from .store.backends import StorageOptions
+from .store.compatibility import check_compatible
 from .store.layout import itemsize
 
-StoreLike = GradientStore | str | os.PathLike[str]
 Groups = str | Sequence[Any] | np.ndarray | None
 
 

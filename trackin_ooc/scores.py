@@ -11,17 +11,16 @@ import numpy as np
 import xarray as xr
 
 from .engine import factor_kernels, graphs, planning, resources
-from .engine.backend import resolve_backend
-from .engine.compat import check_compatible
+from .engine.array_module import resolve_backend
 from .engine.execute import compute
 from .errors import ArgumentError, NonFiniteWarning
 from .ranks import label_top_k, rank_coordinate
-from .store import GradientStore, open_store
+from .store import GradientStore, StoreLike, open_store
 from .store.backends import StorageOptions
+from .store.compatibility import check_compatible
 from .store.guard import check_output_location
 from .store.influence_store import InfluenceStore, open_influence
 
-StoreLike = GradientStore | str | os.PathLike[str]
 MemoryLimit = int | str | None
 
 

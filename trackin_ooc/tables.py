@@ -20,17 +20,13 @@ import pandas as pd
 import xarray as xr
 
 from ._version import __version__
-from .errors import TrackinError
+from .errors import OutputFormatError
 from .store import GradientStore, open_store, replace
 from .store.backends import check_writable, is_remote, normalize_path
 from .store.guard import check_output_location
 from .store.layout import ATTRS_KEY
 
 TABLE_FORMATS = (".csv", ".parquet", ".zarr")
-
-
-class OutputFormatError(TrackinError, ValueError):
-    """The output's extension names no format the writer knows."""
 
 
 def output_format(path: str | os.PathLike, allowed: tuple[str, ...] = TABLE_FORMATS) -> str:

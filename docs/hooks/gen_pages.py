@@ -24,9 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # Their members are what each module's ``__all__`` (or, without one, its public names) says.
 PUBLIC_MODULES = {
     "trackin_ooc.testing": "Reference scores and assertions for tests (xarray.testing style).",
-    "trackin_ooc.cluster": "Where scoring runs: an existing scheduler, a local cluster, or in-process.",
-    "trackin_ooc.jobqueue": "Dask clusters on Slurm, PBS and LSF through dask-jobqueue.",
-    "trackin_ooc.loading": "MOD:FN references to models and datasets, as the CLI takes them.",
+    "trackin_ooc.cluster": "Where scoring runs: an existing scheduler, a local cluster, batch jobs, or in-process.",
+    "trackin_ooc.cluster.local": "A client on an existing scheduler or a local cluster on 127.0.0.1.",
+    "trackin_ooc.cluster.jobqueue": "Dask clusters on Slurm, PBS and LSF through dask-jobqueue.",
+    "trackin_ooc.refs": "MOD:FN references to models and datasets, as the CLI takes them.",
     "trackin_ooc.tables": "Score tables and their writers (.csv, .parquet, .zarr).",
     "trackin_ooc.summary": "What `trackin-ooc info` prints, as data.",
     "trackin_ooc.demo": "Digits data, small models and SGD training with checkpoints.",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import TrackinError
+from ..errors import DemoOutputError
 
 MARKER = ".trackin-demo"
 FRACTIONS = (0.1, 0.2)
@@ -23,10 +23,6 @@ FRACTIONS = (0.1, 0.2)
 # most flipped labels of the demo's split (measured: 84 % fitted after 40 epochs).
 MEMORISED_EPOCHS = 40
 MEMORISED_HIDDEN = (256, 256)
-
-
-class DemoOutputError(TrackinError, FileExistsError):
-    """The demo's output folder holds files the demo did not write."""
 
 
 # ---- mislabel-detection metrics ----------------------------------------------------------------

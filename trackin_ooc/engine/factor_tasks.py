@@ -11,7 +11,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from . import factor_kernels as fk
-from .backend import ArrayBackend
+from .array_module import ArrayBackend
 from .kernels import topk_to_host
 from .tasks import StoreRef, _open_output, done, exact_self_influence_block, getitem, merge_topk
 

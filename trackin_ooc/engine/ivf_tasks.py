@@ -11,7 +11,7 @@ import numpy as np
 from ..store import layout
 from ..store.index_store import TopKIndex
 from . import ivf, kernels
-from .backend import ArrayBackend
+from .array_module import ArrayBackend
 from .tasks import StoreRef
 
 # Rows per GEMM against the centroids inside an assignment task (bounds the rows × lists score tile).

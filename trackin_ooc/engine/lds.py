@@ -21,7 +21,7 @@ from dask.base import tokenize
 from ..store import GradientStore
 from ..store.runs_store import RunsStore
 from . import kernels
-from .net import sum_tree
+from .net_graphs import sum_tree
 from .planning import BlockPlan, blocks
 from .tasks import StoreRef
 

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import PlanningError
+
 # A train block this tall keeps a GEMM efficient; beyond it, more rows buy nothing.
 TARGET_TRAIN_ROWS = 16384
 MIN_TRAIN_ROWS = 1024
 # Test blocks are as tall as memory allows (each test block streams the train store once).
 MAX_TEST_ROWS = 1 << 16
-
-
-class PlanningError(ValueError):
-    """The memory budget cannot hold even the smallest blocks."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import numpy as np
 from ..store import GradientStore
 from ..store.influence_store import InfluenceStore
 from . import kernels
-from .backend import ArrayBackend
+from .array_module import ArrayBackend
 
 
 @functools.lru_cache(maxsize=64)

@@ -2,7 +2,7 @@
 
 from .backends import is_remote, normalize_path
 from .from_arrays import from_arrays
-from .gradient_store import GradientStore, is_unfinished, open_store, prepare_output, store_kind
+from .gradient_store import GradientStore, StoreLike, is_unfinished, open_store, prepare_output, store_kind
 
-__all__ = ["GradientStore", "from_arrays", "open_store", "prepare_output", "store_kind", "is_unfinished", "is_remote",
-           "normalize_path"]
+__all__ = ["GradientStore", "StoreLike", "from_arrays", "open_store", "prepare_output", "store_kind", "is_unfinished",
+           "is_remote", "normalize_path"]

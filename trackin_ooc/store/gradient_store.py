@@ -569,6 +569,10 @@ def is_unfinished(path: str | os.PathLike, kind: str, *, storage_options: Storag
     return meta is not None and guard.meta_kind(meta) == kind and not meta.get("complete", False)
 
 
+# What the scoring functions take for a store: an open one, or its path or URL.
+StoreLike = GradientStore | str | os.PathLike
+
+
 def open_store(
     path: str | os.PathLike | GradientStore, *, storage_options: StorageOptions = None
 ) -> GradientStore:

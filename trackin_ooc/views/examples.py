@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import TrackinError
+from ..errors import ViewError
 from . import html as h
 from .png import image_png
 
@@ -36,10 +36,6 @@ KINDS = ("auto", "image", "tokens", "text", "table")
 MAX_TABLE_FIELDS = 16
 MAX_TEXT_CHARS = 600
 MAX_TOKENS = 256
-
-
-class ViewError(TrackinError, ValueError):
-    """An example or argument the views cannot use (the message names it and the fix)."""
 
 
 # ---- reading an example ------------------------------------------------------------------------

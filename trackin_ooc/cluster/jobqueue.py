@@ -1,8 +1,8 @@
 """Dask clusters started through a batch system (Slurm, PBS, LSF) with dask-jobqueue.
 
-    from trackin_ooc import jobqueue
+    from trackin_ooc.cluster import cluster_client, jobqueue
     print(jobqueue.job_script("slurm", config="jobqueue.yaml"))      # what each worker job runs
-    with jobqueue.cluster_client("slurm", config="jobqueue.yaml", jobs=4):
+    with cluster_client(batch="slurm", batch_config="jobqueue.yaml", jobs=4):
         to.top_k("test.zarr", "train.zarr", k=10)                    # scored on the batch jobs' workers
 
 Options come from three places, later ones winning: dask's configuration (dask-jobqueue's defaults,
@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .cluster import ClusterError
+from ..errors import JobqueueError
 
 log = logging.getLogger("trackin_ooc")
 
@@ -46,10 +46,6 @@ _RENAMED = {"extra": "worker_extra_args", "env_extra": "job_script_prologue",
 # Handled by this module (scaling, the YAML file) or by dask-jobqueue itself: never user options.
 _NOT_OPTIONS = {"self", "scheduler", "name", "config_name", "base_class_kwargs", "job_kwargs", "job_cls",
                 "n_workers", "loop", "asynchronous", "scheduler_cls", "host", "dashboard_address"}
-
-
-class JobqueueError(ClusterError, ValueError):
-    """A batch-system cluster cannot be configured or started as asked."""
 
 
 def _dask_jobqueue():
@@ -283,7 +279,7 @@ def make_cluster(kind: str, *, config=None, jobs: int | None = None, minimum: in
     those bounds; with none of them one job is submitted. Returns once the first jobs are queued
     (at most ``submit_timeout`` seconds), or raises :class:`JobqueueError` with the batch system's
     message if it refuses them. The workers join when the jobs start. The caller closes the cluster
-    (which cancels its jobs): use it as a context manager, or :func:`cluster_client`.
+    (which cancels its jobs): use it as a context manager, or :func:`trackin_ooc.cluster.cluster_client`.
     """
     kind = _check_kind(kind)
     _check_scaling(jobs, minimum, maximum)
@@ -316,11 +312,12 @@ def make_cluster(kind: str, *, config=None, jobs: int | None = None, minimum: in
 
 
 @contextlib.contextmanager
-def cluster_client(kind: str, *, config=None, jobs: int | None = None, minimum: int | None = None,
-                   maximum: int | None = None, wait: int | None = None, timeout: float | str | None = None,
-                   **overrides) -> Iterator[object]:
+def batch_client(kind: str, *, config=None, jobs: int | None = None, minimum: int | None = None,
+                 maximum: int | None = None, wait: int | None = None, timeout: float | str | None = None,
+                 **overrides) -> Iterator[object]:
     """Yield a ``distributed.Client`` (the default one) on a new ``kind`` cluster; close both on exit.
 
+    :func:`trackin_ooc.cluster.cluster_client` calls this for a spec with ``batch=kind``.
     With ``wait=N`` it first waits for N workers to join (``timeout`` seconds at most; by default as
     long as the jobs wait in the queue).
     """

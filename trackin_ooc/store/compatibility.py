@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import IncompatibleStoresError
-from ..store import GradientStore
+from .gradient_store import GradientStore
 
 
 def check_compatible(test: GradientStore, train: GradientStore) -> None:

@@ -1,10 +1,6 @@
-"""Where scoring runs: an existing Dask scheduler, a local cluster on 127.0.0.1, or in-process.
+"""A Dask client on an existing scheduler (by address or scheduler file) or on a local cluster on 127.0.0.1.
 
-    with cluster_client(workers=2, memory_limit="1GiB") as client:
-        to.self_influence("train.zarr")     # runs on the cluster's workers
-
-The scoring functions use whatever ``distributed.Client`` is active, so this module only has to
-make one (or none) for the duration of a block.
+:func:`trackin_ooc.cluster.cluster_client` picks this or a batch-system cluster (:mod:`.jobqueue`).
 """
 
 from __future__ import annotations
@@ -13,9 +9,12 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from .errors import TrackinError
+from ..errors import ClusterError
+
+if TYPE_CHECKING:
+    from . import ClusterSpec
 
 log = logging.getLogger("trackin_ooc")
 
@@ -32,64 +31,20 @@ def worker_infos(client) -> list[dict]:
     return list(info.get("workers", {}).values())
 
 
-class ClusterError(TrackinError, RuntimeError):
-    """The Dask scheduler cannot be reached or the local cluster cannot start."""
-
-
-@dataclass(frozen=True)
-class ClusterSpec:
-    """Which scheduler to use; at most one of the three ways may be given."""
-
-    scheduler_address: str | None = None
-    scheduler_file: str | None = None
-    workers: int | None = None
-    memory_limit: str | int | None = None  # per local worker (LocalCluster memory_limit)
-    threads_per_worker: int | None = None
-    gpu: bool = False  # with workers: one dask-cuda worker per GPU (LocalCUDACluster)
-
-    def __post_init__(self) -> None:
-        given = [n for n, v in (("scheduler_address", self.scheduler_address),
-                                ("scheduler_file", self.scheduler_file),
-                                ("workers", self.workers)) if v is not None]
-        if len(given) > 1:
-            raise ClusterError(f"give only one of {', '.join(given)}")
-        if self.workers is not None and int(self.workers) < 1:
-            raise ClusterError(f"workers must be at least 1, got {self.workers}")
-
-    @property
-    def in_process(self) -> bool:
-        return self.scheduler_address is None and self.scheduler_file is None and self.workers is None
-
-    def describe(self) -> str:
-        if self.scheduler_address:
-            return f"scheduler at {self.scheduler_address}"
-        if self.scheduler_file:
-            return f"scheduler from {self.scheduler_file}"
-        if self.workers:
-            return "a local cluster on 127.0.0.1"
-        return "in-process threads"
-
-
 def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 @contextlib.contextmanager
-def cluster_client(
-    spec: ClusterSpec | None = None, *, timeout: float | str | None = None, **kwargs
-) -> Iterator[object | None]:
-    """Yield a ``distributed.Client`` (made the default) for ``spec``, or None for in-process.
+def local_client(spec: ClusterSpec, *, timeout: float | str | None = None) -> Iterator[Any]:
+    """Yield a ``distributed.Client`` (made the default) on a local cluster or an existing scheduler.
 
     ``workers=N`` starts a ``LocalCluster`` of N worker processes bound to 127.0.0.1 with the given
     per-worker ``memory_limit``; it is closed on exit. A scheduler address or file connects to an
     existing cluster, which is left running. ``timeout`` for connecting defaults to Dask's
     ``distributed.comm.timeouts.connect`` setting (env DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT).
     """
-    spec = spec or ClusterSpec(**kwargs)
-    if spec.in_process:
-        yield None
-        return
     import dask
     from distributed import Client, LocalCluster
 

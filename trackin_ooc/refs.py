@@ -15,11 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .errors import TrackinError
-
-
-class LoadError(TrackinError, ValueError):
-    """A ``MOD:FN`` reference cannot be imported, found, or called."""
+from .errors import LoadError, TrackinError
 
 
 def parse_ref(ref: str) -> tuple[str, str]:
