@@ -22,7 +22,7 @@ import xarray as xr
 from ._version import __version__
 from .errors import OutputFormatError
 from .store import GradientStore, open_store, replace
-from .store.backends import check_writable, is_remote, normalize_path
+from .store.backends import is_remote, normalize_path
 from .store.guard import check_output_location
 from .store.layout import ATTRS_KEY
 
@@ -70,7 +70,6 @@ def check_output(
     for the writer to resume.
     """
     fmt = None if allowed is None else output_format(path, allowed)
-    check_writable(path)
     if kind is None:
         kind = "gradients" if allowed is None else "table"
     check_output_location(path, inputs, kind=kind, overwrite=overwrite, resumable=resumable)
@@ -197,7 +196,12 @@ def write(
     A local table is written under a hidden sibling name and then put in place of an earlier one
     (``store.replace``): killed at any point, the earlier table or the new one is there.
     """
-    fmt = check_output(path, overwrite=overwrite, inputs=inputs)
+    return _write_checked(obj, path, check_output(path, overwrite=overwrite, inputs=inputs), overwrite=overwrite)
+
+
+def _write_checked(obj: pd.DataFrame | xr.Dataset, path: str | os.PathLike, fmt: str | None, *,
+                   overwrite: bool) -> str:
+    """Write ``obj`` where :func:`check_output` allowed it (the output rule is not applied again)."""
     if is_remote(path):
         if overwrite and _exists(path):
             from .store.backends import remove
@@ -229,7 +233,7 @@ def write_self_influence(si: xr.DataArray, path: str | os.PathLike, *, overwrite
     inputs = [si.attrs.get("store")]
     fmt = check_output(path, overwrite=overwrite, inputs=inputs)
     obj = self_influence_dataset(si) if fmt == ".zarr" else self_influence_frame(si)
-    return write(obj, path, overwrite=overwrite, inputs=inputs)
+    return _write_checked(obj, path, fmt, overwrite=overwrite)
 
 
 def write_top_k(
@@ -239,7 +243,7 @@ def write_top_k(
     inputs = [test, train, result.attrs.get("test_store"), result.attrs.get("train_store")]
     fmt = check_output(path, overwrite=overwrite, inputs=inputs)
     ds = top_k_dataset(result, test, train)
-    return write(ds if fmt == ".zarr" else top_k_frame(ds), path, overwrite=overwrite, inputs=inputs)
+    return _write_checked(ds if fmt == ".zarr" else top_k_frame(ds), path, fmt, overwrite=overwrite)
 
 
 def read(path: str | os.PathLike) -> pd.DataFrame | xr.Dataset:
