@@ -29,7 +29,7 @@ from .store.layout import ATTRS_KEY
 TABLE_FORMATS = (".csv", ".parquet", ".zarr")
 
 
-def output_format(path: str | os.PathLike, allowed: tuple[str, ...] = TABLE_FORMATS) -> str:
+def output_format(path: str | os.PathLike[str], allowed: tuple[str, ...] = TABLE_FORMATS) -> str:
     """The format of ``path`` from its extension (``.csv``, ``.parquet`` or ``.zarr``)."""
     suffix = Path(os.fspath(path).rstrip("/")).suffix.lower()
     if suffix not in allowed:
@@ -53,7 +53,7 @@ def _require_pyarrow() -> None:
 
 
 def check_output(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     overwrite: bool = False,
     allowed: tuple[str, ...] | None = TABLE_FORMATS,
@@ -187,8 +187,40 @@ def _dataset(obj) -> xr.Dataset:
     return xr.Dataset.from_dataframe(obj)
 
 
+# ---- net influence --------------------------------------------------------------------------------
+def net_influence_dataset(net: xr.DataArray) -> xr.Dataset:
+    """Net influence with its rank (1 = most helpful) per train example (and group)."""
+    values = np.asarray(net.values)
+    order = np.argsort(-values, axis=-1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(1, values.shape[-1] + 1), axis=-1)
+    ds = xr.Dataset({"net_influence": net.copy(data=values), "rank": (net.dims, rank)},
+                    attrs={k: v for k, v in net.attrs.items() if isinstance(v, (str, int, float, bool))})
+    ds["rank"].attrs["description"] = "1 = most helpful (highest net influence); the last ranks hurt most"
+    return ds
+
+
+def net_influence_frame(net: xr.DataArray) -> pd.DataFrame:
+    """One row per train example (per group with ``by``), most helpful first: [test_label,] rank, train,
+    label (if any), net_influence."""
+    ds = net_influence_dataset(net)
+    grouped = "group" in ds.dims
+    n_groups = ds.sizes["group"] if grouped else 1
+    n_train = ds.sizes["train"]
+    cols: dict[str, np.ndarray] = {}
+    if grouped:
+        cols["test_label"] = np.repeat(ds["group"].values, n_train)
+    cols["rank"] = ds["rank"].values.reshape(-1)
+    cols["train"] = np.tile(ds["train"].values, n_groups)
+    if "label" in ds.coords:
+        cols["label"] = np.tile(ds["label"].values, n_groups)
+    cols["net_influence"] = ds["net_influence"].values.reshape(-1)
+    keys = ["test_label", "rank"] if grouped else ["rank"]
+    return pd.DataFrame(cols).sort_values(keys, kind="stable").reset_index(drop=True)
+
+
 def write(
-    obj: pd.DataFrame | xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False, inputs: Sequence[Any] = ()
+    obj: pd.DataFrame | xr.Dataset, path: str | os.PathLike[str], *, overwrite: bool = False, inputs: Sequence[Any] = ()
 ) -> str:
     """Write a table (.csv, .parquet) or dataset (.zarr) to ``path``; returns the normalized path.
 
@@ -199,7 +231,7 @@ def write(
     return _write_checked(obj, path, check_output(path, overwrite=overwrite, inputs=inputs), overwrite=overwrite)
 
 
-def _write_checked(obj: pd.DataFrame | xr.Dataset, path: str | os.PathLike, fmt: str | None, *,
+def _write_checked(obj: pd.DataFrame | xr.Dataset, path: str | os.PathLike[str], fmt: str | None, *,
                    overwrite: bool) -> str:
     """Write ``obj`` where :func:`check_output` allowed it (the output rule is not applied again)."""
     if is_remote(path):
@@ -220,7 +252,7 @@ def _write_checked(obj: pd.DataFrame | xr.Dataset, path: str | os.PathLike, fmt:
     return final
 
 
-def _exists(path: str | os.PathLike) -> bool:
+def _exists(path: str | os.PathLike[str]) -> bool:
     if is_remote(path):
         from .store.backends import exists
 
@@ -228,7 +260,7 @@ def _exists(path: str | os.PathLike) -> bool:
     return os.path.lexists(normalize_path(path))
 
 
-def write_self_influence(si: xr.DataArray, path: str | os.PathLike, *, overwrite: bool = False) -> str:
+def write_self_influence(si: xr.DataArray, path: str | os.PathLike[str], *, overwrite: bool = False) -> str:
     """``to.self_influence`` result → ``path`` (.csv/.parquet: rows sorted by rank; .zarr: a Dataset)."""
     inputs = [si.attrs.get("store")]
     fmt = check_output(path, overwrite=overwrite, inputs=inputs)
@@ -237,7 +269,7 @@ def write_self_influence(si: xr.DataArray, path: str | os.PathLike, *, overwrite
 
 
 def write_top_k(
-    result: xr.Dataset, path: str | os.PathLike, *, test=None, train=None, overwrite: bool = False
+    result: xr.Dataset, path: str | os.PathLike[str], *, test=None, train=None, overwrite: bool = False
 ) -> str:
     """``to.top_k`` result → ``path``, with example ids and labels from the ``test``/``train`` stores."""
     inputs = [test, train, result.attrs.get("test_store"), result.attrs.get("train_store")]
@@ -246,7 +278,7 @@ def write_top_k(
     return _write_checked(ds if fmt == ".zarr" else top_k_frame(ds), path, fmt, overwrite=overwrite)
 
 
-def read(path: str | os.PathLike) -> pd.DataFrame | xr.Dataset:
+def read(path: str | os.PathLike[str]) -> pd.DataFrame | xr.Dataset:
     """Read back what :func:`write` wrote: a DataFrame for .csv/.parquet, a Dataset for .zarr."""
     fmt = output_format(path)
     if fmt == ".csv":

@@ -12,7 +12,7 @@ import numpy as np
 import zarr
 
 from .._version import __version__
-from ..errors import IncompleteStoreError, StoreError
+from ..errors import IncompleteStoreError, StoreError, StoreExistsError
 from ..spec import ProjectionSpec
 from . import backends, guard, layout
 from .backends import StorageOptions
@@ -29,7 +29,7 @@ class GradientStore(ZarrGroup):
 
     _open_errors = (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError)
 
-    def __init__(self, path: str | os.PathLike, *, storage_options: StorageOptions = None,
+    def __init__(self, path: str | os.PathLike[str], *, storage_options: StorageOptions = None,
                  _group: zarr.Group | None = None) -> None:
         super().__init__(path, storage_options=storage_options, group=_group)
 
@@ -59,12 +59,12 @@ class GradientStore(ZarrGroup):
     @classmethod
     def create(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         *,
         n_checkpoints: int,
         n_examples: int,
         spec: ProjectionSpec,
-        learning_rates: Sequence[float],
+        learning_rates: Sequence[float] | np.ndarray,
         dtype: str = "float32",
         checkpoint_names: Sequence[str] | None = None,
         checkpoint_hashes: Sequence[str | None] | None = None,
@@ -484,26 +484,51 @@ class GradientStore(ZarrGroup):
 
 
 
-def store_kind(path: str | os.PathLike, *, storage_options: StorageOptions = None) -> str | None:
+def store_kind(path: str | os.PathLike[str], *, storage_options: StorageOptions = None) -> str | None:
     """The kind of trackin-ooc output at ``path`` ("gradients", "influence", "table", "index"), or None
     when it holds no trackin-ooc group (reads metadata only)."""
     meta = guard.output_meta(path, storage_options)
     return None if meta is None else guard.meta_kind(meta)
 
 
-def is_unfinished(path: str | os.PathLike, kind: str, *, storage_options: StorageOptions = None) -> bool:
+def is_unfinished(path: str | os.PathLike[str], kind: str, *, storage_options: StorageOptions = None) -> bool:
     """Whether ``path`` holds a ``kind`` output ("gradients" or "influence") that a killed or failed run
     left incomplete: rerunning the same job resumes it."""
     meta = guard.output_meta(path, storage_options)
     return meta is not None and guard.meta_kind(meta) == kind and not meta.get("complete", False)
 
 
+def existing_store(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> GradientStore | None:
+    """The incomplete gradient store at ``path`` that a capture may resume, None when nothing is there.
+
+    Raises :class:`StoreExistsError` for anything else at ``path`` (a complete store, another file).
+    """
+    if not backends.exists(path, storage_options):
+        return None
+    where = backends.normalize_path(path)
+    if store_kind(path, storage_options=storage_options) != "gradients":
+        raise StoreExistsError(
+            f"gradient store {where} already exists and is not a gradient store a capture can resume; "
+            "pass overwrite=True (--overwrite) to replace it, or choose another path"
+        )
+    try:
+        store = GradientStore(path, storage_options=storage_options)
+    except StoreError as e:
+        raise StoreExistsError(f"{e}; or pass overwrite=True (--overwrite) to replace it") from None
+    if store.complete:
+        raise StoreExistsError(
+            f"gradient store {where} already exists and is complete; pass overwrite=True (--overwrite) "
+            "to replace it, or choose another path"
+        )
+    return store
+
+
 # What the scoring functions take for a store: an open one, or its path or URL.
-StoreLike = GradientStore | str | os.PathLike
+StoreLike = GradientStore | str | os.PathLike[str]
 
 
 def open_store(
-    path: str | os.PathLike | GradientStore, *, storage_options: StorageOptions = None
+    path: str | os.PathLike[str] | GradientStore, *, storage_options: StorageOptions = None
 ) -> GradientStore:
     """Open an existing gradient store (a local path or fsspec URL)."""
     if isinstance(path, GradientStore):

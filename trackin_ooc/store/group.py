@@ -23,7 +23,7 @@ from .backends import StorageOptions
 from .integrity import BadChunk, verify_group
 
 
-def open_group(path: str | os.PathLike, storage_options: StorageOptions = None, *, read_only: bool) -> zarr.Group:
+def open_group(path: str | os.PathLike[str], storage_options: StorageOptions = None, *, read_only: bool) -> zarr.Group:
     """The Zarr group at ``path``, read-only (mode "r") or for writing into (mode "r+"); never consolidated
     metadata, which a writer elsewhere may have made stale."""
     return zarr.open_group(
@@ -32,7 +32,7 @@ def open_group(path: str | os.PathLike, storage_options: StorageOptions = None, 
     )
 
 
-def create_group(path: str | os.PathLike, storage_options: StorageOptions = None) -> zarr.Group:
+def create_group(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> zarr.Group:
     """A new, empty Zarr v3 group at ``path`` (whatever was there is gone: the output rule ran first)."""
     return zarr.open_group(store=backends.zarr_store(path, storage_options=storage_options), mode="w",
                            zarr_format=3)
@@ -73,7 +73,7 @@ class ZarrGroup(ABC):
     #: Exceptions from opening that mean "nothing of this kind here" (reported as a StoreError).
     _open_errors: ClassVar[tuple[type[BaseException], ...]] = (Exception,)
 
-    def __init__(self, path: str | os.PathLike, *, storage_options: StorageOptions = None,
+    def __init__(self, path: str | os.PathLike[str], *, storage_options: StorageOptions = None,
                  group: zarr.Group | None = None, read_only: bool = True) -> None:
         self.path = backends.normalize_path(path)
         self.storage_options: dict[str, Any] = dict(storage_options or {})
@@ -84,7 +84,7 @@ class ZarrGroup(ABC):
                 raise StoreError(self._missing(e)) from None
         self._group: zarr.Group = group
         self._lock = threading.Lock()
-        self._arrays: dict[str, zarr.Array] = {}
+        self._arrays: dict[str, zarr.Array[Any]] = {}
         self._meta: dict[str, Any] = self._check_meta(self._read_meta())
 
     # ---- what a subclass says ---------------------------------------------------------------------
@@ -128,12 +128,15 @@ class ZarrGroup(ABC):
         consolidate(self._group)
 
     # ---- arrays -----------------------------------------------------------------------------------
-    def _array(self, name: str) -> zarr.Array:
+    def _array(self, name: str) -> zarr.Array[Any]:
         """The array ``name``, opened once and cached (threads of one process share it)."""
         with self._lock:
             arr = self._arrays.get(name)
             if arr is None:
-                arr = self._arrays[name] = self._group[name]
+                found = self._group[name]
+                if not isinstance(found, zarr.Array):
+                    raise StoreError(f"{self.path}: {name} is a group, not an array")
+                arr = self._arrays[name] = found
             return arr
 
     def _array_names(self) -> set[str]:

@@ -69,7 +69,7 @@ class Location:
         return self.path == root or self.path.startswith(root if root.endswith("/") else root + "/")
 
 
-def location(path: str | os.PathLike | Any) -> Location:
+def location(path: str | os.PathLike[str] | Any) -> Location:
     """The canonical :class:`Location` of a path, URL or anything with a ``.path`` (a store)."""
     raw = getattr(path, "path", path)
     if backends.is_remote(raw):
@@ -88,7 +88,7 @@ def _inputs(inputs: Iterable[Any]) -> list[Location]:
 
 
 def check_not_an_input(
-    out: str | os.PathLike, inputs: Iterable[Any], *, what: str = "input store", inside_ok: bool = False
+    out: str | os.PathLike[str], inputs: Iterable[Any], *, what: str = "input store", inside_ok: bool = False
 ) -> None:
     """Refuse an output that is an input, lies inside one or contains one (``OutputOverlapsInputError``).
 
@@ -131,7 +131,7 @@ class Existing:
         return f"a {'folder' if self.is_dir else 'file'} that no trackin-ooc writer made"
 
 
-def output_meta(path: str | os.PathLike, storage_options: StorageOptions = None) -> dict | None:
+def output_meta(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> dict[str, Any] | None:
     """The ``trackin_ooc`` attributes of the Zarr group at ``path``, None when there is none."""
     import zarr
 
@@ -146,12 +146,12 @@ def output_meta(path: str | os.PathLike, storage_options: StorageOptions = None)
     return meta if isinstance(meta, dict) else None
 
 
-def meta_kind(meta: dict) -> str:
+def meta_kind(meta: dict[str, Any]) -> str:
     """The kind a ``trackin_ooc`` attribute dict declares (gradient stores predate the ``kind`` key)."""
     return str(meta.get("kind", "gradients"))
 
 
-def inspect(path: str | os.PathLike, storage_options: StorageOptions = None) -> Existing:
+def inspect(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> Existing:
     """What ``path`` holds now (metadata and a folder listing only)."""
     if backends.is_remote(path):
         fs, p = backends.filesystem(path, storage_options)
@@ -171,7 +171,7 @@ def inspect(path: str | os.PathLike, storage_options: StorageOptions = None) -> 
     return Existing(True, is_dir=is_dir, kind=meta_kind(meta), complete=bool(meta.get("complete", False)))
 
 
-def replaceable(existing: Existing, kind: str, path: str | os.PathLike) -> bool:
+def replaceable(existing: Existing, kind: str, path: str | os.PathLike[str]) -> bool:
     """Whether ``overwrite`` may replace ``existing`` with a ``kind`` output at ``path``."""
     if not existing.exists or existing.empty or existing.kind == kind:
         return True
@@ -180,7 +180,7 @@ def replaceable(existing: Existing, kind: str, path: str | os.PathLike) -> bool:
     return plain_file and bool(extensions) and os.fspath(path).lower().endswith(extensions)
 
 
-def _remove_hint(path: str | os.PathLike, existing: Existing) -> str:
+def _remove_hint(path: str | os.PathLike[str], existing: Existing) -> str:
     shown = backends.normalize_path(path)
     if backends.is_remote(path):
         return f"delete {shown} with your storage's own tools"
@@ -189,7 +189,7 @@ def _remove_hint(path: str | os.PathLike, existing: Existing) -> str:
 
 # ---- the rule ----------------------------------------------------------------------------------
 def check_location(
-    out: str | os.PathLike, inputs: Iterable[Any] = (), *, input_what: str = "input store",
+    out: str | os.PathLike[str], inputs: Iterable[Any] = (), *, input_what: str = "input store",
     inside_inputs_ok: bool = False,
 ) -> None:
     """The rule's first half, about the place alone: writable (``backends.check_writable``) and never on,
@@ -200,7 +200,7 @@ def check_location(
 
 
 def check_output_location(
-    out: str | os.PathLike,
+    out: str | os.PathLike[str],
     inputs: Iterable[Any] = (),
     *,
     kind: str,
@@ -248,7 +248,7 @@ Made = TypeVar("Made")
 
 
 def prepare_output(
-    out: str | os.PathLike,
+    out: str | os.PathLike[str],
     inputs: Iterable[Any] = (),
     *,
     kind: str,
@@ -264,16 +264,16 @@ def prepare_output(
     return existing
 
 
-def clear_output(out: str | os.PathLike, existing: Existing, storage_options: StorageOptions = None) -> None:
+def clear_output(out: str | os.PathLike[str], existing: Existing, storage_options: StorageOptions = None) -> None:
     """Remove the earlier output that :func:`check_output_location` found at ``out`` and allowed replacing."""
     if existing.exists and backends.exists(out, storage_options):
         backends.remove(out, storage_options)
 
 
 def lay_out_output(
-    out: str | os.PathLike,
+    out: str | os.PathLike[str],
     existing: Existing,
-    make: Callable[[str | os.PathLike, StorageOptions], Made],
+    make: Callable[[str | os.PathLike[str], StorageOptions], Made],
     storage_options: StorageOptions = None,
 ) -> Made | None:
     """Lay out a new output with ``make(path, storage_options)`` where the rule found ``existing``.

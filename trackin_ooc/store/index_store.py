@@ -87,7 +87,7 @@ class TopKIndex(ZarrGroup):
     coarse quantizer (centroids, list offsets and radii) is held in memory; rows are read per query.
     """
 
-    def __init__(self, path: str | os.PathLike, *, storage_options: StorageOptions = None,
+    def __init__(self, path: str | os.PathLike[str], *, storage_options: StorageOptions = None,
                  _group: zarr.Group | None = None) -> None:
         super().__init__(path, storage_options=storage_options, group=_group)
 

@@ -27,7 +27,7 @@ class InfluenceStore(ZarrGroup):
 
     _open_errors = ()  # opened only where a writer just laid one out or found one to resume
 
-    def __init__(self, path: str | os.PathLike, *, storage_options: StorageOptions = None,
+    def __init__(self, path: str | os.PathLike[str], *, storage_options: StorageOptions = None,
                  group: zarr.Group | None = None) -> None:
         super().__init__(path, storage_options=storage_options, group=group, read_only=False)
 

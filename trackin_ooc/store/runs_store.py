@@ -50,7 +50,7 @@ def job_difference(have: dict[str, Any], want: dict[str, Any]) -> str:
 class RunsStore(ZarrGroup):
     """A retraining output on disk: laid out once, then one ``output`` row per finished retraining."""
 
-    def __init__(self, path: str | os.PathLike, *, storage_options: StorageOptions = None,
+    def __init__(self, path: str | os.PathLike[str], *, storage_options: StorageOptions = None,
                  group: zarr.Group | None = None, read_only: bool = False) -> None:
         super().__init__(path, storage_options=storage_options, group=group, read_only=read_only)
 

@@ -14,6 +14,7 @@ from ...errors import CaptureError
 from ...progress import progress_bar
 from ...store import GradientStore, backends
 from ...store.backends import StorageOptions
+from ...store.gradient_store import existing_store
 from ...store.guard import Existing, check_output_location
 from ...store.layout import STORAGE_DTYPES, default_chunk_rows
 from ...store.lock import StoreLock
@@ -35,7 +36,7 @@ from .preconditioning import (
     resolve_preconditioner,
     with_preconditioner,
 )
-from .resume import StoreSettings, check_resumable, existing_store
+from .resume import StoreSettings, check_resumable
 
 log = logging.getLogger("trackin_ooc")
 
