@@ -120,16 +120,13 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, like
         raise click.BadParameter("--projection needs --projection-dim K", param_hint="'--projection'")
 
     import trackin_ooc as to
-    from trackin_ooc import refs, tables
-    from trackin_ooc.capturing.job.resume import existing_store
-    from trackin_ooc.store import is_remote, is_unfinished
+    from trackin_ooc import refs
+    from trackin_ooc.outputs import check_capture_output, is_remote, is_unfinished
     from trackin_ooc.summary import human_bytes, store_info
 
     # The output rule (kind "gradients": --overwrite replaces only an earlier gradient store), then
     # without --overwrite a complete store is refused and an incomplete one resumed.
-    tables.check_output(out, overwrite=overwrite, allowed=None, resumable=True)
-    if not overwrite:
-        existing_store(out)
+    check_capture_output(out, overwrite=overwrite)
     model = refs.load_model(model_ref)
     data = refs.load_dataset(data_ref)
     loss_fn = refs.load_loss(loss_ref) if loss_ref else None

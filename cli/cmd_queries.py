@@ -69,7 +69,6 @@ def net_influence(settings: Settings, train, test, by_label, normalize, out, ove
     """
     import trackin_ooc as to
     from trackin_ooc import tables
-    from trackin_ooc.net import net_influence_dataset, net_influence_frame
     from trackin_ooc.summary import open_gradient_store
 
     fmt = tables.check_output(out, overwrite=overwrite, inputs=[train, test])
@@ -78,7 +77,7 @@ def net_influence(settings: Settings, train, test, by_label, normalize, out, ove
     with settings.client():
         net = to.net_influence(te, tr, by="label" if by_label else None, normalize=normalize,
                                memory_limit=settings.scoring_memory_limit, progress=settings.progress)
-    table = net_influence_dataset(net) if fmt == ".zarr" else net_influence_frame(net)
+    table = tables.net_influence_dataset(net) if fmt == ".zarr" else tables.net_influence_frame(net)
     path = tables.write(table, out, overwrite=overwrite, inputs=[te, tr])
     seconds = time.perf_counter() - t0
     groups = f" per label ({plural(net.sizes['group'], 'label')})" if by_label else ""

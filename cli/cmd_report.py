@@ -42,8 +42,8 @@ def report(settings: Settings, train, test, train_ref, test_ref, out, k, n_test,
     """
     import trackin_ooc as to
     from trackin_ooc import refs
+    from trackin_ooc.outputs import check_file_output
     from trackin_ooc.summary import open_gradient_store
-    from trackin_ooc.views.output import check_file_output
 
     check_file_output(out, what="report", overwrite=overwrite, inputs=[train, test])
     tr = open_gradient_store(train).require_complete()

@@ -59,7 +59,7 @@ def influence(settings: Settings, train, test, out, normalize, overwrite):
     """
     import trackin_ooc as to
     from trackin_ooc import tables
-    from trackin_ooc.store import is_unfinished
+    from trackin_ooc.outputs import is_unfinished
     from trackin_ooc.summary import human_bytes, open_gradient_store, store_info
 
     # An unfinished influence output is left for the library to resume (or to refuse if it was started

@@ -142,7 +142,7 @@ def _warn_if_swapped(command: click.Command) -> click.Command:
 
 
 def _example_counts(train, test) -> tuple[int, int] | None:
-    from trackin_ooc.store import open_store
+    from trackin_ooc import open_store
 
     try:
         return open_store(train).n_examples, open_store(test).n_examples

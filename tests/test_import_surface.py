@@ -10,9 +10,15 @@ from pathlib import Path
 
 import trackin_ooc
 
-CAPTURING = Path(trackin_ooc.__file__).parent / "capturing"
+PACKAGE = Path(trackin_ooc.__file__).parent
+CAPTURING = PACKAGE / "capturing"
 # Each room may import only the rooms after it (docs: trackin_ooc/capturing/__init__.py).
 ROOMS = ["job", "projection", "per_example", "checkpoints"]
+# The three tiers, top to bottom: capture (torch) → engine (Dask, arrays) → store (the on-disk layout). A tier
+# imports only the tiers below it; the leaf rooms below import no tier at all.
+TIERS = ["trackin_ooc.capturing", "trackin_ooc.engine", "trackin_ooc.store"]
+LEAVES = {"trackin_ooc.errors": (), "trackin_ooc.refs": (), "trackin_ooc.spec": (), "trackin_ooc.cluster": ()}
+CLI = PACKAGE.parent / "cli"
 
 
 def _imported_rooms(path: Path) -> set[str]:
@@ -96,3 +102,76 @@ def test_every_exception_is_a_trackin_error_exported_from_the_top():
             assert issubclass(cls, trackin_ooc.TrackinError), f"{where} is not a TrackinError"
         assert getattr(trackin_ooc, cls.__name__, None) is cls and cls.__name__ in trackin_ooc.__all__, (
             f"{where} is not exported from trackin_ooc")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of the modules ``path`` imports (relative imports resolved; function-level ones too)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)  # `from . import x` names a module
+    return found
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _package_files(package: str) -> list[Path]:
+    folder = PACKAGE.parent.joinpath(*package.split("."))
+    return sorted(folder.rglob("*.py")) if folder.is_dir() else [folder.with_suffix(".py")]
+
+
+def test_no_import_runs_back_up_a_tier():
+    for i, tier in enumerate(TIERS):
+        above = TIERS[:i]
+        files = _package_files(tier)
+        assert files, tier
+        for f in files:
+            wrong = {m for m in _imports(f) for t in above if _within(m, t)}
+            assert not wrong, f"{_module_name(f)} ({tier}) imports {sorted(wrong)}, a tier above it"
+    for leaf in LEAVES:
+        for f in _package_files(leaf):
+            wrong = {m for m in _imports(f) for t in TIERS if _within(m, t)}
+            assert not wrong, f"{_module_name(f)} imports {sorted(wrong)}; it must stay below every tier"
+
+
+def _public_modules() -> set[str]:
+    tree = ast.parse((PACKAGE.parent / "docs" / "hooks" / "gen_pages.py").read_text())
+    for node in tree.body:  # PUBLIC_MODULES = {...}: read without importing mkdocs
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "PUBLIC_MODULES" for t in node.targets):
+            return set(ast.literal_eval(node.value)) | {"trackin_ooc", "trackin_ooc.errors"}
+    raise AssertionError("docs/hooks/gen_pages.py has no PUBLIC_MODULES")
+
+
+def test_the_cli_uses_the_public_api_only():
+    public = _public_modules()
+    files = sorted(CLI.glob("*.py"))
+    assert files
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names if _within(a.name, "trackin_ooc")]
+                for name in names:
+                    assert name in public, f"cli/{f.name} imports {name}, not a public module"
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and _within(node.module or "", "trackin_ooc"):
+                assert node.module in public, f"cli/{f.name} imports from {node.module}, not a public module"
+                if node.module == "trackin_ooc":
+                    for alias in node.names:
+                        ok = alias.name in trackin_ooc.__all__ or f"trackin_ooc.{alias.name}" in public
+                        assert ok, f"cli/{f.name} imports trackin_ooc.{alias.name}, not a public name"

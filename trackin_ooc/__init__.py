@@ -4,8 +4,6 @@
     self_influence(store); influence(test, train, out="inf.zarr"); top_k(test, train, k=10)
 """
 
-import typing as _typing
-
 from ._version import __version__
 from .datamodeling import lds, lds_from_predictions, subset_predictions
 from .errors import (
@@ -51,7 +49,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> _typing.Any:
+def __getattr__(name: str) -> object:
     if name in _LAZY:
         import importlib
 

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import xarray as xr
 
 from .engine import planning, resources
@@ -124,35 +123,3 @@ def net_influence(
         (values,) = compute(arr.data, desc="net influence", progress=progress, client=client)
         arr = arr.copy(data=values)
     return arr
-
-
-# ---- as a table --------------------------------------------------------------------------------
-def net_influence_dataset(net: xr.DataArray) -> xr.Dataset:
-    """Net influence with its rank (1 = most helpful) per train example (and group)."""
-    values = np.asarray(net.values)
-    order = np.argsort(-values, axis=-1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(1, values.shape[-1] + 1), axis=-1)
-    ds = xr.Dataset({"net_influence": net.copy(data=values), "rank": (net.dims, rank)},
-                    attrs={k: v for k, v in net.attrs.items() if isinstance(v, (str, int, float, bool))})
-    ds["rank"].attrs["description"] = "1 = most helpful (highest net influence); the last ranks hurt most"
-    return ds
-
-
-def net_influence_frame(net: xr.DataArray) -> pd.DataFrame:
-    """One row per train example (per group with ``by``), most helpful first: [test_label,] rank, train,
-    label (if any), net_influence."""
-    ds = net_influence_dataset(net)
-    grouped = "group" in ds.dims
-    n_groups = ds.sizes["group"] if grouped else 1
-    n_train = ds.sizes["train"]
-    cols: dict[str, np.ndarray] = {}
-    if grouped:
-        cols["test_label"] = np.repeat(ds["group"].values, n_train)
-    cols["rank"] = ds["rank"].values.reshape(-1)
-    cols["train"] = np.tile(ds["train"].values, n_groups)
-    if "label" in ds.coords:
-        cols["label"] = np.tile(ds["label"].values, n_groups)
-    cols["net_influence"] = ds["net_influence"].values.reshape(-1)
-    keys = ["test_label", "rank"] if grouped else ["rank"]
-    return pd.DataFrame(cols).sort_values(keys, kind="stable").reset_index(drop=True)

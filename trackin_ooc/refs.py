@@ -13,7 +13,8 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from types import ModuleType
+from typing import Any, cast
 
 from .errors import LoadError, TrackinError
 
@@ -36,7 +37,7 @@ def _is_file_ref(mod: str) -> bool:
     return mod.endswith(".py") or os.sep in mod or "/" in mod
 
 
-def _import_file(path: str, ref: str):
+def _import_file(path: str, ref: str) -> ModuleType:
     full = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(full):
         raise LoadError(f"cannot load {ref!r}: file {path} does not exist; check the path before ':'")
@@ -61,7 +62,7 @@ def _import_file(path: str, ref: str):
     return module
 
 
-def _import_module(mod: str, ref: str):
+def _import_module(mod: str, ref: str) -> ModuleType:
     # Console scripts do not put the working directory on sys.path; `python -m` would.
     cwd = os.getcwd()
     if cwd not in sys.path:
@@ -95,7 +96,7 @@ def resolve(ref: str) -> Callable[[], Any]:
         obj = getattr(obj, part)
     if not callable(obj):
         raise LoadError(f"{ref!r} is a {type(obj).__name__}, not a callable; name a zero-argument function")
-    return obj
+    return cast(Callable[[], Any], obj)
 
 
 def call(ref: str, what: str = "object") -> Any:
@@ -116,7 +117,7 @@ def call(ref: str, what: str = "object") -> Any:
         raise LoadError(f"{ref!r} raised {_describe(e)} while making the {what}") from e
 
 
-def load_model(ref: str):
+def load_model(ref: str) -> Any:
     """The ``torch.nn.Module`` returned by the zero-argument callable ``ref``."""
     from torch import nn
 
@@ -126,7 +127,7 @@ def load_model(ref: str):
     return model
 
 
-def load_dataset(ref: str):
+def load_dataset(ref: str) -> Any:
     """The torch Dataset or DataLoader returned by the zero-argument callable ``ref``."""
     from torch.utils.data import DataLoader
 
@@ -141,7 +142,7 @@ def load_dataset(ref: str):
     return data
 
 
-def load_loss(ref: str):
+def load_loss(ref: str) -> Any:
     """The per-example loss function returned by the zero-argument callable ``ref``."""
     fn = call(ref, "loss function")
     if not callable(fn):

@@ -31,7 +31,7 @@ import xarray as xr
 from .engine.resources import active_client
 from .errors import ArgumentError, StoreError
 from .progress import progress_bar, progress_enabled
-from .store import backends, guard
+from .store import guard
 from .store.backends import StorageOptions
 from .store.lock import StoreLock
 from .store.runs_store import KIND, OUTPUT, SEED, SUBSET, TEST, TRAIN, RunsStore, job_difference, open_runs_store
@@ -219,8 +219,7 @@ def retrain(
             outputs = np.stack([results[s] for s in range(n_subsets)])
         return _dataset(masks, seeds, outputs, {**attrs, "complete": True})
 
-    backends.check_writable(out)
-    guard.check_not_an_input(out, ())
+    guard.check_location(out)
     with StoreLock(out, storage_options):
         store = _open_or_create(out, job, masks, seeds, name, overwrite, storage_options)
         todo = [int(s) for s in np.flatnonzero(~store.done())]

@@ -185,9 +185,10 @@ def influence(
     OutputOverlapsInputError
         ``out`` is an input store, inside one or around one.
     """
-    if out is not None:
-        check_output_location(out, (test, train), kind="influence", overwrite=overwrite, resumable=True,
-                              storage_options=storage_options)
+    checked = None
+    if out is not None:  # the output rule, once, before any work
+        checked = check_output_location(out, (test, train), kind="influence", overwrite=overwrite, resumable=True,
+                                        storage_options=storage_options)
     te, tr = _open(test, storage_options), _open(train, storage_options)
     check_compatible(te, tr)
     backend = resolve_backend(device).name
@@ -219,7 +220,7 @@ def influence(
             out, test_ids=te.example_ids(), train_ids=tr.example_ids(),
             chunks=(plan.test_rows, plan.train_rows),
             n_tasks=(len(plan.test_blocks(te.n_examples)), len(plan.train_blocks(tr.n_examples))),
-            attrs=attrs, overwrite=overwrite, storage_options=storage_options, inputs=(te, tr),
+            attrs=attrs, overwrite=overwrite, storage_options=storage_options, checked=checked,
         )
     compute(graphs.influence_write_graph(te, tr, plan, normalize, backend, target, skip=skip),
             desc="influence", progress=progress, client=client)

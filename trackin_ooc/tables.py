@@ -22,14 +22,14 @@ import xarray as xr
 from ._version import __version__
 from .errors import OutputFormatError
 from .store import GradientStore, open_store, replace
-from .store.backends import check_writable, is_remote, normalize_path
+from .store.backends import is_remote, normalize_path
 from .store.guard import check_output_location
 from .store.layout import ATTRS_KEY
 
 TABLE_FORMATS = (".csv", ".parquet", ".zarr")
 
 
-def output_format(path: str | os.PathLike, allowed: tuple[str, ...] = TABLE_FORMATS) -> str:
+def output_format(path: str | os.PathLike[str], allowed: tuple[str, ...] = TABLE_FORMATS) -> str:
     """The format of ``path`` from its extension (``.csv``, ``.parquet`` or ``.zarr``)."""
     suffix = Path(os.fspath(path).rstrip("/")).suffix.lower()
     if suffix not in allowed:
@@ -53,7 +53,7 @@ def _require_pyarrow() -> None:
 
 
 def check_output(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     overwrite: bool = False,
     allowed: tuple[str, ...] | None = TABLE_FORMATS,
@@ -70,7 +70,6 @@ def check_output(
     for the writer to resume.
     """
     fmt = None if allowed is None else output_format(path, allowed)
-    check_writable(path)
     if kind is None:
         kind = "gradients" if allowed is None else "table"
     check_output_location(path, inputs, kind=kind, overwrite=overwrite, resumable=resumable)
@@ -188,8 +187,40 @@ def _dataset(obj) -> xr.Dataset:
     return xr.Dataset.from_dataframe(obj)
 
 
+# ---- net influence --------------------------------------------------------------------------------
+def net_influence_dataset(net: xr.DataArray) -> xr.Dataset:
+    """Net influence with its rank (1 = most helpful) per train example (and group)."""
+    values = np.asarray(net.values)
+    order = np.argsort(-values, axis=-1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(1, values.shape[-1] + 1), axis=-1)
+    ds = xr.Dataset({"net_influence": net.copy(data=values), "rank": (net.dims, rank)},
+                    attrs={k: v for k, v in net.attrs.items() if isinstance(v, (str, int, float, bool))})
+    ds["rank"].attrs["description"] = "1 = most helpful (highest net influence); the last ranks hurt most"
+    return ds
+
+
+def net_influence_frame(net: xr.DataArray) -> pd.DataFrame:
+    """One row per train example (per group with ``by``), most helpful first: [test_label,] rank, train,
+    label (if any), net_influence."""
+    ds = net_influence_dataset(net)
+    grouped = "group" in ds.dims
+    n_groups = ds.sizes["group"] if grouped else 1
+    n_train = ds.sizes["train"]
+    cols: dict[str, np.ndarray] = {}
+    if grouped:
+        cols["test_label"] = np.repeat(ds["group"].values, n_train)
+    cols["rank"] = ds["rank"].values.reshape(-1)
+    cols["train"] = np.tile(ds["train"].values, n_groups)
+    if "label" in ds.coords:
+        cols["label"] = np.tile(ds["label"].values, n_groups)
+    cols["net_influence"] = ds["net_influence"].values.reshape(-1)
+    keys = ["test_label", "rank"] if grouped else ["rank"]
+    return pd.DataFrame(cols).sort_values(keys, kind="stable").reset_index(drop=True)
+
+
 def write(
-    obj: pd.DataFrame | xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False, inputs: Sequence[Any] = ()
+    obj: pd.DataFrame | xr.Dataset, path: str | os.PathLike[str], *, overwrite: bool = False, inputs: Sequence[Any] = ()
 ) -> str:
     """Write a table (.csv, .parquet) or dataset (.zarr) to ``path``; returns the normalized path.
 
@@ -197,7 +228,12 @@ def write(
     A local table is written under a hidden sibling name and then put in place of an earlier one
     (``store.replace``): killed at any point, the earlier table or the new one is there.
     """
-    fmt = check_output(path, overwrite=overwrite, inputs=inputs)
+    return _write_checked(obj, path, check_output(path, overwrite=overwrite, inputs=inputs), overwrite=overwrite)
+
+
+def _write_checked(obj: pd.DataFrame | xr.Dataset, path: str | os.PathLike[str], fmt: str | None, *,
+                   overwrite: bool) -> str:
+    """Write ``obj`` where :func:`check_output` allowed it (the output rule is not applied again)."""
     if is_remote(path):
         if overwrite and _exists(path):
             from .store.backends import remove
@@ -216,7 +252,7 @@ def write(
     return final
 
 
-def _exists(path: str | os.PathLike) -> bool:
+def _exists(path: str | os.PathLike[str]) -> bool:
     if is_remote(path):
         from .store.backends import exists
 
@@ -224,25 +260,25 @@ def _exists(path: str | os.PathLike) -> bool:
     return os.path.lexists(normalize_path(path))
 
 
-def write_self_influence(si: xr.DataArray, path: str | os.PathLike, *, overwrite: bool = False) -> str:
+def write_self_influence(si: xr.DataArray, path: str | os.PathLike[str], *, overwrite: bool = False) -> str:
     """``to.self_influence`` result → ``path`` (.csv/.parquet: rows sorted by rank; .zarr: a Dataset)."""
     inputs = [si.attrs.get("store")]
     fmt = check_output(path, overwrite=overwrite, inputs=inputs)
     obj = self_influence_dataset(si) if fmt == ".zarr" else self_influence_frame(si)
-    return write(obj, path, overwrite=overwrite, inputs=inputs)
+    return _write_checked(obj, path, fmt, overwrite=overwrite)
 
 
 def write_top_k(
-    result: xr.Dataset, path: str | os.PathLike, *, test=None, train=None, overwrite: bool = False
+    result: xr.Dataset, path: str | os.PathLike[str], *, test=None, train=None, overwrite: bool = False
 ) -> str:
     """``to.top_k`` result → ``path``, with example ids and labels from the ``test``/``train`` stores."""
     inputs = [test, train, result.attrs.get("test_store"), result.attrs.get("train_store")]
     fmt = check_output(path, overwrite=overwrite, inputs=inputs)
     ds = top_k_dataset(result, test, train)
-    return write(ds if fmt == ".zarr" else top_k_frame(ds), path, overwrite=overwrite, inputs=inputs)
+    return _write_checked(ds if fmt == ".zarr" else top_k_frame(ds), path, fmt, overwrite=overwrite)
 
 
-def read(path: str | os.PathLike) -> pd.DataFrame | xr.Dataset:
+def read(path: str | os.PathLike[str]) -> pd.DataFrame | xr.Dataset:
     """Read back what :func:`write` wrote: a DataFrame for .csv/.parquet, a Dataset for .zarr."""
     fmt = output_format(path)
     if fmt == ".csv":

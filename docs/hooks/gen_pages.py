@@ -28,6 +28,7 @@ PUBLIC_MODULES = {
     "trackin_ooc.cluster.local": "A client on an existing scheduler or a local cluster on 127.0.0.1.",
     "trackin_ooc.cluster.jobqueue": "Dask clusters on Slurm, PBS and LSF through dask-jobqueue.",
     "trackin_ooc.refs": "MOD:FN references to models and datasets, as the CLI takes them.",
+    "trackin_ooc.outputs": "Where an output may go, checked before any work (the CLI's checks).",
     "trackin_ooc.tables": "Score tables and their writers (.csv, .parquet, .zarr).",
     "trackin_ooc.summary": "What `trackin-ooc info` prints, as data.",
     "trackin_ooc.demo": "Digits data, small models and SGD training with checkpoints.",

@@ -71,7 +71,7 @@ def cluster_class(kind: str):
     return getattr(_dask_jobqueue(), _CLASSES[_check_kind(kind)])
 
 
-def load_config(config: str | os.PathLike | Mapping | None) -> dict:
+def load_config(config: str | os.PathLike[str] | Mapping | None) -> dict:
     """A dask config (nested dict) from a YAML file or a mapping; {} for None.
 
     The file is in dask's config format: a top-level ``jobqueue:`` key holding one section per batch

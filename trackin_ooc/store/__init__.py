@@ -2,7 +2,8 @@
 
 from .backends import is_remote, normalize_path
 from .from_arrays import from_arrays
-from .gradient_store import GradientStore, StoreLike, is_unfinished, open_store, prepare_output, store_kind
+from .gradient_store import GradientStore, StoreLike, is_unfinished, open_store, store_kind
+from .guard import prepare_output
 
 __all__ = ["GradientStore", "StoreLike", "from_arrays", "open_store", "prepare_output", "store_kind", "is_unfinished",
            "is_remote", "normalize_path"]

@@ -14,24 +14,25 @@ from zarr.storage import FsspecStore, LocalStore
 StorageOptions = dict[str, Any] | None
 
 
-def is_remote(path: str | os.PathLike) -> bool:
+def is_remote(path: str | os.PathLike[str]) -> bool:
     s = os.fspath(path)
     return "://" in s and not s.startswith("file://")
 
 
-def local_path(path: str | os.PathLike) -> str:
+def local_path(path: str | os.PathLike[str]) -> str:
     s = os.fspath(path)
     return s[len("file://"):] if s.startswith("file://") else s
 
 
-def normalize_path(path: str | os.PathLike) -> str:
+def normalize_path(path: str | os.PathLike[str]) -> str:
     """A canonical string for a store location (absolute for local paths)."""
     if is_remote(path):
         return os.fspath(path).rstrip("/")
     return os.path.abspath(os.path.expanduser(local_path(path)))
 
 
-def zarr_store(path: str | os.PathLike, *, storage_options: StorageOptions = None, read_only: bool = False):
+def zarr_store(path: str | os.PathLike[str], *, storage_options: StorageOptions = None,
+               read_only: bool = False) -> FsspecStore | LocalStore:
     """A zarr v3 store object for ``path``."""
     if is_remote(path):
         return FsspecStore.from_url(
@@ -40,30 +41,30 @@ def zarr_store(path: str | os.PathLike, *, storage_options: StorageOptions = Non
     return LocalStore(normalize_path(path), read_only=read_only)
 
 
-def filesystem(path: str | os.PathLike, storage_options: StorageOptions = None):
+def filesystem(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> tuple[Any, str]:
     fs, fs_path = fsspec.core.url_to_fs(
         os.fspath(path) if is_remote(path) else normalize_path(path), **dict(storage_options or {})
     )
     return fs, fs_path
 
 
-def exists(path: str | os.PathLike, storage_options: StorageOptions = None) -> bool:
+def exists(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> bool:
     fs, p = filesystem(path, storage_options)
-    return fs.exists(p)
+    return bool(fs.exists(p))
 
 
-def remove(path: str | os.PathLike, storage_options: StorageOptions = None) -> None:
+def remove(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> None:
     fs, p = filesystem(path, storage_options)
     if fs.exists(p):
         fs.rm(p, recursive=True)
 
 
-def size_on_disk(path: str | os.PathLike, storage_options: StorageOptions = None) -> int:
+def size_on_disk(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> int:
     fs, p = filesystem(path, storage_options)
     return int(fs.du(p, total=True)) if fs.exists(p) else 0
 
 
-def check_writable(path: str | os.PathLike) -> None:
+def check_writable(path: str | os.PathLike[str]) -> None:
     """Refuse, before any work, a local output whose nearest existing folder cannot be written.
 
     Remote locations are checked by their first write (object stores have no cheap, reliable test).
@@ -104,7 +105,7 @@ def new_memory_location(what: str = "store") -> str:
     return f"{MEMORY_PREFIX}{what}-{uuid.uuid4().hex}.zarr"
 
 
-def is_memory(path: str | os.PathLike) -> bool:
+def is_memory(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is an in-memory location (``memory://``)."""
     return os.fspath(path).startswith("memory://")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -14,13 +15,13 @@ from .gradient_store import GradientStore
 
 
 def from_arrays(
-    path: str | os.PathLike,
-    grads,
-    learning_rates: Sequence[float],
+    path: str | os.PathLike[str],
+    grads: Any,
+    learning_rates: Sequence[float] | np.ndarray,
     *,
     example_ids: Sequence[int] | np.ndarray | None = None,
-    labels: Sequence | np.ndarray | None = None,
-    losses=None,
+    labels: Sequence[Any] | np.ndarray | None = None,
+    losses: Any = None,
     dtype: str | None = None,
     chunk_rows: int | None = None,
     overwrite: bool = False,

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import threading
 import uuid
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,66 +12,59 @@ import numpy as np
 import zarr
 
 from .._version import __version__
-from ..errors import IncompleteStoreError, StoreError
+from ..errors import IncompleteStoreError, StoreError, StoreExistsError
 from ..spec import ProjectionSpec
 from . import backends, guard, layout
 from .backends import StorageOptions
-from .integrity import BadChunk, checked_read, verify_group
+from .group import ZarrGroup, create_group, short
+from .integrity import checked_read
 
 
-class GradientStore:
+class GradientStore(ZarrGroup):
     """A per-checkpoint matrix of per-example gradient features, in a Zarr v3 group.
 
     Open one with :func:`open_store`; make one with :func:`trackin_ooc.capture` or :func:`from_arrays`.
     Reading never loads more than the rows asked for.
     """
 
-    def __init__(self, path: str | os.PathLike, *, storage_options: StorageOptions = None, _group=None):
-        self.path = backends.normalize_path(path)
-        self.storage_options = dict(storage_options or {})
-        if _group is None:
-            try:
-                _group = zarr.open_group(
-                    store=backends.zarr_store(path, storage_options=storage_options, read_only=True),
-                    mode="r",
-                    use_consolidated=False,
-                )
-            except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError) as e:
-                raise StoreError(
-                    f"no gradient store at {self.path}: {_short(e)}; give the path a capture wrote"
-                ) from None
-        self._group = _group
-        attrs = dict(_group.attrs)
-        if layout.ATTRS_KEY not in attrs:
+    _open_errors = (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError)
+
+    def __init__(self, path: str | os.PathLike[str], *, storage_options: StorageOptions = None,
+                 _group: zarr.Group | None = None) -> None:
+        super().__init__(path, storage_options=storage_options, group=_group)
+
+    def _missing(self, error: BaseException) -> str:
+        return f"no gradient store at {self.path}: {short(error)}; give the path a capture wrote"
+
+    def _check_meta(self, meta: dict[str, Any] | None) -> dict[str, Any]:
+        if meta is None:
             raise StoreError(
                 f"{self.path} is a Zarr group but not a trackin-ooc gradient store (no '{layout.ATTRS_KEY}' "
                 "attributes); give a store made by trackin_ooc.capture or from_arrays"
             )
-        self._meta: dict[str, Any] = attrs[layout.ATTRS_KEY]
-        if self._meta.get("kind", "gradients") != "gradients":
+        if meta.get("kind", "gradients") != "gradients":
             raise StoreError(
-                f"{self.path} is a trackin-ooc {self._meta.get('kind')} output, not a gradient store; "
+                f"{self.path} is a trackin-ooc {meta.get('kind')} output, not a gradient store; "
                 "give the path of a store made by capture or from_arrays"
             )
-        version = self._meta.get("format_version")
+        version = meta.get("format_version")
         if version not in layout.READABLE_VERSIONS:
             raise StoreError(
                 f"{self.path} has store format version {version}; this trackin-ooc reads versions "
                 f"{', '.join(map(str, layout.READABLE_VERSIONS))}: re-capture it or use a matching trackin-ooc"
             )
-        self._lock = threading.Lock()
-        self._arrays: dict[str, zarr.Array] = {}
+        return meta
 
     # ---- creation -------------------------------------------------------------------------------
     @classmethod
     def create(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         *,
         n_checkpoints: int,
         n_examples: int,
         spec: ProjectionSpec,
-        learning_rates: Sequence[float],
+        learning_rates: Sequence[float] | np.ndarray,
         dtype: str = "float32",
         checkpoint_names: Sequence[str] | None = None,
         checkpoint_hashes: Sequence[str | None] | None = None,
@@ -87,9 +78,13 @@ class GradientStore:
         with_norms: bool = False,
         factors: Sequence[layout.FactorArray] = (),
         feature_dim: int | None = None,
+        checked: guard.Existing | None = None,
     ) -> GradientStore:
         """Lay out an empty, incomplete store (every row block still to be written).
 
+        The output rule (``store.guard``) is applied here, unless the caller applied it already and gives
+        what it found as ``checked`` (capture checks before loading any checkpoint): then what the check
+        allowed replacing is removed.
         ``with_norms``: also an array for the exact squared gradient norms a capture measures.
         ``factors``: per-layer factor arrays (layout version 2, ``projection="factors"``); ``grads`` then
         holds the flat part, ``feature_dim`` values wide (default ``spec.dim``; 0 is allowed with factors).
@@ -98,7 +93,10 @@ class GradientStore:
             raise StoreError("a gradient store needs at least one example")
         if len(learning_rates) != n_checkpoints:
             raise StoreError(f"{len(learning_rates)} learning rates for {n_checkpoints} checkpoints")
-        prepare_output(path, overwrite=overwrite, storage_options=storage_options, what="gradient store")
+        if checked is None:
+            guard.prepare_output(path, kind="gradients", overwrite=overwrite, storage_options=storage_options)
+        else:
+            guard.clear_output(path, checked, storage_options)
         on_disk = layout.on_disk_dtype(dtype)
         factors = list(factors)
         feature_dim = spec.dim if feature_dim is None else int(feature_dim)
@@ -109,8 +107,7 @@ class GradientStore:
         rows = max(1, min(int(rows), n_examples))
         n_blocks = len(layout.row_blocks(n_examples, rows))
 
-        zstore = backends.zarr_store(path, storage_options=storage_options)
-        group = zarr.open_group(store=zstore, mode="w", zarr_format=3)
+        group = create_group(path, storage_options)
         codecs = layout.checksum_codecs()
 
         def make(name, shape, chunks, dt, fill=0, dims=None):
@@ -172,11 +169,6 @@ class GradientStore:
 
     # ---- metadata -------------------------------------------------------------------------------
     @property
-    def attrs(self) -> dict[str, Any]:
-        """The store's ``trackin_ooc`` attributes (a copy)."""
-        return dict(self._meta)
-
-    @property
     def n_checkpoints(self) -> int:
         return int(self._meta["n_checkpoints"])
 
@@ -226,10 +218,6 @@ class GradientStore:
     @property
     def loss_name(self) -> str | None:
         return self._meta.get("loss")
-
-    @property
-    def complete(self) -> bool:
-        return bool(self._meta.get("complete", False))
 
     @property
     def has_labels(self) -> bool:
@@ -326,13 +314,6 @@ class GradientStore:
             names = self._names = {name for name, _ in self._group.arrays()}
         return names
 
-    def _array(self, name: str) -> zarr.Array:
-        with self._lock:
-            arr = self._arrays.get(name)
-            if arr is None:
-                arr = self._arrays[name] = self._group[name]
-            return arr
-
     def read_grads(self, start: int = 0, stop: int | None = None, checkpoint: int | None = None) -> np.ndarray:
         """float32 gradient features of rows [start, stop): shape (checkpoint, rows, feature).
 
@@ -381,10 +362,6 @@ class GradientStore:
     def labels(self) -> np.ndarray | None:
         return np.asarray(self._array(layout.LABEL)[:]) if self.has_labels else None
 
-    def verify(self) -> list[BadChunk]:
-        """Read every chunk of every array; return the ones failing their checksum (empty: intact)."""
-        return verify_group(self._group)
-
     def to_xarray(self):
         """An ``xarray.Dataset`` of the whole store, lazily backed by dask (nothing is read)."""
         import xarray as xr
@@ -414,16 +391,6 @@ class GradientStore:
         return ds
 
     # ---- writing --------------------------------------------------------------------------------
-    def _writable(self) -> zarr.Group:
-        if self._group.read_only:
-            self._group = zarr.open_group(
-                store=backends.zarr_store(self.path, storage_options=self.storage_options),
-                mode="r+",
-                use_consolidated=False,
-            )
-            self._arrays.clear()
-        return self._group
-
     def write_block(
         self,
         start: int,
@@ -489,7 +456,6 @@ class GradientStore:
 
     def mark_complete(self) -> GradientStore:
         """Seal the store once every block is written (the last write of a capture)."""
-        group = self._writable()
         done = self.blocks_done()
         if not done.all():
             missing = np.flatnonzero(~done)
@@ -497,10 +463,7 @@ class GradientStore:
                 f"cannot mark {self.path} complete: {len(missing)} row blocks unwritten "
                 f"(first at row {int(missing[0]) * self.chunk_rows})"
             )
-        meta = dict(self._meta, complete=True, n_nonfinite=int(len(self.nonfinite_examples())))
-        group.attrs[layout.ATTRS_KEY] = meta
-        self._meta = meta
-        _consolidate(group)
+        self._seal(n_nonfinite=int(len(self.nonfinite_examples())))
         return self
 
     def __repr__(self) -> str:
@@ -520,61 +483,52 @@ class GradientStore:
         return store_html(self)
 
 
-def _consolidate(group: zarr.Group) -> None:
-    """Consolidate metadata so plain ``xarray.open_zarr(path)`` opens quietly and in one read."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=UserWarning)
-        zarr.consolidate_metadata(group.store)
 
-
-def _short(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
-def prepare_output(
-    path,
-    *,
-    overwrite: bool,
-    storage_options: StorageOptions = None,
-    what: str = "output",
-    kind: str | None = None,
-    inputs: Sequence = (),
-):
-    """Apply the output rule (``guard.check_output_location``), then remove what ``overwrite`` replaces.
-
-    ``kind``: the kind of output about to be written ("gradients", "influence", ...; by default read
-    from ``what``, e.g. "gradient store"); only an earlier output of that kind, an empty folder, or
-    nothing is ever removed. Refuses an unwritable location.
-    """
-    backends.check_writable(path)
-    if kind is None:
-        kind = {name: k for k, name in guard.KIND_NAMES.items()}.get(what, what)
-    existing = guard.check_output_location(path, inputs, kind=kind, overwrite=overwrite,
-                                           storage_options=storage_options)
-    if existing.exists:
-        backends.remove(path, storage_options)
-
-
-def store_kind(path: str | os.PathLike, *, storage_options: StorageOptions = None) -> str | None:
+def store_kind(path: str | os.PathLike[str], *, storage_options: StorageOptions = None) -> str | None:
     """The kind of trackin-ooc output at ``path`` ("gradients", "influence", "table", "index"), or None
     when it holds no trackin-ooc group (reads metadata only)."""
     meta = guard.output_meta(path, storage_options)
     return None if meta is None else guard.meta_kind(meta)
 
 
-def is_unfinished(path: str | os.PathLike, kind: str, *, storage_options: StorageOptions = None) -> bool:
+def is_unfinished(path: str | os.PathLike[str], kind: str, *, storage_options: StorageOptions = None) -> bool:
     """Whether ``path`` holds a ``kind`` output ("gradients" or "influence") that a killed or failed run
     left incomplete: rerunning the same job resumes it."""
     meta = guard.output_meta(path, storage_options)
     return meta is not None and guard.meta_kind(meta) == kind and not meta.get("complete", False)
 
 
+def existing_store(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> GradientStore | None:
+    """The incomplete gradient store at ``path`` that a capture may resume, None when nothing is there.
+
+    Raises :class:`StoreExistsError` for anything else at ``path`` (a complete store, another file).
+    """
+    if not backends.exists(path, storage_options):
+        return None
+    where = backends.normalize_path(path)
+    if store_kind(path, storage_options=storage_options) != "gradients":
+        raise StoreExistsError(
+            f"gradient store {where} already exists and is not a gradient store a capture can resume; "
+            "pass overwrite=True (--overwrite) to replace it, or choose another path"
+        )
+    try:
+        store = GradientStore(path, storage_options=storage_options)
+    except StoreError as e:
+        raise StoreExistsError(f"{e}; or pass overwrite=True (--overwrite) to replace it") from None
+    if store.complete:
+        raise StoreExistsError(
+            f"gradient store {where} already exists and is complete; pass overwrite=True (--overwrite) "
+            "to replace it, or choose another path"
+        )
+    return store
+
+
 # What the scoring functions take for a store: an open one, or its path or URL.
-StoreLike = GradientStore | str | os.PathLike
+StoreLike = GradientStore | str | os.PathLike[str]
 
 
 def open_store(
-    path: str | os.PathLike | GradientStore, *, storage_options: StorageOptions = None
+    path: str | os.PathLike[str] | GradientStore, *, storage_options: StorageOptions = None
 ) -> GradientStore:
     """Open an existing gradient store (a local path or fsspec URL)."""
     if isinstance(path, GradientStore):

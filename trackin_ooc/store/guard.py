@@ -1,6 +1,11 @@
 """The one rule every writer checks before any work: an output never lands on, in or around an input,
 and ``overwrite`` replaces only an earlier output of the kind that writer makes.
 
+This module owns the rule: every writer calls :func:`check_output_location` once (the location must also be
+writable), then lays its output out with :func:`clear_output` or :func:`lay_out_output`, which replace what
+the check found without checking again; :func:`prepare_output` does both for writers that check and write
+in one step.
+
 ``--overwrite`` means "replace my earlier output", never "delete my data": a gradient store that took
 hours to capture is not replaced by a table, an influence matrix or an index, nor is a folder that no
 trackin-ooc writer made. The rule (docs/reliability.md, "Outputs never replace inputs"):
@@ -24,12 +29,12 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import OutputKindError, OutputOverlapsInputError, StoreExistsError
-from . import backends, layout
+from . import backends, layout, replace
 from .backends import StorageOptions
 
 # What each kind is called in messages; a kind not listed is called "<kind> output".
@@ -64,7 +69,7 @@ class Location:
         return self.path == root or self.path.startswith(root if root.endswith("/") else root + "/")
 
 
-def location(path: str | os.PathLike | Any) -> Location:
+def location(path: str | os.PathLike[str] | Any) -> Location:
     """The canonical :class:`Location` of a path, URL or anything with a ``.path`` (a store)."""
     raw = getattr(path, "path", path)
     if backends.is_remote(raw):
@@ -83,7 +88,7 @@ def _inputs(inputs: Iterable[Any]) -> list[Location]:
 
 
 def check_not_an_input(
-    out: str | os.PathLike, inputs: Iterable[Any], *, what: str = "input store", inside_ok: bool = False
+    out: str | os.PathLike[str], inputs: Iterable[Any], *, what: str = "input store", inside_ok: bool = False
 ) -> None:
     """Refuse an output that is an input, lies inside one or contains one (``OutputOverlapsInputError``).
 
@@ -126,7 +131,7 @@ class Existing:
         return f"a {'folder' if self.is_dir else 'file'} that no trackin-ooc writer made"
 
 
-def output_meta(path: str | os.PathLike, storage_options: StorageOptions = None) -> dict | None:
+def output_meta(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> dict[str, Any] | None:
     """The ``trackin_ooc`` attributes of the Zarr group at ``path``, None when there is none."""
     import zarr
 
@@ -141,12 +146,12 @@ def output_meta(path: str | os.PathLike, storage_options: StorageOptions = None)
     return meta if isinstance(meta, dict) else None
 
 
-def meta_kind(meta: dict) -> str:
+def meta_kind(meta: dict[str, Any]) -> str:
     """The kind a ``trackin_ooc`` attribute dict declares (gradient stores predate the ``kind`` key)."""
     return str(meta.get("kind", "gradients"))
 
 
-def inspect(path: str | os.PathLike, storage_options: StorageOptions = None) -> Existing:
+def inspect(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> Existing:
     """What ``path`` holds now (metadata and a folder listing only)."""
     if backends.is_remote(path):
         fs, p = backends.filesystem(path, storage_options)
@@ -166,7 +171,7 @@ def inspect(path: str | os.PathLike, storage_options: StorageOptions = None) -> 
     return Existing(True, is_dir=is_dir, kind=meta_kind(meta), complete=bool(meta.get("complete", False)))
 
 
-def replaceable(existing: Existing, kind: str, path: str | os.PathLike) -> bool:
+def replaceable(existing: Existing, kind: str, path: str | os.PathLike[str]) -> bool:
     """Whether ``overwrite`` may replace ``existing`` with a ``kind`` output at ``path``."""
     if not existing.exists or existing.empty or existing.kind == kind:
         return True
@@ -175,7 +180,7 @@ def replaceable(existing: Existing, kind: str, path: str | os.PathLike) -> bool:
     return plain_file and bool(extensions) and os.fspath(path).lower().endswith(extensions)
 
 
-def _remove_hint(path: str | os.PathLike, existing: Existing) -> str:
+def _remove_hint(path: str | os.PathLike[str], existing: Existing) -> str:
     shown = backends.normalize_path(path)
     if backends.is_remote(path):
         return f"delete {shown} with your storage's own tools"
@@ -183,8 +188,19 @@ def _remove_hint(path: str | os.PathLike, existing: Existing) -> str:
 
 
 # ---- the rule ----------------------------------------------------------------------------------
+def check_location(
+    out: str | os.PathLike[str], inputs: Iterable[Any] = (), *, input_what: str = "input store",
+    inside_inputs_ok: bool = False,
+) -> None:
+    """The rule's first half, about the place alone: writable (``backends.check_writable``) and never on,
+    in or around an input (:func:`check_not_an_input`). For a writer that decides later, under its lock,
+    what an existing output there means (``retrain`` resumes one of the same job)."""
+    backends.check_writable(out)
+    check_not_an_input(out, inputs, what=input_what, inside_ok=inside_inputs_ok)
+
+
 def check_output_location(
-    out: str | os.PathLike,
+    out: str | os.PathLike[str],
     inputs: Iterable[Any] = (),
     *,
     kind: str,
@@ -200,9 +216,10 @@ def check_output_location(
     checkpoints) are skipped. ``input_what`` names them in messages ("input store", "checkpoint").
     ``resumable``: the writer resumes an unfinished output of its own kind, so one is not "existing".
     ``inside_inputs_ok``: see :func:`check_not_an_input`.
-    Raises :class:`OutputOverlapsInputError`, :class:`OutputKindError` or ``StoreExistsError``.
+    Raises :class:`OutputOverlapsInputError`, :class:`OutputKindError` or ``StoreExistsError``, and
+    ``StoreError`` for a local location that cannot be written (``backends.check_writable``).
     """
-    check_not_an_input(out, inputs, what=input_what, inside_ok=inside_inputs_ok)
+    check_location(out, inputs, input_what=input_what, inside_inputs_ok=inside_inputs_ok)
     existing = inspect(out, storage_options)
     if not existing.exists:
         return existing
@@ -224,3 +241,49 @@ def check_output_location(
             "another path"
         )
     return existing
+
+
+# ---- laying out what the rule allowed ----------------------------------------------------------
+Made = TypeVar("Made")
+
+
+def prepare_output(
+    out: str | os.PathLike[str],
+    inputs: Iterable[Any] = (),
+    *,
+    kind: str,
+    overwrite: bool,
+    storage_options: StorageOptions = None,
+) -> Existing:
+    """Apply the rule (:func:`check_output_location`), then remove what ``overwrite`` replaces.
+
+    Only an earlier output of ``kind``, an empty folder, or nothing is ever removed. Returns what was there.
+    """
+    existing = check_output_location(out, inputs, kind=kind, overwrite=overwrite, storage_options=storage_options)
+    clear_output(out, existing, storage_options)
+    return existing
+
+
+def clear_output(out: str | os.PathLike[str], existing: Existing, storage_options: StorageOptions = None) -> None:
+    """Remove the earlier output that :func:`check_output_location` found at ``out`` and allowed replacing."""
+    if existing.exists and backends.exists(out, storage_options):
+        backends.remove(out, storage_options)
+
+
+def lay_out_output(
+    out: str | os.PathLike[str],
+    existing: Existing,
+    make: Callable[[str | os.PathLike[str], StorageOptions], Made],
+    storage_options: StorageOptions = None,
+) -> Made | None:
+    """Lay out a new output with ``make(path, storage_options)`` where the rule found ``existing``.
+
+    An earlier local output is exchanged with the new layout in one rename (``store.replace``), so a kill at
+    any point leaves the old output or the new one; then None is returned (open the new one at ``out``).
+    Object stores cannot swap: the earlier output goes first, and ``make``'s result is returned.
+    """
+    if existing.exists and not backends.is_remote(out):
+        replace.lay_out_replacing(backends.normalize_path(out), lambda p: make(p, None))
+        return None
+    clear_output(out, existing, storage_options)
+    return make(out, storage_options)

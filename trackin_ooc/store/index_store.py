@@ -25,7 +25,6 @@ import datetime as _dt
 import functools
 import json
 import os
-import threading
 import uuid
 from typing import Any
 
@@ -36,8 +35,9 @@ from .._version import __version__
 from ..errors import CorruptChunkError, IncompleteStoreError, StaleIndexError, StoreError
 from . import backends, layout
 from .backends import StorageOptions
-from .gradient_store import GradientStore, _consolidate
-from .integrity import BadChunk, checked_read, verify_group
+from .gradient_store import GradientStore
+from .group import ZarrGroup, open_group, short
+from .integrity import checked_read
 
 INDEX_FORMAT_VERSION = 1
 KIND = "index"
@@ -68,8 +68,7 @@ def default_index_path(store: GradientStore, normalize: bool = False) -> str:
 
 
 def _open_group(path, storage_options: StorageOptions, read_only: bool) -> zarr.Group:
-    return zarr.open_group(store=backends.zarr_store(path, storage_options=storage_options, read_only=read_only),
-                           mode="r" if read_only else "r+", use_consolidated=False)
+    return open_group(path, storage_options, read_only=read_only)
 
 
 def index_meta(path, storage_options: StorageOptions = None) -> dict | None:
@@ -81,32 +80,28 @@ def index_meta(path, storage_options: StorageOptions = None) -> dict | None:
     return meta if isinstance(meta, dict) and meta.get("kind") == KIND else None
 
 
-class TopKIndex:
+class TopKIndex(ZarrGroup):
     """An out-of-core inverted-file index of a gradient store, for fast top-k queries with exact scores.
 
     Made by :func:`trackin_ooc.build_index`; passed to ``top_k(test, train, index=...)``. Only the
     coarse quantizer (centroids, list offsets and radii) is held in memory; rows are read per query.
     """
 
-    def __init__(self, path: str | os.PathLike, *, storage_options: StorageOptions = None, _group=None):
-        self.path = backends.normalize_path(path)
-        self.storage_options = dict(storage_options or {})
-        if _group is None:
-            try:
-                _group = _open_group(path, storage_options, True)
-            except Exception as e:
-                raise StoreError(f"no index at {self.path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-                                 "build one with trackin_ooc.build_index (trackin-ooc index STORE)") from None
-        self._group = _group
-        meta = dict(_group.attrs).get(layout.ATTRS_KEY)
-        if not isinstance(meta, dict) or meta.get("kind") != KIND:
+    def __init__(self, path: str | os.PathLike[str], *, storage_options: StorageOptions = None,
+                 _group: zarr.Group | None = None) -> None:
+        super().__init__(path, storage_options=storage_options, group=_group)
+
+    def _missing(self, error: BaseException) -> str:
+        return (f"no index at {self.path}: {short(error)}; build one with trackin_ooc.build_index "
+                "(trackin-ooc index STORE)")
+
+    def _check_meta(self, meta: dict[str, Any] | None) -> dict[str, Any]:
+        if meta is None or meta.get("kind") != KIND:
             raise StoreError(f"{self.path} is not a trackin-ooc index; build one with trackin_ooc.build_index")
         if meta.get("format_version") != INDEX_FORMAT_VERSION:
             raise StoreError(f"index {self.path} has format version {meta.get('format_version')}; this trackin-ooc "
                              f"reads version {INDEX_FORMAT_VERSION}: rebuild it (build_index(..., overwrite=True))")
-        self._meta: dict[str, Any] = meta
-        self._arrays: dict[str, zarr.Array] = {}
-        self._lock = threading.Lock()
+        return meta
 
     # ---- creation -------------------------------------------------------------------------------
     @classmethod
@@ -215,11 +210,6 @@ class TopKIndex:
 
     # ---- metadata -------------------------------------------------------------------------------
     @property
-    def attrs(self) -> dict[str, Any]:
-        """The index's ``trackin_ooc`` attributes (a copy)."""
-        return dict(self._meta)
-
-    @property
     def index_id(self) -> str:
         return str(self._meta["index_id"])
 
@@ -270,10 +260,6 @@ class TopKIndex:
     @property
     def train_store_id(self) -> str:
         return str(self._meta["train_store_id"])
-
-    @property
-    def complete(self) -> bool:
-        return bool(self._meta.get("complete", False))
 
     @property
     def block_rows(self) -> int:
@@ -341,13 +327,6 @@ class TopKIndex:
         except KeyError:
             return False
         return True
-
-    def _array(self, name: str) -> zarr.Array:
-        with self._lock:
-            arr = self._arrays.get(name)
-            if arr is None:
-                arr = self._arrays[name] = self._group[name]
-            return arr
 
     def _read(self, name: str, sel=slice(None)) -> np.ndarray:
         return np.asarray(checked_read(self._array(name), name, sel, f"index {self.path}"))
@@ -465,18 +444,7 @@ class TopKIndex:
         """The list of each train position in ``rows``."""
         return self._oindex(ASSIGNMENT, np.asarray(rows, dtype=np.int64), 1)
 
-    def verify(self) -> list[BadChunk]:
-        """Read every chunk of the index; return the ones failing their checksum (empty: intact)."""
-        return verify_group(self._group)
-
     # ---- writing (the build) --------------------------------------------------------------------
-    def _writable(self) -> zarr.Group:
-        with self._lock:
-            if self._group.read_only:
-                self._group = _open_group(self.path, self.storage_options, False)
-                self._arrays.clear()
-            return self._group
-
     def write_source_block(self, block: int, start: int, *, assignment: np.ndarray, counts: np.ndarray,
                            radius: np.ndarray, calibration: tuple, sorted_grads: np.ndarray,
                            sorted_rows: np.ndarray) -> None:
@@ -527,16 +495,12 @@ class TopKIndex:
 
     def mark_complete(self, *, n_probe: int, bound_weight: float, calibration: dict[str, Any]) -> TopKIndex:
         """Seal the index: every window written, staging removed, the calibrated defaults recorded."""
-        g = self._writable()
         done = self.windows_done()
         if not done.all():
             raise IncompleteStoreError(
                 f"cannot mark index {self.path} complete: {int((~done).sum())} windows unwritten")
-        meta = dict(self._meta, n_probe=int(n_probe), bound_weight=float(bound_weight),
-                    calibration=json.loads(json.dumps(calibration)), complete=True)
-        g.attrs[layout.ATTRS_KEY] = meta
-        self._meta = meta
-        _consolidate(g)
+        self._seal(n_probe=int(n_probe), bound_weight=float(bound_weight),
+                   calibration=json.loads(json.dumps(calibration)))
         return self
 
 

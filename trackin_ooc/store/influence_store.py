@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -12,26 +13,26 @@ import zarr
 
 from .._version import __version__
 from ..errors import IncompleteStoreError, StoreError
-from . import backends, guard, layout, replace
+from . import backends, guard, layout
 from .backends import StorageOptions
-from .gradient_store import _consolidate
+from .group import ZarrGroup, create_group, open_group
 
 INFLUENCE = "influence"
 TEST, TRAIN = "test", "train"
 TASK_COMPLETE = "task_complete"  # one flag per (test block, train block) task
 
 
-class InfluenceStore:
+class InfluenceStore(ZarrGroup):
     """Where ``influence(test, train, out=...)`` writes, one whole chunk per task."""
 
-    def __init__(self, path: str | os.PathLike, *, storage_options: StorageOptions = None, group=None):
-        self.path = backends.normalize_path(path)
-        self.storage_options = dict(storage_options or {})
-        self._group = group or zarr.open_group(
-            store=backends.zarr_store(path, storage_options=storage_options), mode="r+",
-            use_consolidated=False,
-        )
-        self._arrays: dict[str, zarr.Array] = {}
+    _open_errors = ()  # opened only where a writer just laid one out or found one to resume
+
+    def __init__(self, path: str | os.PathLike[str], *, storage_options: StorageOptions = None,
+                 group: zarr.Group | None = None) -> None:
+        super().__init__(path, storage_options=storage_options, group=group, read_only=False)
+
+    def _check_meta(self, meta: dict[str, Any] | None) -> dict[str, Any]:
+        return meta or {}
 
     @classmethod
     def create(
@@ -46,22 +47,21 @@ class InfluenceStore:
         overwrite: bool = False,
         storage_options: StorageOptions = None,
         inputs: Sequence = (),
+        checked: guard.Existing | None = None,
     ) -> InfluenceStore:
-        """Lay out an empty, unfinished output at ``path`` (the output rule checked against ``inputs``).
+        """Lay out an empty, unfinished output at ``path`` (the output rule checked against ``inputs``,
+        unless the caller checked it and gives what it found as ``checked``).
 
         With ``overwrite``, an earlier local influence output is replaced by exchanging it with the new
         layout in one rename, so a kill at any point leaves the old output or the new, resumable one.
         """
-        backends.check_writable(path)
-        existing = guard.check_output_location(path, inputs, kind="influence", overwrite=overwrite,
-                                               storage_options=storage_options)
-        layout_args = dict(test_ids=test_ids, train_ids=train_ids, chunks=chunks, n_tasks=n_tasks, attrs=attrs)
-        if existing.exists and not backends.is_remote(path):
-            replace.lay_out_replacing(backends.normalize_path(path), lambda p: _lay_out(p, None, **layout_args))
-            return cls(path, storage_options=storage_options)
-        if existing.exists:  # object stores cannot swap: the earlier output goes first
-            backends.remove(path, storage_options)
-        return cls(path, storage_options=storage_options, group=_lay_out(path, storage_options, **layout_args))
+        if checked is None:
+            checked = guard.check_output_location(path, inputs, kind="influence", overwrite=overwrite,
+                                                  storage_options=storage_options)
+        group = guard.lay_out_output(
+            path, checked, functools.partial(_lay_out, test_ids=test_ids, train_ids=train_ids, chunks=chunks,
+                                             n_tasks=n_tasks, attrs=attrs), storage_options)
+        return cls(path, storage_options=storage_options, group=group)
 
     @classmethod
     def resumable(cls, path, attrs: dict[str, Any], storage_options: StorageOptions = None):
@@ -69,8 +69,7 @@ class InfluenceStore:
         if not backends.exists(path, storage_options):
             return None
         try:
-            group = zarr.open_group(store=backends.zarr_store(path, storage_options=storage_options),
-                                    mode="r+", use_consolidated=False)
+            group = open_group(path, storage_options, read_only=False)
             meta = dict(group.attrs).get(layout.ATTRS_KEY, {})
         except Exception:
             return None
@@ -83,12 +82,6 @@ class InfluenceStore:
     @property
     def chunks(self) -> tuple[int, int]:
         return tuple(self._array(INFLUENCE).chunks)
-
-    def _array(self, name: str) -> zarr.Array:
-        arr = self._arrays.get(name)
-        if arr is None:
-            arr = self._arrays[name] = self._group[name]
-        return arr
 
     def write_block(self, task: tuple[int, int], row0: int, col0: int, block: np.ndarray) -> None:
         rows, cols = block.shape
@@ -104,15 +97,12 @@ class InfluenceStore:
             raise IncompleteStoreError(
                 f"influence output {self.path}: {int((~done).sum())} blocks unwritten; rerun to finish it"
             )
-        meta = dict(self._group.attrs[layout.ATTRS_KEY], complete=True)
-        self._group.attrs[layout.ATTRS_KEY] = meta
-        _consolidate(self._group)
+        self._seal()
 
 
 def _lay_out(path, storage_options: StorageOptions, *, test_ids, train_ids, chunks, n_tasks, attrs) -> zarr.Group:
     """The empty output's arrays and attributes (``complete`` false until every task is flagged)."""
-    group = zarr.open_group(store=backends.zarr_store(path, storage_options=storage_options), mode="w",
-                            zarr_format=3)
+    group = create_group(path, storage_options)
     codecs = layout.checksum_codecs()
     n_test, n_train = len(test_ids), len(train_ids)
     group.create_array(INFLUENCE, shape=(n_test, n_train), chunks=chunks, dtype="float32",

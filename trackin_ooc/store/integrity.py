@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import zarr
 
@@ -25,7 +26,7 @@ def is_checksum_error(e: BaseException) -> bool:
     return "checksum" in str(e).lower()
 
 
-def _chunk_ranges(arr: zarr.Array, region: tuple[slice, ...] | None) -> Iterator[tuple[int, ...]]:
+def _chunk_ranges(arr: zarr.Array[Any], region: tuple[slice, ...] | None) -> Iterator[tuple[int, ...]]:
     grid = [range((n + c - 1) // c) for n, c in zip(arr.shape, arr.chunks)]
     if region is not None:
         grid = [
@@ -37,7 +38,7 @@ def _chunk_ranges(arr: zarr.Array, region: tuple[slice, ...] | None) -> Iterator
     return itertools.product(*grid)
 
 
-def bad_chunks(arr: zarr.Array, name: str, region: tuple | None = None) -> list[BadChunk]:
+def bad_chunks(arr: zarr.Array[Any], name: str, region: tuple[Any, ...] | None = None) -> list[BadChunk]:
     """Read chunk by chunk (within ``region``) and list the ones that fail to decode."""
     found = []
     for idx in _chunk_ranges(arr, region):
@@ -49,7 +50,7 @@ def bad_chunks(arr: zarr.Array, name: str, region: tuple | None = None) -> list[
     return found
 
 
-def checked_read(arr: zarr.Array, name: str, sel: tuple, where: str):
+def checked_read(arr: zarr.Array[Any], name: str, sel: Any, where: str) -> Any:
     """``arr[sel]``, but a checksum failure raises CorruptChunkError naming the array and chunk."""
     try:
         return arr[sel]

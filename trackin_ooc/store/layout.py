@@ -8,8 +8,9 @@ to read and write.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from zarr.codecs import Crc32cCodec
@@ -96,12 +97,12 @@ class FactorArray:
         """Stored values per example and checkpoint (token ids counted once per position)."""
         return self.positions * self.width + (self.positions if self.tokens else 0)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "module": self.module, "kind": self.kind, "positions": self.positions,
                 "d_in": self.d_in, "d_out": self.d_out, "tokens": self.tokens}
 
     @classmethod
-    def from_dict(cls, d) -> FactorArray:
+    def from_dict(cls, d: Mapping[str, Any]) -> FactorArray:
         return cls(index=int(d["index"]), module=str(d["module"]), kind=str(d["kind"]),
                    positions=int(d["positions"]), d_in=int(d["d_in"]), d_out=int(d["d_out"]),
                    tokens=bool(d.get("tokens", False)))
@@ -114,7 +115,7 @@ MIN_CHUNK_ROWS = 16
 MAX_CHUNK_ROWS = 1 << 16
 
 
-def checksum_codecs() -> list:
+def checksum_codecs() -> list[Any]:
     """Bytes-to-bytes codecs for every data chunk: a crc32c checksum and no compressor.
 
     Random projected gradients barely compress (zstd ratio ~0.92) and decompression halves the read

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import uuid
+from typing import Any
 
 from ..errors import StoreLockedError
 from . import backends
@@ -22,7 +23,7 @@ STALE_AFTER = 120.0
 HEARTBEAT = 20.0
 
 
-def lock_path(path) -> str:
+def lock_path(path: str | os.PathLike[str]) -> str:
     p = backends.normalize_path(path)
     if backends.is_remote(path):
         return p + ".lock"
@@ -30,14 +31,14 @@ def lock_path(path) -> str:
     return os.path.join(parent, f".{name}.lock")
 
 
-def _owner() -> dict:
+def _owner() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
 
 
 class StoreLock:
     """Context manager holding the single-writer lock of a store."""
 
-    def __init__(self, path, storage_options: backends.StorageOptions = None):
+    def __init__(self, path: str | os.PathLike[str], storage_options: backends.StorageOptions = None) -> None:
         self.path = backends.normalize_path(path)
         self.remote = backends.is_remote(path)
         self.storage_options = storage_options
@@ -103,10 +104,10 @@ class StoreLock:
         self._thread = threading.Thread(target=self._beat, args=(fs, lp), daemon=True)
         self._thread.start()
 
-    def _write_remote(self, fs, lp) -> None:
+    def _write_remote(self, fs: Any, lp: str) -> None:
         fs.pipe_file(lp, json.dumps({**self._owner, "heartbeat": time.time()}).encode())
 
-    def _beat(self, fs, lp) -> None:
+    def _beat(self, fs: Any, lp: str) -> None:
         while not self._stop.wait(HEARTBEAT):
             try:
                 self._write_remote(fs, lp)
@@ -137,5 +138,5 @@ class StoreLock:
     def __enter__(self) -> StoreLock:
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()

@@ -17,6 +17,7 @@ training function, and ``complete`` (true only once every retraining is written)
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import os
 from typing import Any
 
@@ -25,9 +26,9 @@ import zarr
 
 from .._version import __version__
 from ..errors import IncompleteStoreError, StoreError
-from . import backends, guard, layout, replace
+from . import backends, guard, layout
 from .backends import StorageOptions
-from .gradient_store import _consolidate
+from .group import ZarrGroup, create_group, short
 from .integrity import checked_read
 
 KIND = "retraining"
@@ -46,24 +47,21 @@ def job_difference(have: dict[str, Any], want: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-class RunsStore:
+class RunsStore(ZarrGroup):
     """A retraining output on disk: laid out once, then one ``output`` row per finished retraining."""
 
-    def __init__(self, path: str | os.PathLike, *, storage_options: StorageOptions = None, group=None,
-                 read_only: bool = False):
-        self.path = backends.normalize_path(path)
-        self.storage_options = dict(storage_options or {})
-        try:
-            self._group = group or zarr.open_group(
-                store=backends.zarr_store(path, storage_options=storage_options, read_only=read_only),
-                mode="r" if read_only else "r+", use_consolidated=False,
-            )
-            meta = dict(self._group.attrs).get(layout.ATTRS_KEY)
-        except Exception as e:
-            raise StoreError(f"no retraining output at {self.path}: {_short(e)}; give the out= of to.retrain") from None
-        if not isinstance(meta, dict) or guard.meta_kind(meta) != KIND:
-            what = guard.kind_name(guard.meta_kind(meta)) if isinstance(meta, dict) else "not a trackin-ooc output"
+    def __init__(self, path: str | os.PathLike[str], *, storage_options: StorageOptions = None,
+                 group: zarr.Group | None = None, read_only: bool = False) -> None:
+        super().__init__(path, storage_options=storage_options, group=group, read_only=read_only)
+
+    def _missing(self, error: BaseException) -> str:
+        return f"no retraining output at {self.path}: {short(error)}; give the out= of to.retrain"
+
+    def _check_meta(self, meta: dict[str, Any] | None) -> dict[str, Any]:
+        if meta is None or guard.meta_kind(meta) != KIND:
+            what = guard.kind_name(guard.meta_kind(meta)) if meta is not None else "not a trackin-ooc output"
             raise StoreError(f"{self.path} is not a retraining output ({what}); give the out= of to.retrain")
+        return meta
 
     # ---- making one ------------------------------------------------------------------------------
     @classmethod
@@ -71,21 +69,18 @@ class RunsStore:
                overwrite: bool = False, storage_options: StorageOptions = None) -> RunsStore:
         """Lay out an empty, unfinished output at ``path`` (the output rule applies; with ``overwrite`` an
         earlier retraining output is replaced, locally by exchanging it with the new layout in one rename)."""
-        backends.check_writable(path)
         existing = guard.check_output_location(path, (), kind=KIND, overwrite=overwrite,
                                                storage_options=storage_options)
-        args = dict(job=job, subsets=subsets, seeds=seeds, train_fn=train_fn)
-        if existing.exists and not backends.is_remote(path):
-            replace.lay_out_replacing(backends.normalize_path(path), lambda p: _lay_out(p, None, **args))
-            return cls(path, storage_options=storage_options)
-        if existing.exists:  # object stores cannot swap: the earlier output goes first
-            backends.remove(path, storage_options)
-        return cls(path, storage_options=storage_options, group=_lay_out(path, storage_options, **args))
+        group = guard.lay_out_output(
+            path, existing, functools.partial(_lay_out, job=job, subsets=subsets, seeds=seeds, train_fn=train_fn),
+            storage_options)
+        return cls(path, storage_options=storage_options, group=group)
 
     # ---- reading ---------------------------------------------------------------------------------
     @property
     def meta(self) -> dict[str, Any]:
-        return dict(self._group.attrs[layout.ATTRS_KEY])
+        """The attributes as stored now (a rerun's writes included)."""
+        return dict(self._read_meta() or {})
 
     @property
     def job(self) -> dict[str, Any]:
@@ -127,9 +122,6 @@ class RunsStore:
             return np.full((self.n_subsets, 0), np.nan)
         return np.asarray(checked_read(self._group[OUTPUT], OUTPUT, (slice(None), slice(None)), self.path),
                           dtype=np.float64)
-
-    def _array_names(self) -> set[str]:
-        return {name for name, _ in self._group.arrays()}
 
     def require_complete(self) -> RunsStore:
         if not self.complete:
@@ -179,18 +171,13 @@ class RunsStore:
             raise IncompleteStoreError(
                 f"retraining output {self.path}: {int((~done).sum())} retrainings unwritten; rerun to finish it"
             )
-        self._set_meta(complete=True)
-        _consolidate(self._group)
+        self._seal()
         return self
-
-    def _set_meta(self, **changes) -> None:
-        self._group.attrs[layout.ATTRS_KEY] = {**self.meta, **changes}
 
 
 def _lay_out(path, storage_options: StorageOptions, *, job, subsets: np.ndarray, seeds: np.ndarray,
              train_fn: str) -> zarr.Group:
-    group = zarr.open_group(store=backends.zarr_store(path, storage_options=storage_options), mode="w",
-                            zarr_format=3)
+    group = create_group(path, storage_options)
     codecs = layout.checksum_codecs()
     n_subsets, n_train = subsets.shape
     columns = max(1, min(n_train, SUBSET_CHUNK_COLUMNS))
@@ -218,7 +205,3 @@ def open_runs_store(path, *, storage_options: StorageOptions = None, read_only: 
     if not backends.is_remote(path) and not os.path.exists(backends.normalize_path(path)):
         raise StoreError(f"no retraining output at {backends.normalize_path(path)}: the path does not exist")
     return RunsStore(path, storage_options=storage_options, read_only=read_only)
-
-
-def _short(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__

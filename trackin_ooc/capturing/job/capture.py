@@ -12,9 +12,10 @@ from torch import nn
 
 from ...errors import CaptureError
 from ...progress import progress_bar
-from ...store import GradientStore, backends, prepare_output
+from ...store import GradientStore, backends
 from ...store.backends import StorageOptions
-from ...store.guard import check_output_location
+from ...store.gradient_store import existing_store
+from ...store.guard import Existing, check_output_location
 from ...store.layout import STORAGE_DTYPES, default_chunk_rows
 from ...store.lock import StoreLock
 from ..checkpoints import load_checkpoints
@@ -35,7 +36,7 @@ from .preconditioning import (
     resolve_preconditioner,
     with_preconditioner,
 )
-from .resume import StoreSettings, check_resumable, existing_store
+from .resume import StoreSettings, check_resumable
 
 log = logging.getLogger("trackin_ooc")
 
@@ -189,11 +190,10 @@ def capture(
         raise CaptureError(f"unknown projection {projection!r}; use one of {', '.join(CAPTURE_PROJECTIONS)} "
                            "(projection_dim=None with the default 'gaussian' keeps gradients exact)")
     dev = resolve_device(device) if client is None else None
-    backends.check_writable(path)
-    # Never on or around a checkpoint; overwrite replaces only an earlier gradient store.
-    check_output_location(path, checkpoints_as_given(checkpoints), kind="gradients", overwrite=overwrite,
-                          resumable=True, input_what="checkpoint", inside_inputs_ok=True,
-                          storage_options=storage_options)
+    # The output rule, once: never on or around a checkpoint; overwrite replaces only an earlier gradient store.
+    checked = check_output_location(path, checkpoints_as_given(checkpoints), kind="gradients", overwrite=overwrite,
+                                    resumable=True, input_what="checkpoint", inside_inputs_ok=True,
+                                    storage_options=storage_options)
     if not overwrite:  # refuse early; with overwrite the old store is removed only once inputs check out
         existing_store(path, storage_options)
     preconditioner = check_preconditioner(preconditioner)
@@ -234,7 +234,7 @@ def capture(
     lock = StoreLock(path, storage_options)  # one writer per store; released even on failure
     lock.acquire()
     try:
-        store, blocks = _open_or_create(path, wanted, spec, ckpts, overwrite=overwrite,
+        store, blocks = _open_or_create(path, wanted, spec, ckpts, overwrite=overwrite, checked=checked,
                                         storage_options=storage_options,
                                         extra_attrs={"per_example_methods": job.per_example_methods,
                                                      **_like_attrs(job), **layout.store_attrs,
@@ -271,17 +271,16 @@ def _like_attrs(job: CaptureJob) -> dict:
     return {"checkpoint_paths": paths, "target_key": job.target_key}
 
 
-def _open_or_create(path, wanted: StoreSettings, spec, ckpts, *, overwrite: bool, storage_options,
-                    extra_attrs=None):
-    """(store, row blocks to write): a resumed store's missing blocks, or every block of a new one."""
+def _open_or_create(path, wanted: StoreSettings, spec, ckpts, *, overwrite: bool, checked: Existing,
+                    storage_options, extra_attrs=None):
+    """(store, row blocks to write): a resumed store's missing blocks, or every block of a new one (laid out
+    where ``checked``, what the output rule found, allows: with overwrite the earlier store is removed)."""
     if not overwrite:
         store = existing_store(path, storage_options)  # again, now under the lock
         if store is not None:
             blocks = check_resumable(store, wanted)
             log.info("resuming %s: %d of %d row blocks left", store.path, len(blocks), len(store.row_blocks()))
             return store, blocks
-    elif backends.exists(path, storage_options):
-        prepare_output(path, overwrite=True, storage_options=storage_options, what="gradient store")
     rows = wanted.chunk_rows or default_chunk_rows(wanted.row_width, wanted.n_checkpoints, wanted.dtype,
                                                    wanted.n_examples)
     store = GradientStore.create(
@@ -301,5 +300,6 @@ def _open_or_create(path, wanted: StoreSettings, spec, ckpts, *, overwrite: bool
         extra_attrs=extra_attrs,
         factors=wanted.factors,
         feature_dim=wanted.feature_dim,
+        checked=checked,
     )
     return store, store.row_blocks()

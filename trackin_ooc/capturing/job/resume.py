@@ -11,10 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import CaptureError, StoreError, StoreExistsError
-from ...store import GradientStore, backends
-from ...store.backends import StorageOptions
-from ...store.gradient_store import store_kind
+from ...errors import CaptureError
+from ...store import GradientStore
 from ...store.layout import FactorArray
 
 
@@ -90,31 +88,6 @@ def differences(existing: StoreSettings, wanted: StoreSettings) -> list[str]:
         if have != want:
             out.append(f"{words}: store {_short(have)} vs this capture {_short(want)}")
     return out
-
-
-def existing_store(path, storage_options: StorageOptions = None) -> GradientStore | None:
-    """The incomplete gradient store at ``path`` that a capture may resume, None when nothing is there.
-
-    Raises :class:`StoreExistsError` for anything else at ``path`` (a complete store, another file).
-    """
-    if not backends.exists(path, storage_options):
-        return None
-    where = backends.normalize_path(path)
-    if store_kind(path, storage_options=storage_options) != "gradients":
-        raise StoreExistsError(
-            f"gradient store {where} already exists and is not a gradient store a capture can resume; "
-            "pass overwrite=True (--overwrite) to replace it, or choose another path"
-        )
-    try:
-        store = GradientStore(path, storage_options=storage_options)
-    except StoreError as e:
-        raise StoreExistsError(f"{e}; or pass overwrite=True (--overwrite) to replace it") from None
-    if store.complete:
-        raise StoreExistsError(
-            f"gradient store {where} already exists and is complete; pass overwrite=True (--overwrite) "
-            "to replace it, or choose another path"
-        )
-    return store
 
 
 def check_resumable(store: GradientStore, wanted: StoreSettings) -> list[tuple[int, int]]:
