@@ -28,6 +28,7 @@ from _engine import DATA, PeakMemory, gib
 
 import trackin_ooc as to
 from trackin_ooc.demo import load_digits_split
+from trackin_ooc.store.rows import RowBlock
 
 LR = 0.1
 
@@ -86,7 +87,7 @@ def make_store(gen: LastLayerGradients, name: str, kind: str, n: int, seed: int,
                                  chunk_rows=min(n, 16384), overwrite=True)
     for s, e in st.row_blocks():
         grads, labels = gen.block(kind, s, e, seed, flip)
-        st.write_block(s, grads, labels=labels)
+        st.write_block(s, RowBlock(grads, labels=labels))
     return st.mark_complete()
 
 

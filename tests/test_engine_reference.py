@@ -16,6 +16,7 @@ from trackin_ooc.engine import resources
 from trackin_ooc.engine.planning import worker_bytes
 from trackin_ooc.spec import ProjectionSpec
 from trackin_ooc.store import layout
+from trackin_ooc.store.rows import RowBlock
 
 DTYPES = ("float32", "float16", "bfloat16")
 HSETTINGS = settings(max_examples=25, deadline=None)
@@ -331,7 +332,7 @@ def _incomplete(workdir, write_first: bool) -> to.GradientStore:
         learning_rates=[1.0], chunk_rows=4,
     )
     if write_first:
-        store.write_block(0, np.ones((1, 4, 4), np.float32))
+        store.write_block(0, RowBlock(np.ones((1, 4, 4), np.float32)))
     return store
 
 

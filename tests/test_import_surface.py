@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
+
 import trackin_ooc
 
 PACKAGE = Path(trackin_ooc.__file__).parent
@@ -175,3 +177,65 @@ def test_the_cli_uses_the_public_api_only():
                     for alias in node.names:
                         ok = alias.name in trackin_ooc.__all__ or f"trackin_ooc.{alias.name}" in public
                         assert ok, f"cli/{f.name} imports trackin_ooc.{alias.name}, not a public name"
+
+
+def _parameters(fn) -> list[tuple[str, object]]:
+    import inspect
+
+    params = list(inspect.signature(fn).parameters.values())
+    if params and params[0].name == "self":
+        params = params[1:]
+    return [(p.name, p.kind) for p in params]
+
+
+def test_both_block_task_modules_satisfy_the_protocol():
+    from trackin_ooc.engine import block_tasks, factor_tasks, tasks
+
+    for module in (tasks, factor_tasks):
+        assert isinstance(module, block_tasks.BlockTasks), module.__name__
+        for name in block_tasks.TASK_NAMES:
+            want = _parameters(getattr(block_tasks.BlockTasks, name))
+            have = _parameters(getattr(module, name))
+            assert have == want, f"{module.__name__}.{name}{have} differs from the protocol's {want}"
+    members = {n for n in vars(block_tasks.BlockTasks) if not n.startswith("_")}
+    assert members == set(block_tasks.TASK_NAMES)
+
+
+def test_every_featurizer_kind_is_a_featurizer():
+    """The three kinds, made for a real model as a capture makes them, satisfy the one interface and make
+    RowBlocks whose rows match the batch."""
+    import torch
+    from torch import nn
+
+    from trackin_ooc.capturing.projection.dense import make_spec
+    from trackin_ooc.capturing.projection.factored import factored_spec
+    from trackin_ooc.capturing.projection.factors import factors_spec
+    from trackin_ooc.capturing.projection.features import make_featurizer
+    from trackin_ooc.capturing.projection.featurizer import Featurizer, FeaturizerBase, HookedFeaturizer
+    from trackin_ooc.store.rows import RowBlock
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 1])
+    specs = {
+        "dense": make_spec("gaussian", 8, 0, shapes),
+        "factored": factored_spec(model, names, 16, 0, example=x[:1]),
+        "factors": factors_spec(model, names, {"0": 1, "2": 1}),
+    }
+    for kind, spec in specs.items():
+        featurize = make_featurizer(model, spec, None, torch.device("cpu"))
+        try:
+            assert isinstance(featurize, Featurizer) and isinstance(featurize, FeaturizerBase), kind
+            assert isinstance(featurize, HookedFeaturizer) == (kind != "dense"), kind
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            states = [featurize.prepare(state), featurize.prepare(state)]
+            rows = featurize.rows(states, x, y)
+            assert isinstance(rows, RowBlock) and rows.n_rows == 4 and rows.grads.shape[0] == 2, kind
+            assert rows.losses is not None and rows.losses.shape == (2, 4) and np.isfinite(rows.losses).all()
+            assert (rows.factors is not None) == (kind == "factors"), kind
+        finally:
+            featurize.close()
+        if kind != "dense":
+            assert featurize.taps == [], f"{kind}: close() left hooks on the model"

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from zarr.codecs import Crc32cCodec
 
 import trackin_ooc as to
+from trackin_ooc.store.rows import RowBlock
 
 DIMS = ("checkpoint", "example", "feature")
 
@@ -81,7 +82,7 @@ def test_complete_only_after_every_block_is_written(rng, tmp_path):
     order = [3, 0, 2, 1]
     for i, b in enumerate(order):
         start, stop = blocks[b]
-        store.write_block(start, grads[:, start:stop], rng.random((2, stop - start), dtype=np.float32))
+        store.write_block(start, RowBlock(grads[:, start:stop], rng.random((2, stop - start), dtype=np.float32)))
         assert int(store.blocks_done().sum()) == i + 1
         assert group_meta(path)["complete"] is False
         with pytest.raises(to.IncompleteStoreError, match="incomplete"):

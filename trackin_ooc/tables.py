@@ -110,13 +110,13 @@ def self_influence_frame(si: xr.DataArray) -> pd.DataFrame:
     return pd.DataFrame(cols).sort_values("rank", kind="stable").reset_index(drop=True)
 
 
-def _as_store(store) -> GradientStore | None:
+def _as_store(store: Any) -> GradientStore | None:
     if store is None:
         return None
     return open_store(store)
 
 
-def top_k_dataset(result: xr.Dataset, test=None, train=None) -> xr.Dataset:
+def top_k_dataset(result: xr.Dataset, test: Any = None, train: Any = None) -> xr.Dataset:
     """A ``to.top_k`` result with train example ids, labels where the stores have them, ranks from 1.
 
     Adds ``proponent``/``opponent`` (train example ids), ``proponent_label``/``opponent_label`` and
@@ -175,13 +175,13 @@ def _marked(ds: xr.Dataset) -> xr.Dataset:
     return ds
 
 
-def _frame(obj) -> pd.DataFrame:
+def _frame(obj: Any) -> pd.DataFrame:
     if isinstance(obj, pd.DataFrame):
         return obj
     raise TypeError("a .csv or .parquet output needs a pandas DataFrame")
 
 
-def _dataset(obj) -> xr.Dataset:
+def _dataset(obj: Any) -> xr.Dataset:
     if isinstance(obj, xr.Dataset):
         return obj
     return xr.Dataset.from_dataframe(obj)
@@ -228,10 +228,18 @@ def write(
     A local table is written under a hidden sibling name and then put in place of an earlier one
     (``store.replace``): killed at any point, the earlier table or the new one is there.
     """
-    return _write_checked(obj, path, check_output(path, overwrite=overwrite, inputs=inputs), overwrite=overwrite)
+    return _write_checked(obj, path, _check_table(path, overwrite, inputs), overwrite=overwrite)
 
 
-def _write_checked(obj: pd.DataFrame | xr.Dataset, path: str | os.PathLike[str], fmt: str | None, *,
+def _check_table(path: str | os.PathLike[str], overwrite: bool, inputs: Sequence[Any]) -> str:
+    """:func:`check_output` for a table: its format (one of TABLE_FORMATS, or OutputFormatError)."""
+    fmt = check_output(path, overwrite=overwrite, inputs=inputs)
+    if fmt is None:  # pragma: no cover - TABLE_FORMATS always gives one
+        raise OutputFormatError(f"{os.fspath(path)} names no table format")
+    return fmt
+
+
+def _write_checked(obj: pd.DataFrame | xr.Dataset, path: str | os.PathLike[str], fmt: str, *,
                    overwrite: bool) -> str:
     """Write ``obj`` where :func:`check_output` allowed it (the output rule is not applied again)."""
     if is_remote(path):
@@ -263,17 +271,18 @@ def _exists(path: str | os.PathLike[str]) -> bool:
 def write_self_influence(si: xr.DataArray, path: str | os.PathLike[str], *, overwrite: bool = False) -> str:
     """``to.self_influence`` result → ``path`` (.csv/.parquet: rows sorted by rank; .zarr: a Dataset)."""
     inputs = [si.attrs.get("store")]
-    fmt = check_output(path, overwrite=overwrite, inputs=inputs)
+    fmt = _check_table(path, overwrite, inputs)
     obj = self_influence_dataset(si) if fmt == ".zarr" else self_influence_frame(si)
     return _write_checked(obj, path, fmt, overwrite=overwrite)
 
 
 def write_top_k(
-    result: xr.Dataset, path: str | os.PathLike[str], *, test=None, train=None, overwrite: bool = False
+    result: xr.Dataset, path: str | os.PathLike[str], *, test: Any = None, train: Any = None,
+    overwrite: bool = False,
 ) -> str:
     """``to.top_k`` result → ``path``, with example ids and labels from the ``test``/``train`` stores."""
     inputs = [test, train, result.attrs.get("test_store"), result.attrs.get("train_store")]
-    fmt = check_output(path, overwrite=overwrite, inputs=inputs)
+    fmt = _check_table(path, overwrite, inputs)
     ds = top_k_dataset(result, test, train)
     return _write_checked(ds if fmt == ".zarr" else top_k_frame(ds), path, fmt, overwrite=overwrite)
 
@@ -285,4 +294,5 @@ def read(path: str | os.PathLike[str]) -> pd.DataFrame | xr.Dataset:
         return pd.read_csv(path)
     if fmt == ".parquet":
         return pd.read_parquet(path)
-    return xr.open_zarr(path, consolidated=True).load()
+    ds: xr.Dataset = xr.open_zarr(path, consolidated=True).load()
+    return ds

@@ -43,13 +43,14 @@ class Paused(Dataset):
 def hold_last_write(marker: Path) -> None:
     original = gradient_store.GradientStore.write_block
 
-    def write_block(self, start, grads, *args, **kwargs):
+    def write_block(self, start, block):
         if start == self.row_blocks()[-1][0]:
             self._writable()
+            grads = block.grads
             self._array(layout.GRADS)[:, start : start + grads.shape[1], :] = layout.encode(grads, self.dtype)
             marker.touch()
             time.sleep(600)
-        return original(self, start, grads, *args, **kwargs)
+        return original(self, start, block)
 
     gradient_store.GradientStore.write_block = write_block
 

@@ -48,7 +48,7 @@ _NOT_OPTIONS = {"self", "scheduler", "name", "config_name", "base_class_kwargs",
                 "n_workers", "loop", "asynchronous", "scheduler_cls", "host", "dashboard_address"}
 
 
-def _dask_jobqueue():
+def _dask_jobqueue() -> Any:
     try:
         import dask_jobqueue
     except ImportError as e:  # pragma: no cover - exercised only where the package is missing
@@ -66,12 +66,12 @@ def _check_kind(kind: str) -> str:
     return k
 
 
-def cluster_class(kind: str):
+def cluster_class(kind: str) -> Any:
     """The dask-jobqueue cluster class for ``kind`` ("slurm", "pbs" or "lsf")."""
     return getattr(_dask_jobqueue(), _CLASSES[_check_kind(kind)])
 
 
-def load_config(config: str | os.PathLike[str] | Mapping | None) -> dict:
+def load_config(config: str | os.PathLike[str] | Mapping[str, Any] | None) -> dict[str, Any]:
     """A dask config (nested dict) from a YAML file or a mapping; {} for None.
 
     The file is in dask's config format: a top-level ``jobqueue:`` key holding one section per batch
@@ -115,7 +115,7 @@ def _accepted(kind: str) -> set[str]:
     return (names - _NOT_OPTIONS) | {"job_name"}
 
 
-def _python_names(section: Mapping) -> dict:
+def _python_names(section: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in section.items():
         name = str(key).replace("-", "_")
@@ -125,7 +125,7 @@ def _python_names(section: Mapping) -> dict:
     return out
 
 
-def _modernise(kind: str, opts: dict) -> dict:
+def _modernise(kind: str, opts: dict[str, Any]) -> dict[str, Any]:
     """Old option names (extra, env-extra, job-extra, header-skip, project) → their replacements."""
     for old, new in _RENAMED.items():
         value = opts.pop(old, None)
@@ -138,7 +138,7 @@ def _modernise(kind: str, opts: dict) -> dict:
     return opts
 
 
-def options(kind: str, *, config=None, **overrides) -> dict[str, Any]:
+def options(kind: str, *, config: Any = None, **overrides: Any) -> dict[str, Any]:
     """The resolved keyword arguments for the ``kind`` cluster: dask config < YAML file < overrides.
 
     Raises :class:`JobqueueError` for an unknown option (naming the known ones), a config file
@@ -150,7 +150,7 @@ def options(kind: str, *, config=None, **overrides) -> dict[str, Any]:
     accepted = _accepted(kind)
     base = _python_names(dask.config.get(f"jobqueue.{kind}", {}) or {})
     data = load_config(config)
-    file_opts: dict = {}
+    file_opts: dict[str, Any] = {}
     if config is not None:
         sections = data.get("jobqueue") or {}
         if kind not in sections:
@@ -182,7 +182,8 @@ def options(kind: str, *, config=None, **overrides) -> dict[str, Any]:
     return opts
 
 
-def job_script(kind: str, *, config=None, scheduler_address: str = PLACEHOLDER_ADDRESS, **overrides) -> str:
+def job_script(kind: str, *, config: Any = None, scheduler_address: str = PLACEHOLDER_ADDRESS,
+               **overrides: Any) -> str:
     """The batch script each worker job of a ``kind`` cluster would run (nothing is started).
 
     ``scheduler_address`` is written into the worker command; a running cluster's own
@@ -196,10 +197,10 @@ def job_script(kind: str, *, config=None, scheduler_address: str = PLACEHOLDER_A
         job = job_cls(scheduler_address, name="dummy-name", **job_opts)
     except (TypeError, ValueError) as e:
         raise JobqueueError(f"cannot build a {kind} job script: {str(e).splitlines()[0]}") from e
-    return job.job_script()
+    return str(job.job_script())
 
 
-def _check_scaling(jobs, minimum, maximum) -> None:
+def _check_scaling(jobs: int | None, minimum: int | None, maximum: int | None) -> None:
     for name, value in (("jobs", jobs), ("minimum", minimum), ("maximum", maximum)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise JobqueueError(f"{name} must be a whole number of jobs (0 or more), got {value!r}")
@@ -221,14 +222,14 @@ class _Submissions:
         self.failures: list[BaseException] = []
 
 
-def _recording(job_cls, record: _Submissions):
+def _recording(job_cls: Any, record: _Submissions) -> Any:
     """A subclass of ``job_cls`` that notes each submission's job id or failure in ``record``.
 
     dask-jobqueue submits from a background task and only logs a refused submission, so a bad
     partition or account would otherwise leave the caller waiting for workers that never come.
     """
 
-    async def start(self):
+    async def start(self: Any) -> None:
         try:
             await job_cls.start(self)
         except BaseException as e:
@@ -251,14 +252,14 @@ def _refusal(e: BaseException) -> str:
     return "; ".join(lines[:3]) or type(e).__name__
 
 
-def _close_quietly(cluster) -> None:
+def _close_quietly(cluster: Any) -> None:
     try:
         cluster.close()
     except Exception as e:  # a cluster whose jobs were refused fails its own close; nothing to do about it
         log.debug("closing the batch cluster: %s", e)
 
 
-def _await_submission(cluster, kind: str, record: _Submissions, expected: int, timeout: float) -> None:
+def _await_submission(cluster: Any, kind: str, record: _Submissions, expected: int, timeout: float) -> None:
     """Wait until ``expected`` jobs are in the queue; raise at once if the batch system refused one."""
     submit = cluster.job_cls.submit_command.split()[0]
     deadline = time.monotonic() + timeout
@@ -271,8 +272,8 @@ def _await_submission(cluster, kind: str, record: _Submissions, expected: int, t
         time.sleep(0.05)
 
 
-def make_cluster(kind: str, *, config=None, jobs: int | None = None, minimum: int | None = None,
-                 maximum: int | None = None, submit_timeout: float = SUBMIT_TIMEOUT, **overrides):
+def make_cluster(kind: str, *, config: Any = None, jobs: int | None = None, minimum: int | None = None,
+                 maximum: int | None = None, submit_timeout: float = SUBMIT_TIMEOUT, **overrides: Any) -> Any:
     """Start a dask-jobqueue cluster (its scheduler runs in this process) and ask for worker jobs.
 
     ``jobs=N`` submits N jobs; ``minimum``/``maximum`` adapt the number of jobs to the load within
@@ -312,9 +313,9 @@ def make_cluster(kind: str, *, config=None, jobs: int | None = None, minimum: in
 
 
 @contextlib.contextmanager
-def batch_client(kind: str, *, config=None, jobs: int | None = None, minimum: int | None = None,
+def batch_client(kind: str, *, config: Any = None, jobs: int | None = None, minimum: int | None = None,
                  maximum: int | None = None, wait: int | None = None, timeout: float | str | None = None,
-                 **overrides) -> Iterator[object]:
+                 **overrides: Any) -> Iterator[Any]:
     """Yield a ``distributed.Client`` (the default one) on a new ``kind`` cluster; close both on exit.
 
     :func:`trackin_ooc.cluster.cluster_client` calls this for a spec with ``batch=kind``.
@@ -332,7 +333,7 @@ def batch_client(kind: str, *, config=None, jobs: int | None = None, minimum: in
     try:
         if wait:
             try:
-                client.wait_for_workers(int(wait), timeout=timeout)
+                client.wait_for_workers(int(wait), timeout=timeout)  # type: ignore[arg-type]  # '30s' too
             except TimeoutError as e:
                 raise JobqueueError(
                     f"{wait} {kind} worker(s) did not join within {timeout}; check the queue (squeue / qstat / "

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("trackin_ooc")
 
 
-def worker_infos(client) -> list[dict]:
+def worker_infos(client: Any) -> list[dict[str, Any]]:
     """The scheduler's record of every worker of ``client`` (threads, memory limit, host).
 
     Recent ``distributed`` lists only the first few workers unless asked for all (``n_workers=-1``).
@@ -91,7 +91,7 @@ def local_client(spec: ClusterSpec, *, timeout: float | str | None = None) -> It
             cluster.close()
 
 
-def _local_cuda_cluster(spec: ClusterSpec):
+def _local_cuda_cluster(spec: ClusterSpec) -> Any:
     """dask-cuda's LocalCUDACluster: one worker per visible GPU (capped at ``workers``), on 127.0.0.1."""
     try:
         from dask_cuda import LocalCUDACluster
@@ -103,14 +103,15 @@ def _local_cuda_cluster(spec: ClusterSpec):
     import cupy
 
     n_gpus = cupy.cuda.runtime.getDeviceCount()
-    visible = ",".join(str(i) for i in range(min(n_gpus, int(spec.workers))))
+    visible = ",".join(str(i) for i in range(min(n_gpus, int(spec.workers or 1))))
     return LocalCUDACluster(CUDA_VISIBLE_DEVICES=visible, ip="127.0.0.1", dashboard_address="127.0.0.1:0",
                             memory_limit=spec.memory_limit if spec.memory_limit is not None else "auto")
 
 
-def dashboard_link(client) -> str | None:
+def dashboard_link(client: Any) -> str | None:
     """The dashboard URL of a client's scheduler (None where none is served)."""
     try:
-        return client.dashboard_link
+        link = client.dashboard_link
+        return None if link is None else str(link)
     except Exception:
         return None

@@ -16,13 +16,14 @@ from dask.delayed import Delayed
 
 from ..store import GradientStore
 from . import factor_tasks, tasks
+from .block_tasks import BlockTasks
 from .planning import BlockPlan, blocks
 from .tasks import StoreRef
 
 SPLIT_EVERY = 8  # partial top-k results merged per tree-reduction task
 
 
-def block_tasks(store: GradientStore):
+def block_tasks(store: GradientStore) -> BlockTasks:
     """The task functions for a store's layout: :mod:`.tasks` (one gradient matrix) or
     :mod:`.factor_tasks` (per-layer factors, ``projection="factors"``); same names and signatures."""
     return factor_tasks if store.has_factors else tasks

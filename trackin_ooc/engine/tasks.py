@@ -51,13 +51,13 @@ def _train_scores(test_folded, ref: StoreRef, start: int, stop: int, normalize: 
     return kernels.score_block(be.asarray(test_folded), b, xp), be
 
 
-def score_block(test_folded, ref: StoreRef, start: int, stop: int, normalize: bool, backend: str) -> np.ndarray:
+def score_block(test, ref: StoreRef, start: int, stop: int, normalize: bool, backend: str) -> np.ndarray:
     """One (test block × train block) influence block on the host."""
-    scores, be = _train_scores(test_folded, ref, start, stop, normalize, backend)
+    scores, be = _train_scores(test, ref, start, stop, normalize, backend)
     return be.to_host(scores)
 
 
-def topk_block(test_folded, ref: StoreRef, start: int, stop: int, k: int, normalize: bool, backend: str):
+def topk_block(test, ref: StoreRef, start: int, stop: int, k: int, normalize: bool, backend: str):
     """The k best and worst of one score block; the block itself never leaves this task.
 
     On the CPU the GEMM runs in column tiles into a reused per-thread buffer, each tile selected in
@@ -65,8 +65,8 @@ def topk_block(test_folded, ref: StoreRef, start: int, stop: int, k: int, normal
     """
     if backend == "numpy":
         train = kernels.fold_checkpoints(ref.open().read_grads(start, stop), np, normalize=normalize)
-        return kernels.score_topk(test_folded, train, k, start, np)
-    scores, be = _train_scores(test_folded, ref, start, stop, normalize, backend)
+        return kernels.score_topk(test, train, k, start, np)
+    scores, be = _train_scores(test, ref, start, stop, normalize, backend)
     part = kernels.select_topk(scores, k, start, be.xp)
     del scores
     return kernels.topk_to_host(part, be.to_host)
@@ -77,11 +77,11 @@ def merge_topk(parts, k: int):
 
 
 def write_influence_block(
-    test_folded, ref: StoreRef, start: int, stop: int, normalize: bool, backend: str,
+    test, ref: StoreRef, start: int, stop: int, normalize: bool, backend: str,
     out_path: str, out_options: str, task: tuple[int, int], row0: int,
 ) -> int:
     """Score one block and write it as whole chunks of the output; returns rows × cols written."""
-    block = score_block(test_folded, ref, start, stop, normalize, backend)
+    block = score_block(test, ref, start, stop, normalize, backend)
     _open_output(out_path, out_options).write_block(task, row0, start, block)
     return int(block.size)
 

@@ -12,6 +12,7 @@ from ..errors import StoreError
 from ..spec import ProjectionSpec
 from .backends import StorageOptions
 from .gradient_store import GradientStore
+from .rows import RowBlock
 
 
 def from_arrays(
@@ -61,7 +62,5 @@ def from_arrays(
     for start, stop in store.row_blocks():
         block = np.asarray(grads[:, start:stop, :], dtype=np.float32)
         loss = None if losses is None else np.asarray(losses[:, start:stop], dtype=np.float32)
-        store.write_block(
-            start, block, loss, None if label_arr is None else label_arr[start:stop]
-        )
+        store.write_block(start, RowBlock(block, loss, None if label_arr is None else label_arr[start:stop]))
     return store.mark_complete()

@@ -18,6 +18,7 @@ from . import backends, guard, layout
 from .backends import StorageOptions
 from .group import ZarrGroup, create_group, short
 from .integrity import checked_read
+from .rows import RowBlock
 
 
 class GradientStore(ZarrGroup):
@@ -391,23 +392,16 @@ class GradientStore(ZarrGroup):
         return ds
 
     # ---- writing --------------------------------------------------------------------------------
-    def write_block(
-        self,
-        start: int,
-        grads: np.ndarray,
-        losses: np.ndarray | None = None,
-        labels: np.ndarray | None = None,
-        nonfinite: np.ndarray | None = None,
-        sq_norms: np.ndarray | None = None,
-        factors: dict[str, np.ndarray] | None = None,
-    ) -> None:
-        """Write one whole row block (C, rows, F) at ``start`` and then flag it written.
+    def write_block(self, start: int, block: RowBlock) -> None:
+        """Write one whole row block at ``start`` and then flag it written.
 
-        ``nonfinite``: per-row flags of examples stored as zeros because they were NaN/inf;
-        ``sq_norms``: (C, rows) exact squared gradient norms, where the store keeps them;
-        ``factors``: a factor store's arrays for these rows, by array name: ``factors_<i>`` (C, rows,
-        positions, width) and ``tokens_<i>`` (rows, positions), every one of them.
+        ``block``: the rows (:class:`~trackin_ooc.store.rows.RowBlock`): features (C, rows, F), and where
+        given their losses, labels, non-finite flags (examples stored as zeros because they were NaN/inf),
+        exact squared gradient norms (written where the store keeps them) and, for a factor store, every
+        one of its factor arrays for these rows.
         """
+        grads, losses, labels, nonfinite = block.grads, block.losses, block.labels, block.nonfinite
+        sq_norms, factors = block.sq_norms, block.factors
         self._writable()
         blocks = self.row_blocks()
         index = start // self.chunk_rows

@@ -229,11 +229,7 @@ def check_output_location(
         if resumable and existing.kind == kind and not existing.complete:
             return existing
         if ok:
-            state = " and is complete" if existing.kind == kind and existing.complete else ""
-            raise StoreExistsError(
-                f"{kind_name(kind)} {shown} already exists{state}; pass overwrite=True (--overwrite) to replace "
-                "it, or choose another path"
-            )
+            raise _exists_error(out, existing, kind)
     if not ok:
         raise OutputKindError(
             f"{shown} already exists and is {existing.describe()}; overwrite replaces only an earlier "
@@ -241,6 +237,22 @@ def check_output_location(
             "another path"
         )
     return existing
+
+
+def _exists_error(out: str | os.PathLike[str], existing: Existing, kind: str) -> StoreExistsError:
+    state = " and is complete" if existing.kind == kind and existing.complete else ""
+    return StoreExistsError(
+        f"{kind_name(kind)} {backends.normalize_path(out)} already exists{state}; pass overwrite=True (--overwrite) "
+        "to replace it, or choose another path"
+    )
+
+
+def require_resumed(out: str | os.PathLike[str], existing: Existing, *, kind: str, overwrite: bool) -> None:
+    """After :func:`check_output_location` with ``resumable=True``, for a writer that did not resume what is
+    there (an unfinished output of another job): without ``overwrite`` it is an existing output like any other
+    (``StoreExistsError``)."""
+    if existing.exists and not overwrite and existing.kind == kind and not existing.complete:
+        raise _exists_error(out, existing, kind)
 
 
 # ---- laying out what the rule allowed ----------------------------------------------------------

@@ -58,6 +58,8 @@ class InfluenceStore(ZarrGroup):
         if checked is None:
             checked = guard.check_output_location(path, inputs, kind="influence", overwrite=overwrite,
                                                   storage_options=storage_options)
+        else:  # checked with resumable=True, but the caller resumes nothing here: another job's output
+            guard.require_resumed(path, checked, kind="influence", overwrite=overwrite)
         group = guard.lay_out_output(
             path, checked, functools.partial(_lay_out, test_ids=test_ids, train_ids=train_ids, chunks=chunks,
                                              n_tasks=n_tasks, attrs=attrs), storage_options)

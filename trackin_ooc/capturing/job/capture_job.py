@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -140,15 +139,10 @@ class CaptureJob:
                 if b != len(index):
                     raise CaptureError(f"a batch of {len(index)} examples came back with {b} targets; "
                                        "the collate function must keep one target per example")
-                f, loss, sq = featurize(states, inputs, targets)  # (C, b, dim), (C, b), (C, b)
-                # Per-layer factor arrays too with projection="factors" ({name: array}; else None).
-                feats, parts = f.to_host() if hasattr(f, "to_host") else (f.detach().to("cpu", torch.float32).numpy(),
-                                                                          None)
-                losses = loss.detach().to("cpu", torch.float32).numpy()
-                norms = sq.detach().to("cpu", torch.float32).numpy()
-                flags = check_finite(feats, losses, start, self.nonfinite, store.checkpoint_names, norms, parts)
-                labels = targets.detach().cpu().numpy() if store.has_labels else None
-                writer.add(feats, losses, labels, flags, norms, parts)
+                rows = check_finite(featurize.rows(states, inputs, targets), start, self.nonfinite,
+                                    store.checkpoint_names)
+                rows.labels = targets.detach().cpu().numpy() if store.has_labels else None
+                writer.add(rows)
                 if on_rows is not None:
                     on_rows(b)
         except BaseException:

@@ -11,30 +11,36 @@ from collections.abc import Sequence
 import numpy as np
 
 from ...errors import NonFiniteError
+from ...store.rows import RowBlock
 
 NONFINITE_POLICIES = ("raise", "flag")
 SHOWN = 8
 
 
-def check_finite(
-    feats: np.ndarray, losses: np.ndarray, start: int, policy: str, checkpoint_names: Sequence[str],
-    sq_norms: np.ndarray | None = None,
-    factors: dict[str, np.ndarray] | None = None,
-) -> np.ndarray | None:
-    """Per-example flags (None when all finite) for features (C, b, F) and losses (C, b) of rows from ``start``
-    (and per-layer factor arrays (C, b, T, w), by name, of a ``projection="factors"`` capture).
+def check_finite(block: RowBlock, start: int, policy: str, checkpoint_names: Sequence[str]) -> RowBlock:
+    """Check a batch's rows (from ``start``) for NaN/inf features, losses, squared norms or factor arrays.
 
     ``policy="raise"`` raises :class:`NonFiniteError` naming the examples and checkpoints;
-    ``"flag"`` zeroes the bad examples' features (and ``sq_norms``) at every checkpoint in place (their losses keep the
-    NaN/inf) and returns the flags.
+    ``"flag"`` zeroes the bad examples' features (and squared norms) at every checkpoint in place (their losses
+    keep the NaN/inf) and sets ``block.nonfinite`` to their flags. Returns ``block``.
     """
+    block.nonfinite = _flags(block.grads, block.losses, start, policy, checkpoint_names, block.sq_norms,
+                             block.factors)
+    return block
+
+
+def _flags(
+    feats: np.ndarray, losses: np.ndarray | None, start: int, policy: str, checkpoint_names: Sequence[str],
+    sq_norms: np.ndarray | None, factors: dict[str, np.ndarray] | None,
+) -> np.ndarray | None:
+    """Per-example flags (None when all finite); the bad rows zeroed in place under ``"flag"``."""
     bad_grad = ~np.isfinite(feats).all(axis=2)  # (C, b)
     values = [v for v in (factors or {}).values() if v.dtype.kind == "f"]  # token ids are integers
     for v in values:
         bad_grad |= ~np.isfinite(v).all(axis=(2, 3))
     if sq_norms is not None:
         bad_grad |= ~np.isfinite(sq_norms)
-    bad = bad_grad | ~np.isfinite(losses)
+    bad = bad_grad if losses is None else bad_grad | ~np.isfinite(losses)
     if not bad.any():
         return None
     rows = bad.any(axis=0)

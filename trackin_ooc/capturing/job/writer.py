@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -9,6 +10,7 @@ import numpy as np
 from ...errors import CaptureError
 from ...store import GradientStore
 from ...store.layout import NO_TOKEN
+from ...store.rows import RowBlock
 
 
 class BlockWriter:
@@ -27,8 +29,7 @@ class BlockWriter:
         self._pending: list[Future] = []
         self._index = 0
         self._fill = 0
-        self._grads = None
-        self._parts: dict[str, np.ndarray] | None = None
+        self._buffer: RowBlock | None = None
         # Factor arrays of a projection="factors" store: name -> positions in the layout.
         self._positions = {}
         for f in store.factor_arrays:
@@ -36,21 +37,24 @@ class BlockWriter:
             if f.tokens:
                 self._positions[f.tokens_name] = f.positions
 
-    def _new_buffers(self) -> None:
-        """Buffers for the current block, made only when a block is assembled from several batches."""
+    def _new_buffer(self) -> RowBlock:
+        """A buffer for the current block, made only when a block is assembled from several batches."""
         start, stop = self.blocks[self._index]
         rows = stop - start
         s = self.store
-        self._grads = np.empty((s.n_checkpoints, rows, s.feature_dim), dtype=np.float32)
-        self._losses = np.empty((s.n_checkpoints, rows), dtype=np.float32)
-        self._labels = np.empty(rows, dtype=s.label_dtype) if self.with_labels else None
-        self._flags = np.zeros(rows, dtype=np.uint8)
-        self._norms = np.full((s.n_checkpoints, rows), np.nan, dtype=np.float32)
-        self._parts = {}
+        factors = {}
         for f in s.factor_arrays:
-            self._parts[f.name] = np.zeros((s.n_checkpoints, rows, f.positions, f.width), dtype=np.float32)
+            factors[f.name] = np.zeros((s.n_checkpoints, rows, f.positions, f.width), dtype=np.float32)
             if f.tokens:
-                self._parts[f.tokens_name] = np.full((rows, f.positions), NO_TOKEN, dtype=np.int64)
+                factors[f.tokens_name] = np.full((rows, f.positions), NO_TOKEN, dtype=np.int64)
+        return RowBlock(
+            grads=np.empty((s.n_checkpoints, rows, s.feature_dim), dtype=np.float32),
+            losses=np.empty((s.n_checkpoints, rows), dtype=np.float32),
+            labels=np.empty(rows, dtype=s.label_dtype) if self.with_labels else None,
+            nonfinite=np.zeros(rows, dtype=np.uint8),
+            sq_norms=np.full((s.n_checkpoints, rows), np.nan, dtype=np.float32),
+            factors=factors or None,
+        )
 
     def _padded(self, parts: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
         """Factor arrays with positions padded (zeros, token NO_TOKEN) to the store's layout."""
@@ -73,55 +77,51 @@ class BlockWriter:
             out[name] = x
         return out
 
-    def add(self, grads: np.ndarray, losses: np.ndarray, labels: np.ndarray | None,
-            flags: np.ndarray | None = None, norms: np.ndarray | None = None,
-            parts: dict[str, np.ndarray] | None = None) -> None:
-        """Append rows (C, b, F), (C, b), (b,), non-finite flags (b,) or None, exact squared norms
-        (C, b) or None, and a factor store's per-layer arrays ({name: (C, b, T, w) or ids (b, T)}, padded
-        here to the store's positions); whole blocks are sent to the writer as they fill."""
-        parts = self._padded(parts)
-        b, done = grads.shape[1], 0
+    def add(self, block: RowBlock) -> None:
+        """Append a batch's rows (factor arrays padded here to the store's positions); whole store row blocks
+        are sent to the writer as they fill."""
+        block = dataclasses.replace(block, factors=self._padded(block.factors),
+                                    labels=block.labels if self.with_labels else None)
+        b, done = block.n_rows, 0
         while done < b:
             if self._index >= len(self.blocks):
                 raise ValueError("more rows than the store holds")
             start, stop = self.blocks[self._index]
             take = min(b - done, stop - start - self._fill)
+            rows = block.select(done, done + take)
             if self._fill == 0 and take == stop - start:  # a whole block in this batch: no copy
-                self._submit(start, grads[:, done : done + take], losses[:, done : done + take],
-                             None if labels is None or not self.with_labels else labels[done : done + take],
-                             None if flags is None else flags[done : done + take],
-                             None if norms is None else norms[:, done : done + take],
-                             None if parts is None else {k: _rows(v, done, done + take) for k, v in parts.items()})
+                self._submit(start, rows)
                 done += take
                 continue
-            if self._grads is None:
-                self._new_buffers()
-            sl = slice(self._fill, self._fill + take)
-            self._grads[:, sl] = grads[:, done : done + take]
-            self._losses[:, sl] = losses[:, done : done + take]
-            if self._labels is not None:
-                self._labels[sl] = labels[done : done + take]
-            self._flags[sl] = 0 if flags is None else flags[done : done + take]
-            if norms is not None:
-                self._norms[:, sl] = norms[:, done : done + take]
-            for k, v in (parts or {}).items():
-                target = self._parts[k]
+            if self._buffer is None:
+                self._buffer = self._new_buffer()
+            buf, sl = self._buffer, slice(self._fill, self._fill + take)
+            buf.grads[:, sl] = rows.grads
+            assert buf.losses is not None and rows.losses is not None
+            buf.losses[:, sl] = rows.losses
+            if buf.labels is not None and rows.labels is not None:
+                buf.labels[sl] = rows.labels
+            assert buf.nonfinite is not None
+            buf.nonfinite[sl] = 0 if rows.nonfinite is None else rows.nonfinite
+            if rows.sq_norms is not None and buf.sq_norms is not None:
+                buf.sq_norms[:, sl] = rows.sq_norms
+            for k, v in (rows.factors or {}).items():
+                target = (buf.factors or {})[k]
                 if v.ndim == 2:
-                    target[sl] = v[done : done + take]
+                    target[sl] = v
                 else:
-                    target[:, sl] = v[:, done : done + take]
+                    target[:, sl] = v
             self._fill += take
             done += take
             if self._fill == stop - start:
-                self._submit(start, self._grads, self._losses, self._labels, self._flags, self._norms,
-                             self._parts or None)
-                self._grads = None
+                self._submit(start, buf)
+                self._buffer = None
 
-    def _submit(self, start: int, grads, losses, labels, flags, norms, parts=None) -> None:
+    def _submit(self, start: int, block: RowBlock) -> None:
         self._drain(self.max_pending - 1)
-        flags = flags if flags is not None and flags.any() else None
-        self._pending.append(self._pool.submit(self.store.write_block, start, grads, losses, labels, flags, norms,
-                                               parts))
+        if block.nonfinite is not None and not block.nonfinite.any():
+            block = dataclasses.replace(block, nonfinite=None)
+        self._pending.append(self._pool.submit(self.store.write_block, start, block))
         self._index += 1
         self._fill = 0
 
@@ -136,8 +136,3 @@ class BlockWriter:
         finally:
             self._pool.shutdown(wait=True)
         return self._index
-
-
-def _rows(x: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of a factor array: axis 1 of (C, b, T, w), axis 0 of token ids (b, T)."""
-    return x[start:stop] if x.ndim == 2 else x[:, start:stop]

@@ -21,6 +21,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,9 +30,10 @@ from ...spec import ProjectionSpec
 from ...store.layout import FactorArray
 from ..per_example import PerExampleGradients
 from ..per_example.batches import Inputs, call_functional, call_model
-from ..per_example.losses import LossFn, check_losses, default_loss
+from ..per_example.losses import LossFn, check_losses
 from ..per_example.norms import dense_sq_norms, factored_sq_norms
 from .factored import FactorLayer, layer_groups
+from .featurizer import HookedFeaturizer
 from .hooks import FactorTap
 from .preconditioner import LayerScale, Scales
 
@@ -211,7 +213,7 @@ class FactorFeatures:
         return self.flat.detach().to("cpu", torch.float32).numpy(), parts
 
 
-class FactorsFeatures:
+class FactorsFeatures(HookedFeaturizer):
     """Per-example exact gradients of a batch as per-layer factors plus a flat part, at each checkpoint.
 
     Forward hooks (:class:`~.hooks.FactorTap`) on the factor layers collect their inputs during one batched
@@ -225,19 +227,12 @@ class FactorsFeatures:
 
     def __init__(self, model: nn.Module, spec: ProjectionSpec, loss_fn: LossFn | None = None,
                  device: torch.device | str = "cpu", methods: Mapping[str, str] | None = None):
-        self.model = model
-        self.spec = spec
-        self.loss_fn = loss_fn or default_loss
-        self.device = torch.device(device)
+        super().__init__(model, spec, loss_fn, device)
         self.plan = plan_from_spec(spec)
         modules = dict(model.named_modules())
-        self.taps: list[FactorTap] = []
-        try:
+        with self._opening():
             for x in self.plan.factored:
                 self.taps.append(FactorTap(x.tap_layer(), modules[x.module]))
-        except Exception:
-            self.close()
-            raise
         self.choices = list(self.plan.factored)
         self._weights = [x.params[0] for x in self.choices]
         self._flat = None
@@ -245,7 +240,9 @@ class FactorsFeatures:
             chosen = {n: methods[n] for n in self.plan.flat if methods and n in methods}
             kw = {"methods": chosen} if len(chosen) == len(self.plan.flat) else {}
             self._flat = PerExampleGradients(model, list(self.plan.flat), self.loss_fn, **kw)
-        self._checked = False
+
+    def to_host(self, features: FactorFeatures) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return features.to_host()
 
     def prepare(self, state: dict[str, torch.Tensor], scales: Scales | None = None):
         """Per checkpoint, once: (state whose factor-layer weights require grad, the plain state, the
@@ -362,18 +359,11 @@ class FactorsFeatures:
                 have = d.T @ a  # (d_out, d_in without bias)
                 want = None if wg is None else _out_in(t.module, wg, x.d_out)
             want = torch.zeros_like(have) if want is None else want.to(torch.float32).reshape(have.shape)
-            err = (have - want).abs().max().item()
-            if err > 1e-3 * max(want.abs().max().item(), 1e-12) + 1e-6:
-                raise CaptureError(
-                    f"projection='factors' does not see all of {x.params[0]!r}'s gradient (the weight is used "
-                    "outside its module's forward, or the layer's batch dimension is not first); leave it out "
-                    "of layers, or capture flat exact gradients (projection_dim=None without projection=)"
-                )
-
-    def close(self) -> None:
-        for t in self.taps:
-            t.handle.remove()
-        self.taps = []
+            self._require_batch_gradient(
+                have, want,
+                f"projection='factors' does not see all of {x.params[0]!r}'s gradient (the weight is used "
+                "outside its module's forward, or the layer's batch dimension is not first); leave it out "
+                "of layers, or capture flat exact gradients (projection_dim=None without projection=)")
 
 
 def _call_parts(t: FactorTap, x: torch.Tensor, delta: torch.Tensor, batch: int,

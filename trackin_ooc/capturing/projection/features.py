@@ -1,13 +1,15 @@
 """Featurizers: one batch at every checkpoint → (features (C, B, dim), per-example losses (C, B),
 exact squared gradient norms (C, B)).
 
-Two kinds behind one interface (``prepare(state, scales)`` once per checkpoint, then one call per batch
-with all prepared states; ``scales``: the checkpoint's preconditioner, :class:`~.preconditioner.Scales`, or
-None for plain gradients): :class:`DenseFeatures` forms per-example gradients (torch.func) and projects
-them densely or keeps them exact, in micro-batches sized to a memory budget, all checkpoints in one
-pass over the projection matrix (each block is generated at most once per micro-batch, even when the
-matrix is larger than the block cache); :class:`~.hooks.FactoredFeatures` never forms them
-(factored projection through layer hooks).
+Three kinds behind one interface (:class:`~.featurizer.Featurizer`: ``prepare(state, scales)`` once per
+checkpoint, then ``rows(...)`` per batch with all prepared states, making a
+:class:`~trackin_ooc.store.rows.RowBlock`; ``scales``: the checkpoint's preconditioner,
+:class:`~.preconditioner.Scales`, or None for plain gradients): :class:`DenseFeatures` forms per-example
+gradients (torch.func) and projects them densely or keeps them exact, in micro-batches sized to a memory
+budget, all checkpoints in one pass over the projection matrix (each block is generated at most once per
+micro-batch, even when the matrix is larger than the block cache); :class:`~.hooks.FactoredFeatures`
+never forms them (factored projection through layer hooks); :class:`~.factors.FactorsFeatures` keeps
+exact per-layer factors.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..per_example.gradients import PerExampleGradients
 from ..per_example.losses import LossFn
 from ..per_example.norms import dense_sq_norms
 from .dense import Projector
+from .featurizer import Featurizer, FeaturizerBase
 from .preconditioner import Scales
 
 # Bytes the per-example gradients of one micro-batch may take; default: a share of free memory.
@@ -49,7 +52,7 @@ def micro_batch_size(batch: int, n_parameters: int, budget: int, n_checkpoints: 
     return max(1, min(batch, budget // per_example))
 
 
-class DenseFeatures:
+class DenseFeatures(FeaturizerBase):
     """Per-example gradients of the selected parameters, then the dense projection (or exact).
 
     ``methods``: the per-example method of each parameter ({name: "hooks" | "vmap" | "loop"}), chosen
@@ -102,12 +105,9 @@ class DenseFeatures:
             return feats[0], losses[0], norms[0]
         return torch.cat(feats, dim=1), torch.cat(losses, dim=1), torch.cat(norms, dim=1)
 
-    def close(self) -> None:
-        pass
-
 
 def make_featurizer(model: nn.Module, spec: ProjectionSpec, loss_fn: LossFn | None, device: torch.device,
-                    methods: dict[str, str] | None = None):
+                    methods: dict[str, str] | None = None) -> Featurizer:
     """The featurizer for a spec: factored hooks for ``factored``, per-layer factors (exact) for
     ``factors``, per-example gradients otherwise."""
     if spec.kind == "factors":

@@ -34,7 +34,7 @@ from ...spec import ProjectionSpec
 from ..per_example.batches import call_functional
 from ..per_example.gradients import PerExampleGradients
 from ..per_example.hooked import LayerTap, gradient_mismatch, gradients_from_taps, open_taps, parameter_uses
-from ..per_example.losses import LossFn, check_losses, default_loss
+from ..per_example.losses import LossFn, check_losses
 from ..per_example.norms import dense_sq_norms, factored_sq_norms
 from .calls import ConvCall, RowsCall
 from .costs import norm_cost
@@ -48,6 +48,7 @@ from .factored import (
     project_input,
     project_output,
 )
+from .featurizer import HookedFeaturizer
 from .preconditioner import LayerScale, Scales
 
 log = logging.getLogger("trackin_ooc")
@@ -236,7 +237,7 @@ class _DenseGroup:
         return {n: grads[n] for n in self.params}
 
 
-class FactoredFeatures:
+class FactoredFeatures(HookedFeaturizer):
     """Per-example factored features of a batch at each checkpoint: (C, B, spec.dim), losses (C, B).
 
     Registers forward hooks on the model's factored layers until :meth:`close`. Parameters of
@@ -249,30 +250,22 @@ class FactoredFeatures:
 
     def __init__(self, model: nn.Module, spec: ProjectionSpec, loss_fn: LossFn | None = None,
                  device: torch.device | str = "cpu", methods: Mapping[str, str] | None = None):
-        self.model = model
-        self.spec = spec
-        self.loss_fn = loss_fn or default_loss
-        self.device = torch.device(device)
+        super().__init__(model, spec, loss_fn, device)
         self.plan = plan_from_spec(spec)
         self.factors = Factors(spec.seed, self.device)
         modules = dict(model.named_modules())
-        self.taps: list[FactorTap] = []
         self.dense: FactorLayer | None = None
         self._dense_group: _DenseGroup | None = None
         # How each hooked layer's features were computed in the last batch ("per position" or "formed").
         self.paths: dict[str, str] = {}
-        try:
+        with self._opening():
             for layer in self.plan:
                 if layer.kind == "dense":
                     self.dense = layer
                     self._dense_group = _DenseGroup(model, layer.params, self.loss_fn, methods)
                 elif layer.kind != "pad":
                     self.taps.append(FactorTap(layer, modules[layer.module]))
-        except Exception:
-            self.close()
-            raise
         self._weights = [t.layer.weight for t in self.taps]
-        self._checked = False
 
     def prepare(self, state: dict[str, torch.Tensor], scales: Scales | None = None):
         """Per checkpoint, once: (state whose factored weights require grad, the plain state, the checkpoint's
@@ -363,22 +356,8 @@ class FactoredFeatures:
                 total = g if total is None else total + g
             want = torch.zeros_like(state[layer.weight]) if wg is None else wg.to(torch.float32)
             have = torch.zeros_like(want) if total is None else total.reshape(want.shape)
-            err = (have - want).abs().max().item()
-            scale = max(want.abs().max().item(), 1e-12)
-            if err > 1e-3 * scale + 1e-6:
-                raise CaptureError(
-                    f"the factored projection does not see all of {layer.weight!r}'s gradient (the weight is "
-                    "used outside its module's forward, or the layer's batch dimension is not first); "
-                    "leave it out of layers or use projection='gaussian'"
-                )
-
-    def close(self) -> None:
-        for t in self.taps:
-            t.handle.remove()
-        self.taps = []
-
-    def __enter__(self) -> FactoredFeatures:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+            self._require_batch_gradient(
+                have, want,
+                f"the factored projection does not see all of {layer.weight!r}'s gradient (the weight is "
+                "used outside its module's forward, or the layer's batch dimension is not first); "
+                "leave it out of layers or use projection='gaussian'")
