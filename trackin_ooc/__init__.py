@@ -4,6 +4,8 @@
     self_influence(store); influence(test, train, out="inf.zarr"); top_k(test, train, k=10)
 """
 
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
 from ._version import __version__
 from .datamodeling import lds, lds_from_predictions, subset_predictions
 from .errors import (
@@ -40,6 +42,11 @@ from .spec import ProjectionSpec
 from .store import GradientStore, from_arrays, open_store
 from .store.index_store import TopKIndex
 from .views import InfluenceView, plan_table_html, report, show, token_gradient_mass
+
+if _TYPE_CHECKING:  # type checkers see the lazy names as what they are
+    from .capturing import capture
+    from .capturing.job.like import capture_like
+    from .capturing.job.plan import plan_capture
 
 # Names that import torch: loaded on first use, so a Dask worker or CLI call that only scores never loads it.
 _LAZY = {

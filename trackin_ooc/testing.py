@@ -22,6 +22,7 @@ from typing import Any
 import dask
 import numpy as np
 import xarray as xr
+import zarr
 from dask.callbacks import Callback
 
 __all__ = [
@@ -342,6 +343,7 @@ def assert_stores_identical(actual, expected, *, ignore_attrs: Sequence[str] = R
     assert names_a == names_b, f"arrays differ: {names_a} vs {names_b}"
     for name in names_a:
         x, y = a._group[name], b._group[name]
+        assert isinstance(x, zarr.Array) and isinstance(y, zarr.Array), name
         assert x.dtype == y.dtype and x.shape == y.shape and x.chunks == y.chunks, (
             f"{name}: {x.dtype} {x.shape} chunks {x.chunks} vs {y.dtype} {y.shape} chunks {y.chunks}"
         )
