@@ -6,7 +6,7 @@ import datetime as _dt
 import os
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -19,6 +19,11 @@ from .backends import StorageOptions
 from .group import ZarrGroup, create_group, short
 from .integrity import checked_read
 from .rows import RowBlock
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+    from .index_store import TopKIndex
 
 
 class GradientStore(ZarrGroup):
@@ -111,7 +116,8 @@ class GradientStore(ZarrGroup):
         group = create_group(path, storage_options)
         codecs = layout.checksum_codecs()
 
-        def make(name, shape, chunks, dt, fill=0, dims=None):
+        def make(name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dt: Any, fill: Any = 0,
+                 dims: Sequence[str] | None = None) -> zarr.Array[Any]:
             return group.create_array(
                 name, shape=shape, chunks=chunks, dtype=dt, compressors=codecs,
                 dimension_names=list(dims or layout.DIMS[name]), fill_value=fill,
@@ -126,7 +132,7 @@ class GradientStore(ZarrGroup):
             arr.attrs.update({"module": f.module, "layer_kind": f.kind, "d_in": f.d_in, "d_out": f.d_out})
             if dtype == "bfloat16":
                 arr.attrs["trackin_ooc_dtype"] = "bfloat16"
-            if f.tokens:
+            if f.tokens_name is not None:
                 ids = make(f.tokens_name, (n_examples, f.positions), (rows, f.positions), "int64",
                            fill=layout.NO_TOKEN, dims=f.token_dims)
                 ids.attrs.update({"module": f.module, "layer_kind": f.kind})
@@ -267,7 +273,7 @@ class GradientStore(ZarrGroup):
         return layout.GRAD_SQ_NORM in self._array_names()
 
     @property
-    def index(self):
+    def index(self) -> TopKIndex | None:
         """The top-k index saved in this store's folder (``trackin_ooc.build_index``), or None."""
         from .index_store import find_index
 
@@ -295,7 +301,7 @@ class GradientStore(ZarrGroup):
 
     def blocks_done(self) -> np.ndarray:
         """Boolean per row block: fully written (all checkpoints, losses and labels)."""
-        return self._array(layout.BLOCK_COMPLETE)[:].astype(bool)
+        return np.asarray(self._array(layout.BLOCK_COMPLETE)[:]).astype(bool)
 
     def require_complete(self) -> GradientStore:
         """Raise :class:`IncompleteStoreError` unless every block was written and the store sealed."""
@@ -347,7 +353,7 @@ class GradientStore(ZarrGroup):
             sel = (slice(None), slice(start, stop), slice(None), slice(None))
             values = layout.decode(checked_read(self._array(f.name), f.name, sel, self.path), self.dtype)
             ids = None
-            if f.tokens:
+            if f.tokens_name is not None:
                 ids = np.asarray(checked_read(self._array(f.tokens_name), f.tokens_name,
                                               (slice(start, stop), slice(None)), self.path), dtype=np.int64)
             out.append((f, values, ids))
@@ -363,11 +369,11 @@ class GradientStore(ZarrGroup):
     def labels(self) -> np.ndarray | None:
         return np.asarray(self._array(layout.LABEL)[:]) if self.has_labels else None
 
-    def to_xarray(self):
+    def to_xarray(self) -> xr.Dataset:
         """An ``xarray.Dataset`` of the whole store, lazily backed by dask (nothing is read)."""
         import xarray as xr
 
-        ds = xr.open_zarr(
+        ds: xr.Dataset = xr.open_zarr(
             backends.zarr_store(self.path, storage_options=self.storage_options, read_only=True),
             consolidated=False,
             chunks={},
@@ -436,10 +442,10 @@ class GradientStore(ZarrGroup):
 
     def _factor_parts(self, factors: dict[str, np.ndarray], rows: int) -> list[tuple[str, np.ndarray]]:
         """The factor arrays of one row block, checked against the layout: every one, each its shape."""
-        want = {}
+        want: dict[str, tuple[int, ...]] = {}
         for f in self.factor_arrays:
             want[f.name] = (self.n_checkpoints, rows, f.positions, f.width)
-            if f.tokens:
+            if f.tokens_name is not None:
                 want[f.tokens_name] = (rows, f.positions)
         if set(factors) != set(want):
             raise StoreError(f"row block has factor arrays {sorted(factors)}; the store's layout needs {sorted(want)}")

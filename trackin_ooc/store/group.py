@@ -45,6 +45,12 @@ def consolidate(group: zarr.Group) -> None:
         zarr.consolidate_metadata(group.store)
 
 
+def group_meta(group: zarr.Group) -> dict[str, Any] | None:
+    """A group's ``trackin_ooc`` attributes (None when it has none)."""
+    meta = dict(group.attrs).get(layout.ATTRS_KEY)
+    return dict(meta) if isinstance(meta, dict) else None
+
+
 def short(e: BaseException) -> str:
     """The first line of an exception's message (its type when it has none)."""
     return str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -103,8 +109,7 @@ class ZarrGroup(ABC):
     # ---- attributes -------------------------------------------------------------------------------
     def _read_meta(self) -> dict[str, Any] | None:
         """The group's ``trackin_ooc`` attributes as stored now (None when there are none)."""
-        meta = dict(self._group.attrs).get(layout.ATTRS_KEY)
-        return meta if isinstance(meta, dict) else None
+        return group_meta(self._group)
 
     @property
     def attrs(self) -> dict[str, Any]:

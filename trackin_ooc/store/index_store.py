@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.metadata import ArrayV3Metadata
 
 from .._version import __version__
 from ..errors import CorruptChunkError, IncompleteStoreError, StaleIndexError, StoreError
@@ -67,11 +68,11 @@ def default_index_path(store: GradientStore, normalize: bool = False) -> str:
     return f"{store.path}/{name}" if backends.is_remote(store.path) else os.path.join(store.path, name)
 
 
-def _open_group(path, storage_options: StorageOptions, read_only: bool) -> zarr.Group:
+def _open_group(path: str | os.PathLike[str], storage_options: StorageOptions, read_only: bool) -> zarr.Group:
     return open_group(path, storage_options, read_only=read_only)
 
 
-def index_meta(path, storage_options: StorageOptions = None) -> dict | None:
+def index_meta(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> dict[str, Any] | None:
     """The ``trackin_ooc`` attributes of an index at ``path``; None when there is no index there."""
     try:
         meta = dict(_open_group(path, storage_options, True).attrs).get(layout.ATTRS_KEY)
@@ -107,7 +108,7 @@ class TopKIndex(ZarrGroup):
     @classmethod
     def create(
         cls,
-        path,
+        path: str | os.PathLike[str],
         *,
         train: GradientStore,
         normalize: bool,
@@ -156,7 +157,8 @@ class TopKIndex(ZarrGroup):
         }
         codecs = layout.checksum_codecs()
 
-        def make(g, name, shape, chunks, dtype, dims, fill=0):
+        def make(g: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any,
+                 dims: tuple[str, ...], fill: Any = 0) -> zarr.Array[Any]:
             # Chunk files side by side ("c.0.12.0"), not one folder per chunk row: removing thousands of
             # folders costs seconds on some file systems, and the staging copy is removed at the end.
             return g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=codecs,
@@ -188,7 +190,7 @@ class TopKIndex(ZarrGroup):
         return cls(path, storage_options=storage_options, _group=group)
 
     @classmethod
-    def resumable(cls, path, train: GradientStore, params: dict[str, Any],
+    def resumable(cls, path: str | os.PathLike[str], train: GradientStore, params: dict[str, Any],
                   storage_options: StorageOptions = None) -> TopKIndex | None:
         """The unfinished index at ``path`` if a killed build of this very job left it, else None."""
         meta = index_meta(path, storage_options)
@@ -328,7 +330,7 @@ class TopKIndex(ZarrGroup):
             return False
         return True
 
-    def _read(self, name: str, sel=slice(None)) -> np.ndarray:
+    def _read(self, name: str, sel: Any = slice(None)) -> np.ndarray:
         return np.asarray(checked_read(self._array(name), name, sel, f"index {self.path}"))
 
     @functools.cached_property
@@ -371,8 +373,11 @@ class TopKIndex(ZarrGroup):
             return False
         meta = self._array(name).metadata
         codecs = [c.to_dict() for c in getattr(meta, "codecs", ())]
-        key_encoding = meta.chunk_key_encoding.to_dict()
-        return codecs == self._PLAIN_CODECS and key_encoding.get("configuration", {}).get("separator") == "."
+        if not isinstance(meta, ArrayV3Metadata):  # indexes are Zarr v3
+            return False
+        configuration = meta.chunk_key_encoding.to_dict().get("configuration")
+        separator = configuration.get("separator") if isinstance(configuration, dict) else None
+        return codecs == self._PLAIN_CODECS and separator == "."
 
     def _gather_local(self, name: str, rows: np.ndarray) -> np.ndarray:
         """Rows at sorted positions ``rows`` (the row axis: 0 of 1-d arrays, 1 of 3-d ones), chunk file by file."""
@@ -446,7 +451,7 @@ class TopKIndex(ZarrGroup):
 
     # ---- writing (the build) --------------------------------------------------------------------
     def write_source_block(self, block: int, start: int, *, assignment: np.ndarray, counts: np.ndarray,
-                           radius: np.ndarray, calibration: tuple, sorted_grads: np.ndarray,
+                           radius: np.ndarray, calibration: tuple[np.ndarray, ...], sorted_grads: np.ndarray,
                            sorted_rows: np.ndarray) -> None:
         """Pass 1 for one source block: its lists, counts and radii, calibration partials, and its rows sorted
         by list into the staging arrays (this block's own chunks only); then flag the block."""
@@ -513,7 +518,7 @@ def _staging_chunk_rows(block_rows: int, chunk_rows: int) -> int:
     return block_rows
 
 
-def open_index(path, *, storage_options: StorageOptions = None) -> TopKIndex:
+def open_index(path: str | os.PathLike[str], *, storage_options: StorageOptions = None) -> TopKIndex:
     """Open the index at ``path`` (a folder a build wrote)."""
     if not backends.is_remote(path) and not os.path.exists(backends.normalize_path(path)):
         raise StoreError(f"no index at {backends.normalize_path(path)}: the path does not exist; build one with "

@@ -6,7 +6,7 @@ import datetime as _dt
 import functools
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -15,7 +15,10 @@ from .._version import __version__
 from ..errors import IncompleteStoreError, StoreError
 from . import backends, guard, layout
 from .backends import StorageOptions
-from .group import ZarrGroup, create_group, open_group
+from .group import ZarrGroup, create_group, group_meta, open_group
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 INFLUENCE = "influence"
 TEST, TRAIN = "test", "train"
@@ -37,7 +40,7 @@ class InfluenceStore(ZarrGroup):
     @classmethod
     def create(
         cls,
-        path,
+        path: str | os.PathLike[str],
         *,
         test_ids: np.ndarray,
         train_ids: np.ndarray,
@@ -46,7 +49,7 @@ class InfluenceStore(ZarrGroup):
         attrs: dict[str, Any],
         overwrite: bool = False,
         storage_options: StorageOptions = None,
-        inputs: Sequence = (),
+        inputs: Sequence[Any] = (),
         checked: guard.Existing | None = None,
     ) -> InfluenceStore:
         """Lay out an empty, unfinished output at ``path`` (the output rule checked against ``inputs``,
@@ -66,13 +69,14 @@ class InfluenceStore(ZarrGroup):
         return cls(path, storage_options=storage_options, group=group)
 
     @classmethod
-    def resumable(cls, path, attrs: dict[str, Any], storage_options: StorageOptions = None):
+    def resumable(cls, path: str | os.PathLike[str], attrs: dict[str, Any],
+                  storage_options: StorageOptions = None) -> InfluenceStore | None:
         """The unfinished output at ``path`` if it was started for the same job (same ``attrs``), else None."""
         if not backends.exists(path, storage_options):
             return None
         try:
             group = open_group(path, storage_options, read_only=False)
-            meta = dict(group.attrs).get(layout.ATTRS_KEY, {})
+            meta = group_meta(group) or {}
         except Exception:
             return None
         if meta.get("kind") != "influence" or meta.get("complete"):
@@ -83,7 +87,8 @@ class InfluenceStore(ZarrGroup):
 
     @property
     def chunks(self) -> tuple[int, int]:
-        return tuple(self._array(INFLUENCE).chunks)
+        rows, cols = self._array(INFLUENCE).chunks
+        return int(rows), int(cols)
 
     def write_block(self, task: tuple[int, int], row0: int, col0: int, block: np.ndarray) -> None:
         rows, cols = block.shape
@@ -91,7 +96,7 @@ class InfluenceStore(ZarrGroup):
         self._array(TASK_COMPLETE)[task] = 1
 
     def tasks_done(self) -> np.ndarray:
-        return self._array(TASK_COMPLETE)[:].astype(bool)
+        return np.asarray(self._array(TASK_COMPLETE)[:]).astype(bool)
 
     def mark_complete(self) -> None:
         done = self.tasks_done()
@@ -102,7 +107,9 @@ class InfluenceStore(ZarrGroup):
         self._seal()
 
 
-def _lay_out(path, storage_options: StorageOptions, *, test_ids, train_ids, chunks, n_tasks, attrs) -> zarr.Group:
+def _lay_out(path: str | os.PathLike[str], storage_options: StorageOptions, *, test_ids: np.ndarray,
+             train_ids: np.ndarray, chunks: tuple[int, int], n_tasks: tuple[int, int],
+             attrs: dict[str, Any]) -> zarr.Group:
     """The empty output's arrays and attributes (``complete`` false until every task is flagged)."""
     group = create_group(path, storage_options)
     codecs = layout.checksum_codecs()
@@ -126,19 +133,19 @@ def _lay_out(path, storage_options: StorageOptions, *, test_ids, train_ids, chun
     return group
 
 
-def open_influence(path, *, storage_options: StorageOptions = None):
+def open_influence(path: str | os.PathLike[str], *, storage_options: StorageOptions = None) -> xr.DataArray:
     """The (test, train) influence matrix at ``path`` as a lazy, dask-backed ``xarray.DataArray``."""
     import xarray as xr
 
     zstore = backends.zarr_store(path, storage_options=storage_options, read_only=True)
     try:
         group = zarr.open_group(store=zstore, mode="r", use_consolidated=False)
-        meta = dict(group.attrs).get(layout.ATTRS_KEY, {})
+        meta = group_meta(group) or {}
     except Exception as e:
         raise StoreError(f"no influence output at {backends.normalize_path(path)}: {e}") from None
     if meta.get("kind") != "influence":
         raise StoreError(f"{backends.normalize_path(path)} is not an influence output of trackin-ooc")
     ds = xr.open_zarr(zstore, consolidated=False, chunks={})
-    da = ds[INFLUENCE]
+    da: xr.DataArray = ds[INFLUENCE]
     da.attrs = {k: v for k, v in meta.items() if k != "kind"}
     return da

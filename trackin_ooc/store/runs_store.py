@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -30,6 +30,9 @@ from . import backends, guard, layout
 from .backends import StorageOptions
 from .group import ZarrGroup, create_group, short
 from .integrity import checked_read
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 KIND = "retraining"
 FORMAT_VERSION = 1
@@ -65,8 +68,8 @@ class RunsStore(ZarrGroup):
 
     # ---- making one ------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path, *, job: dict[str, Any], subsets: np.ndarray, seeds: np.ndarray, train_fn: str,
-               overwrite: bool = False, storage_options: StorageOptions = None) -> RunsStore:
+    def create(cls, path: str | os.PathLike[str], *, job: dict[str, Any], subsets: np.ndarray, seeds: np.ndarray,
+               train_fn: str, overwrite: bool = False, storage_options: StorageOptions = None) -> RunsStore:
         """Lay out an empty, unfinished output at ``path`` (the output rule applies; with ``overwrite`` an
         earlier retraining output is replaced, locally by exchanging it with the new layout in one rename)."""
         existing = guard.check_output_location(path, (), kind=KIND, overwrite=overwrite,
@@ -106,21 +109,21 @@ class RunsStore(ZarrGroup):
 
     def done(self) -> np.ndarray:
         """bool (subset,): which retrainings are written."""
-        return np.asarray(self._group[SUBSET_COMPLETE][:]).astype(bool)
+        return np.asarray(self._array(SUBSET_COMPLETE)[:]).astype(bool)
 
     def seeds(self) -> np.ndarray:
-        return np.asarray(self._group[SEED][:], dtype=np.int64)
+        return np.asarray(self._array(SEED)[:], dtype=np.int64)
 
     def subsets(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """bool (subset, train columns [start, stop))."""
-        arr = self._group[SUBSET]
+        arr = self._array(SUBSET)
         return np.asarray(checked_read(arr, SUBSET, (slice(None), slice(start, stop)), self.path), dtype=bool)
 
     def outputs(self) -> np.ndarray:
         """float64 (subset, test); NaN rows for retrainings not yet done (empty before the first is)."""
         if OUTPUT not in self._array_names():
             return np.full((self.n_subsets, 0), np.nan)
-        return np.asarray(checked_read(self._group[OUTPUT], OUTPUT, (slice(None), slice(None)), self.path),
+        return np.asarray(checked_read(self._array(OUTPUT), OUTPUT, (slice(None), slice(None)), self.path),
                           dtype=np.float64)
 
     def require_complete(self) -> RunsStore:
@@ -132,7 +135,7 @@ class RunsStore(ZarrGroup):
             )
         return self
 
-    def to_xarray(self):
+    def to_xarray(self) -> xr.Dataset:
         """The runs as an ``xarray.Dataset``: ``subset`` (subset, train), ``output`` (subset, test), ``seed``."""
         import xarray as xr
 
@@ -162,8 +165,8 @@ class RunsStore(ZarrGroup):
                 f"retraining {index} returned {len(losses)} test losses and earlier ones in {self.path} returned "
                 f"{n_test}; train_fn must return one loss per test example, the same test set every time"
             )
-        self._group[OUTPUT][index, :] = losses
-        self._group[SUBSET_COMPLETE][index] = 1
+        self._array(OUTPUT)[index, :] = losses
+        self._array(SUBSET_COMPLETE)[index] = 1
 
     def mark_complete(self) -> RunsStore:
         done = self.done()
@@ -175,7 +178,8 @@ class RunsStore(ZarrGroup):
         return self
 
 
-def _lay_out(path, storage_options: StorageOptions, *, job, subsets: np.ndarray, seeds: np.ndarray,
+def _lay_out(path: str | os.PathLike[str], storage_options: StorageOptions, *, job: dict[str, Any],
+             subsets: np.ndarray, seeds: np.ndarray,
              train_fn: str) -> zarr.Group:
     group = create_group(path, storage_options)
     codecs = layout.checksum_codecs()
@@ -200,7 +204,8 @@ def _lay_out(path, storage_options: StorageOptions, *, job, subsets: np.ndarray,
     return group
 
 
-def open_runs_store(path, *, storage_options: StorageOptions = None, read_only: bool = True) -> RunsStore:
+def open_runs_store(path: str | os.PathLike[str], *, storage_options: StorageOptions = None,
+                    read_only: bool = True) -> RunsStore:
     """The retraining output at ``path`` (a one-line StoreError when there is none)."""
     if not backends.is_remote(path) and not os.path.exists(backends.normalize_path(path)):
         raise StoreError(f"no retraining output at {backends.normalize_path(path)}: the path does not exist")
