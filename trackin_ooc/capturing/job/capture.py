@@ -6,19 +6,21 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ...errors import CaptureError
 from ...progress import progress_bar
+from ...spec import ProjectionSpec
 from ...store import GradientStore, backends
 from ...store.backends import StorageOptions
 from ...store.gradient_store import existing_store
 from ...store.guard import Existing, check_output_location
 from ...store.layout import STORAGE_DTYPES, default_chunk_rows
 from ...store.lock import StoreLock
-from ..checkpoints import load_checkpoints
+from ..checkpoints import Checkpoint, load_checkpoints
 from ..per_example.layers import select_parameters
 from ..per_example.losses import LossFn
 from ..projection.dense import make_spec
@@ -44,7 +46,7 @@ log = logging.getLogger("trackin_ooc")
 CAPTURE_PROJECTIONS = ("gaussian", "rademacher", "factored", "factors")
 
 
-def _loss_name(loss_fn) -> str:
+def _loss_name(loss_fn: LossFn | None) -> str:
     if loss_fn is None:
         return "cross_entropy"
     return getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
@@ -52,9 +54,9 @@ def _loss_name(loss_fn) -> str:
 
 def capture(
     model: nn.Module,
-    checkpoints: Sequence[str | os.PathLike | Mapping[str, torch.Tensor]],
-    data,
-    path: str | os.PathLike | None,
+    checkpoints: Sequence[str | os.PathLike[str] | Mapping[str, torch.Tensor]],
+    data: Any,
+    path: str | os.PathLike[str] | None,
     *,
     learning_rates: Sequence[float] | None = None,
     loss_fn: LossFn | None = None,
@@ -70,7 +72,7 @@ def capture(
     storage_options: StorageOptions = None,
     progress: bool | None = None,
     nonfinite: str = "raise",
-    client=None,
+    client: Any = None,
     target_key: str = "labels",
     preconditioner: str | None = "auto",
 ) -> GradientStore:
@@ -182,7 +184,7 @@ def capture(
         NaN/inf gradients with ``nonfinite="raise"``.
     """
     in_memory = path is None
-    if in_memory:
+    if path is None:
         path = backends.new_memory_location("capture")
     if dtype not in STORAGE_DTYPES:
         raise CaptureError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
@@ -249,7 +251,11 @@ def capture(
         elif blocks:
             rows = sum(stop - start for start, stop in blocks)
             with progress_bar(total=rows, desc="capture", unit="ex", enabled=progress) as bar:
-                job.run(store.path, blocks, storage_options=storage_options, on_rows=bar.update, loaded=ckpts)
+
+                def advance(done: int) -> None:
+                    bar.update(done)
+
+                job.run(store.path, blocks, storage_options=storage_options, on_rows=advance, loaded=ckpts)
         store = GradientStore(store.path, storage_options=storage_options)
         store.mark_complete()
     finally:
@@ -263,7 +269,7 @@ def capture(
     return store
 
 
-def _like_attrs(job: CaptureJob) -> dict:
+def _like_attrs(job: CaptureJob) -> dict[str, Any]:
     """What ``capture_like`` needs beyond the spec: where the checkpoints were read (absolute paths; None for
     a state dict given in memory) and the target key of Mapping batches."""
     paths = [None if isinstance(c, Mapping) else (os.fspath(c) if "://" in os.fspath(c) else os.path.abspath(c))
@@ -271,8 +277,10 @@ def _like_attrs(job: CaptureJob) -> dict:
     return {"checkpoint_paths": paths, "target_key": job.target_key}
 
 
-def _open_or_create(path, wanted: StoreSettings, spec, ckpts, *, overwrite: bool, checked: Existing,
-                    storage_options, extra_attrs=None):
+def _open_or_create(path: str | os.PathLike[str], wanted: StoreSettings, spec: ProjectionSpec,
+                    ckpts: Sequence[Checkpoint], *, overwrite: bool, checked: Existing,
+                    storage_options: StorageOptions, extra_attrs: dict[str, Any] | None = None,
+                    ) -> tuple[GradientStore, list[tuple[int, int]]]:
     """(store, row blocks to write): a resumed store's missing blocks, or every block of a new one (laid out
     where ``checked``, what the output rule found, allows: with overwrite the earlier store is removed)."""
     if not overwrite:

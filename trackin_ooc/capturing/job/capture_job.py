@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -76,7 +77,8 @@ class CaptureJob:
 
     def loader(self, blocks: Sequence[Block]) -> DataLoader:
         """Batches of ``blocks`` (in order), through the user's collate function and loader workers."""
-        kwargs = dict(collate_fn=self.collate_fn, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        kwargs: dict[str, Any] = dict(collate_fn=self.collate_fn, num_workers=self.num_workers,
+                                      pin_memory=self.pin_memory)
         if self.collate_fn is None:
             kwargs.pop("collate_fn")
         return DataLoader(self.dataset, batch_sampler=BlockBatches(blocks, self.batch_size), **kwargs)

@@ -34,7 +34,7 @@ class BlockWriter:
         self._positions = {}
         for f in store.factor_arrays:
             self._positions[f.name] = f.positions
-            if f.tokens:
+            if f.tokens_name is not None:
                 self._positions[f.tokens_name] = f.positions
 
     def _new_buffer(self) -> RowBlock:
@@ -45,7 +45,7 @@ class BlockWriter:
         factors = {}
         for f in s.factor_arrays:
             factors[f.name] = np.zeros((s.n_checkpoints, rows, f.positions, f.width), dtype=np.float32)
-            if f.tokens:
+            if f.tokens_name is not None:
                 factors[f.tokens_name] = np.full((rows, f.positions), NO_TOKEN, dtype=np.int64)
         return RowBlock(
             grads=np.empty((s.n_checkpoints, rows, s.feature_dim), dtype=np.float32),
@@ -60,6 +60,7 @@ class BlockWriter:
         """Factor arrays with positions padded (zeros, token NO_TOKEN) to the store's layout."""
         if not self._positions:
             return None
+        assert parts is not None, "a factors store's featurizer returns its factor arrays"
         out = {}
         for name, want in self._positions.items():
             x = parts[name]
