@@ -32,6 +32,41 @@ def from_arrays(
 
     The array is read one row block at a time, so a dask or zarr array larger than memory works.
     Stores made here combine with each other when their feature widths agree.
+
+    Parameters
+    ----------
+    path : str or path
+        Where the store goes (local or fsspec URL).
+    grads : array-like
+        Features of shape (checkpoint, example, feature): NumPy, dask or zarr.
+    learning_rates : sequence of float
+        η_c, one per checkpoint.
+    example_ids : sequence of int, optional
+        The examples' ids (default 0..n-1).
+    labels : sequence, optional
+        One label per example, shown beside scores.
+    losses : array-like, optional
+        Per-checkpoint losses (checkpoint, example).
+    dtype : {"float32", "float16", "bfloat16"}, optional
+        Storage dtype; default float16 for float16 input, else float32.
+    chunk_rows : int, optional
+        Rows per chunk; default from the feature width.
+    overwrite : bool
+        Replace an earlier gradient store at ``path``.
+    storage_options : dict, optional
+        fsspec options for a remote ``path``.
+
+    Returns
+    -------
+    GradientStore
+        The complete store.
+
+    Raises
+    ------
+    StoreError
+        ``grads`` is not 3-D, or the learning rates, labels or ids do not match its shape.
+    StoreExistsError
+        A store is at ``path`` and ``overwrite`` is False.
     """
     shape = tuple(getattr(grads, "shape", ()))
     if len(shape) != 3:

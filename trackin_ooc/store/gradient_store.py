@@ -31,6 +31,18 @@ class GradientStore(ZarrGroup):
 
     Open one with :func:`open_store`; make one with :func:`trackin_ooc.capture` or :func:`from_arrays`.
     Reading never loads more than the rows asked for.
+
+    Parameters
+    ----------
+    path : str or path
+        The store's location (local or fsspec URL).
+    storage_options : dict, optional
+        fsspec options for a remote store.
+
+    Raises
+    ------
+    StoreError
+        Nothing is at ``path``, or it is not a gradient store this version reads.
     """
 
     _open_errors = (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError)
@@ -530,7 +542,24 @@ StoreLike = GradientStore | str | os.PathLike[str]
 def open_store(
     path: str | os.PathLike[str] | GradientStore, *, storage_options: StorageOptions = None
 ) -> GradientStore:
-    """Open an existing gradient store (a local path or fsspec URL)."""
+    """Open an existing gradient store (a local path or fsspec URL).
+
+    Parameters
+    ----------
+    path : str, path or GradientStore
+        The store (an open store is returned as it is).
+    storage_options : dict, optional
+        fsspec options for a remote store.
+
+    Returns
+    -------
+    GradientStore
+
+    Raises
+    ------
+    StoreError
+        Nothing is at ``path``, or it is not a gradient store this version reads.
+    """
     if isinstance(path, GradientStore):
         return path
     if not backends.is_remote(path) and not os.path.exists(backends.normalize_path(path)):
