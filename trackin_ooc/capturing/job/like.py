@@ -192,6 +192,10 @@ def capture_like(
     if "preconditioner" in inspect.signature(capture).parameters:
         # Always given: capture's own default ("auto") could pick another form than the train store's.
         kwargs["preconditioner"] = None if options["preconditioner"] == "none" else options["preconditioner"]
+        if options["preconditioner"] == "kfac" and "curvature" not in overrides:
+            from .preconditioning import CURVATURE_ATTR
+
+            kwargs["curvature"] = train.attrs.get(CURVATURE_ATTR)  # the file the train store was captured with
     elif options["preconditioner"] != "none":
         raise CaptureError(f"{train.path} was captured with the {options['preconditioner']!r} preconditioner, "
                            "which this trackin-ooc cannot apply; use the version that made it")
