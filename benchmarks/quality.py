@@ -6,23 +6,33 @@ detection, for every score trackin-ooc offers and for the peers on the same chec
     .venv/bin/python benchmarks/quality.py --datasets digits --archs mlp --optimizers adamw --peers captum
 
 Work: MNIST-1D (``mnist1d``, generated locally) and scikit-learn digits; an MLP and a small CNN; trained
-with AdamW and with plain SGD (24 epochs, 6 checkpoints, 10 % of the training labels flipped); ``--subsets``
-retrainings on random halves of the training set (``to.retrain``, cached under ``--work``: a rerun with
-the same settings reuses them). For each run, on the same checkpoints and subsets:
+with AdamW (torch's defaults: β 0.9/0.999, ε 1e-8, weight decay 0.01; lr 2e-3) and with plain SGD, 24
+epochs, batches of 32, 6 checkpoints with their learning rates and optimizer state. Each run is trained
+twice:
 
-- ours: the SGD form, Adam-aware and Adafactor-aware (``capture(preconditioner=...)``; AdamW runs only),
-  each scored raw and ``normalize=True``; exact, gaussian-2048, factored-2048 and factored-8192; and the
-  exact last checkpoint alone. LDS from ``to.lds``; mislabel detection from ``to.self_influence``.
+- on clean labels, for the LDS (the datamodeling setup): ``--subsets`` retrainings of the same recipe on
+  random halves of the training set (``to.retrain``, cached under ``--work``: a rerun with the same
+  settings reuses them);
+- with 10 % of the training labels flipped, for mislabel detection: ROC AUC (scikit-learn) of each
+  self-influence against "label was flipped", recall at 10 % (share of the flipped labels among the top
+  10 % of training examples by score), and the share of flipped examples among the top-10 proponents of
+  each test example (raw and cosine); baseline: the loss at the last checkpoint.
+
+On the same checkpoints (and subsets):
+
+- ours: the SGD form, Adam-aware and Adafactor-aware (``capture(preconditioner=...)``; AdamW runs only) and
+  K-FAC (``preconditioner="kfac"``, its curvature fitted on the run's train data by ``to.fit_curvature``),
+  each scored raw and ``normalize=True``; exact, gaussian-2048, factored-2048 and factored-8192 (K-FAC: not
+  factored); and the exact last checkpoint alone. LDS from ``to.lds``; mislabel detection from
+  ``to.self_influence``.
 - peers, installed from the registry and run on the CPU (``pip install 'trackin-ooc[bench]'``): Captum
   ``TracInCP`` (exact, the SGD form: a cross-check of ours), TRAK (``traker``, BasicProjector at 2048 dims,
   the checkpoints as its ensemble), dattri's ``TracInAttributor`` (exact), Kronfluence's EK-FAC (the last
   checkpoint; Linear/Conv2d modules only, as Kronfluence supports).
-- baseline for mislabel detection: the loss at the last checkpoint.
 
-Mislabel detection: ROC AUC (scikit-learn) of the score against "label was flipped", and recall at 10 %
-(share of the flipped labels among the top 10 % of training examples by score). The targets, each checked
-on every run and reported with its worst case: on every AdamW run the Adam-aware LDS ≥ 1.25× the SGD
-form's; ours ≥ every peer's LDS on the same work; 2048-dim projections keep ≥ 90 % of the exact LDS.
+The targets, each checked on every run and reported with its worst case: on every AdamW run the Adam-aware
+LDS ≥ 1.25× the SGD form's; ours ≥ every peer's LDS on the same work (with the "auto" preconditioner, and
+with K-FAC); 2048-dim projections keep ≥ 90 % of the exact LDS.
 """
 
 from __future__ import annotations

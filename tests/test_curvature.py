@@ -262,3 +262,59 @@ def test_curvature_file_round_trip(data, tmp_path):
     assert loaded.checkpoint_hashes == fitted.checkpoint_hashes and len(loaded.layers) == len(paths)
     refit = to.fit_curvature(model, paths, data[0], tmp_path / "c.pt", damping=0.3, overwrite=True)
     assert refit.sha256 != fitted.sha256 and to.load_curvature(tmp_path / "c.pt").sha256 == refit.sha256
+
+
+# ---- the command line ----------------------------------------------------------------------------------
+USER_CODE = '''
+import torch
+from torch import nn
+from trackin_ooc.demo import load_digits_split
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.ReLU(), nn.Linear(12, 10))
+
+
+def _split():
+    split = load_digits_split(n_train=224, seed=3)
+    return split.train.tensors, split.test.tensors
+
+
+def train():
+    (x, y), _ = _split()
+    return torch.utils.data.TensorDataset(x[:24], y[:24])
+
+
+def test():
+    _, (x, y) = _split()
+    return torch.utils.data.TensorDataset(x[:6], y[:6])
+'''
+
+
+def test_cli_fit_curvature_then_capture_kfac(data, tmp_path):
+    from .test_cli import ok, run_cli
+
+    (tmp_path / "user.py").write_text(USER_CODE)
+    model, paths = trained("mlp", tmp_path, data)
+    user = tmp_path / "user.py"
+    cks = [a for p in paths for a in ("--checkpoint", p)]
+    ok(run_cli("fit-curvature", "--model", f"{user}:model", "--data", f"{user}:train", *cks, "--out", "c.pt",
+               cwd=tmp_path))
+    ok(run_cli("capture", "--model", f"{user}:model", "--data", f"{user}:train", *cks, "--preconditioner", "kfac",
+               "--curvature", "c.pt", "--out", "train.zarr", cwd=tmp_path))
+    ok(run_cli("capture", "--like", "train.zarr", "--model", f"{user}:model", "--data", f"{user}:test",
+               "--out", "test.zarr", cwd=tmp_path))
+    curvature = to.fit_curvature(model, paths, data[0])
+    assert curvature.sha256 == to.load_curvature(tmp_path / "c.pt").sha256
+    te, tr = capture(model, paths, data[1], curvature), capture(model, paths, data[0], curvature)
+    want = to.influence(te, tr, progress=False).values
+    got = to.influence(to.open_store(tmp_path / "test.zarr"), to.open_store(tmp_path / "train.zarr"),
+                       progress=False).values
+    assert_relative(got, want, rtol=1e-5)
+    refused = run_cli("capture", "--model", f"{user}:model", "--data", f"{user}:train", *cks, "--preconditioner",
+                      "kfac", "--out", "other.zarr", cwd=tmp_path)
+    assert refused.returncode == 1 and "fit-curvature" in refused.stderr and "Traceback" not in refused.stderr
+    again = run_cli("fit-curvature", "--model", f"{user}:model", "--data", f"{user}:train", *cks, "--out", "c.pt",
+                    cwd=tmp_path)
+    assert again.returncode == 1 and "--overwrite" in again.stderr
