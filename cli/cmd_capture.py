@@ -67,13 +67,13 @@ def _layers(value: str | None) -> list[str] | None:
 @click.option("--preconditioner", type=click.Choice(PRECONDITIONERS), default="auto", show_default=True,
               help="adam: store features of P^1/2 g, P = 1/(sqrt(v_hat)+eps) from each checkpoint's Adam moments "
                    "(factored layers: their rank-1 Adafactor form); adafactor: the rank-1 form for every weight "
-                   "matrix; none: plain gradients (the SGD form); auto: adam when every checkpoint carries Adam "
-                   "moments, else none; kfac: P = (F + damping)^-1 from the EK-FAC curvature of --curvature "
-                   "(trackin-ooc fit-curvature on the train data). Capture test stores like their train store "
-                   "(docs/preconditioning.md).")
+                   "matrix; none: plain gradients (the SGD form); auto: kfac with --curvature, else adam when every "
+                   "checkpoint carries Adam moments, else none; kfac: P = (F + damping)^-1 from the EK-FAC "
+                   "curvature of --curvature (trackin-ooc fit-curvature on the train data). Capture test stores "
+                   "like their train store (docs/preconditioning.md).")
 @click.option("--curvature", metavar="FILE",
-              help="With --preconditioner kfac: the curvature file trackin-ooc fit-curvature wrote (the same for "
-                   "the train and the test store).")
+              help="For --preconditioner kfac (auto picks it with this): the curvature file trackin-ooc "
+                   "fit-curvature wrote (the same for the train and the test store).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, metavar="B",
               help="Examples per batch of per-example gradients.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,

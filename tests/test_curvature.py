@@ -222,6 +222,9 @@ def test_kfac_refusals(data, tmp_path):
     with pytest.raises(CaptureError) as e:
         capture(model, paths, train, curvature, projection="factored", projection_dim=64)
     one_line(e, "projection='factored'")
+    auto = to.capture(model, paths, train, None, curvature=curvature, progress=False)  # "auto" with a curvature
+    explicit = capture(model, paths, train, curvature)
+    assert auto.spec.preconditioner == "kfac" and auto.spec.fingerprint == explicit.spec.fingerprint
     with pytest.raises(CaptureError) as e:
         to.capture(model, paths, train, None, preconditioner="adam", curvature=curvature, progress=False)
     one_line(e, "curvature= is for preconditioner='kfac'")

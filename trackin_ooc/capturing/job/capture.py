@@ -123,7 +123,7 @@ def capture(
     (docs/preconditioning.md). ``"kfac"``: P_c = (F_c + λ)^{-1} from the EK-FAC curvature
     :func:`trackin_ooc.fit_curvature` fitted at each checkpoint on the train data, given as ``curvature=``
     (what it returned, or its file) to the train and the test capture alike; Linear and Conv layers only,
-    exact or gaussian/rademacher projections; never picked by "auto".
+    exact or gaussian/rademacher projections; "auto" picks it when ``curvature`` is given, and only then.
     """
     in_memory = path is None
     if in_memory:
@@ -142,6 +142,9 @@ def capture(
     if not overwrite:  # refuse early; with overwrite the old store is removed only once inputs check out
         existing_store(path, storage_options)
     preconditioner = check_preconditioner(preconditioner)
+    if preconditioner == "auto" and curvature is not None:  # a fitted curvature given: what it is for
+        log.info("preconditioner='auto': kfac (a fitted curvature was given)")
+        preconditioner = "kfac"
     names = select_parameters(model, layers)
     ckpts = load_checkpoints(model, checkpoints, learning_rates,
                              moments_for=names if needs_moments(preconditioner) else None)

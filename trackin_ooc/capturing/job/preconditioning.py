@@ -1,7 +1,7 @@
 """Which preconditioner a capture uses, decided once from its checkpoints' moments (docs/preconditioning.md).
 
-``"kfac"`` is never picked by "auto" (it needs a curvature fitted on the train data first,
-trackin_ooc.capturing.curvature); asked for, it is checked against the checkpoints and recorded in the spec.
+``"kfac"`` needs a curvature fitted on the train data first (``.curvature``), so "auto" picks it only when
+``capture`` is given one; it is checked against the checkpoints and recorded in the spec.
 
 ``"auto"`` is "adam" when every checkpoint carries Adam moments that fit every selected parameter, else
 the SGD form; one line of the "trackin_ooc" log says which and why. ``"adam"`` and ``"adafactor"`` refuse
