@@ -6,23 +6,33 @@ detection, for every score trackin-ooc offers and for the peers on the same chec
     .venv/bin/python benchmarks/quality.py --datasets digits --archs mlp --optimizers adamw --peers captum
 
 Work: MNIST-1D (``mnist1d``, generated locally) and scikit-learn digits; an MLP and a small CNN; trained
-with AdamW and with plain SGD (24 epochs, 6 checkpoints, 10 % of the training labels flipped); ``--subsets``
-retrainings on random halves of the training set (``to.retrain``, cached under ``--work``: a rerun with
-the same settings reuses them). For each run, on the same checkpoints and subsets:
+with AdamW (torch's defaults: β 0.9/0.999, ε 1e-8, weight decay 0.01; lr 2e-3) and with plain SGD, 24
+epochs, batches of 32, 6 checkpoints with their learning rates and optimizer state. Each run is trained
+twice:
 
-- ours: the SGD form, Adam-aware and Adafactor-aware (``capture(preconditioner=...)``; AdamW runs only),
-  each scored raw and ``normalize=True``; exact, gaussian-2048, factored-2048 and factored-8192; and the
-  exact last checkpoint alone. LDS from ``to.lds``; mislabel detection from ``to.self_influence``.
+- on clean labels, for the LDS (the datamodeling setup): ``--subsets`` retrainings of the same recipe on
+  random halves of the training set (``to.retrain``, cached under ``--work``: a rerun with the same
+  settings reuses them);
+- with 10 % of the training labels flipped, for mislabel detection: ROC AUC (scikit-learn) of each
+  self-influence against "label was flipped", recall at 10 % (share of the flipped labels among the top
+  10 % of training examples by score), and the share of flipped examples among the top-10 proponents of
+  each test example (raw and cosine); baseline: the loss at the last checkpoint.
+
+On the same checkpoints (and subsets):
+
+- ours: the SGD form, Adam-aware and Adafactor-aware (``capture(preconditioner=...)``; AdamW runs only) and
+  K-FAC (``preconditioner="kfac"``, its curvature fitted on the run's train data by ``to.fit_curvature``),
+  each scored raw and ``normalize=True``; exact, gaussian-2048, factored-2048 and factored-8192 (K-FAC: not
+  factored); and the exact last checkpoint alone. LDS from ``to.lds``; mislabel detection from
+  ``to.self_influence``.
 - peers, installed from the registry and run on the CPU (``pip install 'trackin-ooc[bench]'``): Captum
   ``TracInCP`` (exact, the SGD form: a cross-check of ours), TRAK (``traker``, BasicProjector at 2048 dims,
   the checkpoints as its ensemble), dattri's ``TracInAttributor`` (exact), Kronfluence's EK-FAC (the last
   checkpoint; Linear/Conv2d modules only, as Kronfluence supports).
-- baseline for mislabel detection: the loss at the last checkpoint.
 
-Mislabel detection: ROC AUC (scikit-learn) of the score against "label was flipped", and recall at 10 %
-(share of the flipped labels among the top 10 % of training examples by score). The targets, each checked
-on every run and reported with its worst case: on every AdamW run the Adam-aware LDS ≥ 1.25× the SGD
-form's; ours ≥ every peer's LDS on the same work; 2048-dim projections keep ≥ 90 % of the exact LDS.
+The targets, each checked on every run and reported with its worst case: on every AdamW run the Adam-aware
+LDS ≥ 1.25× the SGD form's; ours ≥ every peer's LDS on the same work (with the "auto" preconditioner, and
+with K-FAC); 2048-dim projections keep ≥ 90 % of the exact LDS.
 """
 
 from __future__ import annotations
@@ -51,7 +61,8 @@ from trackin_ooc.demo.pipeline import recall_at
 from trackin_ooc.demo.recipes import Recipe, RetrainFn, train_run
 
 HERE = Path(__file__).parent
-FORMS = {"sgd": None, "adam": "adam", "adafactor": "adafactor"}
+FORMS = {"sgd": None, "adam": "adam", "adafactor": "adafactor", "kfac": "kfac"}
+MOMENT_FORMS = ("adam", "adafactor")  # read the optimizer's moments: AdamW runs only
 PROJECTIONS = {"exact": (None, "gaussian"), "gaussian-2048": (2048, "gaussian"),
                "factored-2048": (2048, "factored"), "factored-8192": (8192, "factored")}
 PEERS = ("captum", "trak", "dattri", "kronfluence")
@@ -79,16 +90,20 @@ class Config:
         return functools.partial(digits_mlp, (64, 64)) if self.arch == "mlp" else functools.partial(digits_cnn, 8)
 
     def recipe(self, epochs: int) -> Recipe:
-        lr = 2e-3 if self.optimizer == "adamw" else (0.2 if self.dataset == "mnist1d" else 0.1)
+        if self.optimizer == "adamw":  # torch's AdamW defaults (β 0.9/0.999, ε 1e-8, weight decay 0.01)
+            return Recipe(make_model=self.make_model(), optimizer="adamw", lr=2e-3, weight_decay=0.01,
+                          epochs=epochs, n_checkpoints=6)
+        lr = 0.2 if self.dataset == "mnist1d" else 0.1
         return Recipe(make_model=self.make_model(), optimizer=self.optimizer, lr=lr, epochs=epochs, n_checkpoints=6)
 
-    def split(self):
+    def split(self, flip: float):
+        """The run's data: clean labels (``flip=0``, the LDS runs) or ``flip`` of them flipped (mislabel runs)."""
         if self.dataset == "mnist1d":
             from trackin_ooc.demo.mnist1d import load_mnist1d_split
 
-            return load_mnist1d_split(n_train=self.n_train, n_test=self.n_test, flip_fraction=FLIP,
+            return load_mnist1d_split(n_train=self.n_train, n_test=self.n_test, flip_fraction=flip,
                                       channel=self.arch == "cnn")
-        split = load_digits_split(n_train=self.n_train, flip_fraction=FLIP, seed=0)
+        split = load_digits_split(n_train=self.n_train, flip_fraction=flip, seed=0)
         x, y = split.test.tensors
         from torch.utils.data import TensorDataset
 
@@ -133,45 +148,93 @@ class Row:
 
 
 # ---- ours --------------------------------------------------------------------------------------------
-def ours(cfg: Config, split, model, ckpts, runs, work: Path, forms, projections, rows: list[Row]) -> None:
+def _capture(model, ckpts, split, work: Path, form: str, pname: str, *, test: bool = True):
+    dim, kind = PROJECTIONS[pname]
+    kw = dict(projection_dim=dim, projection=kind, preconditioner=FORMS[form], overwrite=True, progress=False,
+              batch_size=256)
+    if form == "kfac":  # fitted on the train data at the same checkpoints, once per run and checkpoint set
+        path = work / f"curvature-{len(ckpts)}-{Path(ckpts[0]).stem}.pt"
+        if not path.exists():
+            to.fit_curvature(model, ckpts, split.train, path)
+        kw["curvature"] = path
+    train = to.capture(model, ckpts, split.train, work / "train.zarr", **kw)
+    return train, (to.capture(model, ckpts, split.test, work / "test.zarr", **kw) if test else None)
+
+
+def _cleanup(work: Path) -> None:
+    for name in ("train.zarr", "test.zarr"):
+        shutil.rmtree(work / name, ignore_errors=True)
+
+
+def _variants(forms, projections):
+    """(form, projection, last checkpoint only) of every row of ours (kfac: not with the factored projection,
+    which it does not support)."""
     for form in forms:
         for pname in projections:
-            dim, kind = PROJECTIONS[pname]
+            if form == "kfac" and PROJECTIONS[pname][1] == "factored":
+                continue
             for last in ((False, True) if pname == "exact" else (False,)):
-                chosen = ckpts[-1:] if last else ckpts
-                t0 = time.perf_counter()
-                kw = dict(projection_dim=dim, projection=kind, preconditioner=FORMS[form], overwrite=True,
-                          progress=False, batch_size=256)
-                train = to.capture(model, chosen, split.train, work / "train.zarr", **kw)
-                test = to.capture(model, chosen, split.test, work / "test.zarr", **kw)
-                raw = to.lds(test, train, runs, progress=False).attrs["lds"]
-                cos = to.lds(test, train, runs, normalize=True, progress=False).attrs["lds"]
-                auc, rec = mislabel(to.self_influence(train, progress=False).values, split.flipped)
-                top = [flipped_share(to.top_k(test, train, k=10, normalize=n, progress=False)["proponent_index"].values,
-                                     split.flipped) for n in (False, True)]
-                note = f"{train.feature_dim:,} features"
-                label = f"{form} {pname}" + (" last checkpoint" if last else "")
-                rows.append(Row(cfg.name, label, raw, cos, auc, rec, *top, time.perf_counter() - t0, note))
-                print(f"  {label:<32} LDS {raw:6.3f} (cos {cos:6.3f})  AUC {auc:.3f}  recall@10% {rec:.3f}  "
-                      f"flipped in top-10 {top[0]:.0%} (cos {top[1]:.0%})  {rows[-1].seconds:5.1f} s  {note}",
-                      flush=True)
-                if form == "sgd" and pname == "exact" and not last:
-                    loss = train.read_losses()[-1]
-                    a, r = mislabel(loss, split.flipped)
-                    rows.append(Row(cfg.name, "loss at the last checkpoint", auc=a, recall10=r))
-                    print(f"  {'loss at the last checkpoint':<32} {'':27} AUC {a:.3f}  recall@10% {r:.3f}")
-                shutil.rmtree(work / "train.zarr", ignore_errors=True)
-                shutil.rmtree(work / "test.zarr", ignore_errors=True)
+                yield form, pname, last
+
+
+def _label(form: str, pname: str, last: bool) -> str:
+    return f"{form} {pname}" + (" last checkpoint" if last else "")
+
+
+def row_of(rows: list[Row], config: str, method: str) -> Row:
+    """The row of (config, method), added if there is none yet (LDS and mislabel runs fill one row)."""
+    for r in rows:
+        if r.config == config and r.method == method:
+            return r
+    rows.append(Row(config, method))
+    return rows[-1]
+
+
+def ours_lds(cfg: Config, split, model, ckpts, runs, work: Path, forms, projections, rows: list[Row]) -> None:
+    """LDS of every row of ours on the clean-label run."""
+    for form, pname, last in _variants(forms, projections):
+        t0 = time.perf_counter()
+        train, test = _capture(model, ckpts[-1:] if last else ckpts, split, work, form, pname)
+        row = row_of(rows, cfg.name, _label(form, pname, last))
+        row.lds = to.lds(test, train, runs, progress=False).attrs["lds"]
+        row.lds_normalized = to.lds(test, train, runs, normalize=True, progress=False).attrs["lds"]
+        row.seconds += time.perf_counter() - t0
+        row.note = f"{train.feature_dim:,} features"
+        print(f"  {row.method:<32} LDS {row.lds:6.3f} (cos {row.lds_normalized:6.3f})  {row.seconds:5.1f} s  "
+              f"{row.note}", flush=True)
+        _cleanup(work)
+
+
+def ours_mislabel(cfg: Config, split, model, ckpts, work: Path, forms, projections, rows: list[Row]) -> None:
+    """Mislabel detection (self-influence) and the flipped share of the top-10 proponents on the flipped run."""
+    for form, pname, last in _variants(forms, projections):
+        t0 = time.perf_counter()
+        train, test = _capture(model, ckpts[-1:] if last else ckpts, split, work, form, pname)
+        row = row_of(rows, cfg.name, _label(form, pname, last))
+        row.auc, row.recall10 = mislabel(to.self_influence(train, progress=False).values, split.flipped)
+        row.flipped_top10, row.flipped_top10_normalized = (
+            flipped_share(to.top_k(test, train, k=10, normalize=n, progress=False)["proponent_index"].values,
+                          split.flipped) for n in (False, True))
+        row.seconds += time.perf_counter() - t0
+        print(f"  {row.method:<32} AUC {row.auc:.3f}  recall@10% {row.recall10:.3f}  flipped in top-10 "
+              f"{row.flipped_top10:.0%} (cos {row.flipped_top10_normalized:.0%})", flush=True)
+        if form == forms[0] and pname == "exact" and not last:
+            base = row_of(rows, cfg.name, "loss at the last checkpoint")
+            base.auc, base.recall10 = mislabel(train.read_losses()[-1], split.flipped)
+            print(f"  {base.method:<32} AUC {base.auc:.3f}  recall@10% {base.recall10:.3f}")
+        _cleanup(work)
 
 
 # ---- peers -------------------------------------------------------------------------------------------
+# Each peer returns (test × train score matrix or None, self-influence or None, note) for what it is asked:
+# "pairs" (the LDS run) or "self" (the mislabel run).
 def _load_into(model: nn.Module, path) -> float:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(ckpt["model_state_dict"])
     return float(ckpt["learning_rate"])
 
 
-def peer_captum(cfg, split, ckpts, work):
+def peer_captum(cfg, split, ckpts, work, want):
     from captum.influence import TracInCP
 
     # Captum's batched per-example gradients cover Linear and Conv2d layers; for Conv1d it loops over examples,
@@ -180,14 +243,17 @@ def peer_captum(cfg, split, ckpts, work):
     tracin = TracInCP(cfg.make_model()(seed=0), split.train, [str(p) for p in ckpts], checkpoints_load_func=_load_into,
                       loss_fn=nn.CrossEntropyLoss(reduction="sum" if batched else "none"), batch_size=256,
                       sample_wise_grads_per_batch=batched)
-    matrix = tracin.influence(tuple(split.test.tensors)).detach().numpy()
-    return matrix, tracin.self_influence().detach().numpy(), "exact, SGD form"
+    if want == "pairs":
+        return tracin.influence(tuple(split.test.tensors)).detach().numpy(), None, "exact, SGD form"
+    return None, tracin.self_influence().detach().numpy(), "exact, SGD form"
 
 
-def peer_trak(cfg, split, ckpts, work):
+def peer_trak(cfg, split, ckpts, work, want):
     from trak import TRAKer
     from trak.projectors import BasicProjector, ProjectionType
 
+    if want != "pairs":
+        return None, None, "no self-influence"
     model = cfg.make_model()(seed=0)
     n_params = sum(p.numel() for p in model.parameters())
     projector = BasicProjector(grad_dim=n_params, proj_dim=2048, seed=0, proj_type=ProjectionType.normal,
@@ -212,7 +278,7 @@ def peer_trak(cfg, split, ckpts, work):
     return scores, None, "BasicProjector 2048, 6 checkpoints as the ensemble"
 
 
-def peer_dattri(cfg, split, ckpts, work):
+def peer_dattri(cfg, split, ckpts, work, want):
     from dattri.algorithm.tracin import TracInAttributor
     from dattri.task import AttributionTask
     from torch.utils.data import DataLoader
@@ -234,13 +300,13 @@ def peer_dattri(cfg, split, ckpts, work):
     attributor = TracInAttributor(task=task, weight_list=lrs, normalized_grad=False, device="cpu")
     attributor.projector_kwargs = None  # exact: dattri otherwise projects to 512 dims whatever it is told
     train_loader = DataLoader(split.train, batch_size=256, shuffle=False)
-    test_loader = DataLoader(split.test, batch_size=len(split.test), shuffle=False)
-    matrix = attributor.attribute(train_loader, test_loader).T.numpy()
-    si = attributor.self_attribute(train_loader).numpy()
-    return matrix, si, "exact TracIn"
+    if want == "pairs":
+        test_loader = DataLoader(split.test, batch_size=len(split.test), shuffle=False)
+        return attributor.attribute(train_loader, test_loader).T.numpy(), None, "exact TracIn"
+    return None, attributor.self_attribute(train_loader).numpy(), "exact TracIn"
 
 
-def peer_kronfluence(cfg, split, ckpts, work):
+def peer_kronfluence(cfg, split, ckpts, work, want):
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments
     from kronfluence.task import Task
@@ -269,13 +335,16 @@ def peer_kronfluence(cfg, split, ckpts, work):
                         disable_tqdm=True, log_level=40)
     analyzer.fit_all_factors("ekfac", dataset=split.train, per_device_batch_size=256,
                              factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
-    analyzer.compute_pairwise_scores("pairs", "ekfac", query_dataset=split.test, train_dataset=split.train,
-                                     per_device_query_batch_size=len(split.test), per_device_train_batch_size=256,
+    matrix = si = None
+    if want == "pairs":
+        analyzer.compute_pairwise_scores("pairs", "ekfac", query_dataset=split.test, train_dataset=split.train,
+                                         per_device_query_batch_size=len(split.test),
+                                         per_device_train_batch_size=256, overwrite_output_dir=True)
+        matrix = analyzer.load_pairwise_scores("pairs")["all_modules"].numpy()
+    else:
+        analyzer.compute_self_scores("self", "ekfac", train_dataset=split.train, per_device_train_batch_size=256,
                                      overwrite_output_dir=True)
-    matrix = analyzer.load_pairwise_scores("pairs")["all_modules"].numpy()
-    analyzer.compute_self_scores("self", "ekfac", train_dataset=split.train, per_device_train_batch_size=256,
-                                 overwrite_output_dir=True)
-    si = analyzer.load_self_scores("self")["all_modules"].numpy()
+        si = analyzer.load_self_scores("self")["all_modules"].numpy()
     shutil.rmtree(out, ignore_errors=True)
     tracked = "Linear layers only" if cfg.dataset == "mnist1d" and cfg.arch == "cnn" else "all layers"
     return matrix, si, f"EK-FAC, last checkpoint, {tracked}"
@@ -285,65 +354,100 @@ PEER_RUNNERS = {"captum": ("Captum TracInCP", peer_captum), "trak": ("TRAK", pee
                 "dattri": ("dattri TracIn", peer_dattri), "kronfluence": ("Kronfluence EK-FAC", peer_kronfluence)}
 
 
-def peers(cfg, split, ckpts, runs, work, names, rows: list[Row]) -> None:
+def _run_peer(name, cfg, split, ckpts, work, want, rows):
+    label, fn = PEER_RUNNERS[name]
+    row = row_of(rows, cfg.name, label)
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = fn(cfg, split, ckpts, work, want)
+    except Exception as e:  # a peer that fails on this work is reported, not hidden
+        row.note = f"failed ({want}): {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        print(f"  {label:<32} {row.note}", flush=True)
+        return row, None
+    row.seconds += time.perf_counter() - t0
+    if want == "pairs" or not row.note:
+        row.note = result[2]
+    return row, result
+
+
+def peers_lds(cfg, split, ckpts, runs, work, names, rows: list[Row]) -> None:
     for name in names:
-        label, fn = PEER_RUNNERS[name]
-        t0 = time.perf_counter()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                matrix, si, note = fn(cfg, split, ckpts, work)
-        except Exception as e:  # a peer that fails on this work is reported, not hidden
-            rows.append(Row(cfg.name, label, note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
-            print(f"  {label:<32} failed: {rows[-1].note}", flush=True)
-            continue
-        auc, rec = mislabel(si, split.flipped) if si is not None else (None, None)
-        top = flipped_share(np.argsort(-matrix, axis=1, kind="stable")[:, :10], split.flipped)
-        rows.append(Row(cfg.name, label, lds_of_matrix(matrix, runs), None, auc, rec, top, None,
-                        time.perf_counter() - t0, note))
-        r = rows[-1]
-        extra = f"AUC {auc:.3f}  recall@10% {rec:.3f}" if auc is not None else "(no self-influence)"
-        print(f"  {label:<32} LDS {r.lds:6.3f}               {extra}  flipped in top-10 {top:.0%}  "
-              f"{r.seconds:5.1f} s  {note}", flush=True)
+        row, result = _run_peer(name, cfg, split, ckpts, work, "pairs", rows)
+        if result is not None and result[0] is not None:
+            row.lds = lds_of_matrix(result[0], runs)
+            print(f"  {row.method:<32} LDS {row.lds:6.3f}  {row.seconds:5.1f} s  {row.note}", flush=True)
+
+
+def peers_mislabel(cfg, split, ckpts, work, names, rows: list[Row]) -> None:
+    for name in names:
+        row, result = _run_peer(name, cfg, split, ckpts, work, "self", rows)
+        if result is not None and result[1] is not None:
+            row.auc, row.recall10 = mislabel(result[1], split.flipped)
+            print(f"  {row.method:<32} AUC {row.auc:.3f}  recall@10% {row.recall10:.3f}", flush=True)
 
 
 # ---- one run -----------------------------------------------------------------------------------------
-def run_config(cfg: Config, args, work_root: Path) -> tuple[list[Row], dict]:
-    recipe = cfg.recipe(args.epochs)
-    key = _key(cfg, dataclasses.replace(recipe, make_model=None), FLIP, args.subsets)
-    work = work_root / f"{cfg.name}-{key}"
-    work.mkdir(parents=True, exist_ok=True)
-    split = cfg.split()
+def _train(cfg: Config, recipe: Recipe, split, work: Path):
+    """Train the run's model on ``split`` (checkpoints under ``work``); (model, checkpoints, facts)."""
     x, y = split.train.tensors
     xt, yt = split.test.tensors
-    torch.set_num_threads(1)
     t0 = time.perf_counter()
     model, ckpts = train_run(recipe, x, y, work / "checkpoints")
+    for old in work.glob("curvature-*.pt"):  # fitted at an earlier run's checkpoints
+        old.unlink()
     with torch.no_grad():
         acc = float((model(xt).argmax(1) == yt).float().mean())
-        train_fit = float((model(x).argmax(1) == y)[torch.from_numpy(split.flipped)].float().mean())
-    t_train = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    fn = RetrainFn(recipe, x, y, xt, yt)
-    if args.workers:
-        from distributed import Client, LocalCluster
+        flipped = torch.from_numpy(split.flipped)
+        fit = float((model(x).argmax(1) == y)[flipped].float().mean()) if bool(flipped.any()) else None
+    return model, ckpts, {"test_accuracy": acc, "flipped_fit": fit, "train_s": time.perf_counter() - t0}
 
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, host="127.0.0.1",
-                          dashboard_address=None) as cluster, Client(cluster) as client:
-            runs = to.retrain(fn, len(x), n_subsets=args.subsets, out=work / "runs.zarr", client=client,
-                              progress=False)
-    else:
-        runs = to.retrain(fn, len(x), n_subsets=args.subsets, out=work / "runs.zarr", progress=False)
-    t_retrain = time.perf_counter() - t0
-    meta = {"test_accuracy": acc, "flipped_fit": train_fit, "train_s": t_train, "retrain_s": t_retrain,
-            "n_params": sum(p.numel() for p in model.parameters())}
-    print(f"\n== {cfg.name}: {len(x):,} train ({int(split.flipped.sum())} flipped), {len(xt)} test, "
-          f"{meta['n_params']:,} parameters; test accuracy {acc:.2f}, flipped labels fitted {train_fit:.0%}; "
-          f"{args.subsets} retrainings ({t_retrain:.0f} s)", flush=True)
+
+def run_config(cfg: Config, args, work_root: Path) -> tuple[list[Row], dict]:
+    """The clean-label run (LDS: retrainings, ours, peers), then the flipped-label run (mislabel detection)."""
+    recipe = cfg.recipe(args.epochs)
+    torch.set_num_threads(1)
     rows: list[Row] = []
-    forms = [f for f in args.forms if f == "sgd" or cfg.optimizer == "adamw"]
-    ours(cfg, split, model, ckpts, runs, work, forms, args.projections, rows)
-    peers(cfg, split, ckpts, runs, work, args.peers, rows)
+    forms = [f for f in args.forms if f not in MOMENT_FORMS or cfg.optimizer == "adamw"]
+    meta: dict = {}
+    if not args.no_lds:
+        work = work_root / f"{cfg.name}-clean-{_key(cfg, dataclasses.replace(recipe, make_model=None), args.subsets)}"
+        work.mkdir(parents=True, exist_ok=True)
+        split = cfg.split(0.0)
+        model, ckpts, facts = _train(cfg, recipe, split, work)
+        x, y = split.train.tensors
+        xt, yt = split.test.tensors
+        t0 = time.perf_counter()
+        fn = RetrainFn(recipe, x, y, xt, yt)
+        if args.workers:
+            from distributed import Client, LocalCluster
+
+            with LocalCluster(n_workers=args.workers, threads_per_worker=1, host="127.0.0.1",
+                              dashboard_address=None) as cluster, Client(cluster) as client:
+                runs = to.retrain(fn, len(x), n_subsets=args.subsets, out=work / "runs.zarr", client=client,
+                                  progress=False)
+        else:
+            runs = to.retrain(fn, len(x), n_subsets=args.subsets, out=work / "runs.zarr", progress=False)
+        meta.update(test_accuracy=facts["test_accuracy"], retrain_s=time.perf_counter() - t0,
+                    n_params=sum(p.numel() for p in model.parameters()))
+        print(f"\n== {cfg.name}, clean labels (LDS): {len(x):,} train, {len(xt)} test, {meta['n_params']:,} "
+              f"parameters; test accuracy {facts['test_accuracy']:.2f}; {args.subsets} retrainings "
+              f"({meta['retrain_s']:.0f} s)", flush=True)
+        ours_lds(cfg, split, model, ckpts, runs, work, forms, args.projections, rows)
+        peers_lds(cfg, split, ckpts, runs, work, args.peers, rows)
+    if not args.no_mislabel:
+        work = work_root / f"{cfg.name}-flip-{_key(cfg, dataclasses.replace(recipe, make_model=None), FLIP)}"
+        work.mkdir(parents=True, exist_ok=True)
+        split = cfg.split(FLIP)
+        model, ckpts, facts = _train(cfg, recipe, split, work)
+        meta.update(flipped_test_accuracy=facts["test_accuracy"], flipped_fit=facts["flipped_fit"],
+                    n_params=sum(p.numel() for p in model.parameters()))
+        print(f"\n== {cfg.name}, {FLIP:.0%} of the labels flipped (mislabel detection): "
+              f"{int(split.flipped.sum())} flipped; test accuracy {facts['test_accuracy']:.2f}, flipped labels "
+              f"fitted {facts['flipped_fit']:.0%}", flush=True)
+        ours_mislabel(cfg, split, model, ckpts, work, forms, args.mislabel_projections, rows)
+        peers_mislabel(cfg, split, ckpts, work, args.peers, rows)
     return rows, meta
 
 
@@ -379,24 +483,26 @@ def targets(rows: list[Row], configs: list[Config], default_form, default_normal
         raw = [c for c in cases if not c[2]]
         worst = min(raw)
         out.append(f"  worst (raw): {worst[1]} {worst[0]:.2f} -> {'met' if worst[0] >= 1.25 else 'MISSED'}")
-    # 2. Ours ≥ every peer on the same work: our default score at matching dims.
-    cases = []
-    for c in configs:
-        form = default_form(c)
-        for r in rows:
-            if r.config != c.name or r.lds is None or r.method.split()[0] in FORMS:
-                continue
-            same = f"{form} gaussian-2048" if r.method == "TRAK" else f"{form} exact"
-            mine = score(_find(rows, c.name, same), default_normalize)
-            if mine is not None:
-                cases.append((mine - r.lds, c.name, r.method, same, mine, r.lds))
-    if cases:
-        out.append(f"ours (default: {'cosine' if default_normalize else 'raw'}, auto preconditioner) − peer LDS "
-                   "(target ≥ 0):")
-        for diff, name, peer, same, mine, theirs in cases:
-            out.append(f"  {name:<24} {same:<22} {mine:6.3f} vs {peer:<20} {theirs:6.3f}  ({diff:+.3f})")
-        worst = min(cases)
-        out.append(f"  worst: {worst[1]} vs {worst[2]} {worst[0]:+.3f} -> {'met' if worst[0] >= 0 else 'MISSED'}")
+    # 2. Ours ≥ every peer on the same work, at matching dims: our default ("auto": Adam-aware on AdamW runs,
+    # the SGD form otherwise) and the K-FAC preconditioner.
+    for ours_form in ("auto", "kfac"):
+        cases = []
+        for c in configs:
+            form = default_form(c) if ours_form == "auto" else ours_form
+            for r in rows:
+                if r.config != c.name or r.lds is None or r.method.split()[0] in FORMS:
+                    continue
+                same = f"{form} gaussian-2048" if r.method == "TRAK" else f"{form} exact"
+                mine = score(_find(rows, c.name, same), default_normalize)
+                if mine is not None:
+                    cases.append((mine - r.lds, c.name, r.method, same, mine, r.lds))
+        if cases:
+            what = "auto preconditioner" if ours_form == "auto" else "preconditioner='kfac'"
+            out.append(f"ours ({'cosine' if default_normalize else 'raw'}, {what}) − peer LDS (target ≥ 0):")
+            for diff, name, peer, same, mine, theirs in cases:
+                out.append(f"  {name:<24} {same:<22} {mine:6.3f} vs {peer:<20} {theirs:6.3f}  ({diff:+.3f})")
+            worst = min(cases)
+            out.append(f"  worst: {worst[1]} vs {worst[2]} {worst[0]:+.3f} -> {'met' if worst[0] >= 0 else 'MISSED'}")
     # 3. 2048-dim projections keep ≥ 90 % of the exact LDS.
     cases = []
     for c in configs:
@@ -421,8 +527,10 @@ def targets(rows: list[Row], configs: list[Config], default_form, default_normal
 def markdown(rows: list[Row], meta: dict) -> str:
     lines = []
     for name, m in meta.items():
-        lines.append(f"\n**{name}** — {m['n_params']:,} parameters, test accuracy {m['test_accuracy']:.2f}, "
-                     f"flipped labels fitted {m['flipped_fit']:.0%}\n")
+        clean = f"test accuracy {m['test_accuracy']:.2f} (clean labels)" if "test_accuracy" in m else ""
+        flip = (f"{m['flipped_test_accuracy']:.2f} with {FLIP:.0%} of the labels flipped, of which it fits "
+                f"{m['flipped_fit']:.0%}" if m.get("flipped_fit") is not None else "")
+        lines.append(f"\n**{name}** — {m['n_params']:,} parameters; {', '.join(t for t in (clean, flip) if t)}\n")
         lines.append("| score | LDS | LDS, normalize=True | mislabel AUC | recall at 10 % | flipped in top-10 "
                      "proponents (raw / normalize) | s | note |")
         lines.append("|---|---|---|---|---|---|---|---|")
@@ -477,9 +585,14 @@ def main() -> None:
     ap.add_argument("--datasets", default="mnist1d,digits")
     ap.add_argument("--archs", default="mlp,cnn")
     ap.add_argument("--optimizers", default="adamw,sgd")
-    ap.add_argument("--forms", default="sgd,adam,adafactor", help="comma-separated, or 'none' (peers only)")
+    ap.add_argument("--forms", default="sgd,adam,adafactor,kfac", help="comma-separated, or 'none' (peers only)")
     ap.add_argument("--projections", default=",".join(PROJECTIONS))
     ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated, or 'none'")
+    ap.add_argument("--mislabel-projections", default="exact",
+                    help="projections of ours on the flipped-label runs (comma-separated; exact: every "
+                         "checkpoint and the last)")
+    ap.add_argument("--no-lds", action="store_true", help="skip the clean-label runs (LDS)")
+    ap.add_argument("--no-mislabel", action="store_true", help="skip the flipped-label runs (mislabel detection)")
     ap.add_argument("--subsets", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--workers", type=int, default=0, help="retrain on a LocalCluster of N processes")
@@ -491,6 +604,7 @@ def main() -> None:
     args = ap.parse_args()
     args.forms = [] if args.forms == "none" else args.forms.split(",")
     args.projections = args.projections.split(",")
+    args.mislabel_projections = args.mislabel_projections.split(",")
     args.peers = [] if args.peers == "none" else args.peers.split(",")
     if args.quick:
         configs = [Config("digits", "mlp", "adamw", 400, 50)]

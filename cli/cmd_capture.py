@@ -13,7 +13,7 @@ from .settings import Settings, pass_settings, plural, rate
 
 PROJECTIONS = ("gaussian", "rademacher", "factored", "factors")  # factors: exact, per-layer factors
 DTYPES = ("float32", "float16", "bfloat16")
-PRECONDITIONERS = ("auto", "adam", "adafactor", "none")  # capture(preconditioner=...)
+PRECONDITIONERS = ("auto", "adam", "adafactor", "kfac", "none")  # capture(preconditioner=...)
 
 
 def _ref(ctx, param, value):
@@ -67,8 +67,13 @@ def _layers(value: str | None) -> list[str] | None:
 @click.option("--preconditioner", type=click.Choice(PRECONDITIONERS), default="auto", show_default=True,
               help="adam: store features of P^1/2 g, P = 1/(sqrt(v_hat)+eps) from each checkpoint's Adam moments "
                    "(factored layers: their rank-1 Adafactor form); adafactor: the rank-1 form for every weight "
-                   "matrix; none: plain gradients (the SGD form); auto: adam when every checkpoint carries Adam "
-                   "moments, else none. Capture test stores like their train store (docs/preconditioning.md).")
+                   "matrix; none: plain gradients (the SGD form); auto: kfac with --curvature, else adam when every "
+                   "checkpoint carries Adam moments, else none; kfac: P = (F + damping)^-1 from the EK-FAC "
+                   "curvature of --curvature (trackin-ooc fit-curvature on the train data). Capture test stores "
+                   "like their train store (docs/preconditioning.md).")
+@click.option("--curvature", metavar="FILE",
+              help="For --preconditioner kfac (auto picks it with this): the curvature file trackin-ooc "
+                   "fit-curvature wrote (the same for the train and the test store).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, metavar="B",
               help="Examples per batch of per-example gradients.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
@@ -86,7 +91,8 @@ def _layers(value: str | None) -> list[str] | None:
               "incomplete one left by the same capture, refuse a complete one).")
 @pass_settings
 def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, like, layers, projection_dim, projection,
-            seed, preconditioner, batch_size, dtype, loss_ref, target_key, chunk_rows, allow_nonfinite, overwrite):
+            seed, preconditioner, curvature, batch_size, dtype, loss_ref, target_key, chunk_rows, allow_nonfinite,
+            overwrite):
     """Capture per-example loss gradients at every checkpoint into a gradient store.
 
     Rerunning a capture that was killed resumes it: only the row blocks it had not written are
@@ -149,13 +155,15 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, like
                     given["loss_fn"] = loss_fn
                 if checkpoints:
                     given["checkpoints"] = list(checkpoints)
+                if curvature:
+                    given["curvature"] = curvature
                 store = to.capture_like(like, model, data, target, **given, **common)
             else:
                 store = to.capture(
                     model, list(checkpoints), data, target,
                     learning_rates=list(lrs) if lrs else None, loss_fn=loss_fn, layers=layer_names,
                     projection_dim=projection_dim, projection=projection, seed=seed, dtype=dtype,
-                    target_key=target_key, preconditioner=preconditioner, **common,
+                    target_key=target_key, preconditioner=preconditioner, curvature=curvature, **common,
                 )
         if staging:
             _swap_in(target, out)

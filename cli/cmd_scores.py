@@ -112,9 +112,9 @@ def top_k(settings: Settings, train, test, k, out, normalize, overwrite, use_ind
 
     One row per (test example, rank): the proponent and the opponent at that rank (1 = strongest),
     their scores and train example ids, and labels where the stores have them. Cosine scores by default:
-    the training examples most like each test example; measured (docs/quality.md), 0-7 % of their top 10
-    are mislabelled examples against 18-72 % of the raw top 10. --raw: what moved each test loss most
-    (raw scores predict retraining up to a quarter better, LDS).
+    the training examples most like each test example; measured (docs/quality.md), 0-6 % of their top 10
+    are mislabelled examples against 19-72 % of the raw top 10. --raw: what moved each test loss most
+    (raw scores predict retraining as well or better, up to 1.4x the LDS; 2x on K-FAC stores).
     """
     if n_probe is not None and not use_index:
         raise click.UsageError("--probe needs --index")

@@ -11,6 +11,7 @@ import click
 
 from . import errors
 from .cmd_capture import capture
+from .cmd_curvature import fit_curvature
 from .cmd_demo import demo
 from .cmd_info import info
 from .cmd_quality import lds, retrain
@@ -150,8 +151,8 @@ def _example_counts(train, test) -> tuple[int, int] | None:
         return None
 
 
-for _command in (capture, self_influence, influence, top_k, index, net_influence, retrain, lds, info, demo,
-                 report):
+for _command in (capture, fit_curvature, self_influence, influence, top_k, index, net_influence, retrain, lds, info,
+                 demo, report):
     names = {p.name for p in _command.params}
     cli.add_command(_warn_if_swapped(_command) if {"train", "test"} <= names else _command)
 

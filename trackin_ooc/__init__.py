@@ -53,6 +53,8 @@ _LAZY = {
     "capture": ("trackin_ooc.capturing", "capture"),
     "capture_like": ("trackin_ooc.capturing.job.like", "capture_like"),
     "plan_capture": ("trackin_ooc.capturing.job.plan", "plan_capture"),
+    "fit_curvature": ("trackin_ooc.capturing.job.curvature", "fit_curvature"),
+    "load_curvature": ("trackin_ooc.capturing.job.curvature", "load_curvature"),
 }
 
 
@@ -74,7 +76,8 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "__version__",
-    "capture", "capture_like", "plan_capture", "from_arrays", "open_store", "GradientStore", "ProjectionSpec",
+    "capture", "capture_like", "plan_capture", "fit_curvature", "load_curvature", "from_arrays", "open_store",
+    "GradientStore", "ProjectionSpec",
     "self_influence", "influence", "top_k", "plan_for",
     "build_index", "open_index", "TopKIndex", "StaleIndexError", "net_influence",
     "retrain", "open_runs", "lds", "subset_predictions", "lds_from_predictions",

@@ -27,8 +27,9 @@ PROJECTION_KINDS = ("gaussian", "rademacher", "factored")
 # Rows of a dense projection matrix generated per seeded block: part of the spec's identity,
 # because changing it changes the random numbers.
 GENERATOR = "torch-cpu-philox-v1"
-# What ``preconditioner`` may be: the SGD form, or features scaled by an Adam preconditioner's square root.
-PRECONDITIONERS = ("none", "adam", "adafactor")
+# What ``preconditioner`` may be: the SGD form, features scaled by an Adam preconditioner's square root, or
+# by a fitted K-FAC curvature's inverse square root ("kfac": its record, with the fit's hash, in ``extra``).
+PRECONDITIONERS = ("none", "adam", "adafactor", "kfac")
 # The forms a parameter's v̂ takes: elementwise (Adam's own), or its layer's rank-1 factorisation.
 FORM_ADAM, FORM_ADAFACTOR = "adam", "adafactor"
 PRECONDITIONER_VERSION = 1
@@ -148,6 +149,10 @@ class ProjectionSpec:
         if self.preconditioner == "none":
             return "none (SGD form: plain gradients)"
         n = len(self.preconditioner_layers)
+        if self.preconditioner == "kfac":
+            fit = dict(self.extra).get("kfac") or {}
+            return (f"kfac (features of P^1/2 g, P = (F + damping)^-1 from the EK-FAC curvature fitted at each "
+                    f"checkpoint, {len(fit.get('layers', []))} layers; fit {str(fit.get('sha256', '?'))[:12]})")
         if self.preconditioner == "adam":
             rank1 = f"; {n} layer{'' if n == 1 else 's'} in the Adafactor form" if n else ""
             return f"adam (features of P^1/2 g, P = 1/(sqrt(v_hat) + eps) per checkpoint{rank1})"
@@ -182,7 +187,9 @@ class ProjectionSpec:
         for key in ("kind", "dim", "seed", "generator"):
             if a[key] != b[key]:
                 diffs.append(f"{key} {a[key]!r} vs {b[key]!r}")
-        if a["extra"] != b["extra"]:
+        if a["extra"].get("kfac") != b["extra"].get("kfac") and self.preconditioner == other.preconditioner == "kfac":
+            diffs.append("fitted curvature differs (captured with another to.fit_curvature)")
+        elif a["extra"] != b["extra"]:
             keys = sorted(set(a["extra"]) | set(b["extra"]))
             changed = [k for k in keys if a["extra"].get(k) != b["extra"].get(k)]
             diffs.append(f"{', '.join(changed)} differ" if a["kind"] == b["kind"] else "extra differs")

@@ -32,8 +32,10 @@ from .factor_layout import store_layout
 from .methods import choose_per_example_methods, probe_batch
 from .plan import announce, estimate_line
 from .preconditioning import (
+    check_kfac,
     check_preconditioner,
     moments_attrs,
+    needs_moments,
     recorded_hashes,
     resolve_preconditioner,
     with_preconditioner,
@@ -75,6 +77,7 @@ def capture(
     client: Any = None,
     target_key: str = "labels",
     preconditioner: str | None = "auto",
+    curvature: Any = None,
 ) -> GradientStore:
     """Write per-example loss gradients of ``data`` at every checkpoint to a gradient store at ``path``.
 
@@ -120,7 +123,10 @@ def capture(
     for the selected parameters, else the SGD form, said in one log line. None / ``"none"``: the SGD form
     (plain gradients). Moments are read from the optimizer state saved with each checkpoint (a Trainer
     folder's ``optimizer.pt``); capture a test store from the same checkpoints as its train store
-    (docs/preconditioning.md).
+    (docs/preconditioning.md). ``"kfac"``: P_c = (F_c + λ)^{-1} from the EK-FAC curvature
+    :func:`trackin_ooc.fit_curvature` fitted at each checkpoint on the train data, given as ``curvature=``
+    (what it returned, or its file) to the train and the test capture alike; Linear and Conv layers only,
+    exact or gaussian/rademacher projections; "auto" picks it when ``curvature`` is given, and only then.
 
     Parameters
     ----------
@@ -164,8 +170,10 @@ def capture(
         Compute the row blocks as tasks on this scheduler's workers.
     target_key : str
         The key holding the targets in Mapping batches.
-    preconditioner : {"auto", "adam", "adafactor", "none"} or None
-        Optimizer-aware gradients (above).
+    preconditioner : {"auto", "adam", "adafactor", "kfac", "none"} or None
+        Optimizer- or curvature-aware gradients (above).
+    curvature : Curvature, str or path, optional
+        The fitted EK-FAC curvature for ``preconditioner="kfac"`` (what ``fit_curvature`` returned, or its file).
 
     Returns
     -------
@@ -199,9 +207,19 @@ def capture(
     if not overwrite:  # refuse early; with overwrite the old store is removed only once inputs check out
         existing_store(path, storage_options)
     preconditioner = check_preconditioner(preconditioner)
+    if preconditioner == "auto" and curvature is not None:  # a fitted curvature given: what it is for
+        log.info("preconditioner='auto': kfac (a fitted curvature was given)")
+        preconditioner = "kfac"
     names = select_parameters(model, layers)
     ckpts = load_checkpoints(model, checkpoints, learning_rates,
-                             moments_for=None if preconditioner == "none" else names)
+                             moments_for=names if needs_moments(preconditioner) else None)
+    if preconditioner == "kfac" and curvature is not None:
+        from .curvature import as_curvature
+
+        curvature = as_curvature(curvature)
+    elif curvature is not None:
+        raise CaptureError(f"curvature= is for preconditioner='kfac', not {preconditioner!r}; pass "
+                           "preconditioner='kfac' or leave curvature out")
     params = dict(model.named_parameters())
     loader = as_loader(data, batch_size)
     n = dataset_length(loader)
@@ -215,7 +233,9 @@ def capture(
         spec = make_spec(projection, projection_dim, seed, [(n, tuple(params[n].shape)) for n in names])
     layout = store_layout(spec, projection, model, names, loader, dev, target_key)  # "factors": per-layer choices
     kind = resolve_preconditioner(preconditioner, ckpts, names)
-    spec = with_preconditioner(layout.spec, kind, model)
+    if kind == "kfac":
+        check_kfac(layout.spec, curvature, ckpts, names)
+    spec = with_preconditioner(layout.spec, kind, model, curvature)
     settings = loader_settings(loader)
     label_dtype = probe_labels(loader.dataset, settings["collate_fn"], target_key)
     job = CaptureJob(
@@ -223,6 +243,7 @@ def capture(
         learning_rates=[ck.learning_rate for ck in ckpts], checkpoint_hashes=recorded_hashes(ckpts, kind),
         spec=spec, dataset=loader.dataset, loss_fn=loss_fn, nonfinite=nonfinite, target_key=target_key,
         device=str(dev) if dev is not None else ("auto" if device is None else str(device)), **settings,
+        curvature=curvature if kind == "kfac" else None,
     )
     job.per_example_methods = choose_per_example_methods(job, ckpts[0], dev)
     wanted = StoreSettings(
@@ -240,7 +261,7 @@ def capture(
                                         storage_options=storage_options,
                                         extra_attrs={"per_example_methods": job.per_example_methods,
                                                      **_like_attrs(job), **layout.store_attrs,
-                                                     **moments_attrs(ckpts, kind)})
+                                                     **moments_attrs(ckpts, kind, curvature)})
         if blocks:
             announce(estimate_line(n, len(ckpts), layout.feature_dim, layout.factors, dtype,
                                    None if in_memory else path), progress)

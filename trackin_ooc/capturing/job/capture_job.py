@@ -26,7 +26,7 @@ from ..checkpoints import Checkpoint, drop_tied_duplicates, expand_checkpoints, 
 from ..per_example.batches import split_batch
 from ..per_example.losses import LossFn
 from ..projection.features import make_featurizer
-from ..projection.preconditioner import preconditioner_scales
+from ..projection.preconditioner import kfac_scales, preconditioner_scales
 from .data import batches
 from .device import resolve_device
 from .finite import NONFINITE_POLICIES, check_finite
@@ -70,6 +70,7 @@ class CaptureJob:
     nonfinite: str = "raise"
     target_key: str = "labels"  # the targets' key in Mapping batches
     per_example_methods: dict[str, str] | None = None  # {parameter: method}, see .methods
+    curvature: object | None = None  # preconditioner="kfac": the fitted Curvature (.curvature)
 
     def __post_init__(self):
         if self.nonfinite not in NONFINITE_POLICIES:
@@ -106,7 +107,11 @@ class CaptureJob:
         if not blocks:
             return 0
         dev = resolve_device(self.device)
-        preconditioned = self.spec.preconditioner != "none"
+        preconditioned = self.spec.preconditioner in ("adam", "adafactor")  # from the checkpoints' moments
+        kfac = self.spec.preconditioner == "kfac"
+        if kfac and (self.curvature is None or self.curvature.sha256 != dict(self.spec.extra)["kfac"]["sha256"]):
+            raise CaptureError("this store was captured with another fitted curvature than the one given; pass the "
+                               "curvature it was captured with (curvature=), or overwrite=True to start over")
         if loaded is None:
             names = [n for n, _ in self.spec.layers] if preconditioned else None
             loaded = load_checkpoints(self.model, self.checkpoints, self.learning_rates, moments_for=names)
@@ -130,8 +135,9 @@ class CaptureJob:
             # Every checkpoint is loaded (and moved to the device) once, outside the batch loop.
             states = [
                 featurize.prepare({k: v.to(dev) for k, v in drop_tied_duplicates(model, ck.state_dict).items()},
+                                  kfac_scales(self.curvature, i, dev) if kfac else
                                   preconditioner_scales(self.spec, ck.moments.value, dev) if preconditioned else None)
-                for ck in ckpts
+                for i, ck in enumerate(ckpts)
             ]
             writer = BlockWriter(store, blocks, with_labels=store.has_labels)
             loader = self.loader(blocks)

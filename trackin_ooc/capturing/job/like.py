@@ -18,6 +18,7 @@ from ...errors import ArgumentError, CaptureError, CheckpointError, CheckpointNo
 from ...store import GradientStore, open_store
 from ..checkpoints import expand_checkpoints, load_checkpoints
 from .capture import capture
+from .preconditioning import CURVATURE_ATTR, FROM_MOMENTS
 
 # Options that define the feature space: a test store with other values would not combine with its train store.
 FIXED = ("projection", "projection_dim", "seed", "layers", "learning_rates", "preconditioner")
@@ -101,7 +102,7 @@ def check_same_checkpoints(train: GradientStore, model: nn.Module, checkpoints: 
     Hashed as the train store hashed them: a preconditioned store's hashes cover the optimizer moments too."""
     recorded = train.attrs.get("checkpoint_paths") or [None] * train.n_checkpoints
     checkpoints = expand_checkpoints(checkpoints)
-    with_moments = _preconditioner(train) != "none"
+    with_moments = _preconditioner(train) in FROM_MOMENTS  # "kfac" stores hash the weights alone
     try:
         loaded = load_checkpoints(model, checkpoints, list(train.learning_rates),
                                   moments_for=[n for n, _ in train.spec.layers] if with_moments else None)
@@ -193,6 +194,8 @@ def capture_like(
     if "preconditioner" in inspect.signature(capture).parameters:
         # Always given: capture's own default ("auto") could pick another form than the train store's.
         kwargs["preconditioner"] = None if options["preconditioner"] == "none" else options["preconditioner"]
+        if options["preconditioner"] == "kfac" and "curvature" not in overrides:
+            kwargs["curvature"] = train.attrs.get(CURVATURE_ATTR)  # the file the train store was captured with
     elif options["preconditioner"] != "none":
         raise CaptureError(f"{train.path} was captured with the {options['preconditioner']!r} preconditioner, "
                            "which this trackin-ooc cannot apply; use the version that made it")

@@ -1,5 +1,8 @@
 """Which preconditioner a capture uses, decided once from its checkpoints' moments (docs/preconditioning.md).
 
+``"kfac"`` needs a curvature fitted on the train data first (``.curvature``), so "auto" picks it only when
+``capture`` is given one; it is checked against the checkpoints and recorded in the spec.
+
 ``"auto"`` is "adam" when every checkpoint carries Adam moments that fit every selected parameter, else
 the SGD form; one line of the "trackin_ooc" log says which and why. ``"adam"`` and ``"adafactor"`` refuse
 a checkpoint without fitting moments in one line naming it. The decision goes into the spec (so into its
@@ -25,6 +28,15 @@ log = logging.getLogger("trackin_ooc")
 PRECONDITIONER_CHOICES = ("auto", *PRECONDITIONERS)
 # Store attribute: where each checkpoint's moments were read (absent for the SGD form).
 MOMENTS_ATTR = "preconditioner_moments"
+# Store attribute of a "kfac" store: the curvature file it was captured with (capture_like passes it on).
+CURVATURE_ATTR = "preconditioner_curvature"
+# The preconditioners read from the optimizer's moments (``"kfac"`` reads a fitted curvature instead).
+FROM_MOMENTS = ("adam", "adafactor")
+
+
+def needs_moments(kind: str) -> bool:
+    """Whether preconditioner ``kind`` (checked, or "auto") reads each checkpoint's Adam moments."""
+    return kind == "auto" or kind in FROM_MOMENTS
 
 
 def check_preconditioner(value: str | None) -> str:
@@ -43,8 +55,8 @@ def _short(names: Sequence[str], n: int = 3) -> str:
 def resolve_preconditioner(value: str, checkpoints: Sequence[Checkpoint], names: Sequence[str]) -> str:
     """"none", "adam" or "adafactor" for ``value`` (checked), given checkpoints loaded with their moments
     (``moments_for=names``) unless ``value`` is "none"."""
-    if value == "none":
-        return "none"
+    if value in ("none", "kfac"):
+        return value
     errors = [ck for ck in checkpoints if ck.moments is not None and ck.moments.error]
     absent = [ck for ck in checkpoints if ck.moments is None or ck.moments.absent]
     if value == "auto":
@@ -74,10 +86,38 @@ def resolve_preconditioner(value: str, checkpoints: Sequence[Checkpoint], names:
     return value
 
 
-def with_preconditioner(spec: ProjectionSpec, kind: str, model: nn.Module) -> ProjectionSpec:
-    """``spec`` recording preconditioner ``kind`` and the layers whose moments take the rank-1 form."""
+def kfac_record(curvature) -> dict:
+    """What a "kfac" spec records of its fitted curvature (part of the fingerprint): hash, damping, layers."""
+    layers = curvature.layers[0].values() if curvature.layers else []
+    return {"sha256": curvature.sha256, "damping": curvature.damping, "n_examples": curvature.n_examples,
+            "layers": [{"kind": x.kind, "module": x.module, "params": list(x.params)} for x in layers]}
+
+
+def check_kfac(spec: ProjectionSpec, curvature, checkpoints: Sequence[Checkpoint], names: Sequence[str]) -> None:
+    """A one-line CaptureError unless preconditioner="kfac" can run: a curvature given, fitted at these
+    checkpoints for these parameters, and a projection that forms per-example gradients."""
+    if curvature is None:
+        raise CaptureError("preconditioner='kfac' needs curvature=: fit it on the train data with "
+                           "to.fit_curvature(model, checkpoints, train_data, 'curvature.pt') (trackin-ooc "
+                           "fit-curvature) and pass it, or its path, to every capture")
+    if spec.kind in ("factored", "factors"):
+        raise CaptureError(f"preconditioner='kfac' works with exact gradients and the gaussian or rademacher "
+                           f"projection, not projection={spec.kind!r}; use one of those, or preconditioner='adam'")
+    from .curvature import check_curvature
+
+    check_curvature(curvature, checkpoints, names)
+
+
+def with_preconditioner(spec: ProjectionSpec, kind: str, model: nn.Module, curvature=None) -> ProjectionSpec:
+    """``spec`` recording preconditioner ``kind`` and the layers whose moments take the rank-1 form (for
+    "kfac", the fitted ``curvature``'s record; without one, as a capture plan sees it, none)."""
     if kind == "none":
         return spec
+    if kind == "kfac":
+        extra = dict(spec.extra)
+        if curvature is not None:
+            extra["kfac"] = kfac_record(curvature)
+        return dataclasses.replace(spec, preconditioner="kfac", extra=tuple(sorted(extra.items())))
     layers = preconditioner_layers(kind, spec, model)
     spec = dataclasses.replace(spec, preconditioner=kind, preconditioner_layers=layers)
     if kind == "adam" and layers:
@@ -90,11 +130,14 @@ def with_preconditioner(spec: ProjectionSpec, kind: str, model: nn.Module) -> Pr
 
 def recorded_hashes(checkpoints: Sequence[Checkpoint], kind: str) -> list[str]:
     """The checkpoint hashes a store records: with the moments used when preconditioned."""
-    return [ck.recorded_sha256(kind != "none") for ck in checkpoints]
+    return [ck.recorded_sha256(kind in FROM_MOMENTS) for ck in checkpoints]
 
 
-def moments_attrs(checkpoints: Sequence[Checkpoint], kind: str) -> dict:
-    """Store attributes saying where each checkpoint's moments were read (none for the SGD form)."""
+def moments_attrs(checkpoints: Sequence[Checkpoint], kind: str, curvature=None) -> dict:
+    """Store attributes saying where each checkpoint's moments were read (none for the SGD form), or, for
+    "kfac", which curvature file was used (None when it was given in memory only)."""
+    if kind == "kfac":
+        return {CURVATURE_ATTR: None if curvature is None else curvature.path}
     if kind == "none":
         return {}
     return {MOMENTS_ATTR: [ck.moments.value.where for ck in checkpoints]}

@@ -31,7 +31,7 @@ elementwise form (a vector's v̂ is its own rank-1 factorisation).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -57,20 +57,53 @@ class LayerScale:
 
 
 @dataclass(frozen=True)
+class KronScale:
+    """A layer's K-FAC P^{1/2} = Q (Λ + λ)^{-1/2} Qᵀ, Q = Q_out ⊗ Q_in (``preconditioner="kfac"``,
+    trackin_ooc.capturing.curvature): applied to its per-example gradient G (d_out × d_in: the weight's
+    other dimensions flattened, the bias as the last input column) as Q_out [(Q_outᵀ G Q_in) ∘ R] Q_inᵀ."""
+
+    params: tuple[str, ...]  # (weight,) or (weight, bias)
+    q_out: torch.Tensor  # (d_out, d_out)
+    q_in: torch.Tensor  # (d_in, d_in)
+    inverse_root: torch.Tensor  # R = (Λ + λ)^{-1/2}, (d_out, d_in)
+
+    def to(self, device: torch.device | str) -> KronScale:
+        return KronScale(self.params, self.q_out.to(device), self.q_in.to(device), self.inverse_root.to(device))
+
+    def apply(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weight = grads[self.params[0]].to(torch.float32)
+        b, d_out = weight.shape[0], weight.shape[1]
+        g = weight.reshape(b, d_out, -1)
+        if len(self.params) == 2:
+            g = torch.cat([g, grads[self.params[1]].to(torch.float32).reshape(b, d_out, 1)], dim=2)
+        g = self.q_out @ (((self.q_out.T @ g @ self.q_in) * self.inverse_root) @ self.q_in.T)
+        out = {self.params[0]: g[:, :, :weight[0].numel() // d_out].reshape(weight.shape)}
+        if len(self.params) == 2:
+            out[self.params[1]] = g[:, :, -1]
+        return out
+
+
+@dataclass(frozen=True)
 class Scales:
     """P_c^{1/2} of one checkpoint: elementwise factors per parameter (its shape) for per-example gradients,
-    and the two factors of each hooked layer (by module name)."""
+    the two factors of each hooked layer (by module name), and the K-FAC factors of each layer it
+    preconditions as a whole (``kron``, by module name)."""
 
     params: dict[str, torch.Tensor]
     layers: dict[str, LayerScale]
+    kron: dict[str, KronScale] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> Scales:
         return Scales({n: s.to(device) for n, s in self.params.items()},
-                      {m: s.to(device) for m, s in self.layers.items()})
+                      {m: s.to(device) for m, s in self.layers.items()},
+                      {m: s.to(device) for m, s in self.kron.items()})
 
     def apply(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-example gradients {name: (B, *shape)} times P^{1/2} (float32)."""
-        return {n: g.to(torch.float32) * self.params[n] for n, g in grads.items()}
+        """Per-example gradients {name: (B, *shape)} times P^{1/2} (float32), in the order given."""
+        scaled = {n: g.to(torch.float32) * self.params[n] for n, g in grads.items() if n in self.params}
+        for k in self.kron.values():
+            scaled.update(k.apply(grads))
+        return {n: scaled[n] for n in grads}
 
 
 # ---- the two forms ---------------------------------------------------------------------------------
@@ -170,3 +203,12 @@ def preconditioner_scales(spec: ProjectionSpec, moments: Moments, device: torch.
         if n not in covered:
             params[n] = elementwise(have[n])
     return Scales(params, layers).to(device)
+
+
+def kfac_scales(curvature, checkpoint: int, device: torch.device | str = "cpu") -> Scales:
+    """P^{1/2} of checkpoint ``checkpoint`` (its index) from a fitted ``curvature`` (``preconditioner="kfac"``)."""
+    kron = {}
+    for m, layer in curvature.layers[checkpoint].items():
+        kron[m] = KronScale(layer.params, layer.q_out.to(torch.float32), layer.q_in.to(torch.float32),
+                            layer.inverse_root(curvature.damping).to(torch.float32))
+    return Scales({}, {}, kron).to(device)
