@@ -47,13 +47,13 @@ def fit_curvature(settings: Settings, model_ref, data_ref, checkpoints, out, lay
     import os
 
     import trackin_ooc as to
-    from trackin_ooc import loading
+    from trackin_ooc import refs
 
     if os.path.exists(out) and not overwrite:
         raise to.CaptureError(f"{out} exists; pass --overwrite to replace it")
-    model = loading.load_model(model_ref)
-    data = loading.load_dataset(data_ref)
-    loss_fn = loading.load_loss(loss_ref) if loss_ref else None
+    model = refs.load_model(model_ref)
+    data = refs.load_dataset(data_ref)
+    loss_fn = refs.load_loss(loss_ref) if loss_ref else None
     t0 = time.perf_counter()
     import torch
 

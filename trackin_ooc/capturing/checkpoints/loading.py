@@ -16,7 +16,7 @@ from ...errors import CaptureError
 from .fitting import fit_state_dict
 from .formats import describe_sources, expand_checkpoints, read_checkpoint
 from .hashing import state_dict_sha256
-from .moments import FoundMoments, read_moments
+from .moments import FoundMoments, Moments, read_moments
 
 Checkpoints = Sequence[str | os.PathLike | Mapping[str, torch.Tensor]] | str | os.PathLike | Mapping
 
@@ -37,9 +37,19 @@ class Checkpoint:
         moments it used, so that a changed optimizer state is noticed like changed weights."""
         if not with_moments:
             return self.sha256
+        return hashlib.sha256(f"{self.sha256}+moments:{self.read_moments.sha256}".encode()).hexdigest()
+
+    @property
+    def read_moments(self) -> Moments:
+        """The Adam moments read with this checkpoint; ValueError where there are none."""
         if self.moments is None or self.moments.value is None:
             raise ValueError(f"checkpoint {self.name} was loaded without moments")
-        return hashlib.sha256(f"{self.sha256}+moments:{self.moments.value.sha256}".encode()).hexdigest()
+        return self.moments.value
+
+    @property
+    def moments_error(self) -> str:
+        """Why its moments do not fit ("" where they do or were not read)."""
+        return "" if self.moments is None else (self.moments.error or "")
 
 
 def _learning_rates(learning_rates, n: int, n_given: int, sources) -> list[float] | None:

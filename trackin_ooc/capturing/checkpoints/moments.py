@@ -138,7 +138,7 @@ def trainer_groups(model: nn.Module, legacy: bool = False) -> list[list[str]]:
 
 
 def _group_ids(state: Mapping[str, Any], where: str) -> list[list[int]]:
-    groups = state.get("param_groups")
+    groups: Any = state.get("param_groups")
     try:
         return [[int(i) for i in g["params"]] for g in groups]
     except (TypeError, KeyError, ValueError):
@@ -175,7 +175,7 @@ def _moment_shape(entry: Any) -> tuple[int, ...] | None:
     return None
 
 
-def _misfit(order: list[list[str]] | list[str], ids: list[list[int]], entries: Mapping, params) -> str | None:
+def _misfit(order: Any, ids: list[list[int]], entries: Mapping, params) -> str | None:
     """Why ``order`` (per group, or one flat list for all ids) does not map the ids; None when it does."""
     flat_ids = [i for g in ids for i in g]
     if order and isinstance(order[0], list):
@@ -209,14 +209,16 @@ def map_parameter_ids(model: nn.Module, state: Mapping[str, Any], where: str, tr
     params = dict(model.named_parameters())
     every = list(params)
     trainable = [n for n, p in params.items() if p.requires_grad]
+    candidates: list[Any]  # flat name orders, or one list of names per parameter group
     if trainer:
         candidates = [trainer_groups(model), trainer_groups(model, legacy=True)]
     else:
-        candidates = [every] + ([trainable] if trainable != every else [])
+        candidates = [every, *([trainable] if trainable != every else [])]
         if len(ids) == 2:
             candidates += [trainer_groups(model), trainer_groups(model, legacy=True)]
     flat_ids = [i for g in ids for i in g]
-    fitting, first_problem = [], None
+    fitting: list[dict[int, str]] = []
+    first_problem = None
     for order in candidates:
         problem = _misfit(order, ids, entries, params)
         if problem is None:

@@ -70,7 +70,7 @@ class CaptureJob:
     nonfinite: str = "raise"
     target_key: str = "labels"  # the targets' key in Mapping batches
     per_example_methods: dict[str, str] | None = None  # {parameter: method}, see .methods
-    curvature: object | None = None  # preconditioner="kfac": the fitted Curvature (.curvature)
+    curvature: Any = None  # preconditioner="kfac": the fitted Curvature (.curvature)
 
     def __post_init__(self):
         if self.nonfinite not in NONFINITE_POLICIES:
@@ -136,7 +136,7 @@ class CaptureJob:
             states = [
                 featurize.prepare({k: v.to(dev) for k, v in drop_tied_duplicates(model, ck.state_dict).items()},
                                   kfac_scales(self.curvature, i, dev) if kfac else
-                                  preconditioner_scales(self.spec, ck.moments.value, dev) if preconditioned else None)
+                                  preconditioner_scales(self.spec, ck.read_moments, dev) if preconditioned else None)
                 for i, ck in enumerate(ckpts)
             ]
             writer = BlockWriter(store, blocks, with_labels=store.has_labels)

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -175,7 +176,8 @@ def kfac_layers(model: nn.Module, names: Sequence[str]) -> list[tuple[str, str, 
         for pname, _ in module.named_parameters(recurse=False):
             owner[f"{mname}.{pname}" if mname else pname] = (mname, module, pname)
     chosen = set(names)
-    out, seen = [], set()
+    out: list[tuple[str, str, tuple[str, ...]]] = []
+    seen: set[str] = set()
     for n in names:
         mname, module, pname = owner[n]
         if mname in seen:
@@ -189,7 +191,7 @@ def kfac_layers(model: nn.Module, names: Sequence[str]) -> list[tuple[str, str, 
             why = "is in a convolution with groups, non-zero or string padding, which K-FAC here does not cover"
         elif (f"{mname}.weight" if mname else "weight") not in chosen:
             why = "is a bias selected without its layer's weight"
-        if why:
+        if why or kind is None:
             raise CaptureError(f"parameter {n} {why}; {FIX_LAYERS}")
         seen.add(mname)
         prefix = f"{mname}." if mname else ""
@@ -198,7 +200,7 @@ def kfac_layers(model: nn.Module, names: Sequence[str]) -> list[tuple[str, str, 
     return out
 
 
-def _unfold(kind: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _unfold(kind: str, module: Any, x: torch.Tensor) -> torch.Tensor:
     """A layer's inputs per output position: (B, T, d_in) (T = 1 for Linear; d_in = in · kernel)."""
     if kind == "linear":
         return x.reshape(x.shape[0], -1, x.shape[-1])

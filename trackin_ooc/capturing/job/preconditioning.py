@@ -57,24 +57,24 @@ def resolve_preconditioner(value: str, checkpoints: Sequence[Checkpoint], names:
     (``moments_for=names``) unless ``value`` is "none"."""
     if value in ("none", "kfac"):
         return value
-    errors = [ck for ck in checkpoints if ck.moments is not None and ck.moments.error]
+    errors = [ck for ck in checkpoints if ck.moments_error]
     absent = [ck for ck in checkpoints if ck.moments is None or ck.moments.absent]
     if value == "auto":
         if not errors and not absent:
             log.info("preconditioner='auto': adam (every checkpoint carries Adam moments for the %d selected "
                      "parameters, read from %s); pass preconditioner=None for the SGD form", len(names),
-                     _short([ck.moments.value.where for ck in checkpoints]))
+                     _short([ck.read_moments.where for ck in checkpoints]))
             return "adam"
         if errors:
             log.warning("preconditioner='auto': the SGD form (plain gradients), since checkpoint %s carries moments "
-                        "that do not fit: %s", errors[0].name, errors[0].moments.error)
+                        "that do not fit: %s", errors[0].name, errors[0].moments_error)
         else:
             why = absent[0].moments.absent if absent[0].moments is not None else "its moments were not read"
             log.info("preconditioner='auto': the SGD form (plain gradients), since checkpoint %s carries no Adam "
                      "moments (%s)", absent[0].name, why)
         return "none"
     if errors:
-        raise CheckpointError(errors[0].moments.error)
+        raise CheckpointError(errors[0].moments_error)
     if absent:
         ck = absent[0]
         why = ck.moments.absent if ck.moments is not None else "its moments were not read"
@@ -140,4 +140,4 @@ def moments_attrs(checkpoints: Sequence[Checkpoint], kind: str, curvature=None) 
         return {CURVATURE_ATTR: None if curvature is None else curvature.path}
     if kind == "none":
         return {}
-    return {MOMENTS_ATTR: [ck.moments.value.where for ck in checkpoints]}
+    return {MOMENTS_ATTR: [ck.read_moments.where for ck in checkpoints]}
