@@ -13,6 +13,10 @@ subgroup ``index`` (``index_cosine`` for ``normalize=True`` queries), and record
 | ``list_radius`` | (list,) | max distance of a list's rows from its centroid |
 | ``window_complete`` | (window,) | which row windows of ``grads`` are written |
 
+Format version 2 (version 1 indexes are refused: rebuild them) records whether the calibration found
+structure an index can use (``structured``, with its one-line ``verdict``), the calibration's held-out
+queries and margin, and keeps every list within twice the mean size.
+
 Build state kept for resuming and calibrating: ``assignment`` (list of every train row, in train order),
 ``block_counts``/``block_radius``/``block_complete`` per source block, the calibration queries and their
 exact top-k per source block, and a temporary ``staging`` subgroup (rows sorted by list within each
@@ -39,7 +43,7 @@ from .backends import StorageOptions
 from .gradient_store import GradientStore, _consolidate
 from .integrity import BadChunk, checked_read, verify_group
 
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2
 KIND = "index"
 DEFAULT_NAME = "index"
 COSINE_NAME = "index_cosine"
@@ -103,7 +107,8 @@ class TopKIndex:
             raise StoreError(f"{self.path} is not a trackin-ooc index; build one with trackin_ooc.build_index")
         if meta.get("format_version") != INDEX_FORMAT_VERSION:
             raise StoreError(f"index {self.path} has format version {meta.get('format_version')}; this trackin-ooc "
-                             f"reads version {INDEX_FORMAT_VERSION}: rebuild it (build_index(..., overwrite=True))")
+                             f"reads version {INDEX_FORMAT_VERSION}: rebuild it with build_index(train, "
+                             f"overwrite=True) (trackin-ooc index TRAIN --overwrite)")
         self._meta: dict[str, Any] = meta
         self._arrays: dict[str, zarr.Array] = {}
         self._lock = threading.Lock()
@@ -254,13 +259,24 @@ class TopKIndex:
         return int(self._meta.get("n_probe") or self.n_lists)
 
     @property
+    def structured(self) -> bool:
+        """Whether the calibration found structure an index can use; where not, ``top_k(index=...)`` at the
+        default ``n_probe`` streams exact top-k (an explicit ``n_probe`` still reads the lists)."""
+        return bool(self._meta.get("structured", False))
+
+    @property
+    def verdict(self) -> str:
+        """The calibration's finding in one line (recall and rows read at the default ``n_probe``)."""
+        return str(self._meta.get("verdict", ""))
+
+    @property
     def bound_weight(self) -> float:
         """λ in the list ranking ⟨q, c_L⟩ ± λ‖q‖·r_L, chosen by the calibration."""
         return float(self._meta.get("bound_weight", 0.0))
 
     @property
     def calibration(self) -> dict[str, Any]:
-        """What the build measured on held-in queries: recall@k and fraction read for several ``n_probe``."""
+        """What the build measured on held-out queries: recall@k and fraction read for several ``n_probe``."""
         return dict(self._meta.get("calibration") or {})
 
     @property
@@ -325,8 +341,9 @@ class TopKIndex:
     def __repr__(self) -> str:
         state = "complete" if self.complete else "INCOMPLETE"
         kind = "cosine" if self.normalize else "dot-product"
+        probe = f"n_probe={self.n_probe} by default" if self.structured or not self.complete else "no structure: streams"
         return (f"<TopKIndex {self.path!r}: {self.n_lists} lists over {self.n_examples} rows, {kind}, "
-                f"n_probe={self.n_probe} by default, {state}>")
+                f"{probe}, {state}>")
 
     def _repr_html_(self) -> str:
         """A table of the index and its calibration, for Jupyter (trackin_ooc.views.reprs)."""
@@ -525,7 +542,8 @@ class TopKIndex:
             self._group = _open_group(self.path, self.storage_options, False)
             self._arrays.clear()
 
-    def mark_complete(self, *, n_probe: int, bound_weight: float, calibration: dict[str, Any]) -> TopKIndex:
+    def mark_complete(self, *, n_probe: int, bound_weight: float, calibration: dict[str, Any], structured: bool,
+                      verdict: str) -> TopKIndex:
         """Seal the index: every window written, staging removed, the calibrated defaults recorded."""
         g = self._writable()
         done = self.windows_done()
@@ -533,7 +551,8 @@ class TopKIndex:
             raise IncompleteStoreError(
                 f"cannot mark index {self.path} complete: {int((~done).sum())} windows unwritten")
         meta = dict(self._meta, n_probe=int(n_probe), bound_weight=float(bound_weight),
-                    calibration=json.loads(json.dumps(calibration)), complete=True)
+                    calibration=json.loads(json.dumps(calibration)), structured=bool(structured), verdict=verdict,
+                    complete=True)
         g.attrs[layout.ATTRS_KEY] = meta
         self._meta = meta
         _consolidate(g)
