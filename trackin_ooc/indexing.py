@@ -181,12 +181,14 @@ def _lay_out(tr: GradientStore, out, n_lists: int, normalize: bool, seed: int, p
     if len(positions) - n_q >= max(n_lists, ivf.SAMPLE_PER_LIST * n_lists // 2):
         sample = np.delete(sample, pick, axis=0)
     centroids = ivf.train_quantizer(sample, n_lists, seed)
+    samples, sample_offsets = ivf.list_samples(sample, centroids, seed)
     del sample
     row_bytes = tr.n_checkpoints * tr.feature_dim * layout.itemsize(tr.dtype)
     chunk_rows = _chunk_rows(tr.n_examples, n_lists, row_bytes)
     return TopKIndex.create(
         out, train=tr, normalize=normalize, centroids=centroids, calibration_rows=query_rows,
-        calibration_queries=queries, calibration_k=min(tr.n_examples, ivf.CALIBRATION_K + 1),
+        calibration_queries=queries, list_samples=samples, list_sample_offsets=sample_offsets,
+        calibration_k=min(tr.n_examples, ivf.CALIBRATION_K + 1),
         block_rows=block_rows, chunk_rows=chunk_rows,
         window_rows=_window_rows(tr.n_examples, chunk_rows, row_bytes), params=params,
         storage_options=storage_options,
@@ -212,7 +214,7 @@ def _fill(tr: GradientStore, idx: TopKIndex, normalize: bool, target_recall: flo
     if not cal.structured:
         log.warning("index of %s: %s", tr.path, verdict)
     idx.drop_staging()
-    idx.mark_complete(n_probe=cal.n_probe, bound_weight=cal.bound_weight, structured=cal.structured,
+    idx.mark_complete(rules=(cal.proponents, cal.opponents), structured=cal.structured,
                       verdict=verdict,
                       calibration={"k": ivf.CALIBRATION_K, "target_recall": target_recall,
                                    "margin": ivf.CALIBRATION_MARGIN, "queries": int(len(idx.calibration_data()["rows"])),
@@ -223,15 +225,14 @@ def _fill(tr: GradientStore, idx: TopKIndex, normalize: bool, target_recall: flo
 def _calibrate(idx: TopKIndex, target_recall: float) -> ivf.Calibration:
     data = idx.calibration_data()
     k = min(ivf.CALIBRATION_K, idx.n_examples - 1)
-    sizes = idx.list_sizes()
     if k < 1:
-        return ivf.Calibration(n_probe=idx.n_lists, bound_weight=0.0, table={}, fraction_read=1.0)
+        every = ivf.EndRule("centroid", 0.0, idx.n_lists)
+        return ivf.Calibration(proponents=every, opponents=every, table={}, fraction_read=1.0)
     best, worst = ivf.true_top(data, data["rows"], k)
     rows, where = np.unique(np.concatenate([best.ravel(), worst.ravel()]), return_inverse=True)
     lists = idx.assignment(rows).astype(np.int64)[where]
     best_lists, worst_lists = lists[: best.size].reshape(best.shape), lists[best.size:].reshape(worst.shape)
-    return ivf.calibrate(data["queries"], best, worst, best_lists, worst_lists, idx.centroids(),
-                         idx.list_radius(), sizes, target=target_recall)
+    return ivf.calibrate(data["queries"], best_lists, worst_lists, idx.quantizer(), target=target_recall)
 
 
 def open_index(store: StoreLike | TopKIndex, *, normalize: bool = False,
@@ -295,7 +296,7 @@ def index_top_k(
         n_probe = idx.n_probe
     elif isinstance(n_probe, bool) or not isinstance(n_probe, (int, np.integer)) or n_probe < 1:
         raise ArgumentError(f"n_probe must be a positive integer (lists read per test example), got {n_probe!r}")
-    n_probe = int(min(n_probe, idx.n_lists))
+    n_probe = int(min(n_probe, idx.n_lists)) if n_probe is not None else None
     backend = resolve_backend(device).name
     res = resources.detect(memory_limit, client)
     from .store.layout import itemsize
@@ -321,7 +322,8 @@ def index_top_k(
         coords={"test": te.example_ids(), "rank": rank_coordinate(k)},
         attrs={"k": int(k), "normalize": bool(normalize), "test_store": te.path, "train_store": tr.path,
                "test_fingerprint": te.fingerprint, "train_fingerprint": tr.fingerprint,
-               "approximate": True, "index": idx.path, "n_probe": n_probe, "n_lists": idx.n_lists,
+               "approximate": True, "index": idx.path, "n_probe": idx.n_probe if n_probe is None else n_probe,
+               "n_lists": idx.n_lists,
                "rows_read": int(read), "fraction_read": float(read / (tr.n_examples * max(1, len(rows)))),
                "bytes_read": int(read * tr.n_checkpoints * tr.feature_dim * itemsize(tr.dtype))},
     )

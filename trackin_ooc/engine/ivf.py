@@ -36,6 +36,7 @@ CALIBRATION_K = 10
 # query costs about what streaming every row costs: the store has no structure an index can use.
 MAX_USEFUL_FRACTION = 0.25
 BALANCE = 2.0  # no list holds more than this many times the mean (on the sample)
+LIST_SAMPLE_BYTES = 32 << 20  # sampled rows kept in the index for ranking lists (read by every query)
 BALANCE_ROUNDS = 4
 SAMPLE_PER_LIST = 40  # k-means training rows per list (as FAISS recommends), within the memory budget
 KMEANS_ITERATIONS = 20
@@ -145,6 +146,21 @@ def balance_lists(sample: np.ndarray, centroids: np.ndarray, seed: int = 0,
     return centroids
 
 
+def list_samples(sample: np.ndarray, centroids: np.ndarray, seed: int = 0,
+                 max_bytes: int = LIST_SAMPLE_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """Sampled rows grouped by their list (at most ``max_bytes`` of them) and the (lists + 1,) offsets."""
+    n_lists, width = centroids.shape
+    keep = min(len(sample), max(n_lists, max_bytes // max(1, 4 * width)))
+    rows = sample
+    if keep < len(sample):
+        rows = sample[np.sort(np.random.default_rng([seed, 1]).choice(len(sample), size=keep, replace=False))]
+    half_sq = 0.5 * np.einsum("lw,lw->l", centroids, centroids, dtype=np.float32)
+    labels = np.concatenate([assign(rows[s:s + 65536], centroids, half_sq)[0] for s in range(0, len(rows), 65536)])
+    order = np.argsort(labels, kind="stable")
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=n_lists))]).astype(np.int64)
+    return np.ascontiguousarray(rows[order], dtype=np.float32), offsets
+
+
 def order_lists(centroids: np.ndarray, seed: int = 0) -> np.ndarray:
     """A storage order of the lists that puts lists pointing the same way side by side (k-means of the
     centroids' directions into ≈ √lists groups; by norm within a group): a query probes neighbouring
@@ -170,34 +186,79 @@ def assign(rows: np.ndarray, centroids: np.ndarray, half_sq: np.ndarray) -> tupl
     return lists.astype(np.int32), np.sqrt(np.maximum(sq, 0.0))
 
 
-def list_scores(queries: np.ndarray, centroids: np.ndarray, radius: np.ndarray, bound_weight: float):
-    """Per query and list: the proponent ranking key (high first) and the opponent key (low first)."""
-    base = queries @ centroids.T
-    if not bound_weight:
-        return base, base
-    spread = bound_weight * np.sqrt(np.einsum("qw,qw->q", queries, queries))[:, None] * radius[None, :]
-    return base + spread, base - spread
+@dataclass(frozen=True)
+class Quantizer:
+    """What ranking lists for a query needs: centroids, radii, sizes, and the sampled rows of each list
+    (``samples[sample_offsets[L]:sample_offsets[L+1]]`` lie in list L)."""
+
+    centroids: np.ndarray
+    radius: np.ndarray
+    sizes: np.ndarray
+    samples: np.ndarray
+    sample_offsets: np.ndarray
+
+    @property
+    def n_lists(self) -> int:
+        return int(self.centroids.shape[0])
 
 
-def probe(queries: np.ndarray, centroids: np.ndarray, radius: np.ndarray, sizes: np.ndarray, n_probe: int,
-          bound_weight: float, k: int) -> np.ndarray:
-    """Sorted ids of the lists to read for a block of queries: for each query, its ``n_probe`` best lists
-    for proponents and for opponents (more where needed to hold at least ``k`` rows per end)."""
-    n_lists = centroids.shape[0]
-    hi, lo = list_scores(queries, centroids, radius, bound_weight)
-    if n_probe >= n_lists:
-        return np.arange(n_lists)
+@dataclass(frozen=True)
+class EndRule:
+    """How one end (proponents or opponents) ranks lists, and how many it reads by default.
+
+    ``ranking``: "centroid" ranks list L by ⟨q, c_L⟩, "sample" by the best ⟨q, s⟩ over the sampled rows s
+    of L (a list holding several clusters is ranked by the one nearest q, not by their mean); both then
+    ± ``bound_weight``·‖q‖·r_L.
+    """
+
+    ranking: str
+    bound_weight: float
+    n_probe: int
+
+    def as_dict(self) -> dict:
+        return {"ranking": self.ranking, "bound_weight": float(self.bound_weight), "n_probe": int(self.n_probe)}
+
+
+RANKINGS = ("centroid", "sample")
+QUERY_TILE = 256  # queries ranked at once (bounds the queries × samples score tile)
+
+
+def list_keys(queries: np.ndarray, qz: Quantizer, ranking: str, bound_weight: float, opponents: bool) -> np.ndarray:
+    """(queries, lists) keys, higher first: for proponents the largest, for opponents the most negative,
+    inner products a list is expected to hold."""
+    sign = -1.0 if opponents else 1.0
+    keys = sign * (queries @ qz.centroids.T)
+    if ranking == "sample" and len(qz.samples):
+        filled = np.flatnonzero(np.diff(qz.sample_offsets) > 0)
+        scores = sign * (queries @ qz.samples.T)
+        keys[:, filled] = np.maximum.reduceat(scores, qz.sample_offsets[filled], axis=1)
+    if bound_weight:
+        keys += bound_weight * np.sqrt(np.einsum("qw,qw->q", queries, queries))[:, None] * qz.radius[None, :]
+    return keys
+
+
+def probe(queries: np.ndarray, qz: Quantizer, rules: tuple[EndRule, EndRule], k: int,
+          n_probe: int | None = None) -> np.ndarray:
+    """Sorted ids of the lists to read for a block of queries: for each query and end, its best lists
+    by that end's rule (``n_probe`` lists, or the rule's own default; more where needed to hold at least
+    ``k`` rows)."""
+    n_lists = qz.n_lists
     chosen = np.zeros(n_lists, dtype=bool)
-    for keys in (-hi, lo):
-        order = np.argsort(keys, axis=1, kind="stable")
-        take = np.full(len(queries), n_probe)
-        # where the first n_probe lists hold fewer than k rows, take lists until they do
-        held = np.cumsum(sizes[order], axis=1)
-        short = held[:, n_probe - 1] < k
-        if short.any():
-            take[short] = np.minimum(n_lists, 1 + np.argmax(held[short] >= k, axis=1))
-        cols = np.arange(n_lists)[None, :] < take[:, None]
-        chosen[order[cols]] = True
+    for t in range(0, len(queries), QUERY_TILE):
+        block = queries[t:t + QUERY_TILE]
+        for opponents, rule in enumerate(rules):
+            p = min(n_lists, rule.n_probe if n_probe is None else n_probe)
+            if p >= n_lists:
+                return np.arange(n_lists)
+            keys = list_keys(block, qz, rule.ranking, rule.bound_weight, bool(opponents))
+            order = np.argsort(-keys, axis=1, kind="stable")
+            take = np.full(len(block), p)
+            # where the first p lists hold fewer than k rows, take lists until they do
+            held = np.cumsum(qz.sizes[order], axis=1)
+            short = held[:, p - 1] < k
+            if short.any():
+                take[short] = np.minimum(n_lists, 1 + np.argmax(held[short] >= k, axis=1))
+            chosen[order[np.arange(n_lists)[None, :] < take[:, None]]] = True
     return np.flatnonzero(chosen)
 
 
@@ -213,11 +274,15 @@ def rows_of_lists(lists: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Calibration:
-    n_probe: int
-    bound_weight: float
+    proponents: EndRule
+    opponents: EndRule
     table: dict  # n_probe -> recall (proponents, opponents) and mean fraction of rows read per query
-    fraction_read: float = 1.0  # at n_probe, per query
-    recall: float = 1.0  # the lower of the two ends at n_probe
+    fraction_read: float = 1.0  # at the rules' own n_probe, per query
+    recall: float = 1.0  # the lower of the two ends there
+
+    @property
+    def n_probe(self) -> int:
+        return max(self.proponents.n_probe, self.opponents.n_probe)
 
     @property
     def structured(self) -> bool:
@@ -228,10 +293,11 @@ class Calibration:
 def verdict(cal: Calibration, target: float) -> str:
     """One line saying what the calibration found (recorded in the index; logged when there is no structure)."""
     reach = f"recall@{CALIBRATION_K} {cal.recall:.3f} (target {target:.2f} + {CALIBRATION_MARGIN:.2f})"
+    probes = f"n_probe {cal.proponents.n_probe} (proponents) and {cal.opponents.n_probe} (opponents)"
     if cal.structured:
-        return (f"n_probe {cal.n_probe} reaches {reach} on held-out queries reading "
-                f"{100 * cal.fraction_read:.2f} % of rows per test example")
-    return (f"no structure an index can use: {reach} on held-out queries needs n_probe {cal.n_probe}, "
+        return (f"{probes} reach {reach} on held-out queries reading {100 * cal.fraction_read:.2f} % of rows per "
+                "test example")
+    return (f"no structure an index can use: {reach} on held-out queries needs {probes}, "
             f"{100 * cal.fraction_read:.0f} % of rows per test example (more than "
             f"{100 * MAX_USEFUL_FRACTION:.0f} %); top_k(index=...) streams exact top-k instead")
 
@@ -255,40 +321,46 @@ def true_top(parts: dict[str, np.ndarray], query_rows: np.ndarray, k: int) -> tu
     return drop_self(merged.best_index), drop_self(merged.worst_index)
 
 
-def calibrate(queries: np.ndarray, best: np.ndarray, worst: np.ndarray, best_lists: np.ndarray,
-              worst_lists: np.ndarray, centroids: np.ndarray, radius: np.ndarray, sizes: np.ndarray,
+def calibrate(queries: np.ndarray, best_lists: np.ndarray, worst_lists: np.ndarray, qz: Quantizer,
               target: float = TARGET_RECALL) -> Calibration:
-    """The λ and smallest ``n_probe`` whose recall@k on held-out queries reaches ``target`` (plus
-    CALIBRATION_MARGIN) at both ends, λ chosen to read the fewest rows. ``best``/``worst``: the queries'
-    exact top-k rows; ``*_lists``: their lists.
+    """Per end, the ranking, λ and smallest ``n_probe`` whose recall@k on held-out queries reaches
+    ``target`` (plus CALIBRATION_MARGIN), chosen to read the fewest rows. ``best_lists``/``worst_lists``:
+    the lists of the queries' exact top-k rows at each end.
 
     Recall is counted conservatively: a query finds a row only through its own probed lists.
     """
     target = min(1.0, target + CALIBRATION_MARGIN)
-    n_lists = centroids.shape[0]
-    n_rows = int(sizes.sum())
-    probes = sorted({p for p in (2 ** np.arange(0, int(np.log2(max(1, n_lists))) + 1)).tolist()} | {n_lists})
-    choice = None
-    for lam in BOUND_WEIGHTS:
-        hi, lo = list_scores(queries, centroids, radius, lam)
-        rank_hi = np.argsort(np.argsort(-hi, axis=1, kind="stable"), axis=1)
-        rank_lo = np.argsort(np.argsort(lo, axis=1, kind="stable"), axis=1)
-        found_hi = np.take_along_axis(rank_hi, best_lists, axis=1)  # list rank of each true top-k row
-        found_lo = np.take_along_axis(rank_lo, worst_lists, axis=1)
-        need = max(_smallest_probe(found_hi, target), _smallest_probe(found_lo, target))
-        read = _mean_rows_read(hi, lo, sizes, need) / max(1, n_rows)
-        if choice is None or read < choice[2] - 1e-12:
-            choice = (lam, need, read, found_hi, found_lo, hi, lo)
-    lam, need, read, found_hi, found_lo, hi, lo = choice
+    n_lists = qz.n_lists
+    n_rows = max(1, int(qz.sizes.sum()))
+    rules, ranks = [], []
+    for opponents, true_lists in enumerate((best_lists, worst_lists)):
+        choice = None
+        for ranking in RANKINGS:
+            if ranking == "sample" and not len(qz.samples):
+                continue
+            for lam in BOUND_WEIGHTS:
+                keys = list_keys(queries, qz, ranking, lam, bool(opponents))
+                rank = np.argsort(np.argsort(-keys, axis=1, kind="stable"), axis=1)
+                found = np.take_along_axis(rank, true_lists, axis=1)  # list rank of each true top-k row
+                need = _smallest_probe(found, target)
+                read = _mean_rows_read([keys], qz.sizes, [need])
+                if choice is None or read < choice[0] - 1e-12:
+                    choice = (read, EndRule(ranking, float(lam), int(need)), keys, found)
+        rules.append(choice[1])
+        ranks.append((choice[2], choice[3]))
+    (hi, found_hi), (lo, found_lo) = ranks
+    probes = sorted(set((2 ** np.arange(0, int(np.log2(max(1, n_lists))) + 1)).tolist()) | {n_lists}
+                    | {r.n_probe for r in rules})
     table = {}
-    for p in sorted(set(probes) | {need}):
+    for p in probes:
         table[str(p)] = {
             "proponent_recall": round(float((found_hi < p).mean()), 4),
             "opponent_recall": round(float((found_lo < p).mean()), 4),
-            "fraction_read": round(_mean_rows_read(hi, lo, sizes, p) / max(1, n_rows), 5),
+            "fraction_read": round(_mean_rows_read([hi, lo], qz.sizes, [p, p]) / n_rows, 5),
         }
-    reached = min(float((found_hi < need).mean()), float((found_lo < need).mean()))
-    return Calibration(n_probe=int(need), bound_weight=float(lam), table=table, fraction_read=float(read),
+    read = _mean_rows_read([hi, lo], qz.sizes, [r.n_probe for r in rules]) / n_rows
+    reached = min(float((found_hi < rules[0].n_probe).mean()), float((found_lo < rules[1].n_probe).mean()))
+    return Calibration(proponents=rules[0], opponents=rules[1], table=table, fraction_read=float(read),
                        recall=reached)
 
 
@@ -299,14 +371,14 @@ def _smallest_probe(found_rank: np.ndarray, target: float) -> int:
     return int(flat[max(0, need - 1)]) + 1 if need > 0 else 1
 
 
-def _mean_rows_read(hi: np.ndarray, lo: np.ndarray, sizes: np.ndarray, p: int) -> float:
-    """Mean over queries of the rows in the union of their p best lists for each end."""
-    n_lists = hi.shape[1]
-    if p >= n_lists:
+def _mean_rows_read(keys: list[np.ndarray], sizes: np.ndarray, probes: list[int]) -> float:
+    """Mean over queries of the rows in the union of their best ``probes[i]`` lists by each ``keys[i]``."""
+    n_lists = keys[0].shape[1]
+    if max(probes) >= n_lists:
         return float(sizes.sum())
-    top = np.argpartition(-hi, p - 1, axis=1)[:, :p]
-    bottom = np.argpartition(lo, p - 1, axis=1)[:, :p]
+    tops = [np.argpartition(-key, p - 1, axis=1)[:, :p] for key, p in zip(keys, probes)]
     total = 0.0
-    for a, b in zip(top, bottom):
-        total += sizes[np.union1d(a, b)].sum()
-    return total / max(1, len(hi))
+    for q in range(keys[0].shape[0]):
+        lists = tops[0][q] if len(tops) == 1 else np.unique(np.concatenate([t[q] for t in tops]))
+        total += sizes[lists].sum()
+    return total / max(1, keys[0].shape[0])

@@ -139,17 +139,22 @@ def gather_window(index: IndexRef, window: int, start: int, stop: int, offsets: 
 
 # ---- query ---------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=4)
-def _lists(ref: IndexRef):
-    idx = ref.open()
-    return idx.centroids(), idx.list_radius(), idx.list_offsets()
+def _query_side(ref: IndexRef) -> ivf.Quantizer:
+    # A fresh handle: one cached while this process built the index predates its lists and its seal.
+    path, options_json, index_id = ref
+    idx = TopKIndex(path, storage_options=json.loads(options_json)).require_complete()
+    if idx.index_id != index_id:
+        raise RuntimeError(f"the index at {path} was replaced while in use; rerun")
+    return idx.quantizer()
 
 
 def probe_block(test: StoreRef, index: IndexRef, start: int, stop: int, learning_rates, normalize: bool,
-                n_probe: int, bound_weight: float, k: int) -> np.ndarray:
-    """Sorted ids of the lists to read for test rows [start, stop)."""
-    centroids, radius, offsets = _lists(index)
+                rules: tuple, n_probe: int | None, k: int) -> np.ndarray:
+    """Sorted ids of the lists to read for test rows [start, stop): per end, ``rules`` (the calibrated
+    :class:`ivf.EndRule`) with their own n_probe, or ``n_probe`` lists where given."""
+    qz = _query_side(index)
     queries = ivf.to_index_space(test.open().read_grads(start, stop), learning_rates, normalize)
-    return ivf.probe(queries, centroids, radius, np.diff(offsets), n_probe, bound_weight, k)
+    return ivf.probe(queries, qz, tuple(rules), k, n_probe)
 
 
 def search_block(test_folded, index: IndexRef, rows: np.ndarray, k: int, normalize: bool, backend: str):

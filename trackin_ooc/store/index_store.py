@@ -11,6 +11,8 @@ subgroup ``index`` (``index_cosine`` for ``normalize=True`` queries), and record
 | ``list_offsets`` | (list + 1,) | list L is rows ``list_offsets[L]:list_offsets[L+1]`` |
 | ``centroids`` | (list, C·F) | the coarse quantizer, in the √η_c-weighted concatenated space |
 | ``list_radius`` | (list,) | max distance of a list's rows from its centroid |
+| ``list_samples`` | (sample, C·F) | sampled rows grouped by list (ranking a list by its best sampled row) |
+| ``list_sample_offsets`` | (list + 1,) | list L's sampled rows are ``list_sample_offsets[L]:[L+1]`` |
 | ``window_complete`` | (window,) | which row windows of ``grads`` are written |
 
 Format version 2 (version 1 indexes are refused: rebuild them) records whether the calibration found
@@ -59,6 +61,8 @@ ASSIGNMENT = "assignment"
 BLOCK_COUNTS = "block_counts"
 BLOCK_RADIUS = "block_radius"
 BLOCK_COMPLETE = "block_complete"
+LIST_SAMPLES = "list_samples"
+LIST_SAMPLE_OFFSETS = "list_sample_offsets"
 CALIB_ROWS = "calibration_rows"
 CALIB_QUERIES = "calibration_queries"
 CALIB_PARTS = ("calibration_best_score", "calibration_best_index", "calibration_worst_score",
@@ -124,6 +128,8 @@ class TopKIndex:
         centroids: np.ndarray,
         calibration_rows: np.ndarray,
         calibration_queries: np.ndarray,
+        list_samples: np.ndarray,
+        list_sample_offsets: np.ndarray,
         calibration_k: int,
         block_rows: int,
         chunk_rows: int,
@@ -180,6 +186,11 @@ class TopKIndex:
         make(group, LIST_OFFSETS, (k_lists + 1,), (k_lists + 1,), "int64", ("list_edge",))
         make(group, CENTROIDS, (k_lists, width), (k_lists, width), "float32", ("list", "width"))[:] = centroids
         make(group, LIST_RADIUS, (k_lists,), (k_lists,), "float32", ("list",))
+        n_s = max(1, list_samples.shape[0])
+        make(group, LIST_SAMPLES, (list_samples.shape[0], width), (n_s, width), "float32",
+             ("sample", "width"))[:] = list_samples
+        make(group, LIST_SAMPLE_OFFSETS, (k_lists + 1,), (k_lists + 1,), "int64", ("list_edge",))[:] = \
+            list_sample_offsets
         make(group, WINDOW_COMPLETE, (n_windows,), (1,), "uint8", ("window",))
         make(group, ASSIGNMENT, (n,), (block_rows,), "int32", ("example",), fill=-1)
         make(group, BLOCK_COUNTS, (n_blocks, k_lists), (1, k_lists), "int64", ("block", "list"))
@@ -212,7 +223,7 @@ class TopKIndex:
             if not idx.windows_done().all():
                 idx._array(f"{STAGING}/{GRADS}"), idx._array(f"{STAGING}/{TRAIN_INDEX}")
             for name in (GRADS, TRAIN_INDEX, LIST_OFFSETS, LIST_RADIUS, ASSIGNMENT, BLOCK_COUNTS, BLOCK_RADIUS,
-                         *CALIB_PARTS):
+                         LIST_SAMPLES, LIST_SAMPLE_OFFSETS, *CALIB_PARTS):
                 idx._array(name)
         except (KeyError, FileNotFoundError, StoreError, ValueError):
             return None
@@ -255,8 +266,29 @@ class TopKIndex:
 
     @property
     def n_probe(self) -> int:
-        """Default lists probed per test example (per end): calibrated at build time for the target recall."""
+        """Default lists probed per test example (the larger of the two ends' own defaults, calibrated at
+        build time for the target recall)."""
         return int(self._meta.get("n_probe") or self.n_lists)
+
+    def rules(self) -> tuple:
+        """The calibrated (proponent, opponent) :class:`~trackin_ooc.engine.ivf.EndRule`: ranking, λ, n_probe."""
+        from ..engine.ivf import EndRule
+
+        probe = self._meta.get("probe") or {}
+        return tuple(EndRule(**probe[end]) if end in probe else EndRule("centroid", 0.0, self.n_lists)
+                     for end in ("proponent", "opponent"))
+
+    def quantizer(self):
+        """What a query ranks lists with (:class:`~trackin_ooc.engine.ivf.Quantizer`), read once."""
+        return self._quantizer
+
+    @functools.cached_property
+    def _quantizer(self):
+        from ..engine.ivf import Quantizer
+
+        return Quantizer(centroids=self.centroids(), radius=self.list_radius(), sizes=self.list_sizes(),
+                         samples=self._read(LIST_SAMPLES).astype(np.float32, copy=False),
+                         sample_offsets=self._read(LIST_SAMPLE_OFFSETS))
 
     @property
     def structured(self) -> bool:
@@ -271,8 +303,8 @@ class TopKIndex:
 
     @property
     def bound_weight(self) -> float:
-        """λ in the list ranking ⟨q, c_L⟩ ± λ‖q‖·r_L, chosen by the calibration."""
-        return float(self._meta.get("bound_weight", 0.0))
+        """λ in the proponents' list ranking (key ± λ‖q‖·r_L), chosen by the calibration."""
+        return float(self.rules()[0].bound_weight)
 
     @property
     def calibration(self) -> dict[str, Any]:
@@ -542,7 +574,7 @@ class TopKIndex:
             self._group = _open_group(self.path, self.storage_options, False)
             self._arrays.clear()
 
-    def mark_complete(self, *, n_probe: int, bound_weight: float, calibration: dict[str, Any], structured: bool,
+    def mark_complete(self, *, rules: tuple, calibration: dict[str, Any], structured: bool,
                       verdict: str) -> TopKIndex:
         """Seal the index: every window written, staging removed, the calibrated defaults recorded."""
         g = self._writable()
@@ -550,7 +582,8 @@ class TopKIndex:
         if not done.all():
             raise IncompleteStoreError(
                 f"cannot mark index {self.path} complete: {int((~done).sum())} windows unwritten")
-        meta = dict(self._meta, n_probe=int(n_probe), bound_weight=float(bound_weight),
+        probe = {end: rule.as_dict() for end, rule in zip(("proponent", "opponent"), rules)}
+        meta = dict(self._meta, n_probe=max(r.n_probe for r in rules), probe=probe,
                     calibration=json.loads(json.dumps(calibration)), structured=bool(structured), verdict=verdict,
                     complete=True)
         g.attrs[layout.ATTRS_KEY] = meta
