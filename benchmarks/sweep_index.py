@@ -198,7 +198,7 @@ def line(r: dict) -> str:
 def run_sweep(quick: bool, n_random: int = 6, root: str | None = None, verbose: bool = True) -> list[dict]:
     """Every case of the sweep (see the module docstring), one dict each; stores removed after each case."""
     os.environ.setdefault("TRACKIN_OOC_QUIET", "1")
-    root = root or os.environ.get("TRACKIN_BENCH_DATA") or tempfile.gettempdir()
+    root = root or os.path.join(os.environ.get("TRACKIN_BENCH_DATA") or tempfile.gettempdir(), "trackin-index-sweep")
     os.makedirs(root, exist_ok=True)
     out = []
     for case in sweep_cases(quick, n_random):
@@ -224,7 +224,8 @@ def worst(results: list[dict]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help=f"{QUICK_ROWS:,}-row stores (development; clusters scaled to keep the rows per cluster)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"{QUICK_ROWS:,}-row stores (development; clusters scaled to keep the rows per cluster)")
     p.add_argument("--cases", type=int, default=6, help="random draws besides the fixed and isotropic stores")
     args = p.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -233,10 +234,11 @@ def main() -> None:
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}, {'quick' if args.quick else 'full'} sweep", flush=True)
     results = run_sweep(args.quick, args.cases)
     w = worst(results)
-    print(f"worst recall@10 {w['recall']:.3f}; worst fraction read on clustered stores {100 * w['fraction_own']:.2f} % "
-          f"per example, {100 * w['fraction_call']:.2f} % per call of 16; worst speedup vs streaming top-k "
-          f"{w['speedup']:.1f}× with 16 test examples, {w['speedup_one']:.1f}× with one (2M-row clustered stores: {w['speedup_2m_clustered']:.1f}×); every clustered store "
-          f"indexed: {w['all_clustered_structured']}; every isotropic store flagged: {w['unstructured_flagged']}")
+    print(f"worst recall@10 {w['recall']:.3f}; worst fraction read on clustered stores "
+          f"{100 * w['fraction_own']:.2f} % per example, {100 * w['fraction_call']:.2f} % per call of 16; worst "
+          f"speedup vs streaming top-k {w['speedup']:.1f}× with 16 test examples, {w['speedup_one']:.1f}× with one "
+          f"(2M-row clustered stores: {w['speedup_2m_clustered']:.1f}× with 16); every clustered store indexed: "
+          f"{w['all_clustered_structured']}; every isotropic store flagged: {w['unstructured_flagged']}")
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

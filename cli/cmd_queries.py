@@ -42,10 +42,12 @@ def index(settings: Settings, store, n_lists, normalize, overwrite):
     seconds = time.perf_counter() - t0
     cal = idx.calibration.get("by_n_probe", {}).get(str(idx.n_probe), {})
     quality = ""
-    if cal:
+    if not idx.structured:
+        quality = f"; {idx.verdict}"
+    elif cal:
         quality = (f"; --probe {idx.n_probe} by default reads {100 * cal['fraction_read']:.2f} % of rows per test "
                    f"example, recall@10 {cal['proponent_recall']:.2f} (proponents) and {cal['opponent_recall']:.2f} "
-                   "(opponents) on held-in queries")
+                   "(opponents) on held-out queries")
     settings.done(
         f"indexed {plural(st.n_examples, 'train example')} into {plural(idx.n_lists, 'list')} at {idx.path} in "
         f"{seconds:.1f} s ({human_bytes(idx.nbytes)}){quality}"

@@ -39,7 +39,7 @@ MIN_CHUNK_BYTES, MAX_CHUNK_ROWS = 256 << 10, 4096
 WINDOW_BYTES = 32 << 20  # re-ordered rows written per pass-2 task (all checkpoints)
 # At the default n_probe, a query whose probed lists hold more than this fraction of the rows streams the
 # train store instead (exact, and cheaper than reading most rows scattered).
-STREAM_FRACTION = 0.5
+STREAM_FRACTION = 0.3
 
 
 def require_flat(store: GradientStore, what: str) -> GradientStore:
@@ -217,7 +217,8 @@ def _fill(tr: GradientStore, idx: TopKIndex, normalize: bool, target_recall: flo
     idx.mark_complete(rules=(cal.proponents, cal.opponents), structured=cal.structured,
                       verdict=verdict,
                       calibration={"k": ivf.CALIBRATION_K, "target_recall": target_recall,
-                                   "margin": ivf.CALIBRATION_MARGIN, "queries": int(len(idx.calibration_data()["rows"])),
+                                   "margin": ivf.CALIBRATION_MARGIN,
+                                   "queries": int(len(idx.calibration_data()["rows"])),
                                    "held_out": True, "recall": round(cal.recall, 4),
                                    "fraction_read": round(cal.fraction_read, 5), "by_n_probe": cal.table})
 

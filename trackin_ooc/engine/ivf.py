@@ -5,14 +5,18 @@ and the calibration of the default ``n_probe``. Pure NumPy (and scikit-learn's k
 the index lives in that space (with ``normalize``, each g_c is divided by its norm first).
 
 Lists are the cells of a k-means quantizer trained on a sample, rows weighted by their norm (the
-scores of large-norm rows decide the top-k, so they get the finer cells). A row goes to its nearest
-centroid. For a query q, list L is ranked for proponents by ⟨q, c_L⟩ + λ‖q‖·r_L and for opponents
-by ⟨q, c_L⟩ − λ‖q‖·r_L, where r_L is the largest distance of a member from c_L (λ = 1 gives true
-bounds: ⟨q, x⟩ ≤ ⟨q, c_L⟩ + ‖q‖·r_L for every x in L). λ and the default ``n_probe`` are chosen by
-:func:`calibrate` on held-out queries (sampled rows the quantizer was not fit on). Lists are kept within
-BALANCE × the mean size on the sample (:func:`balance_lists`): a query reading one list never reads a
-fat one. Where the calibration finds that the target recall needs more than MAX_USEFUL_FRACTION of the
-rows per query, the store has no structure an index can use (:func:`verdict`).
+scores of large-norm rows decide the top-k, so they get the finer cells), then balanced: no cell holds
+more than BALANCE × the mean of the sample (:func:`balance_lists`), so a query probing one list never
+reads a fat one. A row goes to its nearest centroid.
+
+For a query q, each end ranks the lists by its own rule (:class:`EndRule`): proponents by the largest
+inner product a list is expected to hold, opponents by the most negative, taken either from the
+centroid (⟨q, c_L⟩) or from the list's sampled rows (the best ⟨q, s⟩: a list holding several clusters is
+ranked by the one nearest q, not by their mean), plus λ‖q‖·r_L, where r_L is the largest distance of a
+member from c_L (with the centroid and λ = 1 a true bound: ⟨q, x⟩ ≤ ⟨q, c_L⟩ + ‖q‖·r_L for every x in L).
+The ranking, λ and the default ``n_probe`` of each end are chosen by :func:`calibrate` on held-out
+queries (sampled rows the quantizer was not fit on). Where the target recall needs more than
+MAX_USEFUL_FRACTION of the rows per query, the store has no structure an index can use (:func:`verdict`).
 """
 
 from __future__ import annotations

@@ -373,7 +373,8 @@ class TopKIndex:
     def __repr__(self) -> str:
         state = "complete" if self.complete else "INCOMPLETE"
         kind = "cosine" if self.normalize else "dot-product"
-        probe = f"n_probe={self.n_probe} by default" if self.structured or not self.complete else "no structure: streams"
+        probe = (f"n_probe={self.n_probe} by default" if self.structured or not self.complete
+                 else "no structure: streams")
         return (f"<TopKIndex {self.path!r}: {self.n_lists} lists over {self.n_examples} rows, {kind}, "
                 f"{probe}, {state}>")
 
