@@ -180,14 +180,14 @@ def _lay_out(tr: GradientStore, out, n_lists: int, normalize: bool, seed: int, p
     queries, query_rows = sample[pick].copy(), positions[pick]
     if len(positions) - n_q >= max(n_lists, ivf.SAMPLE_PER_LIST * n_lists // 2):
         sample = np.delete(sample, pick, axis=0)
-    centroids = ivf.train_quantizer(sample, n_lists, seed)
-    samples, sample_offsets = ivf.list_samples(sample, centroids, seed)
+    centroids, bands = ivf.train_quantizer(sample, n_lists, seed)
+    samples, sample_offsets = ivf.list_samples(sample, centroids, bands, seed)
     del sample
     row_bytes = tr.n_checkpoints * tr.feature_dim * layout.itemsize(tr.dtype)
     chunk_rows = _chunk_rows(tr.n_examples, n_lists, row_bytes)
     return TopKIndex.create(
         out, train=tr, normalize=normalize, centroids=centroids, calibration_rows=query_rows,
-        calibration_queries=queries, list_samples=samples, list_sample_offsets=sample_offsets,
+        calibration_queries=queries, bands=bands, list_samples=samples, list_sample_offsets=sample_offsets,
         calibration_k=min(tr.n_examples, ivf.CALIBRATION_K + 1),
         block_rows=block_rows, chunk_rows=chunk_rows,
         window_rows=_window_rows(tr.n_examples, chunk_rows, row_bytes), params=params,
@@ -294,7 +294,7 @@ def index_top_k(
     if by_default and not idx.structured:
         return _streamed(**stream, why="no structure")
     if n_probe is None:
-        n_probe = idx.n_probe
+        pass  # each end's own calibrated n_probe
     elif isinstance(n_probe, bool) or not isinstance(n_probe, (int, np.integer)) or n_probe < 1:
         raise ArgumentError(f"n_probe must be a positive integer (lists read per test example), got {n_probe!r}")
     n_probe = int(min(n_probe, idx.n_lists)) if n_probe is not None else None

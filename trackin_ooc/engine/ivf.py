@@ -40,8 +40,10 @@ CALIBRATION_K = 10
 # query costs about what streaming every row costs: the store has no structure an index can use.
 MAX_USEFUL_FRACTION = 0.25
 BALANCE = 2.0  # no list holds more than this many times the mean (on the sample)
-LIST_SAMPLE_BYTES = 32 << 20  # sampled rows kept in the index for ranking lists (read by every query)
-BALANCE_ROUNDS = 4
+LIST_SAMPLE_BYTES = 64 << 20
+NORM_BAND_SPREAD = 2.5  # norm bands where the sample's 99th-percentile norm exceeds this × the median
+NORM_BAND_QUANTILES = (0.5, 0.8, 0.95)  # band edges: the largest-norm 5 % of rows get lists of their own  # sampled rows kept in the index for ranking lists (read by every query)
+BALANCE_ROUNDS = 12
 SAMPLE_PER_LIST = 40  # k-means training rows per list (as FAISS recommends), within the memory budget
 KMEANS_ITERATIONS = 20
 
@@ -70,13 +72,64 @@ def sample_size(n_rows: int, n_lists: int, width: int, memory_limit: int) -> int
     return int(min(n_rows, SAMPLE_PER_LIST * n_lists, max(budget_rows, min(n_rows, 4 * n_lists))))
 
 
-def train_quantizer(sample: np.ndarray, n_lists: int, seed: int = 0) -> np.ndarray:
-    """(n_lists, W) float32 centroids: k-means on the sample, rows weighted by their norm."""
-    from sklearn.cluster import KMeans
+@dataclass(frozen=True)
+class Bands:
+    """Norm bands: a row of norm ‖x‖ belongs to band ``searchsorted(edges, ‖x‖, "right")`` and goes to the
+    nearest centroid of its band's lists (``of_list``). No edges: one band, plain nearest centroid."""
 
+    edges: np.ndarray
+    of_list: np.ndarray
+
+    def band_of(self, rows: np.ndarray) -> np.ndarray:
+        norms = np.sqrt(np.einsum("rw,rw->r", rows, rows, dtype=np.float32))
+        return np.searchsorted(self.edges, norms, side="right")
+
+
+def norm_bands(sample: np.ndarray, n_lists: int) -> np.ndarray:
+    """Norm edges of the bands (empty where the norms spread little, or too few lists to share out).
+
+    With dot products and a norm spread, the top-k of a query is decided by the large-norm rows of
+    every roughly aligned cluster, not by the rows of its own cluster: cells that mix norms make those
+    rows sit in many lists. Bands put the large-norm rows in lists of their own (cut at sample norm
+    quantiles NORM_BAND_QUANTILES, where the 99th percentile exceeds NORM_BAND_SPREAD × the median)."""
+    if n_lists < 4 * (len(NORM_BAND_QUANTILES) + 1) or len(sample) < 2 * n_lists:
+        return np.zeros(0, dtype=np.float32)
+    norms = np.sqrt(np.einsum("rw,rw->r", sample, sample, dtype=np.float64))
+    median, top = np.quantile(norms, [0.5, 0.99])
+    if median <= 0 or top <= NORM_BAND_SPREAD * median:
+        return np.zeros(0, dtype=np.float32)
+    return np.unique(np.quantile(norms, NORM_BAND_QUANTILES)).astype(np.float32)
+
+
+def train_quantizer(sample: np.ndarray, n_lists: int, seed: int = 0) -> tuple[np.ndarray, Bands]:
+    """(n_lists, W) float32 centroids and their norm bands: k-means on the sample (per band, lists in
+    proportion to the band's rows), rows weighted by their norm, cells balanced."""
     n = sample.shape[0]
     if n_lists > n:
         raise ArgumentError(f"n_lists={n_lists} is more than the {n} rows sampled; use n_lists <= {n}")
+    edges = norm_bands(sample, n_lists)
+    band = Bands(edges, np.zeros(0, np.int32)).band_of(sample)
+    counts = np.bincount(band, minlength=len(edges) + 1)
+    share = np.maximum(1, np.floor(n_lists * counts / n)).astype(int)
+    share = np.minimum(share, np.maximum(counts, 1))
+    while share.sum() < n_lists:  # the remainder to the bands with the most rows per list
+        share[np.argmax(np.where(share < counts, counts / share, -1))] += 1
+    while share.sum() > n_lists:
+        share[np.argmax(np.where(share > 1, share, -1))] -= 1
+    parts, of_list = [], []
+    for b, k in enumerate(share):
+        parts.append(_fit(sample[band == b], int(k), seed + b))
+        of_list.append(np.full(int(k), b, dtype=np.int32))
+    centroids, of_list = np.concatenate(parts), np.concatenate(of_list)
+    order = order_lists(centroids, seed)
+    return np.ascontiguousarray(centroids[order]), Bands(edges, of_list[order])
+
+
+def _fit(sample: np.ndarray, n_lists: int, seed: int) -> np.ndarray:
+    """Balanced, norm-weighted k-means centroids of ``sample``."""
+    from sklearn.cluster import KMeans
+
+    n = sample.shape[0]
     weights = np.sqrt(np.einsum("rw,rw->r", sample, sample, dtype=np.float64))
     if (weights > 0).sum() < n_lists:
         weights = weights + max(weights.max(), 1.0) * 1e-6  # keep every row in play when few are non-zero
@@ -86,8 +139,7 @@ def train_quantizer(sample: np.ndarray, n_lists: int, seed: int = 0) -> np.ndarr
     init = sample[rng.choice(n, size=n_lists, replace=False, p=weights / weights.sum())]
     km = KMeans(n_clusters=n_lists, init=init, n_init=1, max_iter=KMEANS_ITERATIONS, random_state=seed)
     km.fit(sample, sample_weight=weights)
-    centroids = balance_lists(sample, np.ascontiguousarray(km.cluster_centers_, dtype=np.float32), seed)
-    return centroids[order_lists(centroids, seed)]
+    return balance_lists(sample, np.ascontiguousarray(km.cluster_centers_, dtype=np.float32), seed)
 
 
 def balance_lists(sample: np.ndarray, centroids: np.ndarray, seed: int = 0,
@@ -150,7 +202,7 @@ def balance_lists(sample: np.ndarray, centroids: np.ndarray, seed: int = 0,
     return centroids
 
 
-def list_samples(sample: np.ndarray, centroids: np.ndarray, seed: int = 0,
+def list_samples(sample: np.ndarray, centroids: np.ndarray, bands: Bands, seed: int = 0,
                  max_bytes: int = LIST_SAMPLE_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """Sampled rows grouped by their list (at most ``max_bytes`` of them) and the (lists + 1,) offsets."""
     n_lists, width = centroids.shape
@@ -159,7 +211,8 @@ def list_samples(sample: np.ndarray, centroids: np.ndarray, seed: int = 0,
     if keep < len(sample):
         rows = sample[np.sort(np.random.default_rng([seed, 1]).choice(len(sample), size=keep, replace=False))]
     half_sq = 0.5 * np.einsum("lw,lw->l", centroids, centroids, dtype=np.float32)
-    labels = np.concatenate([assign(rows[s:s + 65536], centroids, half_sq)[0] for s in range(0, len(rows), 65536)])
+    labels = np.concatenate([assign(rows[s:s + 65536], centroids, half_sq, bands)[0]
+                             for s in range(0, len(rows), 65536)])
     order = np.argsort(labels, kind="stable")
     offsets = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=n_lists))]).astype(np.int64)
     return np.ascontiguousarray(rows[order], dtype=np.float32), offsets
@@ -180,10 +233,14 @@ def order_lists(centroids: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.lexsort((-norms, groups))
 
 
-def assign(rows: np.ndarray, centroids: np.ndarray, half_sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of each row (argmax ⟨x, c⟩ − ‖c‖²/2) and the row's distance to it."""
+def assign(rows: np.ndarray, centroids: np.ndarray, half_sq: np.ndarray,
+           bands: Bands | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of each row (argmax ⟨x, c⟩ − ‖c‖²/2; among its norm band's, with ``bands``) and the
+    row's distance to it."""
     scores = rows @ centroids.T
     scores -= half_sq
+    if bands is not None and len(bands.edges):
+        scores[bands.of_list[None, :] != bands.band_of(rows)[:, None]] = -np.inf
     lists = scores.argmax(axis=1)
     best = np.take_along_axis(scores, lists[:, None], axis=1)[:, 0]
     sq = np.einsum("rw,rw->r", rows, rows, dtype=np.float32) - 2.0 * best  # ‖x‖² − 2⟨x,c⟩ + ‖c‖²

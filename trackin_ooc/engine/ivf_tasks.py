@@ -52,7 +52,7 @@ def _quantizer(ref: IndexRef):
     idx = ref.open()
     centroids = idx.centroids()
     half_sq = 0.5 * np.einsum("lw,lw->l", centroids, centroids, dtype=np.float32)
-    return centroids, half_sq, idx.calibration_data()["queries"]
+    return centroids, half_sq, idx.bands(), idx.calibration_data()["queries"]
 
 
 def assign_block(train: StoreRef, index: IndexRef, block: int, start: int, stop: int, learning_rates,
@@ -60,7 +60,7 @@ def assign_block(train: StoreRef, index: IndexRef, block: int, start: int, stop:
     """Pass 1 of a build for one source block: the list of every row, list counts and radii, the
     calibration queries' top-k among these rows, and the rows sorted by list into the staging arrays."""
     idx = index.open()
-    centroids, half_sq, queries = _quantizer(index)
+    centroids, half_sq, bands, queries = _quantizer(index)
     n_lists = centroids.shape[0]
     kc = idx.calibration_k
     grads = train.open().read_grads(start, stop)
@@ -72,7 +72,7 @@ def assign_block(train: StoreRef, index: IndexRef, block: int, start: int, stop:
     tile = max(256, ASSIGN_TILE_BYTES // (4 * (n_lists + len(queries))))
     for t0 in range(0, n, tile):
         t1 = min(n, t0 + tile)
-        lists[t0:t1], dist = ivf.assign(rows[t0:t1], centroids, half_sq)
+        lists[t0:t1], dist = ivf.assign(rows[t0:t1], centroids, half_sq, bands)
         np.maximum.at(radius, lists[t0:t1], dist)
         if len(queries):
             parts.append(kernels.select_topk(queries @ rows[t0:t1].T, kc, start + t0, np))

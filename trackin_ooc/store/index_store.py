@@ -11,6 +11,7 @@ subgroup ``index`` (``index_cosine`` for ``normalize=True`` queries), and record
 | ``list_offsets`` | (list + 1,) | list L is rows ``list_offsets[L]:list_offsets[L+1]`` |
 | ``centroids`` | (list, C·F) | the coarse quantizer, in the √η_c-weighted concatenated space |
 | ``list_radius`` | (list,) | max distance of a list's rows from its centroid |
+| ``band_edges``, ``list_band`` | (band − 1,), (list,) | norm bands: a row goes to its band's nearest centroid |
 | ``list_samples`` | (sample, C·F) | sampled rows grouped by list (ranking a list by its best sampled row) |
 | ``list_sample_offsets`` | (list + 1,) | list L's sampled rows are ``list_sample_offsets[L]:[L+1]`` |
 | ``window_complete`` | (window,) | which row windows of ``grads`` are written |
@@ -61,6 +62,8 @@ ASSIGNMENT = "assignment"
 BLOCK_COUNTS = "block_counts"
 BLOCK_RADIUS = "block_radius"
 BLOCK_COMPLETE = "block_complete"
+BAND_EDGES = "band_edges"
+LIST_BAND = "list_band"
 LIST_SAMPLES = "list_samples"
 LIST_SAMPLE_OFFSETS = "list_sample_offsets"
 CALIB_ROWS = "calibration_rows"
@@ -128,6 +131,7 @@ class TopKIndex:
         centroids: np.ndarray,
         calibration_rows: np.ndarray,
         calibration_queries: np.ndarray,
+        bands,
         list_samples: np.ndarray,
         list_sample_offsets: np.ndarray,
         calibration_k: int,
@@ -186,6 +190,9 @@ class TopKIndex:
         make(group, LIST_OFFSETS, (k_lists + 1,), (k_lists + 1,), "int64", ("list_edge",))
         make(group, CENTROIDS, (k_lists, width), (k_lists, width), "float32", ("list", "width"))[:] = centroids
         make(group, LIST_RADIUS, (k_lists,), (k_lists,), "float32", ("list",))
+        n_e = len(bands.edges)
+        make(group, BAND_EDGES, (n_e,), (max(1, n_e),), "float32", ("band_edge",))[:] = bands.edges
+        make(group, LIST_BAND, (k_lists,), (k_lists,), "int32", ("list",))[:] = bands.of_list
         n_s = max(1, list_samples.shape[0])
         make(group, LIST_SAMPLES, (list_samples.shape[0], width), (n_s, width), "float32",
              ("sample", "width"))[:] = list_samples
@@ -223,7 +230,7 @@ class TopKIndex:
             if not idx.windows_done().all():
                 idx._array(f"{STAGING}/{GRADS}"), idx._array(f"{STAGING}/{TRAIN_INDEX}")
             for name in (GRADS, TRAIN_INDEX, LIST_OFFSETS, LIST_RADIUS, ASSIGNMENT, BLOCK_COUNTS, BLOCK_RADIUS,
-                         LIST_SAMPLES, LIST_SAMPLE_OFFSETS, *CALIB_PARTS):
+                         LIST_SAMPLES, LIST_SAMPLE_OFFSETS, BAND_EDGES, LIST_BAND, *CALIB_PARTS):
                 idx._array(name)
         except (KeyError, FileNotFoundError, StoreError, ValueError):
             return None
@@ -277,6 +284,12 @@ class TopKIndex:
         probe = self._meta.get("probe") or {}
         return tuple(EndRule(**probe[end]) if end in probe else EndRule("centroid", 0.0, self.n_lists)
                      for end in ("proponent", "opponent"))
+
+    def bands(self):
+        """The norm bands of the lists (:class:`~trackin_ooc.engine.ivf.Bands`; no edges: one band)."""
+        from ..engine.ivf import Bands
+
+        return Bands(self._read(BAND_EDGES).astype(np.float32), self._read(LIST_BAND))
 
     def quantizer(self):
         """What a query ranks lists with (:class:`~trackin_ooc.engine.ivf.Quantizer`), read once."""
