@@ -39,9 +39,9 @@ CALIBRATION_K = 10
 # query costs about what streaming every row costs: the store has no structure an index can use.
 MAX_USEFUL_FRACTION = 0.25
 BALANCE = 2.0  # no list holds more than this many times the mean (on the sample)
-LIST_SAMPLE_BYTES = 64 << 20
+LIST_SAMPLE_BYTES = 64 << 20  # sampled rows kept in the index for ranking lists (read by every query)
 NORM_BAND_SPREAD = 2.5  # norm bands where the sample's 99th-percentile norm exceeds this × the median
-NORM_BAND_QUANTILES = (0.5, 0.8, 0.95)  # band edges: the largest-norm 5 % of rows get lists of their own  # sampled rows kept in the index for ranking lists (read by every query)
+NORM_BAND_QUANTILES = (0.5, 0.8, 0.95)  # band edges: the largest-norm 5 % of rows get lists of their own
 BALANCE_ROUNDS = 12
 SAMPLE_PER_LIST = 40  # k-means training rows per list (as FAISS recommends), within the memory budget
 KMEANS_ITERATIONS = 20
