@@ -147,7 +147,8 @@ def top_k_part(args, train, test, held_out) -> None:
     with PeakMemory() as mem:
         build_s, idx = timed(lambda: to.build_index(train))
     print(f"build_index: {build_s:.1f} s, {idx.n_lists} lists, default n_probe {idx.n_probe} "
-          f"(calibrated λ={idx.bound_weight}), index {gib(idx.nbytes)}, peak resident memory {gib(mem.peak)}")
+          f"(per end: {', '.join(f'{r.ranking} λ={r.bound_weight} n_probe={r.n_probe}' for r in idx.rules())}; "
+          f"{idx.verdict}), index {gib(idx.nbytes)}, peak resident memory {gib(mem.peak)}")
 
     k = args.k
     with PeakMemory() as mem:

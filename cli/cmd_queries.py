@@ -40,12 +40,15 @@ def index(settings: Settings, store, n_lists, normalize, overwrite):
         idx = to.build_index(st, n_lists=n_lists, normalize=normalize, overwrite=overwrite,
                              memory_limit=settings.scoring_memory_limit, progress=settings.progress)
     seconds = time.perf_counter() - t0
-    cal = idx.calibration.get("by_n_probe", {}).get(str(idx.n_probe), {})
+    cal = idx.calibration
     quality = ""
-    if cal:
-        quality = (f"; --probe {idx.n_probe} by default reads {100 * cal['fraction_read']:.2f} % of rows per test "
-                   f"example, recall@10 {cal['proponent_recall']:.2f} (proponents) and {cal['opponent_recall']:.2f} "
-                   "(opponents) on held-in queries")
+    if not idx.structured:
+        quality = f"; {idx.verdict}"
+    elif "fraction_read" in cal:
+        pro, opp = idx.rules()
+        quality = (f"; by default (--probe: {pro.n_probe} lists for proponents, {opp.n_probe} for opponents) a "
+                   f"test example reads {100 * cal['fraction_read']:.2f} % of rows, recall@10 {cal['recall']:.2f} "
+                   "(the lower end) on held-out queries")
     settings.done(
         f"indexed {plural(st.n_examples, 'train example')} into {plural(idx.n_lists, 'list')} at {idx.path} in "
         f"{seconds:.1f} s ({human_bytes(idx.nbytes)}){quality}"

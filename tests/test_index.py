@@ -168,7 +168,8 @@ def test_stale_index_refused(tmp_path):
     train = to.from_arrays(tmp_path / "train.zarr", g, [0.1])
     test = to.from_arrays(tmp_path / "test.zarr", g[:, :5], [0.1])
     idx = to.build_index(train, path=tmp_path / "kept_apart.zarr", n_lists=8)
-    assert to.top_k(test, train, k=3, index=idx).attrs["approximate"]
+    # isotropic rows: the default streams (no structure), an explicit n_probe reads the lists
+    assert to.top_k(test, train, k=3, index=idx, n_probe=1).attrs["approximate"]
     rewritten = to.from_arrays(tmp_path / "train.zarr", g, [0.1], overwrite=True)  # same data, new store
     with pytest.raises(to.StaleIndexError, match="another version of the train store") as e:
         to.top_k(test, rewritten, k=3, index=tmp_path / "kept_apart.zarr")
@@ -361,3 +362,85 @@ def test_on_a_local_cluster(tmp_path):
     want = to.top_k(test, train, k=K, index=local)
     np.testing.assert_array_equal(res["proponent_index"].values, want["proponent_index"].values)
     np.testing.assert_allclose(net.values, to.net_influence(test, train).values, rtol=1e-12)
+
+
+# ---- defaults that hold on stores nobody tuned them on (the family of benchmarks/sweep_index.py) ----------
+def _sweep():
+    import importlib.util
+
+    if "sweep_index" in sys.modules:
+        return sys.modules["sweep_index"]
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "sweep_index.py")
+    spec = importlib.util.spec_from_file_location("sweep_index", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sweep_index"] = module  # before running it: its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+SWEEP_STORES = [  # rows, checkpoints, features, clusters, noise, norm spread σ, cosine, seed
+    (60_000, 2, 48, 40, 0.3, 1.0, False, 11),
+    (60_000, 1, 128, 25, 0.4, 1.5, False, 12),
+    (100_000, 1, 96, 500, 0.25, 0.5, True, 15),
+]
+
+
+@pytest.mark.parametrize("store", SWEEP_STORES, ids=lambda s: f"{s[3]}clusters-sigma{s[5]}-{'cos' if s[6] else 'dot'}")
+def test_defaults_hold_on_sweep_stores(store, tmp_path):
+    """Default build and query (nothing tuned): recall@10 >= 0.95 at both ends on held-out test examples of
+    the same family, counting only what each example's own lists hold, and one test example reads <= 5 %."""
+    sw = _sweep()
+    case = sw.Case(*store)
+    train = sw.write_store(tmp_path / "train.zarr", case, case.rows, row_seed=1, chunk_rows=8192)
+    test = sw.write_store(tmp_path / "test.zarr", case, 256, row_seed=2)  # 256: recall within about ±0.01
+    idx = to.build_index(train, normalize=case.cosine)
+    assert idx.structured and "reach recall@10" in idx.verdict
+    sizes = idx.list_sizes()
+    assert sizes.max() <= 4 * sizes.mean()  # balanced lists (within 2x the mean on the sample)
+    exact = to.top_k(test, train, k=K, normalize=case.cosine)
+    own_recall, own_read = sw.own_lists(idx, test, exact)
+    assert own_recall >= 0.95 and own_read <= 0.05
+    calls = [to.from_arrays(tmp_path / f"call{i}.zarr", test.read_grads(i, i + 16), test.learning_rates,
+                            dtype="float16") for i in range(0, 64, 16)]  # calls of 16 test examples
+    batch = [to.top_k(c, train, k=K, normalize=case.cosine, index=idx) for c in calls]
+    for side in ("proponent", "opponent"):
+        got = np.concatenate([b[f"{side}_index"].values for b in batch])
+        assert sw.recall(got, exact[f"{side}_index"].values[:64]) >= 0.95
+    # what a call with one test example reads is what its own lists hold (the figure averaged above)
+    one = to.from_arrays(tmp_path / "one.zarr", test.read_grads(0, 1), test.learning_rates, dtype="float16")
+    q = ivf.to_index_space(one.read_grads(), one.learning_rates, case.cosine)
+    own = idx.list_sizes()[ivf.probe(q, idx.quantizer(), idx.rules(), K)].sum() / train.n_examples
+    assert to.top_k(one, train, k=K, normalize=case.cosine, index=idx).attrs["fraction_read"] == pytest.approx(own)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_unstructured_store_streams(tmp_path, caplog, normalize):
+    """Isotropic Gaussian rows: build_index says so in one line and records it; top_k(index=) is exact top-k."""
+    sw = _sweep()
+    case = sw.Case(20_000, 2, 32, 0, 0.0, 0.0, normalize, 21)  # isotropic rows of one norm
+    train = sw.write_store(tmp_path / "train.zarr", case, case.rows, row_seed=1, chunk_rows=4096)
+    test = sw.write_store(tmp_path / "test.zarr", case, 8, row_seed=2)
+    with caplog.at_level("WARNING", logger="trackin_ooc"):
+        idx = to.build_index(train, normalize=normalize)
+    said = [r.getMessage() for r in caplog.records if "no structure" in r.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0] and "streams exact top-k" in said[0]
+    assert not idx.structured and idx.verdict in said[0]
+    assert not to.open_index(train, normalize=normalize).structured  # recorded in the index
+    got = to.top_k(test, train, k=K, normalize=normalize, index=idx)
+    want = to.top_k(test, train, k=K, normalize=normalize)
+    for name in ("proponent_index", "proponent_score", "opponent_index", "opponent_score"):
+        np.testing.assert_array_equal(got[name].values, want[name].values)
+    assert got.attrs["streamed"] and got.attrs["fraction_read"] == 1.0 and got.attrs["approximate"] is False
+
+
+def test_old_index_version_refused(tmp_path):
+    rng = np.random.default_rng(6)
+    g = rng.standard_normal((1, 2000, 8)).astype(np.float32)
+    train = to.from_arrays(tmp_path / "train.zarr", g, [0.1])
+    to.build_index(train, n_lists=8)
+    group = zarr.open_group(str(tmp_path / "train.zarr" / "index"), mode="r+")
+    meta = dict(group.attrs["trackin_ooc"], format_version=1)
+    group.attrs["trackin_ooc"] = meta
+    with pytest.raises(to.StoreError, match="format version 1") as e:
+        to.top_k(train, train, k=3, index=True)
+    assert "\n" not in str(e.value) and "rebuild it" in str(e.value)

@@ -9,6 +9,7 @@ that was not probed (docs/queries.md).
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -26,6 +27,8 @@ from .store.index_store import TopKIndex, default_index_path, find_index, index_
 from .store.index_store import open_index as _open_index_path
 from .store.lock import StoreLock
 
+log = logging.getLogger("trackin_ooc")
+
 IndexLike = TopKIndex | str | os.PathLike | bool
 
 # Re-ordered index rows per chunk (all checkpoints in one chunk): about one list, so that reading a list
@@ -33,6 +36,9 @@ IndexLike = TopKIndex | str | os.PathLike | bool
 # slow) and at most MAX_CHUNK_ROWS.
 MIN_CHUNK_BYTES, MAX_CHUNK_ROWS = 256 << 10, 4096
 WINDOW_BYTES = 32 << 20  # re-ordered rows written per pass-2 task (all checkpoints)
+# At the default n_probe, a query whose probed lists hold more than this fraction of the rows streams the
+# train store instead (exact, and cheaper than reading most rows scattered).
+STREAM_FRACTION = 0.3
 
 
 def require_flat(store: GradientStore, what: str) -> GradientStore:
@@ -78,13 +84,40 @@ def build_index(
     """An out-of-core inverted-file index of ``train`` for ``top_k(..., index=...)``.
 
     Four steps, each in bounded memory under the active Dask scheduler: a sample pass (k-means
-    quantizer of ``n_lists`` centroids, default ≈ √N), an assignment pass (each row's list; rows
-    sorted by list within each source block into a staging copy), a gather pass (each list one
-    contiguous run of rows), and a calibration of the default ``n_probe`` for ``target_recall``
-    (recall@10 on held-in queries, at both ends). Saved in the store's folder unless ``path`` is
-    given (``normalize=True``: an index for cosine queries, saved apart). A killed build resumes
-    when the same call is repeated; ``overwrite=True`` replaces a finished index (or an unfinished
-    one of another build).
+    quantizer of ``n_lists`` centroids, default ≈ √N, with no list above twice the mean size), an
+    assignment pass (each row's list; rows sorted by list within each source block into a staging
+    copy), a calibration of the default ``n_probe`` for ``target_recall`` (recall@10 at both ends on
+    sampled rows held out of the quantizer's fit), and a gather pass (each list one contiguous run of
+    rows). Saved in the store's folder unless ``path`` is given (``normalize=True``: an index for
+    cosine queries, saved apart). A killed build resumes when the same call is repeated;
+    ``overwrite=True`` replaces a finished index (or an unfinished one of another build).
+
+    Where the calibration finds that the target recall needs more than a quarter of the rows per test
+    example, the store has no structure an index can use: the build says so in one line (logged, and
+    ``TopKIndex.verdict``) and ``top_k(index=...)`` at the default ``n_probe`` streams exact top-k.
+
+    Parameters
+    ----------
+    train : GradientStore or path
+        A complete store of flat features (not per-layer factors), non-negative learning rates.
+    n_lists : int, optional
+        Number of inverted lists (default about √N).
+    normalize : bool
+        Build for cosine (``top_k(normalize=True)``) queries instead of dot products.
+    target_recall : float
+        Recall@10 the default ``n_probe`` is calibrated for (a margin of 0.02 is added).
+
+    Returns
+    -------
+    TopKIndex
+        The complete index; ``structured`` says whether queries use its lists.
+
+    Raises
+    ------
+    ArgumentError
+        Bad ``n_lists`` or ``target_recall``, a factor store, negative learning rates.
+    StoreError
+        An unfinished index of another build at ``path`` (pass ``overwrite=True``).
     """
     tr = require_flat(open_store(train, storage_options=storage_options).require_complete(), "an index")
     if n_lists is not None and (isinstance(n_lists, bool) or not isinstance(n_lists, (int, np.integer))
@@ -138,17 +171,23 @@ def _lay_out(tr: GradientStore, out, n_lists: int, normalize: bool, seed: int, p
     positions = np.concatenate([p for p, _ in parts])
     sample = np.concatenate([x for _, x in parts])
     del parts
-    centroids = ivf.train_quantizer(sample, n_lists, seed)
+    # Calibration queries: sampled rows held out of the quantizer's fit, so that (like test examples) the
+    # centroids were not pulled towards them. Where the sample is too small to spare them, they stay in.
     rng = np.random.default_rng(seed)
     n_q = min(ivf.CALIBRATION_QUERIES, len(positions))
     pick = np.sort(rng.choice(len(positions), size=n_q, replace=False))
     queries, query_rows = sample[pick].copy(), positions[pick]
+    if len(positions) - n_q >= max(n_lists, ivf.SAMPLE_PER_LIST * n_lists // 2):
+        sample = np.delete(sample, pick, axis=0)
+    centroids, bands = ivf.train_quantizer(sample, n_lists, seed)
+    samples, sample_offsets = ivf.list_samples(sample, centroids, bands, seed)
     del sample
     row_bytes = tr.n_checkpoints * tr.feature_dim * layout.itemsize(tr.dtype)
     chunk_rows = _chunk_rows(tr.n_examples, n_lists, row_bytes)
     return TopKIndex.create(
         out, train=tr, normalize=normalize, centroids=centroids, calibration_rows=query_rows,
-        calibration_queries=queries, calibration_k=min(tr.n_examples, ivf.CALIBRATION_K + 1),
+        calibration_queries=queries, bands=bands, list_samples=samples, list_sample_offsets=sample_offsets,
+        calibration_k=min(tr.n_examples, ivf.CALIBRATION_K + 1),
         block_rows=block_rows, chunk_rows=chunk_rows,
         window_rows=_window_rows(tr.n_examples, chunk_rows, row_bytes), params=params,
         storage_options=storage_options,
@@ -170,24 +209,30 @@ def _fill(tr: GradientStore, idx: TopKIndex, normalize: bool, target_recall: flo
                 progress=progress, client=client)
     idx = TopKIndex(idx.path, storage_options=idx.storage_options)
     cal = _calibrate(idx, target_recall)
+    verdict = ivf.verdict(cal, target_recall)
+    if not cal.structured:
+        log.warning("index of %s: %s", tr.path, verdict)
     idx.drop_staging()
-    idx.mark_complete(n_probe=cal.n_probe, bound_weight=cal.bound_weight,
+    idx.mark_complete(rules=(cal.proponents, cal.opponents), structured=cal.structured,
+                      verdict=verdict,
                       calibration={"k": ivf.CALIBRATION_K, "target_recall": target_recall,
-                                   "queries": int(len(idx.calibration_data()["rows"])), "by_n_probe": cal.table})
+                                   "margin": ivf.CALIBRATION_MARGIN,
+                                   "queries": int(len(idx.calibration_data()["rows"])),
+                                   "held_out": True, "recall": round(cal.recall, 4),
+                                   "fraction_read": round(cal.fraction_read, 5), "by_n_probe": cal.table})
 
 
 def _calibrate(idx: TopKIndex, target_recall: float) -> ivf.Calibration:
     data = idx.calibration_data()
     k = min(ivf.CALIBRATION_K, idx.n_examples - 1)
-    sizes = idx.list_sizes()
     if k < 1:
-        return ivf.Calibration(n_probe=idx.n_lists, bound_weight=0.0, table={})
+        every = ivf.EndRule("centroid", 0.0, idx.n_lists)
+        return ivf.Calibration(proponents=every, opponents=every, table={}, fraction_read=1.0)
     best, worst = ivf.true_top(data, data["rows"], k)
     rows, where = np.unique(np.concatenate([best.ravel(), worst.ravel()]), return_inverse=True)
     lists = idx.assignment(rows).astype(np.int64)[where]
     best_lists, worst_lists = lists[: best.size].reshape(best.shape), lists[best.size:].reshape(worst.shape)
-    return ivf.calibrate(data["queries"], best, worst, best_lists, worst_lists, idx.centroids(),
-                         idx.list_radius(), sizes, target=target_recall)
+    return ivf.calibrate(data["queries"], best_lists, worst_lists, idx.quantizer(), target=target_recall)
 
 
 def open_index(store: StoreLike | TopKIndex, *, normalize: bool = False,
@@ -242,11 +287,16 @@ def index_top_k(
     require_flat(tr, "an index")
     require_flat(te, "an index query")
     idx = resolve_index(index, tr, normalize)
+    stream = dict(te=te, tr=tr, idx=idx, k=k, normalize=normalize, device=device, memory_limit=memory_limit,
+                  compute_now=compute_now, progress=progress, client=client)
+    by_default = n_probe is None
+    if by_default and not idx.structured:
+        return _streamed(**stream, why="no structure")
     if n_probe is None:
-        n_probe = idx.n_probe
+        pass  # each end's own calibrated n_probe
     elif isinstance(n_probe, bool) or not isinstance(n_probe, (int, np.integer)) or n_probe < 1:
         raise ArgumentError(f"n_probe must be a positive integer (lists read per test example), got {n_probe!r}")
-    n_probe = int(min(n_probe, idx.n_lists))
+    n_probe = int(min(n_probe, idx.n_lists)) if n_probe is not None else None
     backend = resolve_backend(device).name
     res = resources.detect(memory_limit, client)
     from .store.layout import itemsize
@@ -261,6 +311,9 @@ def index_top_k(
     offsets = idx.list_offsets()
     rows = [ivf.rows_of_lists(lists, offsets) for lists in probed]
     read = sum(len(r) for r in rows)
+    if by_default and read > STREAM_FRACTION * tr.n_examples * max(1, len(rows)):
+        # The test examples' lists together cover most rows: one streaming pass is cheaper, and exact.
+        return _streamed(**stream, why="lists cover most rows")
     pi, ps, oi, os_ = ivf_graphs.search_arrays(te, idx, plan, rows, int(k), normalize, backend)
     dims = ("test", "rank")
     ds = xr.Dataset(
@@ -269,7 +322,8 @@ def index_top_k(
         coords={"test": te.example_ids(), "rank": rank_coordinate(k)},
         attrs={"k": int(k), "normalize": bool(normalize), "test_store": te.path, "train_store": tr.path,
                "test_fingerprint": te.fingerprint, "train_fingerprint": tr.fingerprint,
-               "approximate": True, "index": idx.path, "n_probe": n_probe, "n_lists": idx.n_lists,
+               "approximate": True, "index": idx.path, "n_probe": idx.n_probe if n_probe is None else n_probe,
+               "n_lists": idx.n_lists,
                "rows_read": int(read), "fraction_read": float(read / (tr.n_examples * max(1, len(rows)))),
                "bytes_read": int(read * tr.n_checkpoints * tr.feature_dim * itemsize(tr.dtype))},
     )
@@ -278,3 +332,16 @@ def index_top_k(
         values = compute(*(ds[n].data for n in names), desc="top-k", progress=progress, client=client)
         ds = ds.copy(data={n: v for n, v in zip(names, values)})
     return label_top_k(ds, te, tr)
+
+
+def _streamed(*, te: GradientStore, tr: GradientStore, idx: TopKIndex, k: int, normalize: bool, device: str,
+              memory_limit, compute_now: bool, progress, client, why: str) -> xr.Dataset:
+    """Exact streaming top-k in place of an indexed query, saying so in its attributes."""
+    from .scores import top_k
+
+    ds = top_k(te, tr, k=k, normalize=normalize, device=device, memory_limit=memory_limit,
+               compute_now=compute_now, progress=progress, client=client)
+    ds.attrs.update({"index": idx.path, "n_probe": idx.n_lists, "n_lists": idx.n_lists, "streamed": why,
+                     "rows_read": int(tr.n_examples), "fraction_read": 1.0,
+                     "bytes_read": int(tr.nbytes)})
+    return ds

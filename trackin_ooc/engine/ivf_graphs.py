@@ -81,14 +81,15 @@ def gather_graph(index: TopKIndex, counts: np.ndarray, offsets: np.ndarray, done
     return Delayed(final, dsk)
 
 
-def probe_graph(test: GradientStore, index: TopKIndex, plan: BlockPlan, normalize: bool, n_probe: int,
+def probe_graph(test: GradientStore, index: TopKIndex, plan: BlockPlan, normalize: bool, n_probe: int | None,
                 k: int) -> Delayed:
     """A Delayed list, per test block, of the sorted ids of the lists to read."""
     ref, iref = StoreRef.of(test), IndexRef.of(index)
     lrs = [float(x) for x in index.attrs["learning_rates"]]
-    token = tokenize(ref, iref, plan, normalize, n_probe, k)
+    rules = index.rules()
+    token = tokenize(ref, iref, plan, normalize, [r.as_dict() for r in rules], n_probe, k)
     name = f"trackin-index-probe-{token}"
-    dsk = {(name, i): (ivf_tasks.probe_block, ref, iref, s, e, lrs, normalize, n_probe, index.bound_weight, k)
+    dsk = {(name, i): (ivf_tasks.probe_block, ref, iref, s, e, lrs, normalize, rules, n_probe, k)
            for i, (s, e) in enumerate(plan.test_blocks(test.n_examples))}
     final = f"trackin-index-probes-{token}"
     dsk[final] = (list, list(dsk))

@@ -52,7 +52,7 @@ def _quantizer(ref: IndexRef):
     idx = ref.open()
     centroids = idx.centroids()
     half_sq = 0.5 * np.einsum("lw,lw->l", centroids, centroids, dtype=np.float32)
-    return centroids, half_sq, idx.calibration_data()["queries"]
+    return centroids, half_sq, idx.bands(), idx.calibration_data()["queries"]
 
 
 def assign_block(train: StoreRef, index: IndexRef, block: int, start: int, stop: int, learning_rates,
@@ -60,7 +60,7 @@ def assign_block(train: StoreRef, index: IndexRef, block: int, start: int, stop:
     """Pass 1 of a build for one source block: the list of every row, list counts and radii, the
     calibration queries' top-k among these rows, and the rows sorted by list into the staging arrays."""
     idx = index.open()
-    centroids, half_sq, queries = _quantizer(index)
+    centroids, half_sq, bands, queries = _quantizer(index)
     n_lists = centroids.shape[0]
     kc = idx.calibration_k
     grads = train.open().read_grads(start, stop)
@@ -72,7 +72,7 @@ def assign_block(train: StoreRef, index: IndexRef, block: int, start: int, stop:
     tile = max(256, ASSIGN_TILE_BYTES // (4 * (n_lists + len(queries))))
     for t0 in range(0, n, tile):
         t1 = min(n, t0 + tile)
-        lists[t0:t1], dist = ivf.assign(rows[t0:t1], centroids, half_sq)
+        lists[t0:t1], dist = ivf.assign(rows[t0:t1], centroids, half_sq, bands)
         np.maximum.at(radius, lists[t0:t1], dist)
         if len(queries):
             parts.append(kernels.select_topk(queries @ rows[t0:t1].T, kc, start + t0, np))
@@ -139,17 +139,22 @@ def gather_window(index: IndexRef, window: int, start: int, stop: int, offsets: 
 
 # ---- query ---------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=4)
-def _lists(ref: IndexRef):
-    idx = ref.open()
-    return idx.centroids(), idx.list_radius(), idx.list_offsets()
+def _query_side(ref: IndexRef) -> ivf.Quantizer:
+    # A fresh handle: one cached while this process built the index predates its lists and its seal.
+    path, options_json, index_id = ref
+    idx = TopKIndex(path, storage_options=json.loads(options_json)).require_complete()
+    if idx.index_id != index_id:
+        raise RuntimeError(f"the index at {path} was replaced while in use; rerun")
+    return idx.quantizer()
 
 
 def probe_block(test: StoreRef, index: IndexRef, start: int, stop: int, learning_rates, normalize: bool,
-                n_probe: int, bound_weight: float, k: int) -> np.ndarray:
-    """Sorted ids of the lists to read for test rows [start, stop)."""
-    centroids, radius, offsets = _lists(index)
+                rules: tuple, n_probe: int | None, k: int) -> np.ndarray:
+    """Sorted ids of the lists to read for test rows [start, stop): per end, ``rules`` (the calibrated
+    :class:`ivf.EndRule`) with their own n_probe, or ``n_probe`` lists where given."""
+    qz = _query_side(index)
     queries = ivf.to_index_space(test.open().read_grads(start, stop), learning_rates, normalize)
-    return ivf.probe(queries, centroids, radius, np.diff(offsets), n_probe, bound_weight, k)
+    return ivf.probe(queries, qz, tuple(rules), k, n_probe)
 
 
 def search_block(test_folded, index: IndexRef, rows: np.ndarray, k: int, normalize: bool, backend: str):

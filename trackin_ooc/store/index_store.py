@@ -11,7 +11,14 @@ subgroup ``index`` (``index_cosine`` for ``normalize=True`` queries), and record
 | ``list_offsets`` | (list + 1,) | list L is rows ``list_offsets[L]:list_offsets[L+1]`` |
 | ``centroids`` | (list, C·F) | the coarse quantizer, in the √η_c-weighted concatenated space |
 | ``list_radius`` | (list,) | max distance of a list's rows from its centroid |
+| ``band_edges``, ``list_band`` | (band − 1,), (list,) | norm bands: a row goes to its band's nearest centroid |
+| ``list_samples`` | (sample, C·F) | sampled rows grouped by list (ranking a list by its best sampled row) |
+| ``list_sample_offsets`` | (list + 1,) | list L's sampled rows are ``list_sample_offsets[L]:[L+1]`` |
 | ``window_complete`` | (window,) | which row windows of ``grads`` are written |
+
+Format version 2 (version 1 indexes are refused: rebuild them) records whether the calibration found
+structure an index can use (``structured``, with its one-line ``verdict``), the calibration's held-out
+queries and margin, and keeps every list within twice the mean size.
 
 Build state kept for resuming and calibrating: ``assignment`` (list of every train row, in train order),
 ``block_counts``/``block_radius``/``block_complete`` per source block, the calibration queries and their
@@ -40,7 +47,7 @@ from .gradient_store import GradientStore
 from .group import ZarrGroup, open_group, short
 from .integrity import checked_read
 
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2
 KIND = "index"
 DEFAULT_NAME = "index"
 COSINE_NAME = "index_cosine"
@@ -56,6 +63,10 @@ ASSIGNMENT = "assignment"
 BLOCK_COUNTS = "block_counts"
 BLOCK_RADIUS = "block_radius"
 BLOCK_COMPLETE = "block_complete"
+BAND_EDGES = "band_edges"
+LIST_BAND = "list_band"
+LIST_SAMPLES = "list_samples"
+LIST_SAMPLE_OFFSETS = "list_sample_offsets"
 CALIB_ROWS = "calibration_rows"
 CALIB_QUERIES = "calibration_queries"
 CALIB_PARTS = ("calibration_best_score", "calibration_best_index", "calibration_worst_score",
@@ -101,7 +112,8 @@ class TopKIndex(ZarrGroup):
             raise StoreError(f"{self.path} is not a trackin-ooc index; build one with trackin_ooc.build_index")
         if meta.get("format_version") != INDEX_FORMAT_VERSION:
             raise StoreError(f"index {self.path} has format version {meta.get('format_version')}; this trackin-ooc "
-                             f"reads version {INDEX_FORMAT_VERSION}: rebuild it (build_index(..., overwrite=True))")
+                             f"reads version {INDEX_FORMAT_VERSION}: rebuild it with build_index(train, "
+                             f"overwrite=True) (trackin-ooc index TRAIN --overwrite)")
         return meta
 
     # ---- creation -------------------------------------------------------------------------------
@@ -115,6 +127,9 @@ class TopKIndex(ZarrGroup):
         centroids: np.ndarray,
         calibration_rows: np.ndarray,
         calibration_queries: np.ndarray,
+        bands,
+        list_samples: np.ndarray,
+        list_sample_offsets: np.ndarray,
         calibration_k: int,
         block_rows: int,
         chunk_rows: int,
@@ -172,6 +187,14 @@ class TopKIndex(ZarrGroup):
         make(group, LIST_OFFSETS, (k_lists + 1,), (k_lists + 1,), "int64", ("list_edge",))
         make(group, CENTROIDS, (k_lists, width), (k_lists, width), "float32", ("list", "width"))[:] = centroids
         make(group, LIST_RADIUS, (k_lists,), (k_lists,), "float32", ("list",))
+        n_e = len(bands.edges)
+        make(group, BAND_EDGES, (n_e,), (max(1, n_e),), "float32", ("band_edge",))[:] = bands.edges
+        make(group, LIST_BAND, (k_lists,), (k_lists,), "int32", ("list",))[:] = bands.of_list
+        n_s = max(1, list_samples.shape[0])
+        make(group, LIST_SAMPLES, (list_samples.shape[0], width), (n_s, width), "float32",
+             ("sample", "width"))[:] = list_samples
+        make(group, LIST_SAMPLE_OFFSETS, (k_lists + 1,), (k_lists + 1,), "int64", ("list_edge",))[:] = \
+            list_sample_offsets
         make(group, WINDOW_COMPLETE, (n_windows,), (1,), "uint8", ("window",))
         make(group, ASSIGNMENT, (n,), (block_rows,), "int32", ("example",), fill=-1)
         make(group, BLOCK_COUNTS, (n_blocks, k_lists), (1, k_lists), "int64", ("block", "list"))
@@ -204,7 +227,7 @@ class TopKIndex(ZarrGroup):
             if not idx.windows_done().all():
                 idx._array(f"{STAGING}/{GRADS}"), idx._array(f"{STAGING}/{TRAIN_INDEX}")
             for name in (GRADS, TRAIN_INDEX, LIST_OFFSETS, LIST_RADIUS, ASSIGNMENT, BLOCK_COUNTS, BLOCK_RADIUS,
-                         *CALIB_PARTS):
+                         LIST_SAMPLES, LIST_SAMPLE_OFFSETS, BAND_EDGES, LIST_BAND, *CALIB_PARTS):
                 idx._array(name)
         except (KeyError, FileNotFoundError, StoreError, ValueError):
             return None
@@ -242,17 +265,55 @@ class TopKIndex(ZarrGroup):
 
     @property
     def n_probe(self) -> int:
-        """Default lists probed per test example (per end): calibrated at build time for the target recall."""
+        """Default lists probed per test example (the larger of the two ends' own defaults, calibrated at
+        build time for the target recall)."""
         return int(self._meta.get("n_probe") or self.n_lists)
+
+    def rules(self) -> tuple:
+        """The calibrated (proponent, opponent) :class:`~trackin_ooc.engine.ivf.EndRule`: ranking, λ, n_probe."""
+        from ..engine.ivf import EndRule
+
+        probe = self._meta.get("probe") or {}
+        return tuple(EndRule(**probe[end]) if end in probe else EndRule("centroid", 0.0, self.n_lists)
+                     for end in ("proponent", "opponent"))
+
+    def bands(self):
+        """The norm bands of the lists (:class:`~trackin_ooc.engine.ivf.Bands`; no edges: one band)."""
+        from ..engine.ivf import Bands
+
+        return Bands(self._read(BAND_EDGES).astype(np.float32), self._read(LIST_BAND))
+
+    def quantizer(self):
+        """What a query ranks lists with (:class:`~trackin_ooc.engine.ivf.Quantizer`), read once."""
+        return self._quantizer
+
+    @functools.cached_property
+    def _quantizer(self):
+        from ..engine.ivf import Quantizer
+
+        return Quantizer(centroids=self.centroids(), radius=self.list_radius(), sizes=self.list_sizes(),
+                         samples=self._read(LIST_SAMPLES).astype(np.float32, copy=False),
+                         sample_offsets=self._read(LIST_SAMPLE_OFFSETS))
+
+    @property
+    def structured(self) -> bool:
+        """Whether the calibration found structure an index can use; where not, ``top_k(index=...)`` at the
+        default ``n_probe`` streams exact top-k (an explicit ``n_probe`` still reads the lists)."""
+        return bool(self._meta.get("structured", False))
+
+    @property
+    def verdict(self) -> str:
+        """The calibration's finding in one line (recall and rows read at the default ``n_probe``)."""
+        return str(self._meta.get("verdict", ""))
 
     @property
     def bound_weight(self) -> float:
-        """λ in the list ranking ⟨q, c_L⟩ ± λ‖q‖·r_L, chosen by the calibration."""
-        return float(self._meta.get("bound_weight", 0.0))
+        """λ in the proponents' list ranking (key ± λ‖q‖·r_L), chosen by the calibration."""
+        return float(self.rules()[0].bound_weight)
 
     @property
     def calibration(self) -> dict[str, Any]:
-        """What the build measured on held-in queries: recall@k and fraction read for several ``n_probe``."""
+        """What the build measured on held-out queries: recall@k and fraction read for several ``n_probe``."""
         return dict(self._meta.get("calibration") or {})
 
     @property
@@ -313,8 +374,10 @@ class TopKIndex(ZarrGroup):
     def __repr__(self) -> str:
         state = "complete" if self.complete else "INCOMPLETE"
         kind = "cosine" if self.normalize else "dot-product"
+        probe = (f"n_probe={self.n_probe} by default" if self.structured or not self.complete
+                 else "no structure: streams")
         return (f"<TopKIndex {self.path!r}: {self.n_lists} lists over {self.n_examples} rows, {kind}, "
-                f"n_probe={self.n_probe} by default, {state}>")
+                f"{probe}, {state}>")
 
     def _repr_html_(self) -> str:
         """A table of the index and its calibration, for Jupyter (trackin_ooc.views.reprs)."""
@@ -498,14 +561,16 @@ class TopKIndex(ZarrGroup):
             self._group = _open_group(self.path, self.storage_options, False)
             self._arrays.clear()
 
-    def mark_complete(self, *, n_probe: int, bound_weight: float, calibration: dict[str, Any]) -> TopKIndex:
+    def mark_complete(self, *, rules: tuple, calibration: dict[str, Any], structured: bool,
+                      verdict: str) -> TopKIndex:
         """Seal the index: every window written, staging removed, the calibrated defaults recorded."""
         done = self.windows_done()
         if not done.all():
             raise IncompleteStoreError(
                 f"cannot mark index {self.path} complete: {int((~done).sum())} windows unwritten")
-        self._seal(n_probe=int(n_probe), bound_weight=float(bound_weight),
-                   calibration=json.loads(json.dumps(calibration)))
+        probe = {end: rule.as_dict() for end, rule in zip(("proponent", "opponent"), rules)}
+        self._seal(n_probe=max(r.n_probe for r in rules), probe=probe,
+                   calibration=json.loads(json.dumps(calibration)), structured=bool(structured), verdict=verdict)
         return self
 
 
