@@ -35,6 +35,7 @@ import numpy as np
 
 import trackin_ooc as to
 from trackin_ooc.engine import ivf
+from trackin_ooc.store.rows import RowBlock
 
 K = 10
 TEST_ROWS, CALL_ROWS = 256, 16
@@ -87,7 +88,7 @@ def write_store(path, case: Case, n_rows: int, row_seed: int, chunk_rows: int = 
         else:
             y = np.zeros(n, dtype=np.int64)
             g = r.standard_normal((c, n, f)) / np.sqrt(f)
-        st.write_block(s, (scale[None, :, None] * g).astype(np.float16), labels=y)
+        st.write_block(s, RowBlock((scale[None, :, None] * g).astype(np.float16), labels=y))
     return st.mark_complete()
 
 
