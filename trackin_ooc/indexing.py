@@ -106,6 +106,20 @@ def build_index(
         Build for cosine (``top_k(normalize=True)``) queries instead of dot products.
     target_recall : float
         Recall@10 the default ``n_probe`` is calibrated for (a margin of 0.02 is added).
+    path : str or path, optional
+        Where the index goes; default: inside the train store's folder.
+    seed : int
+        Seed of the k-means sample and the held-out calibration queries.
+    overwrite : bool
+        Replace a finished index (or an unfinished one of another build) at the location.
+    memory_limit : int or str, optional
+        Budget for the blocks in flight.
+    progress : bool, optional
+        Force the progress bars on or off.
+    storage_options : dict, optional
+        fsspec options for remote stores.
+    client : distributed.Client, optional
+        The scheduler to run on.
 
     Returns
     -------
@@ -237,7 +251,26 @@ def _calibrate(idx: TopKIndex, target_recall: float) -> ivf.Calibration:
 
 def open_index(store: StoreLike | TopKIndex, *, normalize: bool = False,
                storage_options: StorageOptions = None) -> TopKIndex:
-    """The index saved for ``store`` (a gradient store or its path), or the index at an index's own path."""
+    """The index saved for ``store`` (a gradient store or its path), or the index at an index's own path.
+
+    Parameters
+    ----------
+    store : GradientStore, TopKIndex, str or path
+        A train store whose index to open, or an index's own location.
+    normalize : bool
+        The cosine index instead of the dot-product one.
+    storage_options : dict, optional
+        fsspec options for remote stores.
+
+    Returns
+    -------
+    TopKIndex
+
+    Raises
+    ------
+    StoreError
+        The store has no such index (build one with ``build_index``).
+    """
     if isinstance(store, TopKIndex):
         return store
     if not isinstance(store, GradientStore) and index_meta(store, storage_options) is not None:

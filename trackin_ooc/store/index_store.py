@@ -97,6 +97,18 @@ class TopKIndex(ZarrGroup):
 
     Made by :func:`trackin_ooc.build_index`; passed to ``top_k(test, train, index=...)``. Only the
     coarse quantizer (centroids, list offsets and radii) is held in memory; rows are read per query.
+
+    Parameters
+    ----------
+    path : str or path
+        The index's location (``open_index`` finds it from its train store).
+    storage_options : dict, optional
+        fsspec options for a remote index.
+
+    Raises
+    ------
+    StoreError
+        Nothing is at ``path``, it is not an index, or its format version is not this one's.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, storage_options: StorageOptions = None,

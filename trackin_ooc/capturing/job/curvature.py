@@ -130,7 +130,23 @@ class Curvature:
 
 
 def load_curvature(path: str | os.PathLike) -> Curvature:
-    """Read a file :meth:`Curvature.save` wrote; a one-line :class:`CaptureError` for anything else."""
+    """Read a file :meth:`Curvature.save` wrote; a one-line :class:`CaptureError` for anything else.
+
+    Parameters
+    ----------
+    path
+        The file ``fit_curvature(..., out)`` or ``trackin-ooc fit-curvature`` saved.
+
+    Returns
+    -------
+    Curvature
+        Per checkpoint, each layer's EK-FAC eigenbases and eigenvalues, with the damping they were fitted with.
+
+    Raises
+    ------
+    CaptureError
+        No file, not a curvature file, or one of another format version.
+    """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -328,6 +344,8 @@ def fit_curvature(
         λ per layer as a multiple of its mean eigenvalue (> 0).
     loss_fn, batch_size, target_key, device
         As for ``capture``.
+    overwrite
+        Replace an existing file at ``out``.
 
     Returns
     -------
