@@ -5,7 +5,7 @@ G = Σ_t δ_t a_tᵀ (a: the layer's input at position t with a constant 1 appen
 gradient of the example's loss with respect to the layer's output there); an Embedding's is
 Σ_t e_{token_t} δ_tᵀ. The plan (:mod:`.factored_plan`) maps each layer's G to a wide vector (vec(G)
 itself, or for a very large layer its outer-product projection P_inᵀ Gᵀ P_out) and hashes all wide vectors
-into the k stored dims with one seeded CountSketch: a fixed linear map of the gradient, data independent,
+into the k stored dims with one seeded sparse JL map: a fixed linear map of the gradient, data independent,
 so stores captured separately agree. Here: which modules are factored (:func:`layer_groups`), the spec
 (:func:`factored_spec`), the factor matrices and hash tables (:class:`Factors`), and the math that turns a
 layer's inputs and output gradients, or its formed G, into its features. G is formed the cheap way for its
@@ -30,6 +30,7 @@ from .factored_plan import (
     FACTOR_KIND,
     HOOKED_KINDS,
     PLAN_VERSION,
+    SPARSITY,
     SPEC_KEY,
     FactorLayer,
     LayerGroup,
@@ -189,7 +190,7 @@ def plan_from_spec(spec: ProjectionSpec) -> list[FactorLayer]:
 
 # ---- factors, hash tables and per-layer features -------------------------------------------------
 class Factors:
-    """The Gaussian factor matrices and CountSketch tables of a plan, generated once per process and device
+    """The Gaussian factor matrices and hash tables of a plan, generated once per process and device
     (cached)."""
 
     def __init__(self, seed: int, device: torch.device | str = "cpu", cache: _BlockCache | None = None):
@@ -212,43 +213,58 @@ class Factors:
         return projection_matrix(FACTOR_KIND, self.seed, f"{layer.weight}#{side}", d, k, self.device, self.cache)
 
     def buckets(self, layer: FactorLayer) -> torch.Tensor:
-        """The CountSketch table of a hashed layer: for each of its ``width`` wide values, an int64 in
-        [0, 2·mix): bucket ``b mod mix``, sign + below ``mix``, − from it. Seeded per layer (the weight's name)
-        in blocks of the dense generator's size, so it depends only on (seed, name, width, mix)."""
+        """The sparse JL table of a hashed layer, (SPARSITY, width) int64 in [0, 2·mix): each wide value is
+        added at SPARSITY buckets ``b mod mix``, with sign + below ``mix`` and − from it (and 1/√SPARSITY).
+        Seeded per layer (the weight's name) and row, in blocks of the dense generator's size, so it depends
+        only on (seed, name, width, mix)."""
         width, mix = layer.width, layer.mix
         cache = _CACHE if self.cache is None else self.cache
 
         def make() -> torch.Tensor:
-            parts = []
-            for block, start in enumerate(range(0, width, BLOCK_ELEMENTS)):
-                gen = torch.Generator(device="cpu").manual_seed(block_seed(self.seed, f"{layer.weight}#mix", block))
-                parts.append(torch.randint(0, 2 * mix, (min(BLOCK_ELEMENTS, width - start),), generator=gen))
-            return torch.cat(parts).to(self.device)
+            rows = []
+            for r in range(SPARSITY):
+                parts = []
+                for block, start in enumerate(range(0, width, BLOCK_ELEMENTS)):
+                    gen = torch.Generator(device="cpu").manual_seed(
+                        block_seed(self.seed, f"{layer.weight}#mix{r}", block))
+                    parts.append(torch.randint(0, 2 * mix, (min(BLOCK_ELEMENTS, width - start),), generator=gen))
+                rows.append(torch.cat(parts))
+            return torch.stack(rows).to(self.device)
 
-        return cache.get(("mix", self.seed, layer.weight, width, mix, str(self.device)), make)
+        return cache.get(("mix", SPARSITY, self.seed, layer.weight, width, mix, str(self.device)), make)
+
+
+def _signed(layer: FactorLayer, out: torch.Tensor) -> torch.Tensor:
+    """(B, mix) from the (B, 2·mix) sums at positive and negative buckets."""
+    return (out[:, : layer.mix] - out[:, layer.mix:]).mul_(1.0 / math.sqrt(SPARSITY))
 
 
 def hash_values(layer: FactorLayer, wide: torch.Tensor, factors: Factors) -> torch.Tensor:
-    """(B, mix): the CountSketch of a hashed layer's wide values (B, width)."""
+    """(B, mix): the sparse JL map of a hashed layer's wide values (B, width)."""
     b = wide.shape[0]
+    wide = wide.to(torch.float32)
     out = torch.zeros(b, 2 * layer.mix, dtype=torch.float32, device=wide.device)
-    out.index_add_(1, factors.buckets(layer), wide.to(torch.float32))
-    return out[:, : layer.mix] - out[:, layer.mix:]
+    for row in factors.buckets(layer):
+        out.index_add_(1, row, wide)
+    return _signed(layer, out)
 
 
 def _hash_tokens(layer: FactorLayer, buckets: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """(B, mix): an Embedding's δ_t (B, T, d_out) added at its tokens' buckets (B, T, d_out), G never formed."""
+    """(B, mix): an Embedding's δ_t (B, T, d_out) added at its tokens' buckets (SPARSITY, B, T, d_out), G never
+    formed."""
     b = delta.shape[0]
+    d = delta.to(torch.float32).reshape(b, -1)
     out = torch.zeros(b, 2 * layer.mix, dtype=torch.float32, device=delta.device)
-    out.scatter_add_(1, buckets.reshape(b, -1), delta.to(torch.float32).reshape(b, -1))
-    return out[:, : layer.mix] - out[:, layer.mix:]
+    for row in buckets:
+        out.scatter_add_(1, row.reshape(b, -1), d)
+    return _signed(layer, out)
 
 
 def project_input(layer: FactorLayer, a: torch.Tensor, factors: Factors) -> torch.Tensor:
     """(B, T, k_in) input factor of a Linear/Conv2d/Conv1D input (B, T, I) (bias row appended) or of
     token ids (B, T) for an Embedding (for an Embedding hashed whole: its tokens' buckets, (B, T, d_out))."""
     if layer.kind == "embedding" and layer.hashed_whole:
-        return factors.buckets(layer).view(layer.d_in, layer.d_out)[a]
+        return factors.buckets(layer).view(-1, layer.d_in, layer.d_out)[:, a]
     p = factors.matrix(layer, "in")
     if layer.kind == "embedding":
         if p is None:

@@ -6,8 +6,8 @@ Plan version 2 (what ``factored_spec`` makes):
   is stored exactly (identity factors, concatenated): the store is exact and narrower.
 - Otherwise every layer's per-example gradient is mapped to a **wide** vector of its own and all
   the wide vectors are **hashed into the same k = projection_dim dims** by one seeded CountSketch
-  (every wide coordinate j of a layer has a bucket h(j) in [0, k) and a sign s(j) = ±1; the stored
-  feature is f_b = Σ_layers Σ_{j: h(j) = b} s(j)·wide_j). A layer's wide vector is
+  (a sparse Johnson-Lindenstrauss map: every wide coordinate j of a layer is added at bucket h(j) in
+  [0, k) with sign s(j) = ±1). A layer's wide vector is
 
   * its exact gradient vec(G) (``width = d_in·d_out``, identity factors) when it has at most
     ``HASH_ELEMENTS`` values (every layer of the models the project serves): the composition is a
@@ -43,6 +43,10 @@ FACTOR_KIND = "gaussian"
 PLAN_VERSION = 2
 READ_VERSIONS = (1, 2)
 MIX_KIND = "countsketch"
+# Buckets per wide value of the shared map (each value added at SPARSITY random buckets with random signs,
+# scaled 1/√SPARSITY). One, a CountSketch, has at most a dense Gaussian map's variance and ranks like it (two
+# measured no better on GPT-2-style models), at one scattered add per value.
+SPARSITY = 1
 # How a layer's feature is defined: "factors" (P_inᵀ Gᵀ P_out in blocks; identity factors: vec(G)) or
 # "formed" (a dense Gaussian map of G, version-1 plans only).
 METHODS = ("factors", "formed")
@@ -275,8 +279,8 @@ def stored_dim(plan: Sequence[FactorLayer]) -> int:
 
 def plan_extra(plan: Sequence[FactorLayer], requested_dim: int) -> dict:
     """What the spec records of a version-2 plan (``extra["factored"]``, covered by the fingerprint)."""
-    return {"version": PLAN_VERSION, "factor": FACTOR_KIND, "mix": MIX_KIND, "requested_dim": int(requested_dim),
-            "layers": [x.to_dict() for x in plan]}
+    return {"version": PLAN_VERSION, "factor": FACTOR_KIND, "mix": MIX_KIND, "sparsity": SPARSITY,
+            "requested_dim": int(requested_dim), "layers": [x.to_dict() for x in plan]}
 
 
 def plan_from_extra(extra: Mapping | None, what: str = "this spec") -> list[FactorLayer]:
@@ -285,7 +289,7 @@ def plan_from_extra(extra: Mapping | None, what: str = "this spec") -> list[Fact
         raise CaptureError(f"{what} is not a factored spec with a layer plan")
     version = extra.get("version")
     if version not in READ_VERSIONS or extra.get("factor") != FACTOR_KIND or (
-            version >= 2 and extra.get("mix") != MIX_KIND):
+            version >= 2 and (extra.get("mix"), extra.get("sparsity")) != (MIX_KIND, SPARSITY)):
         raise CaptureError(
             f"factored plan version {version} ({extra.get('factor')}) is not one this trackin-ooc reads "
             f"(versions {', '.join(map(str, READ_VERSIONS))}, {FACTOR_KIND}); re-capture with this version"
