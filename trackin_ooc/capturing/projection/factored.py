@@ -311,7 +311,7 @@ def combine(layer: FactorLayer, a_proj: torch.Tensor, d_proj: torch.Tensor,
 
 
 def _mixed(layer: FactorLayer, f: torch.Tensor, factors: Factors | None) -> torch.Tensor:
-    if not layer.mix:
+    if not layer.mix or layer.direct:
         return f
     if factors is None:
         raise CaptureError(f"layer {layer.module!r} is hashed into shared dims: its tables (Factors) are needed")
@@ -405,7 +405,7 @@ def dense_spec(spec: ProjectionSpec, layer: FactorLayer) -> ProjectionSpec:
     """The dense (or exact) sub-spec the fallback parameters are projected with."""
     shapes = dict(spec.layers)
     layers = tuple((n, shapes[n]) for n in layer.params)
-    if layer.out_identity:
+    if layer.out_identity and not layer.direct:
         return ProjectionSpec(kind="exact", dim=layer.width, layers=layers)
     return ProjectionSpec(kind=FACTOR_KIND, dim=layer.width, seed=spec.seed, layers=layers)
 
@@ -418,6 +418,4 @@ def dense_features(
     sub-spec, and for a hashed group hashed into the shared dims; (B, out_width)."""
     sub = dense_spec(spec, layer)
     f = Projector(sub, device=device)({n: grads[n] for n in layer.params})
-    if layer.mix:
-        f = hash_values(layer, f, factors if factors is not None else Factors(spec.seed, device))
-    return f
+    return _mixed(layer, f, factors if factors is not None else Factors(spec.seed, device))

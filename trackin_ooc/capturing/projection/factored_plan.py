@@ -17,6 +17,10 @@ Plan version 2 (what ``factored_spec`` makes):
     version-1 factors, :func:`factor_widths`) to ``WIDE × k`` values: its own error is then about
     1/WIDE of the final map's, whatever share of the gradient the layer holds.
 
+  * for the smallest layers (a classifier head, normalisation parameters: while their maps hold at
+    most ``DENSE_ELEMENTS`` values together), a dense Gaussian map of the gradient straight into the k
+    shared dims (``method="formed"``), as a dense projection would map them.
+
   Nothing is split across layers: each example's k dims follow its own gradient energy (a layer
   with most of an example's gradient takes most of the variance budget of that example), which no
   fixed per-layer allocation can match. The plan therefore needs no data: train and test stores of
@@ -57,6 +61,12 @@ HOOKED_KINDS = ("linear", "conv2d", "hf_conv1d", "embedding")
 HASH_ELEMENTS = 1 << 23
 # A larger layer's wide space: WIDE × projection_dim values of its outer-product projection.
 WIDE = 16
+# Small layers take a dense Gaussian map into the shared dims instead of hashing: the smallest first, while
+# all their maps (exact width × dim each) hold at most this many values (64 MiB of float32), so they stay in
+# the block cache. A layer of a few hundred values often carries most of an example's gradient (a classifier
+# head), and a CountSketch of a vector dominated by a few coordinates ranks worse than a dense map: BERT
+# classifiers of the sweep, 0.90 against a dense map's 0.93 at 1024 dims (benchmarks/sweep_projection.py).
+DENSE_ELEMENTS = 1 << 24
 # Cost allowance of a wide layer's outer-product projection: BETA × its own forward and backward
 # (3·T·d_in·d_out multiply-adds per example); sets its block size.
 BETA = 4.0
@@ -105,6 +115,11 @@ class FactorLayer:
     def formed(self) -> bool:
         """The features must come from the formed gradient (a dense map of it, or hashing it whole)."""
         return self.method == "formed" or (self.hashed_whole and self.kind != "embedding")
+
+    @property
+    def direct(self) -> bool:
+        """A dense Gaussian map of the layer's gradient straight into the shared dims (nothing is hashed)."""
+        return bool(self.mix) and self.method == "formed"
 
     @property
     def hashed_whole(self) -> bool:
@@ -266,7 +281,30 @@ def plan_groups(groups: Sequence[LayerGroup], dim: int) -> list[FactorLayer]:
     if total <= dim:
         return [FactorLayer(g.kind, g.module, g.params, g.d_in, g.d_out, g.d_in, g.d_out, g.d_in * g.d_out)
                 for g in groups]
-    return [plan_layer(g, int(dim)) for g in groups]
+    direct = set(dense_mapped([g.d_in * g.d_out for g in groups], int(dim)))
+    return [direct_layer(g, int(dim)) if i in direct else plan_layer(g, int(dim)) for i, g in enumerate(groups)]
+
+
+def dense_mapped(sizes: Sequence[int], dim: int) -> list[int]:
+    """Indices of the layers that take a dense Gaussian map straight into the shared dims: the smallest
+    first, while their maps together hold at most DENSE_ELEMENTS values (``size × dim`` each)."""
+    taken, used = [], 0
+    for i in sorted(range(len(sizes)), key=lambda i: (sizes[i], i)):
+        used += sizes[i] * dim
+        if used > DENSE_ELEMENTS:
+            break
+        taken.append(i)
+    return taken
+
+
+def direct_layer(group: LayerGroup, dim: int) -> FactorLayer:
+    """A small layer's entry: its formed gradient times a dense D × dim Gaussian matrix, added to the shared
+    dims (``method="formed"``, ``width = mix = dim``)."""
+    g = group
+    if g.kind == "dense":
+        return FactorLayer(g.kind, g.module, g.params, 1, g.d_out, 1, int(dim), int(dim), method="formed",
+                           mix=int(dim))
+    return FactorLayer(g.kind, g.module, g.params, g.d_in, g.d_out, 1, 1, int(dim), int(dim), "formed", int(dim))
 
 
 def stored_dim(plan: Sequence[FactorLayer]) -> int:
@@ -309,7 +347,9 @@ def describe_plan(plan: Sequence[FactorLayer]) -> str:
             continue
         name = x.module or ",".join(x.params)
         into = f", hashed into the {x.mix} shared dims" if x.mix else ""
-        if x.kind == "dense":
+        if x.direct:
+            how, into = f"dense Gaussian map into the {x.mix} shared dims", ""
+        elif x.kind == "dense":
             how = "exact" if x.out_identity else f"dense Gaussian to {x.width}"
         elif x.method == "formed":
             how = f"formed gradient, dense Gaussian to {x.width}"
