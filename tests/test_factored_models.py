@@ -136,6 +136,7 @@ def test_plans_of_the_real_layers(stores):
 def test_per_position_and_formed_computation_agree(force, monkeypatch):
     """The hooks pick, per batch, how to compute a layer's factor map; both ways give the same numbers."""
     monkeypatch.setattr(factored_plan, "HASH_ELEMENTS", 0)  # wide factor maps only: computable either way
+    monkeypatch.setattr(factored_plan, "DENSE_ELEMENTS", 0)
     torch.manual_seed(0)
     model = arch.cifar_resnet((8, 16, 16), seed=0).eval()
     names = [n for n, _ in model.named_parameters()]
