@@ -1,7 +1,7 @@
 """The factored projection against a dense Gaussian one on a seeded sweep of small transformers.
 
-    .venv/bin/python benchmarks/sweep_projection.py --quick     # 6 configs, 4 seeds each
-    .venv/bin/python benchmarks/sweep_projection.py             # 20 configs, 8 seeds each
+    .venv/bin/python benchmarks/sweep_projection.py --quick     # 4 configs (one per family), 3 seeds each
+    .venv/bin/python benchmarks/sweep_projection.py             # 20 configs, 3 seeds each
 
 Each config (trackin_ooc.demo.transformer_family: BERT-, GPT-2-, RoBERTa- and ViT-style models from
 ``transformers`` configs, random widths, depths, heads, vocabularies, lengths and tied/untied heads, trained
@@ -41,8 +41,8 @@ def run_sweep(quick: bool, *, n_configs: int | None = None, seeds: int | None = 
               ks: tuple[int, ...] = KS, log=print) -> list[dict]:
     """One row per (config, k): config, params, k, gaussian, factored, diff (factored − gaussian), holds,
     capture_err (seed 0 only: the captured stores against the map applied to exact gradients)."""
-    n_configs = n_configs or (6 if quick else 20)
-    seeds = seeds or (4 if quick else 8)
+    n_configs = n_configs or (4 if quick else 20)
+    seeds = seeds or 3
     rows = []
     for cfg in family.sample_configs(n_configs, seed=seed):
         t0 = time.perf_counter()
@@ -82,7 +82,7 @@ def label() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="6 configs, 4 seeds")
+    ap.add_argument("--quick", action="store_true", help="4 configs (one per family), 3 seeds")
     ap.add_argument("--configs", type=int, default=None)
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
