@@ -7,28 +7,23 @@ gradients; and on real trained models the factored ranking agrees with the exact
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from scipy.stats import rankdata
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import trackin_ooc as to
 from trackin_ooc.capturing.per_example.vmap import PerExampleGradients
-from trackin_ooc.capturing.projection import factored
+from trackin_ooc.capturing.projection import factored_plan
 from trackin_ooc.capturing.projection.factored import (
-    FACTOR_ELEMENTS,
     factored_spec,
     plan_from_spec,
     project_gradients,
-    split_dim,
 )
+from trackin_ooc.capturing.projection.factored_plan import stored_dim
 from trackin_ooc.capturing.projection.hooks import FactoredFeatures
 from trackin_ooc.demo import digits_cnn, digits_mlp, train_with_checkpoints
 from trackin_ooc.demo.text import EMBED, VOCAB, TokenClassifier, token_data
@@ -113,9 +108,13 @@ def mixed_batch(b=6, seed=0):
     return (image, tokens), torch.randint(0, 5, (b,), generator=g)
 
 
-@pytest.mark.parametrize("dim", [90, 300, 10**6], ids=["blocks", "identity-sides", "exact"])
-def test_hooks_equal_factors_applied_to_exact_gradients(dim, monkeypatch):
-    monkeypatch.setattr(factored, "SMALL_MAP", 0)  # these small layers would take formed dense maps
+@pytest.mark.parametrize("dim,wide", [(90, False), (300, True), (10**6, False)], ids=["hashed", "wide", "exact"])
+def test_hooks_equal_factors_applied_to_exact_gradients(dim, wide, monkeypatch):
+    if wide:  # every layer too large to hash whole: projected to its wide space first, then hashed
+        monkeypatch.setattr(factored_plan, "HASH_ELEMENTS", 0)
+        monkeypatch.setattr(factored_plan, "DENSE_ELEMENTS", 0)
+    if dim == 90:  # dense maps for the smallest layers only (this model is small enough for all of them)
+        monkeypatch.setattr(factored_plan, "DENSE_ELEMENTS", 90 * 250)
     torch.manual_seed(0)
     model = Mixed().eval()
     names = [n for n, _ in model.named_parameters()]
@@ -126,10 +125,13 @@ def test_hooks_equal_factors_applied_to_exact_gradients(dim, monkeypatch):
                      "head": "linear", "dense": "dense"}
     dense = next(x for x in plan if x.kind == "dense")
     assert set(dense.params) == {"gate", "grouped.weight", "grouped.bias", "norm.weight", "norm.bias"}
-    if dim == 90:
-        assert sum(x.blocks > 1 for x in plan) >= 3
-    if dim == 300:
-        assert any(x.in_identity != x.out_identity for x in plan)
+    if dim == 90:  # every layer's exact gradient hashed into the 90 shared dims, the smallest mapped densely
+        assert all(x.mix == 90 and (x.hashed_whole or x.direct) for x in plan)
+        assert any(x.hashed_whole for x in plan) and any(x.direct for x in plan)
+    if wide:
+        hooked = [x for x in plan if x.kind != "dense"]
+        assert all(x.mix == 300 and not x.hashed_whole for x in hooked)
+        assert any(x.blocks > 1 for x in hooked) and any(x.in_identity != x.out_identity for x in hooked)
     if dim == 10**6:
         assert spec.dim == sum(p.numel() for p in model.parameters())
 
@@ -183,7 +185,7 @@ def test_sequence_inputs_to_linear_layers(tmp_path):
     assert small.feature_dim == 120
     plan = plan_from_spec(small.spec)
     assert [x.kind for x in plan] == ["linear", "linear"]
-    assert not (plan[0].in_identity and plan[0].out_identity)
+    assert all(x.mix == 120 for x in plan)  # both map into the 120 shared dims (small: dense maps)
     names = [n for n, _ in model.named_parameters()]
     for c, state in enumerate(ckpts):
         grads, _ = PerExampleGradients(model, names)(state, x, y)
@@ -219,7 +221,7 @@ def test_factored_ranks_like_exact_on_digits(wide_models, model_name, digits, di
                         to.capture(model, ckpts, train_ds, tmp_path / f"{mode}_tr.zarr", **kw, **extra))
     assert stores["factored"][1].feature_dim == DIM
     plan = plan_from_spec(stores["factored"][1].spec)
-    assert any(x.width < x.exact_width for x in plan)  # really projected, not exact
+    assert all(x.mix == DIM for x in plan)  # really projected (hashed into the shared dims), not exact
     exact = to.influence(*stores["exact"]).values
     fac = to.influence(*stores["factored"]).values
     rho = mean_row_spearman(fac, exact)
@@ -268,7 +270,7 @@ def test_text_classifier_with_large_vocabulary(tmp_path, monkeypatch):
     plan = plan_from_spec(train.spec)
     embed = plan[0]
     assert (embed.kind, embed.d_in, embed.d_out) == ("embedding", VOCAB, EMBED)
-    assert embed.width < embed.exact_width and embed.d_in * embed.n_in <= FACTOR_ELEMENTS
+    assert embed.hashed_whole and embed.mix == DIM  # its δ_t added at its tokens' buckets, G never formed
     assert train.feature_dim == DIM
 
     states = [torch.load(p, weights_only=True)["model_state_dict"] for p in ckpts]
@@ -278,12 +280,11 @@ def test_text_classifier_with_large_vocabulary(tmp_path, monkeypatch):
     fac = to.influence(test, train).values
     rho = mean_row_spearman(fac, exact)
     assert rho >= MIN_SPEARMAN, f"text classifier: mean per-row Spearman {rho:.3f} < {MIN_SPEARMAN}"
-    # The embedding's own block (a small part of these scores) is the factor map of its exact
-    # gradient, at the full 50k vocabulary: rows gathered from P_in equal P_inᵀ G.
+    # The hooks' features are the CountSketch of the exact gradient, at the full 50k vocabulary.
     names = [n for n, _ in model.named_parameters()]
     grads, _ = PerExampleGradients(model, names)(states[0], train_ds.tensors[0][:6], train_ds.tensors[1][:6])
     want = project_gradients(train.spec, grads).numpy()
-    assert rel_err(train.read_grads(0, 6, checkpoint=0)[:, : embed.width], want[:, : embed.width]) <= 1e-5
+    assert rel_err(train.read_grads(0, 6, checkpoint=0), want) <= 1e-5
     # Self-influence (on the diagonal of train × train) is estimated without bias: close in value.
     si = to.self_influence(train).values
     want = lr * np.einsum("cif,cif->i", g_tr, g_tr)
@@ -302,7 +303,7 @@ def test_spec_records_the_split_and_stores_combine_only_when_it_agrees(mlp, digi
                                                                   1024, 4))
     assert a.spec.to_dict()["extra"]["factored"]["layers"] == [x.to_dict() for x in plan_from_spec(a.spec)]
     assert "factored projection to 1024 dims" in a.spec.describe()
-    assert sum(x.width for x in plan_from_spec(a.spec)) == a.feature_dim == 1024
+    assert stored_dim(plan_from_spec(a.spec)) == a.feature_dim == 1024
 
     # A test store made with another loss (the paper allows any differentiable metric) combines.
     def logit_of_label(out, y):
@@ -324,52 +325,6 @@ def test_spec_records_the_split_and_stores_combine_only_when_it_agrees(mlp, digi
     s1 = factored_spec(mlp.model, [n for n, _ in a.spec.layers], 1024, 4)
     s2 = factored_spec(mlp.model, [n for n, _ in a.spec.layers], 1000, 4)
     assert s1.fingerprint != s2.fingerprint and "factored differ" in s1.difference(s2)
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    layers=st.lists(
-        st.tuples(st.sampled_from(["linear", "conv2d", "embedding", "dense"]),
-                  st.integers(1, 3000), st.integers(1, 3000)),
-        min_size=1, max_size=6,
-    ),
-    total=st.integers(1, 40000),
-)
-def test_split_dim_properties(layers, total):
-    layers = [(k, 1, o) if k == "dense" else (k, i, o) for k, i, o in layers]
-    if total < len(layers):
-        with pytest.raises(to.CaptureError, match="projection_dim"):
-            split_dim(layers, total)
-        return
-    out = split_dim(layers, total)
-    assert len(out) == len(layers)
-    widths = [w for *_, w in out]
-    exact = [i * o for _, i, o in layers]
-    assert sum(widths) <= total
-    assert all(1 <= w <= e for w, e in zip(widths, exact))
-    for (_kind, d_in, d_out), (k_in, k_out, blocks, width) in zip(layers, out):
-        assert 1 <= k_in <= d_in and 1 <= k_out <= d_out and blocks >= 1
-        assert width <= blocks * k_in * k_out
-        if blocks > 1 or width < k_in * k_out:  # blocks or dropped products: both factors random
-            assert k_in < d_in and k_out < d_out
-    # Layers that fit an equal share are stored exactly.
-    for w, e in zip(widths, exact):
-        if e <= total // len(layers):
-            assert w == e
-    # The whole width is used unless everything is exact or no layer could take the rest.
-    if sum(widths) < total and sum(widths) < sum(exact):
-        flexible = [kind == "dense" and w < e or (k_in < d_in and k_out < d_out and kind != "dense")
-                    for (kind, d_in, d_out), (k_in, k_out, _, w), e in zip(layers, out, exact)]
-        assert not any(flexible)
-
-
-def test_split_of_the_digits_mlp():
-    """The documented split (docs/projection.md) of the 64-256-256-10 MLP at 8192."""
-    out = split_dim([("linear", 65, 256), ("linear", 257, 256), ("linear", 257, 10)], 8192)
-    assert out[2] == (257, 10, 1, 2570)  # the last layer fits: exact
-    assert sum(w for *_, w in out) == 8192
-    assert all(k_in < d and k_out < e for (k_in, k_out, _, _), d, e in zip(out[:2], (65, 257), (256, 256)))
-    assert out[1][2] == math.ceil(out[1][3] / (out[1][0] * out[1][1]))  # blocks cover the share
 
 
 # ---- misuse ---------------------------------------------------------------------------------------

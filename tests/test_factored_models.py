@@ -17,14 +17,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import trackin_ooc as to
-from trackin_ooc.capturing.projection import factored, hooks
+from trackin_ooc.capturing.projection import factored_plan, hooks
 from trackin_ooc.capturing.projection.factored import (
     FactorLayer,
-    exact_layers,
     factored_spec,
     plan_from_spec,
     project_gradients,
-    split_layers,
 )
 from trackin_ooc.capturing.projection.hooks import FactoredFeatures
 from trackin_ooc.demo import architectures as arch
@@ -133,53 +131,17 @@ def test_plans_of_the_real_layers(stores):
         assert "transformer.wte.weight" in dense
 
 
-# ---- the cost model ------------------------------------------------------------------------------
-def test_cost_model_forms_gradients_where_positions_are_many():
-    # 3×3 convolutions at 32×32, 16×16 and 4×4 (16, 64 and 512 channels), 2048 dims.
-    layers = [("conv2d", 145, 16, 1024), ("conv2d", 577, 64, 256), ("conv2d", 4609, 512, 16)]
-    out = split_layers(layers, 2048)
-    assert [r[4] for r in out] == ["formed", "formed", "factors"]
-    assert sum(r[3] for r in out) == 2048
-    # Without positions nothing this large is formed (the plan of an MLP is the one it always was).
-    assert all(r[4] == "factors" for r in split_layers([(k, i, o, 1) for k, i, o, _ in layers], 2048))
-    # A formed layer's dense map must fit FACTOR_ELEMENTS: ResNet-18's 512-channel convolutions do not.
-    assert all(r[4] == "factors" for r in split_layers([("conv2d", 4609, 512, 16)] * 4, 1024))
-    # A small layer takes a dense map whatever its positions (its cost is negligible).
-    assert split_layers([("linear", 33, 32, 1)] * 10, 1000)[0][4] == "formed"
-
-
-def test_small_layers_holding_most_of_the_gradient_are_kept_exact():
-    """A few hundred values (a classifier head) next to many larger layers: kept exact, at a bounded cost
-    to the others' shares, where an equal share would give it a few dozen dims."""
-    sizes = [330] + [1056] * 16
-    assert exact_layers(sizes, 2048) == [0]
-    assert exact_layers(sizes, 512) == []  # too large for its share: left to the projection
-    assert sorted(exact_layers([10, 20, 30], 100)) == [0, 1, 2]  # everything fits: everything exact
-    assert exact_layers([5000, 100], 1000) == [1]
-
-
-def test_formed_layers_are_recorded_in_the_spec_and_fingerprint():
-    model = arch.cifar_resnet(seed=0)
-    names = [n for n, _ in model.named_parameters()]
-    x = torch.randn(1, 3, 32, 32)
-    with_positions = factored_spec(model, names, 4096, 0, example=x)
-    without = factored_spec(model, names, 4096, 0)
-    layers = with_positions.to_dict()["extra"]["factored"]["layers"]
-    assert any(d.get("method") == "formed" for d in layers)
-    assert not any("method" in d for d in without.to_dict()["extra"]["factored"]["layers"])
-    assert with_positions.fingerprint != without.fingerprint
-    assert FactorLayer.from_dict(next(d for d in layers if "method" in d)).formed
-
-
+# ---- the two ways of computing a wide layer's features -------------------------------------------
 @pytest.mark.parametrize("force", ["per position", "formed"])
 def test_per_position_and_formed_computation_agree(force, monkeypatch):
     """The hooks pick, per batch, how to compute a layer's factor map; both ways give the same numbers."""
-    monkeypatch.setattr(factored, "SMALL_MAP", 0)  # factor maps only: computable either way
+    monkeypatch.setattr(factored_plan, "HASH_ELEMENTS", 0)  # wide factor maps only: computable either way
+    monkeypatch.setattr(factored_plan, "DENSE_ELEMENTS", 0)
     torch.manual_seed(0)
     model = arch.cifar_resnet((8, 16, 16), seed=0).eval()
     names = [n for n, _ in model.named_parameters()]
-    spec = factored_spec(model, names, 600, 2)  # no positions: no formed maps
-    assert not any(x.formed for x in plan_from_spec(spec))
+    spec = factored_spec(model, names, 600, 2)
+    assert not any(x.formed or x.hashed_whole for x in plan_from_spec(spec) if x.kind != "dense")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.randn(5, 3, 32, 32), torch.randint(0, 10, (5,))
 

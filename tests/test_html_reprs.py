@@ -60,7 +60,8 @@ def test_factored_and_factors_plans_render_per_layer(run):
             assert f"<td>{layer['module']}</td><td>{layer['kind']}</td>" in html
             assert f"{layer['d_in']:,} → {layer['k_in']:,}" in html
             assert f"<td class=\"num\">{layer['width']:,}</td>" in html
-    assert sum(x["width"] for x in plan) == factored.feature_dim
+    # Every layer maps into the shared dims (plan version 2): the store's width is theirs.
+    assert all(x["mix"] == factored.feature_dim for x in plan)
     factors = stores["factors"]
     html = factors._repr_html_()
     for layer in dict(factors.spec.extra)["factors"]["layers"]:

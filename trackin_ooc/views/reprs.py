@@ -49,6 +49,14 @@ def _layer_dicts(obj: Any) -> list[dict]:
 
 
 def _factored_how(x: Mapping) -> str:
+    mix = int(x.get("mix", 0))
+    if mix and x.get("method") == "formed":
+        return f"dense Gaussian map into the {mix:,} shared dims"
+    how = _own_how(x)
+    return f"{how}, hashed into the {mix:,} shared dims" if mix else how
+
+
+def _own_how(x: Mapping) -> str:
     kind, method = x["kind"], x.get("method", "factors")
     d_in, d_out, k_in, k_out = int(x["d_in"]), int(x["d_out"]), int(x["k_in"]), int(x["k_out"])
     width, blocks = int(x["width"]), int(x.get("blocks", 1))

@@ -195,6 +195,9 @@ def _stored_as(spec: ProjectionSpec, projection_dim: int | None) -> dict[str, st
         for layer in (extra.get("factored") or {}).get("layers", []):
             what = (f"factored ({layer['kind']}, width {layer['width']})" if layer.get("kind") != "dense"
                     else f"dense projection (width {layer.get('width')})")
+            if layer.get("mix"):  # plan version 2: every layer maps into the shared dims
+                what = (f"factored ({layer['kind']}, {'dense map' if layer.get('method') == 'formed' else 'hashed'} "
+                        f"into {layer['mix']})")
             out.update({p: what for p in layer.get("params", [])})
         return {n: out.get(n, "dense projection") for n in names}
     if spec.kind == "factors":

@@ -6,6 +6,8 @@ Linear), input width d_in (bias row included), output width d_out and D = d_in·
 - per position: project every a_t and δ_t (T·(d_in·n_in + d_out·n_out)), then combine (T·width);
 - formed: form G = Aᵀ Δ (T·D, what a weight gradient costs, + D to write it), then apply the map to G
   (D·n_out + d_in·width for factors, D·width for a dense Gaussian map);
+- hashed whole (plan version 2): forming G (T·D) and adding its D values into the shared dims;
+  an Embedding adds T·d_out values at its tokens' buckets;
 - exact squared norm: the Gram form Σ_{t,s}(a_t·a_s)(δ_t·δ_s) costs T²·(d_in + d_out), ‖G‖² costs
   T·D to form G (nothing when G is formed anyway).
 
@@ -53,3 +55,15 @@ def norm_cost(kind: str, d_in: int, d_out: int, positions: int) -> tuple[str, fl
     gram = float(positions) ** 2 * ((1 if kind == "embedding" else d_in) + d_out)
     formed = float(d_in * d_out + positions * d_out) if kind == "embedding" else float(positions) * d_in * d_out
     return ("formed", formed) if formed < gram else ("gram", gram)
+
+
+def hashed_costs(kind: str, d_in: int, d_out: int, positions: int) -> tuple[float, float]:
+    """(per position, formed) cost of hashing a layer's exact gradient into the shared dims.
+
+    An Embedding adds each position's δ_t (d_out values) at its token's buckets: per position only. Other
+    layers form G (T·D, a weight gradient's cost, + D to hash it): formed only, since hashing per position
+    would add T·D values instead of D.
+    """
+    if kind == "embedding":
+        return float(positions) * d_out, INFINITE
+    return INFINITE, float(positions + 1) * d_in * d_out

@@ -1,31 +1,23 @@
-"""Factored projection: the per-layer plan, the split of projection_dim, and the per-layer feature math.
+"""Factored projection: the model's layers, the spec, and the per-layer feature math.
 
 For a Linear, Conv2d or Hugging Face ``Conv1D`` layer the per-example weight gradient is
 G = Σ_t δ_t a_tᵀ (a: the layer's input at position t with a constant 1 appended for the bias, δ: the
-gradient of the example's loss with respect to the layer's output there). With per-layer Gaussian
-factors P_in (d_in × k_in) and P_out (d_out × k_out) the stored feature of the layer is
-
-    vec(P_inᵀ Gᵀ P_out) = Σ_t vec((P_inᵀ a_t)(P_outᵀ δ_t)ᵀ)        (k_in × k_out values)
-
-computed either per position (G is never formed) or, where positions are many and channels few (a
-convolution at full resolution), from the formed G = Aᵀ Δ (T·d_in·d_out, what a weight gradient costs
-anyway): whichever is cheaper for the batch at hand, the same numbers. An Embedding's gradient is
-Σ_t e_{token_t} δ_tᵀ: its input factor is the gathered row P_in[token_t], and the vocabulary size
-never enters the cost. A factor whose exact width fits its share is the identity (that side is
-exact). A layer whose positions make forming G cheap may instead take the ``formed`` map: G projected
-by a dense Gaussian matrix (the lowest variance for its width). Parameters of other layer types are
-projected together with the dense generator of :mod:`.dense`.
-
-Everything here that decides the feature space (the layer plan and the split) is a pure function of
-the layers' kinds, shapes and (for convolutions) output positions, and is recorded in the spec, so the
-fingerprint covers it. The hooks that collect a and δ during capture live in :mod:`.hooks`.
+gradient of the example's loss with respect to the layer's output there); an Embedding's is
+Σ_t e_{token_t} δ_tᵀ. The plan (:mod:`.factored_plan`) maps each layer's G to a wide vector (vec(G)
+itself, or for a very large layer its outer-product projection P_inᵀ Gᵀ P_out) and hashes all wide vectors
+into the k stored dims with one seeded sparse JL map: a fixed linear map of the gradient, data independent,
+so stores captured separately agree. Here: which modules are factored (:func:`layer_groups`), the spec
+(:func:`factored_spec`), the factor matrices and hash tables (:class:`Factors`), and the math that turns a
+layer's inputs and output gradients, or its formed G, into its features. G is formed the cheap way for its
+layer type (one batched product, a grouped convolution backward; :mod:`.calls`); an Embedding's δ_t is
+added at its token's buckets without forming G. Parameters of other layer types (the dense group) have
+their per-example gradients hashed the same way. The hooks that collect a and δ live in :mod:`.hooks`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,114 +25,27 @@ from torch import nn
 from ...errors import CaptureError
 from ...spec import ProjectionSpec
 from ..per_example.batches import Inputs, call_model, to_device
-from .costs import formed_cost, per_position_cost
-from .dense import Projector, _BlockCache, projection_matrix
+from .dense import _CACHE, BLOCK_ELEMENTS, Projector, _BlockCache, block_seed, projection_matrix
+from .factored_plan import (
+    FACTOR_KIND,
+    HOOKED_KINDS,
+    PLAN_VERSION,
+    SPARSITY,
+    SPEC_KEY,
+    FactorLayer,
+    LayerGroup,
+    describe_plan,
+    plan_extra,
+    plan_from_extra,
+    plan_groups,
+    stored_dim,
+)
 
-SPEC_KEY = "factored"
-FACTOR_KIND = "gaussian"
-PLAN_VERSION = 1
-# How a layer's feature is defined: "factors" (P_inᵀ Gᵀ P_out in blocks) or "formed" (a dense Gaussian map of G).
-METHODS = ("factors", "formed")
-HOOKED_KINDS = ("linear", "conv2d", "hf_conv1d", "embedding")
-
-
-@dataclass(frozen=True)
-class FactorLayer:
-    """One block of the factored feature vector: a hooked layer, or the dense group of the rest.
-
-    ``kind`` is "linear", "conv2d", "hf_conv1d" (Hugging Face's ``Conv1D``, a Linear with its weight
-    transposed), "embedding", "dense", or "pad" (zeros that fill the width up to projection_dim when no
-    layer could use the last few dims without bias). ``d_in × d_out`` is the exact gradient's shape as
-    the factors see it (input side incl. the bias row, or vocabulary; output side), and ``k_in × k_out``
-    the factors' widths; ``k == d`` means that side is the identity. ``width`` is the number of stored
-    values (at most ``k_in·k_out·blocks``: extra products are dropped, which keeps the estimate
-    unbiased when both factors are random). ``method="formed"``: the feature is a dense Gaussian map
-    (D × width) of the formed gradient; then ``k_in = k_out = 1`` and ``blocks = width``. The dense group has
-    ``d_in = k_in = 1``, ``d_out`` = its parameter count and ``k_out = width``.
-    """
-
-    kind: str
-    module: str
-    params: tuple[str, ...]
-    d_in: int
-    d_out: int
-    k_in: int
-    k_out: int
-    width: int
-    blocks: int = 1
-    method: str = "factors"
-
-    @property
-    def exact_width(self) -> int:
-        return self.d_in * self.d_out
-
-    @property
-    def formed(self) -> bool:
-        return self.method == "formed"
-
-    @property
-    def in_identity(self) -> bool:
-        return not self.formed and self.k_in == self.d_in
-
-    @property
-    def out_identity(self) -> bool:
-        return not self.formed and self.k_out == self.d_out
-
-    @property
-    def has_bias(self) -> bool:
-        return self.kind in ("linear", "conv2d", "hf_conv1d") and len(self.params) == 2
-
-    @property
-    def weight(self) -> str:
-        return self.params[0]
-
-    @property
-    def n_in(self) -> int:
-        """Columns of the input factor matrix (all blocks)."""
-        return self.k_in * self.blocks
-
-    @property
-    def n_out(self) -> int:
-        return self.k_out * self.blocks
-
-    @property
-    def scale(self) -> float:
-        """Keeps E⟨f, f'⟩ = ⟨G, G'⟩ for the products kept (the factors are scaled by 1/√n_in, 1/√n_out)."""
-        if self.formed:
-            return 1.0
-        return math.sqrt(self.n_in * self.n_out / self.width)
-
-    def cost(self, positions: int) -> tuple[float, float]:
-        """Multiply-adds per example of this layer's features at ``positions``: (per position, formed)."""
-        products = self.k_in * self.k_out * self.blocks
-        per = math.inf if self.formed else per_position_cost(
-            self.kind, self.d_in, self.d_out, self.n_in, self.n_out, products, self.in_identity,
-            self.out_identity, positions)
-        formed = formed_cost(self.kind, self.d_in, self.d_out, self.n_out, products, self.in_identity,
-                             self.out_identity, positions, self.width if self.formed else 0)
-        return per, formed
-
-    def to_dict(self) -> dict:
-        d = {
-            "kind": self.kind, "module": self.module, "params": list(self.params),
-            "d_in": self.d_in, "d_out": self.d_out, "k_in": self.k_in, "k_out": self.k_out,
-            "width": self.width, "blocks": self.blocks,
-        }
-        if self.method != "factors":  # plans without formed layers keep their earlier fingerprint
-            d["method"] = self.method
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> FactorLayer:
-        method = str(d.get("method", "factors"))
-        if method not in METHODS:
-            raise CaptureError(f"factored plan layer {d.get('module')!r} has an unknown method {method!r}; "
-                               "re-capture with this version of trackin-ooc")
-        return cls(
-            kind=str(d["kind"]), module=str(d["module"]), params=tuple(d["params"]),
-            d_in=int(d["d_in"]), d_out=int(d["d_out"]), k_in=int(d["k_in"]), k_out=int(d["k_out"]),
-            width=int(d["width"]), blocks=int(d.get("blocks", 1)), method=method,
-        )
+__all__ = [
+    "FACTOR_KIND", "HOOKED_KINDS", "PLAN_VERSION", "SPEC_KEY", "FactorLayer", "Factors", "combine", "conv_positions",
+    "dense_features", "describe_plan", "factor_kind", "factored_spec", "features_from_formed", "layer_groups",
+    "plan_from_spec", "plan_layers", "project_gradients", "project_input", "project_output",
+]
 
 
 # ---- which layers are factored ------------------------------------------------------------------
@@ -244,202 +149,17 @@ def conv_positions(model: nn.Module, inputs: Inputs) -> dict[str, int]:
     return found
 
 
-# ---- the split of projection_dim ----------------------------------------------------------------
-# Cost allowance: a layer's features may cost up to BETA times its own forward and backward
-# (3·T·d_in·d_out multiply-adds per example). Sets the block size and when a formed map is allowed.
-BETA = 4.0
-# Largest factor matrix (elements; 128 MiB of float32): bounds the memory of an Embedding's input
-# factor (vocabulary × columns), of a formed layer's dense map (d_in·d_out × width), and of every
-# factor; they are generated once and cached.
-FACTOR_ELEMENTS = 1 << 25
-# All formed layers' dense maps together (elements; 256 MiB of float32), so they stay in the block cache.
-FORMED_ELEMENTS = 1 << 26
-# A dense map of at most this many elements (1 MiB of float32) costs as many multiply-adds per example:
-# negligible next to any forward pass, so a small layer takes it whatever its positions.
-SMALL_MAP = 1 << 18
-# Layers kept exact: as many of the smallest as keep the variance of the rest, were all layers' gradient
-# norms equal, within 1 + EXACT_REGRET of its minimum (see ``exact_layers``).
-EXACT_REGRET = 0.25
-# Variance model of one random side, c = 1 + 1/cos² between examples' vectors (3 for cos² = ½).
-_C = 3.0
-_BLOCK_OVERRIDE: int | None = None  # experiments only (benchmarks/projection_quality.py)
-
-
-def block_size(kind: str, d_in: int, d_out: int, share: int, positions: int = 1) -> int:
-    """Side m of the m×m blocks of a layer with two random factors (see ``_factor_widths``).
-
-    The estimate's variance grows with m (~(2m·c + c²)/share) while the cost of projecting one
-    position, (d_in + d_out)·share/m, and the factors' memory, d·share/m, fall: m is the smallest
-    block that keeps that cost within BETA × the layer's forward+backward and each factor within
-    FACTOR_ELEMENTS, and at most √share (a single block, LoGra's choice). An embedding's input side
-    is a row gather, so only d_out counts towards its cost. With T > 1 positions the features may
-    instead come from the formed gradient (T·D + D·share/m), which allows smaller blocks.
-    """
-    if _BLOCK_OVERRIDE is not None:
-        return max(1, min(_BLOCK_OVERRIDE, d_in - 1, d_out - 1))
-    sides = d_out if kind == "embedding" else d_in + d_out
-    by_cost = math.ceil(2 * sides * share / (BETA * 6 * d_in * d_out))
-    if positions > 1 and kind != "embedding":
-        by_cost = min(by_cost, math.ceil(share / ((3 * BETA - 1) * positions)))
-    m = max(by_cost, math.ceil(max(d_in, d_out) * share / FACTOR_ELEMENTS))
-    return max(1, min(m, math.isqrt(share), d_in - 1, d_out - 1))
-
-
-def _formed_allowed(kind: str, d_in: int, d_out: int, width: int, positions: int, room: int) -> bool:
-    """A dense map of the formed gradient: its matrix within FACTOR_ELEMENTS and ``room``, and its cost
-    within the allowance at ``positions`` (forming G is then nearly free next to the layer's own
-    work) or, whatever the positions, at most SMALL_MAP multiply-adds per example."""
-    d = d_in * d_out
-    if kind == "dense" or min(d_in, d_out) == 1 or width >= d or d * width > min(FACTOR_ELEMENTS, room):
-        return False  # (with one side of width 1 its identity factor is as good)
-    if d * width <= SMALL_MAP:
-        return True
-    if kind == "embedding" or positions <= 1:
-        return False
-    return positions * d + d * width <= 3 * BETA * positions * d
-
-
-def _factor_widths(kind: str, d_in: int, d_out: int, share: int, positions: int = 1,
-                   room: int = 0) -> tuple[int, int, int, int, str]:
-    """(k_in, k_out, blocks, width, method) for one layer given ``share`` dims and an exact width above it.
-
-    Candidates: an identity input factor (k_out = share // d_in random output columns), an identity
-    output factor, two random factors in ``blocks`` m×m blocks (the first m·blocks columns of
-    P_in pair with the same block of P_out; products beyond ``share`` are dropped, which keeps the
-    estimate unbiased), or, for a layer with many positions, a dense map of the formed gradient
-    (``_formed_allowed``). The choice minimises a variance model of the inner-product estimate,
-    c/k for one random side of k columns (a dense map: c/share), (2c·m + c²)/share for blocks
-    (c = 3), among the candidates whose matrices fit FACTOR_ELEMENTS (the smallest one if none does).
-    """
-    if kind == "dense":
-        return 1, share, 1, share, "factors"
-    c = _C
-    # (variance, elements, k_in, k_out, blocks, width, method)
-    options: list[tuple[float, int, int, int, int, int, str]] = []
-    if d_in <= share:
-        k_out = share // d_in
-        options.append((c / k_out, d_out * k_out, d_in, k_out, 1, d_in * k_out, "factors"))
-    if d_out <= share:
-        k_in = share // d_out
-        options.append((c / k_in, d_in * k_in, k_in, d_out, 1, k_in * d_out, "factors"))
-    if d_in > 1 and d_out > 1:
-        m = block_size(kind, d_in, d_out, share, positions)
-        blocks = -(-share // (m * m))
-        options.append(((2 * c * m + c * c) / share, max(d_in, d_out) * m * blocks, m, m, blocks, share, "factors"))
-    if _formed_allowed(kind, d_in, d_out, share, positions, room):
-        options.append((c / share, d_in * d_out * share, 1, 1, share, share, "formed"))
-    if not options:  # pragma: no cover - a share below both widths always admits two random factors
-        raise CaptureError(f"cannot split {share} dims over a {d_in}×{d_out} layer")
-    fitting = [o for o in options if o[1] <= FACTOR_ELEMENTS] or [min(options, key=lambda o: o[1])]
-    # Lowest variance first; between equals, the one that uses the whole share, then factors.
-    return min(fitting, key=lambda o: (o[0], -o[5], o[6] == "formed"))[2:]
-
-
-def split_layers(layers: Sequence[tuple[str, int, int, int]], total: int) -> list[tuple[int, int, int, int, str]]:
-    """Split ``total`` dims over layers given as (kind, d_in, d_out, positions): (k_in, k_out, blocks,
-    width, method) each.
-
-    1. The smallest layers are stored exactly (identity factors), as many as :func:`exact_layers`
-       allows: at least every layer whose exact gradient (d_in·d_out values) fits an equal share.
-    2. The rest is shared equally by the remaining layers (in order; the first ones get the
-       remainder of the division), and each picks its factors (see ``_factor_widths``; the formed
-       layers' dense maps share FORMED_ELEMENTS, in model order). A layer with an identity factor may
-       use a few dims less than its share; those pass to the next layer, and the last layer with two
-       random factors, a formed map (or the dense group) takes what is left, so the widths add up to
-       ``total``. Only when no layer can absorb them (or when the exact gradients of all layers fit
-       in fewer dims) is the sum below ``total``.
-    """
-    if total < len(layers):
-        raise CaptureError(
-            f"projection_dim={total} is less than the {len(layers)} layers the factored projection "
-            "gives one block each; use a larger projection_dim"
-        )
-    n = len(layers)
-    result: list[tuple[int, int, int, int, str] | None] = [None] * n
-    for i in exact_layers([d_in * d_out for _, d_in, d_out, _ in layers], total):
-        _, d_in, d_out, _ = layers[i]
-        result[i] = (d_in, d_out, 1, d_in * d_out, "factors")
-    pending = [i for i in range(n) if result[i] is None]
-    left = total - sum(r[3] for r in result if r is not None)
-    if pending:
-        base, extra = divmod(left, len(pending))
-        carry = 0
-        room = FORMED_ELEMENTS
-        for j, i in enumerate(pending):
-            kind, d_in, d_out, positions = layers[i]
-            share = base + (j < extra) + carry
-            result[i] = _factor_widths(kind, d_in, d_out, share, positions, room)
-            if result[i][4] == "formed":
-                room -= d_in * d_out * result[i][3]
-            carry = share - result[i][3]
-        if carry:
-            # Hand the remainder to the last layer that can take any number of dims.
-            for i in reversed(pending):
-                kind, d_in, d_out, _ = layers[i]
-                k_in, k_out, blocks, width, method = result[i]
-                grown = width + carry
-                if kind == "dense" and grown <= d_out:
-                    result[i] = (1, grown, 1, grown, "factors")
-                    break
-                if method == "formed" and grown < d_in * d_out and d_in * d_out * grown <= FACTOR_ELEMENTS:
-                    result[i] = (1, 1, grown, grown, "formed")
-                    break
-                if method == "factors" and kind != "dense" and k_in < d_in and k_out < d_out:
-                    result[i] = (k_in, k_out, -(-grown // (k_in * k_out)), grown, "factors")
-                    break
-    return [r for r in result if r is not None]
-
-
-def exact_layers(sizes: Sequence[int], total: int) -> list[int]:
-    """Indices of the layers stored exactly: the smallest first, a prefix of them.
-
-    With equal per-layer gradient norms, the estimate's variance over the n layers left, sharing the
-    K dims left, goes like n²/K: keeping a layer of D values exact changes it to (n−1)²/(K−D), a gain
-    while D < (2 − 1/n)·K/n. Norms are not equal in practice (a classifier head often holds most of
-    the gradient in a few hundred values, where a shared few dozen dims would ruin the ranking), so
-    the prefix taken is the longest whose variance stays within 1 + EXACT_REGRET of the best prefix:
-    a bounded loss if the norms are equal, a large gain when a small layer dominates. Every layer
-    left keeps at least one dim.
-    """
-    order = sorted(range(len(sizes)), key=lambda i: (sizes[i], i))
-    n, left = len(sizes), total
-    variances = [n * n / left if left > 0 else math.inf]
-    for k, i in enumerate(order, start=1):
-        left -= sizes[i]
-        rest = n - k
-        if left < rest:
-            break
-        variances.append(rest * rest / left if rest else 0.0)
-    best = min(variances)
-    take = max(k for k, v in enumerate(variances) if v <= best * (1 + EXACT_REGRET))
-    return order[:take]
-
-
-def split_dim(layers: Sequence[tuple[str, int, int]], total: int) -> list[tuple[int, int, int, int]]:
-    """:func:`split_layers` for layers of one position each, as (kind, d_in, d_out): (k_in, k_out, blocks, width)."""
-    return [r[:4] for r in split_layers([(k, i, o, 1) for k, i, o in layers], total)]
-
-
 # ---- spec ---------------------------------------------------------------------------------------
 def plan_layers(model: nn.Module, names: Sequence[str], dim: int,
                 positions: Mapping[str, int] | None = None) -> list[FactorLayer]:
-    """The factored plan for the selected parameters of ``model`` at total width ``dim``.
+    """The factored plan (version 2) for the selected parameters of ``model`` at ``dim`` stored values.
 
     ``positions``: output positions per example by module name (:func:`conv_positions`); 1 for the rest.
     """
     positions = positions or {}
-    groups = layer_groups(model, names)
-    widths = split_layers([(k, d_in, d_out, int(positions.get(m, 1)) if k != "dense" else 1)
-                           for k, m, _, d_in, d_out in groups], int(dim))
-    plan = [
-        FactorLayer(kind, module, params, d_in, d_out, k_in, k_out, width, blocks, method)
-        for (kind, module, params, d_in, d_out), (k_in, k_out, blocks, width, method) in zip(groups, widths)
-    ]
-    # The stored width is projection_dim (or the exact width, when that is smaller).
-    pad = min(int(dim), sum(x.exact_width for x in plan)) - sum(x.width for x in plan)
-    if pad > 0:
-        plan.append(FactorLayer("pad", "", (), 0, 0, 0, 0, pad))
-    return plan
+    groups = [LayerGroup(k, m, p, d_in, d_out, int(positions.get(m, 1)) if k != "dense" else 1)
+              for k, m, p, d_in, d_out in layer_groups(model, names)]
+    return plan_groups(groups, int(dim))
 
 
 def factored_spec(model: nn.Module, names: Sequence[str], dim: int, seed: int, *,
@@ -447,8 +167,8 @@ def factored_spec(model: nn.Module, names: Sequence[str], dim: int, seed: int, *
     """A ``factored`` spec whose ``extra`` records the per-layer plan (so the fingerprint covers it).
 
     ``example``: the model inputs of one batch (a tensor, a tuple or a dict), run once to count each
-    convolution's output positions, which decide whether its gradient is formed (``positions`` gives
-    them directly). Without either, every layer is planned as if it had one position.
+    convolution's output positions, which size the blocks of a layer too large to hash whole
+    (``positions`` gives them directly). Without either, every layer is planned as if it had one position.
     """
     if int(dim) <= 0:
         raise CaptureError(f"projection_dim must be a positive integer, got {dim}")
@@ -457,57 +177,21 @@ def factored_spec(model: nn.Module, names: Sequence[str], dim: int, seed: int, *
     params = dict(model.named_parameters())
     layers = tuple((n, tuple(int(v) for v in params[n].shape)) for n in names)
     plan = plan_layers(model, names, int(dim), positions)
-    extra = {
-        "version": PLAN_VERSION,
-        "factor": FACTOR_KIND,
-        "requested_dim": int(dim),
-        "layers": [layer.to_dict() for layer in plan],
-    }
-    return ProjectionSpec(
-        kind="factored", dim=sum(x.width for x in plan), seed=int(seed), layers=layers,
-        extra=((SPEC_KEY, extra),),
-    )
+    return ProjectionSpec(kind="factored", dim=stored_dim(plan), seed=int(seed), layers=layers,
+                          extra=((SPEC_KEY, plan_extra(plan, int(dim))),))
 
 
 def plan_from_spec(spec: ProjectionSpec) -> list[FactorLayer]:
-    """The per-layer plan a factored spec records."""
-    extra = dict(spec.extra).get(SPEC_KEY)
-    if spec.kind != "factored" or not extra:
+    """The per-layer plan a factored spec records (plan versions 1 and 2)."""
+    if spec.kind != "factored":
         raise CaptureError(f"{spec.describe()} is not a factored spec with a layer plan")
-    if extra.get("version") != PLAN_VERSION or extra.get("factor") != FACTOR_KIND:
-        raise CaptureError(
-            f"factored plan version {extra.get('version')} ({extra.get('factor')}) is not the one this "
-            f"trackin-ooc makes (version {PLAN_VERSION}, {FACTOR_KIND}); re-capture with this version"
-        )
-    return [FactorLayer.from_dict(d) for d in extra["layers"]]
+    return plan_from_extra(dict(spec.extra).get(SPEC_KEY), spec.describe())
 
 
-def describe_plan(plan: Sequence[FactorLayer]) -> str:
-    """One line per layer: what was stored exactly and how the rest was factored."""
-    lines = []
-    for x in plan:
-        if x.kind == "pad":
-            lines.append(f"{'pad':9s} {'(zeros)':20s} {'':>10s}   {x.width:>7d}")
-            continue
-        if x.kind == "dense":
-            how = "exact" if x.out_identity else f"dense Gaussian to {x.width}"
-        elif x.formed:
-            how = f"formed gradient, dense Gaussian to {x.width}"
-        elif x.width == x.exact_width:
-            how = "exact"
-        else:
-            side_in = "identity" if x.in_identity else str(x.n_in)
-            side_out = "identity" if x.out_identity else str(x.n_out)
-            how = f"in {x.d_in}→{side_in}, out {x.d_out}→{side_out}"
-            if x.blocks > 1:
-                how += f" in {x.blocks} blocks of {x.k_in}×{x.k_out}"
-        lines.append(f"{x.kind:9s} {x.module or ','.join(x.params):20s} {x.exact_width:>10d} → {x.width:>7d}  {how}")
-    return "\n".join(lines)
-
-
-# ---- factors and per-layer features ------------------------------------------------------------
+# ---- factors, hash tables and per-layer features -------------------------------------------------
 class Factors:
-    """The Gaussian factor matrices of a plan, generated once per process and device (cached)."""
+    """The Gaussian factor matrices and hash tables of a plan, generated once per process and device
+    (cached)."""
 
     def __init__(self, seed: int, device: torch.device | str = "cpu", cache: _BlockCache | None = None):
         self.seed = int(seed)
@@ -517,8 +201,8 @@ class Factors:
     def matrix(self, layer: FactorLayer, side: str) -> torch.Tensor | None:
         """``d × n`` factor (n = k·blocks, scaled by 1/√n) for side "in" or "out"; None for the identity.
 
-        Side "formed": the D × width dense map of a formed layer (rows in the order of vec(G), G as
-        d_in × d_out).
+        Side "formed": the D × width dense map of a formed layer (version-1 plans; rows in the order of
+        vec(G), G as d_in × d_out).
         """
         if side == "formed":
             return projection_matrix(FACTOR_KIND, self.seed, f"{layer.weight}#formed", layer.exact_width,
@@ -528,10 +212,59 @@ class Factors:
         d, k = (layer.d_in, layer.n_in) if side == "in" else (layer.d_out, layer.n_out)
         return projection_matrix(FACTOR_KIND, self.seed, f"{layer.weight}#{side}", d, k, self.device, self.cache)
 
+    def buckets(self, layer: FactorLayer) -> torch.Tensor:
+        """The sparse JL table of a hashed layer, (SPARSITY, width) int64 in [0, 2·mix): each wide value is
+        added at SPARSITY buckets ``b mod mix``, with sign + below ``mix`` and − from it (and 1/√SPARSITY).
+        Seeded per layer (the weight's name) and row, in blocks of the dense generator's size, so it depends
+        only on (seed, name, width, mix)."""
+        width, mix = layer.width, layer.mix
+        cache = _CACHE if self.cache is None else self.cache
+
+        def make() -> torch.Tensor:
+            rows = []
+            for r in range(SPARSITY):
+                parts = []
+                for block, start in enumerate(range(0, width, BLOCK_ELEMENTS)):
+                    gen = torch.Generator(device="cpu").manual_seed(
+                        block_seed(self.seed, f"{layer.weight}#mix{r}", block))
+                    parts.append(torch.randint(0, 2 * mix, (min(BLOCK_ELEMENTS, width - start),), generator=gen))
+                rows.append(torch.cat(parts))
+            return torch.stack(rows).to(self.device)
+
+        return cache.get(("mix", SPARSITY, self.seed, layer.weight, width, mix, str(self.device)), make)
+
+
+def _signed(layer: FactorLayer, out: torch.Tensor) -> torch.Tensor:
+    """(B, mix) from the (B, 2·mix) sums at positive and negative buckets."""
+    return (out[:, : layer.mix] - out[:, layer.mix:]).mul_(1.0 / math.sqrt(SPARSITY))
+
+
+def hash_values(layer: FactorLayer, wide: torch.Tensor, factors: Factors) -> torch.Tensor:
+    """(B, mix): the sparse JL map of a hashed layer's wide values (B, width)."""
+    b = wide.shape[0]
+    wide = wide.to(torch.float32)
+    out = torch.zeros(b, 2 * layer.mix, dtype=torch.float32, device=wide.device)
+    for row in factors.buckets(layer):
+        out.index_add_(1, row, wide)
+    return _signed(layer, out)
+
+
+def _hash_tokens(layer: FactorLayer, buckets: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """(B, mix): an Embedding's δ_t (B, T, d_out) added at its tokens' buckets (SPARSITY, B, T, d_out), G never
+    formed."""
+    b = delta.shape[0]
+    d = delta.to(torch.float32).reshape(b, -1)
+    out = torch.zeros(b, 2 * layer.mix, dtype=torch.float32, device=delta.device)
+    for row in buckets:
+        out.scatter_add_(1, row.reshape(b, -1), d)
+    return _signed(layer, out)
+
 
 def project_input(layer: FactorLayer, a: torch.Tensor, factors: Factors) -> torch.Tensor:
     """(B, T, k_in) input factor of a Linear/Conv2d/Conv1D input (B, T, I) (bias row appended) or of
-    token ids (B, T) for an Embedding."""
+    token ids (B, T) for an Embedding (for an Embedding hashed whole: its tokens' buckets, (B, T, d_out))."""
+    if layer.kind == "embedding" and layer.hashed_whole:
+        return factors.buckets(layer).view(-1, layer.d_in, layer.d_out)[:, a]
     p = factors.matrix(layer, "in")
     if layer.kind == "embedding":
         if p is None:
@@ -554,8 +287,12 @@ def project_output(layer: FactorLayer, delta: torch.Tensor, factors: Factors) ->
     return delta if p is None else torch.matmul(delta, p)
 
 
-def combine(layer: FactorLayer, a_proj: torch.Tensor, d_proj: torch.Tensor) -> torch.Tensor:
-    """Σ_t vec(a_t d_tᵀ) per example and block, the first ``width`` values, scaled: (B, width)."""
+def combine(layer: FactorLayer, a_proj: torch.Tensor, d_proj: torch.Tensor,
+            factors: Factors | None = None) -> torch.Tensor:
+    """Σ_t vec(a_t d_tᵀ) per example and block, the first ``width`` values, scaled: (B, width); for a
+    hashed layer, those values hashed into the shared dims (B, mix)."""
+    if layer.mix and layer.kind == "embedding" and layer.hashed_whole:
+        return _hash_tokens(layer, a_proj, d_proj)
     b, t = a_proj.shape[:2]
     r = layer.blocks
     if r == 1:
@@ -570,15 +307,23 @@ def combine(layer: FactorLayer, a_proj: torch.Tensor, d_proj: torch.Tensor) -> t
         f = f[:, : layer.width]
     if layer.scale != 1.0:
         f = f * layer.scale
-    return f
+    return _mixed(layer, f, factors)
+
+
+def _mixed(layer: FactorLayer, f: torch.Tensor, factors: Factors | None) -> torch.Tensor:
+    if not layer.mix or layer.direct:
+        return f
+    if factors is None:
+        raise CaptureError(f"layer {layer.module!r} is hashed into shared dims: its tables (Factors) are needed")
+    return hash_values(layer, f, factors)
 
 
 def features_from_formed(layer: FactorLayer, g: torch.Tensor, factors: Factors) -> torch.Tensor:
-    """A layer's features (B, width) from its per-example gradients G as (B, d_in, d_out): the same
-    numbers as :func:`combine` of the projected factors (or the dense map of a formed layer)."""
+    """A layer's features from its per-example gradients G as (B, d_in, d_out): the same numbers as
+    :func:`combine` of the projected factors (or the dense map of a formed layer); (B, out_width)."""
     b = g.shape[0]
     g = g.to(torch.float32)
-    if layer.formed:
+    if layer.method == "formed":
         return torch.matmul(g.reshape(b, -1), factors.matrix(layer, "formed"))
     p_in, p_out = factors.matrix(layer, "in"), factors.matrix(layer, "out")
     y = g if p_out is None else torch.matmul(g, p_out)  # (B, d_in, n_out)
@@ -592,7 +337,25 @@ def features_from_formed(layer: FactorLayer, g: torch.Tensor, factors: Factors) 
         y4 = y.reshape(b, layer.d_in, r, layer.k_out)
         f = torch.einsum("dri,bdro->brio", p4, y4).reshape(b, -1)  # the diagonal blocks only
     f = f[:, : layer.width]
-    return f * layer.scale if layer.scale != 1.0 else f
+    f = f * layer.scale if layer.scale != 1.0 else f
+    return _mixed(layer, f, factors)
+
+
+def assemble(plan: Sequence[FactorLayer], parts: Sequence[torch.Tensor | None], batch: int,
+             device: torch.device | str) -> torch.Tensor:
+    """The stored features (B, dim) from each plan entry's part (None: zeros): layers of their own
+    concatenated in plan order, then the shared dims (the sum of every hashed layer's part)."""
+    own, shared = [], None
+    for x, part in zip(plan, parts):
+        if part is None:
+            part = torch.zeros(batch, x.out_width, device=device)
+        if x.mix:
+            shared = part.clone() if shared is None else shared.add_(part)
+        else:
+            own.append(part)
+    if shared is not None:
+        own.append(shared)
+    return torch.cat(own, dim=1)
 
 
 def gradient_matrix(layer: FactorLayer, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -620,35 +383,39 @@ def project_gradients(
     """Factored features from exact per-example gradients {name: (B, *shape)}: (B, spec.dim).
 
     The reference path (tests, and models whose hooks cannot be used): the same linear map of the
-    gradient as the hooks compute, P_inᵀ Gᵀ P_out per layer (or the dense map of a formed layer).
+    gradient as the hooks compute (each layer's wide vector, hashed into the shared dims).
     """
     plan = plan_from_spec(spec)
     first = next(iter(grads.values()))
     device = first.device if device is None else torch.device(device)
     factors = Factors(spec.seed, device, cache)
     b = first.shape[0]
-    parts = []
+    parts: list[torch.Tensor | None] = []
     for layer in plan:
         if layer.kind == "dense":
-            parts.append(dense_features(spec, layer, grads, device))
+            parts.append(dense_features(spec, layer, grads, device, factors))
         elif layer.kind == "pad":
-            parts.append(torch.zeros(b, layer.width, device=device))
+            parts.append(None)
         else:
             parts.append(features_from_formed(layer, gradient_matrix(layer, grads), factors))
-    return torch.cat(parts, dim=1)
+    return assemble(plan, parts, b, device)
 
 
 def dense_spec(spec: ProjectionSpec, layer: FactorLayer) -> ProjectionSpec:
     """The dense (or exact) sub-spec the fallback parameters are projected with."""
     shapes = dict(spec.layers)
     layers = tuple((n, shapes[n]) for n in layer.params)
-    if layer.out_identity:
+    if layer.out_identity and not layer.direct:
         return ProjectionSpec(kind="exact", dim=layer.width, layers=layers)
     return ProjectionSpec(kind=FACTOR_KIND, dim=layer.width, seed=spec.seed, layers=layers)
 
 
 def dense_features(
-    spec: ProjectionSpec, layer: FactorLayer, grads: Mapping[str, torch.Tensor], device: torch.device
+    spec: ProjectionSpec, layer: FactorLayer, grads: Mapping[str, torch.Tensor], device: torch.device,
+    factors: Factors | None = None,
 ) -> torch.Tensor:
+    """The dense group's features: its per-example gradients (concatenated in plan order) projected by its
+    sub-spec, and for a hashed group hashed into the shared dims; (B, out_width)."""
     sub = dense_spec(spec, layer)
-    return Projector(sub, device=device)({n: grads[n] for n in layer.params})
+    f = Projector(sub, device=device)({n: grads[n] for n in layer.params})
+    return _mixed(layer, f, factors if factors is not None else Factors(spec.seed, device))

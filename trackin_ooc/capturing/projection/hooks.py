@@ -41,6 +41,7 @@ from .costs import norm_cost
 from .factored import (
     FactorLayer,
     Factors,
+    assemble,
     combine,
     dense_features,
     features_from_formed,
@@ -142,7 +143,7 @@ def layer_features(layer: FactorLayer, calls: Sequence[RowsCall | ConvCall], fac
     for c in calls:
         a_proj = project_input(layer, c.rows(), factors) if p_in is None or layer.kind == "embedding" \
             else c.project_input(p_in)
-        part = combine(layer, a_proj, project_output(layer, c.delta, factors))
+        part = combine(layer, a_proj, project_output(layer, c.delta, factors), factors)
         f = part if f is None else f.add_(part)
     if norm_how == "formed":
         sq = torch.cat([g.pow(2).sum((1, 2)) for g in _formed_chunks(layer, calls, batch)])
@@ -319,7 +320,7 @@ class FactoredFeatures(HookedFeaturizer):
                      for (a, _o), delta in zip(t.calls, [next(deltas) for _ in t.calls]) if delta is not None]
             t.calls.clear()
             if not calls:
-                parts[id(t.layer)] = torch.zeros(batch, t.layer.width, device=self.device)
+                parts[id(t.layer)] = torch.zeros(batch, t.layer.out_width, device=self.device)
                 continue
             f, sq, how = layer_features(t.layer, calls, self.factors, batch)
             parts[id(t.layer)] = f
@@ -332,8 +333,7 @@ class FactoredFeatures(HookedFeaturizer):
                 g = scales.apply(g)
             sq_norms += dense_sq_norms(g, batch)
             parts[id(self.dense)] = dense_features(self.spec, self.dense, g, self.device)
-        feats = torch.cat([parts.get(id(x)) if x.kind != "pad" else torch.zeros(batch, x.width, device=self.device)
-                           for x in self.plan], dim=1)
+        feats = assemble(self.plan, [parts.get(id(x)) for x in self.plan], batch, self.device)
         return feats.detach(), losses.detach(), sq_norms.detach()
 
     def _check_hooks(self, deltas, wgrads, state, batch: int) -> None:
