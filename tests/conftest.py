@@ -26,6 +26,9 @@ from trackin_ooc.demo import (
 
 # No progress bars in test output (read by trackin_ooc at call time, also by CLI subprocesses).
 os.environ["TRACKIN_OOC_QUIET"] = "1"
+# MKL picks its thread count by the machine's load unless told not to: results compared bit for bit across
+# processes (a resumed or scaled-out capture against one run) need one summation order.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 # The test models are tiny: one torch thread is as fast, and on a shared two-core machine it avoids
 # OpenMP threads spinning against other processes (measured: 3x less CPU for the Captum parity tests).

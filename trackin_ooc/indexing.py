@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -29,7 +30,7 @@ from .store.lock import StoreLock
 
 log = logging.getLogger("trackin_ooc")
 
-IndexLike = TopKIndex | str | os.PathLike | bool
+IndexLike = TopKIndex | str | os.PathLike[str] | bool
 
 # Re-ordered index rows per chunk (all checkpoints in one chunk): about one list, so that reading a list
 # touches few chunks, but at least MIN_CHUNK_BYTES (zarr's cost per chunk read, ~1 ms, makes smaller chunks
@@ -61,7 +62,7 @@ def _window_rows(n_rows: int, chunk_rows: int, row_bytes: int) -> int:
     return int(min(n_rows, chunk_rows * max(1, WINDOW_BYTES // max(1, chunk_rows * row_bytes))))
 
 
-def _params(train: GradientStore, n_lists: int, normalize: bool, seed: int, target_recall: float) -> dict:
+def _params(train: GradientStore, n_lists: int, normalize: bool, seed: int, target_recall: float) -> dict[str, Any]:
     """What makes two builds the same job (a killed build resumes only the same job)."""
     return {"n_lists": int(n_lists), "normalize": bool(normalize), "seed": int(seed),
             "target_recall": float(target_recall), "train_fingerprint": train.fingerprint}
@@ -70,16 +71,16 @@ def _params(train: GradientStore, n_lists: int, normalize: bool, seed: int, targ
 def build_index(
     train: StoreLike,
     *,
-    path: str | os.PathLike | None = None,
+    path: str | os.PathLike[str] | None = None,
     n_lists: int | None = None,
     normalize: bool = False,
     target_recall: float = ivf.TARGET_RECALL,
     seed: int = 0,
     overwrite: bool = False,
-    memory_limit=None,
+    memory_limit: int | str | None = None,
     progress: bool | None = None,
     storage_options: StorageOptions = None,
-    client=None,
+    client: Any = None,
 ) -> TopKIndex:
     """An out-of-core inverted-file index of ``train`` for ``top_k(..., index=...)``.
 
@@ -171,8 +172,9 @@ def build_index(
     return TopKIndex(out, storage_options=storage_options)
 
 
-def _lay_out(tr: GradientStore, out, n_lists: int, normalize: bool, seed: int, params: dict, memory_limit: int,
-             progress, client, storage_options) -> TopKIndex:
+def _lay_out(tr: GradientStore, out: str | os.PathLike[str], n_lists: int, normalize: bool, seed: int,
+             params: dict[str, Any], memory_limit: int, progress: bool | None, client: Any,
+             storage_options: StorageOptions) -> TopKIndex:
     """Sample, train the quantizer, pick the calibration queries, and lay out an empty index."""
     width = tr.n_checkpoints * tr.feature_dim
     n_sample = ivf.sample_size(tr.n_examples, n_lists, width, memory_limit)
@@ -208,7 +210,8 @@ def _lay_out(tr: GradientStore, out, n_lists: int, normalize: bool, seed: int, p
     )
 
 
-def _fill(tr: GradientStore, idx: TopKIndex, normalize: bool, target_recall: float, progress, client) -> None:
+def _fill(tr: GradientStore, idx: TopKIndex, normalize: bool, target_recall: float, progress: bool | None,
+          client: Any) -> None:
     """Passes 1 and 2 (skipping what an earlier run finished), the calibration, then the seal."""
     windows_done = idx.windows_done()
     if not windows_done.all():
@@ -311,10 +314,10 @@ def index_top_k(
     n_probe: int | None,
     normalize: bool,
     device: str,
-    memory_limit,
+    memory_limit: int | str | None,
     compute_now: bool,
     progress: bool | None,
-    client,
+    client: Any,
 ) -> xr.Dataset:
     """``top_k`` through an index (called by :func:`trackin_ooc.top_k`; stores already checked compatible)."""
     require_flat(tr, "an index")
@@ -368,7 +371,8 @@ def index_top_k(
 
 
 def _streamed(*, te: GradientStore, tr: GradientStore, idx: TopKIndex, k: int, normalize: bool, device: str,
-              memory_limit, compute_now: bool, progress, client, why: str) -> xr.Dataset:
+              memory_limit: int | str | None, compute_now: bool, progress: bool | None, client: Any,
+              why: str) -> xr.Dataset:
     """Exact streaming top-k in place of an indexed query, saying so in its attributes."""
     from .scores import top_k
 

@@ -115,11 +115,11 @@ def train_quantizer(sample: np.ndarray, n_lists: int, seed: int = 0) -> tuple[np
         share[np.argmax(np.where(share < counts, counts / share, -1))] += 1
     while share.sum() > n_lists:
         share[np.argmax(np.where(share > 1, share, -1))] -= 1
-    parts, of_list = [], []
+    parts, band_of = [], []
     for b, k in enumerate(share):
         parts.append(_fit(sample[band == b], int(k), seed + b))
-        of_list.append(np.full(int(k), b, dtype=np.int32))
-    centroids, of_list = np.concatenate(parts), np.concatenate(of_list)
+        band_of.append(np.full(int(k), b, dtype=np.int32))
+    centroids, of_list = np.concatenate(parts), np.concatenate(band_of)
     order = order_lists(centroids, seed)
     return np.ascontiguousarray(centroids[order]), Bands(edges, of_list[order])
 
@@ -409,6 +409,7 @@ def calibrate(queries: np.ndarray, best_lists: np.ndarray, worst_lists: np.ndarr
                 read = _mean_rows_read([keys], qz.sizes, [need])
                 if choice is None or read < choice[0] - 1e-12:
                     choice = (read, ranking, float(lam))
+        assert choice is not None  # at least one ranking was tried
         _, ranking, lam = choice
         keys = list_keys(queries[measure], qz, ranking, lam, bool(opponents))
         found = _found_ranks(keys, true_lists[measure])

@@ -6,6 +6,8 @@ block, one window of the index, or one test block with its probed rows.
 
 from __future__ import annotations
 
+from typing import Any
+
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
@@ -30,7 +32,8 @@ def sample_graph(train: GradientStore, block_rows: int, n_sample: int, seed: int
     ranges = blocks(train.n_examples, block_rows)
     token = tokenize(ref, block_rows, n_sample, seed, normalize)
     name = f"trackin-index-sample-{token}"
-    dsk, keys = {}, []
+    dsk: dict[Any, Any] = {}
+    keys = []
     for b, (s, e) in enumerate(ranges):
         take = int(round(n_sample * (e - s) / train.n_examples))
         if take <= 0:
@@ -48,7 +51,7 @@ def assign_graph(train: GradientStore, index: TopKIndex, normalize: bool, done: 
     lrs = [float(x) for x in train.learning_rates]
     token = tokenize(ref, iref, normalize)
     name = f"trackin-index-assign-{token}"
-    dsk = {}
+    dsk: dict[Any, Any] = {}
     for b, (s, e) in enumerate(blocks(train.n_examples, index.block_rows)):
         if not done[b]:
             dsk[(name, b)] = (ivf_tasks.assign_block, ref, iref, b, s, e, lrs, normalize)
@@ -67,7 +70,7 @@ def gather_graph(index: TopKIndex, counts: np.ndarray, offsets: np.ndarray, done
     dest_prefix = np.cumsum(counts, axis=0) - counts  # rows of the same list in earlier blocks
     token = tokenize(iref, offsets)
     name = f"trackin-index-gather-{token}"
-    dsk = {}
+    dsk: dict[Any, Any] = {}
     for w, (s, e) in enumerate(blocks(n, index.window_rows)):
         if done[w]:
             continue
@@ -89,7 +92,7 @@ def probe_graph(test: GradientStore, index: TopKIndex, plan: BlockPlan, normaliz
     rules = index.rules()
     token = tokenize(ref, iref, plan, normalize, [r.as_dict() for r in rules], n_probe, k)
     name = f"trackin-index-probe-{token}"
-    dsk = {(name, i): (ivf_tasks.probe_block, ref, iref, s, e, lrs, normalize, rules, n_probe, k)
+    dsk: dict[Any, Any] = {(name, i): (ivf_tasks.probe_block, ref, iref, s, e, lrs, normalize, rules, n_probe, k)
            for i, (s, e) in enumerate(plan.test_blocks(test.n_examples))}
     final = f"trackin-index-probes-{token}"
     dsk[final] = (list, list(dsk))
@@ -107,7 +110,7 @@ def search_arrays(test: GradientStore, index: TopKIndex, plan: BlockPlan, rows: 
     tname = f"trackin-index-test-{token}"
     part = f"trackin-index-part-{token}"
     final = f"trackin-index-topk-{token}"
-    dsk = {}
+    dsk: dict[Any, Any] = {}
     ref = StoreRef.of(test)
     for i, (s, e) in enumerate(test_ranges):
         dsk[(tname, i)] = (tasks.read_test_block, ref, s, e, weights, normalize)

@@ -139,7 +139,7 @@ class TopKIndex(ZarrGroup):
         centroids: np.ndarray,
         calibration_rows: np.ndarray,
         calibration_queries: np.ndarray,
-        bands,
+        bands: Any,  # engine.ivf.Bands (the store does not import the engine)
         list_samples: np.ndarray,
         list_sample_offsets: np.ndarray,
         calibration_k: int,
@@ -281,7 +281,7 @@ class TopKIndex(ZarrGroup):
         build time for the target recall)."""
         return int(self._meta.get("n_probe") or self.n_lists)
 
-    def rules(self) -> tuple:
+    def rules(self) -> tuple[Any, ...]:
         """The calibrated (proponent, opponent) :class:`~trackin_ooc.engine.ivf.EndRule`: ranking, λ, n_probe."""
         from ..engine.ivf import EndRule
 
@@ -289,18 +289,18 @@ class TopKIndex(ZarrGroup):
         return tuple(EndRule(**probe[end]) if end in probe else EndRule("centroid", 0.0, self.n_lists)
                      for end in ("proponent", "opponent"))
 
-    def bands(self):
+    def bands(self) -> Any:
         """The norm bands of the lists (:class:`~trackin_ooc.engine.ivf.Bands`; no edges: one band)."""
         from ..engine.ivf import Bands
 
         return Bands(self._read(BAND_EDGES).astype(np.float32), self._read(LIST_BAND))
 
-    def quantizer(self):
+    def quantizer(self) -> Any:
         """What a query ranks lists with (:class:`~trackin_ooc.engine.ivf.Quantizer`), read once."""
         return self._quantizer
 
     @functools.cached_property
-    def _quantizer(self):
+    def _quantizer(self) -> Any:
         from ..engine.ivf import Quantizer
 
         return Quantizer(centroids=self.centroids(), radius=self.list_radius(), sizes=self.list_sizes(),
@@ -573,7 +573,7 @@ class TopKIndex(ZarrGroup):
             self._group = _open_group(self.path, self.storage_options, False)
             self._arrays.clear()
 
-    def mark_complete(self, *, rules: tuple, calibration: dict[str, Any], structured: bool,
+    def mark_complete(self, *, rules: tuple[Any, ...], calibration: dict[str, Any], structured: bool,
                       verdict: str) -> TopKIndex:
         """Seal the index: every window written, staging removed, the calibrated defaults recorded."""
         done = self.windows_done()
