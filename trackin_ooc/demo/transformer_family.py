@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,25 +82,31 @@ def build_model(cfg: TransformerConfig) -> nn.Module:
     import transformers as hf
 
     torch.manual_seed(cfg.seed)
-    common = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    # PretrainedConfig keywords (num_labels, attn_implementation) lie outside the typed signatures.
+    common: dict[str, Any] = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                  attn_implementation="eager")
+    labelled: dict[str, Any] = {"num_labels": CLASSES}
+    digit_classes: dict[str, Any] = {"num_labels": 10}  # ViT reads digits as patches
+    eager: dict[str, Any] = {"attn_implementation": "eager"}
+    config: Any
     if cfg.family == "gpt2":
         config = hf.GPT2Config(vocab_size=cfg.vocab, n_embd=cfg.hidden, n_layer=cfg.layers, n_head=cfg.heads,
                                n_positions=cfg.length, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                               tie_word_embeddings=cfg.tied, attn_implementation="eager")
+                               tie_word_embeddings=cfg.tied, **eager)
         return hf.GPT2LMHeadModel(config)
     if cfg.family == "vit":
         config = hf.ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=cfg.hidden,
                               num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                              intermediate_size=2 * cfg.hidden, num_labels=10, **common)
+                              intermediate_size=2 * cfg.hidden, **common, **digit_classes)
         return hf.ViTForImageClassification(config)
     kind = {"bert": (hf.BertConfig, hf.BertForSequenceClassification, hf.BertForMaskedLM),
             "roberta": (hf.RobertaConfig, hf.RobertaForSequenceClassification, hf.RobertaForMaskedLM)}[cfg.family]
-    extra = dict(max_position_embeddings=cfg.length + 2 + (2 if cfg.family == "roberta" else 0))
+    extra: dict[str, Any] = dict(max_position_embeddings=cfg.length + 2 + (2 if cfg.family == "roberta" else 0))
     if cfg.family == "roberta":
         extra.update(pad_token_id=1, bos_token_id=0, eos_token_id=2)
     config = kind[0](vocab_size=cfg.vocab, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
-                     num_attention_heads=cfg.heads, intermediate_size=2 * cfg.hidden, num_labels=CLASSES,
-                     tie_word_embeddings=cfg.tied, **extra, **common)
+                     num_attention_heads=cfg.heads, intermediate_size=2 * cfg.hidden,
+                     tie_word_embeddings=cfg.tied, **extra, **common, **labelled)
     return (kind[1] if cfg.task == "classify" else kind[2])(config)
 
 
@@ -165,9 +172,9 @@ def make_data(cfg: TransformerConfig, n: int, seed: int) -> DictExamples:
         return DictExamples({"input_ids": ids_t, "attention_mask": mask, "labels": ids_t.clone()})
     masked = torch.from_numpy(rng.random((n, cfg.length)) < 0.2)
     masked[:, 0] |= ~masked.any(1)  # at least one masked position per example
-    labels = torch.where(masked, ids_t, torch.full_like(ids_t, IGNORE))
+    targets = torch.where(masked, ids_t, torch.full_like(ids_t, IGNORE))
     return DictExamples({"input_ids": torch.where(masked, torch.full_like(ids_t, low - 1), ids_t),
-                         "attention_mask": mask, "labels": labels})
+                         "attention_mask": mask, "labels": targets})
 
 
 def collate(examples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -265,7 +272,8 @@ def factored_map_scores(case: Case, grads: Sequence[torch.Tensor], dim: int, see
     model = case.make()
     shapes = [(n, p.shape) for n, p in model.named_parameters()]
     spec = factored_spec(model, [n for n, _ in shapes], dim, seed)
-    n_test, scores = len(case.test), 0.0
+    n_test = len(case.test)
+    scores: Any = 0.0
     for g, lr in zip(grads, case.learning_rates):
         parts, start = {}, 0
         for name, shape in shapes:
@@ -304,7 +312,7 @@ def factored_scores(case: Case, dim: int, seed: int) -> tuple[np.ndarray, np.nda
     ``trackin_ooc.capture``), the train store's features, and the train store."""
     import trackin_ooc as to
 
-    kw = dict(learning_rates=case.learning_rates, projection="factored", projection_dim=dim, seed=seed,
+    kw: dict[str, Any] = dict(learning_rates=case.learning_rates, projection="factored", projection_dim=dim, seed=seed,
               loss_fn=case.loss_fn, device="cpu", batch_size=32, progress=False)
     train = to.capture(case.make(), case.checkpoints, DataLoader(case.train, batch_size=32, collate_fn=collate),
                        None, **kw)

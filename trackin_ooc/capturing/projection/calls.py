@@ -94,7 +94,7 @@ class ConvCall:
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
             x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-            self.padding = (0, 0)
+            self.padding: tuple[int, ...] = (0, 0)
         else:
             self.padding = tuple(module.padding)
         self.x = x

@@ -193,7 +193,9 @@ class Factors:
     """The Gaussian factor matrices and hash tables of a plan, generated once per process and device
     (cached)."""
 
-    def __init__(self, seed: int, device: torch.device | str = "cpu", cache: _BlockCache | None = None):
+    def __init__(self, seed: int | None, device: torch.device | str = "cpu", cache: _BlockCache | None = None):
+        if seed is None:
+            raise ValueError("a factored projection needs its seed (the spec records it)")
         self.seed = int(seed)
         self.device = torch.device(device)
         self.cache = cache
@@ -324,7 +326,9 @@ def features_from_formed(layer: FactorLayer, g: torch.Tensor, factors: Factors) 
     b = g.shape[0]
     g = g.to(torch.float32)
     if layer.method == "formed":
-        return torch.matmul(g.reshape(b, -1), factors.matrix(layer, "formed"))
+        dense = factors.matrix(layer, "formed")
+        assert dense is not None  # a formed layer always has its dense map
+        return torch.matmul(g.reshape(b, -1), dense)
     p_in, p_out = factors.matrix(layer, "in"), factors.matrix(layer, "out")
     y = g if p_out is None else torch.matmul(g, p_out)  # (B, d_in, n_out)
     if p_in is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -238,7 +239,7 @@ class FactorsFeatures(HookedFeaturizer):
         self._flat = None
         if self.plan.flat:  # per-example methods chosen before the capture ({name: method}), for the flat part
             chosen = {n: methods[n] for n in self.plan.flat if methods and n in methods}
-            kw = {"methods": chosen} if len(chosen) == len(self.plan.flat) else {}
+            kw: dict[str, Any] = {"methods": chosen} if len(chosen) == len(self.plan.flat) else {}
             self._flat = PerExampleGradients(model, list(self.plan.flat), self.loss_fn, **kw)
 
     def to_host(self, features: FactorFeatures) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -95,7 +96,7 @@ class FactorTap:
         if delta.shape[0] != batch:
             raise _batch_error(self.layer, delta.shape)
         if self.layer.kind == "conv2d":
-            return ConvCall(self.layer, self.module, x, delta, scale)
+            return ConvCall(self.layer, cast(nn.Conv2d, self.module), x, delta, scale)
         x = x.reshape(batch, -1) if self.layer.kind == "embedding" else x.reshape(batch, -1, x.shape[-1])
         delta = delta.reshape(batch, -1, delta.shape[-1])
         pad = getattr(self.module, "padding_idx", None)
@@ -133,11 +134,12 @@ def layer_features(layer: FactorLayer, calls: Sequence[RowsCall | ConvCall], fac
     per_position, formed = layer.cost(positions)
     norm_how, norm = norm_cost(layer.kind, layer.d_in, layer.d_out, positions)
     if layer.formed or formed <= per_position + norm:
-        feats, sq = [], []
+        feats: list[torch.Tensor] = []
+        norms: list[torch.Tensor] = []
         for g in _formed_chunks(layer, calls, batch):
             feats.append(features_from_formed(layer, g, factors))
-            sq.append(g.pow(2).sum((1, 2)))
-        return torch.cat(feats), torch.cat(sq), "formed"
+            norms.append(g.pow(2).sum((1, 2)))
+        return torch.cat(feats), torch.cat(norms), "formed"
     f = None
     p_in = factors.matrix(layer, "in")
     for c in calls:
@@ -150,6 +152,7 @@ def layer_features(layer: FactorLayer, calls: Sequence[RowsCall | ConvCall], fac
     else:
         sq = factored_sq_norms([c.rows() for c in calls], [c.delta for c in calls], bias=layer.has_bias,
                                embedding=layer.kind == "embedding")
+    assert f is not None  # a layer runs at least once per batch
     return f, sq, "per position"
 
 
@@ -275,10 +278,12 @@ class FactoredFeatures(HookedFeaturizer):
         with_grad = {k: (v.detach().requires_grad_(True) if k in hooked else v) for k, v in state.items()}
         return with_grad, state, scales
 
-    def __call__(self, states, inputs, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features (C, B, dim) and losses (C, B) at every prepared checkpoint state."""
+    def __call__(self, states: Sequence[Any], inputs: Any,
+                 targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features (C, B, dim), losses (C, B) and exact squared norms (C, B) at every prepared state."""
         out = [self.one(prepared, inputs, targets) for prepared in states]
-        return tuple(torch.stack([o[i] for o in out]) for i in range(3))
+        feats, losses, sq_norms = (torch.stack([o[i] for o in out]) for i in range(3))
+        return feats, losses, sq_norms
 
     def one(self, prepared, inputs, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Features (B, dim), losses (B,) and exact squared gradient norms (B,) at one prepared
@@ -332,6 +337,7 @@ class FactoredFeatures(HookedFeaturizer):
             if scales is not None:
                 g = scales.apply(g)
             sq_norms += dense_sq_norms(g, batch)
+            assert self.dense is not None  # a dense group exists only with its layer
             parts[id(self.dense)] = dense_features(self.spec, self.dense, g, self.device)
         feats = assemble(self.plan, [parts.get(id(x)) for x in self.plan], batch, self.device)
         return feats.detach(), losses.detach(), sq_norms.detach()
