@@ -62,12 +62,16 @@ def test_in_memory_query_equals_on_disk(trains, cnn, digits_test, tmp_path):
     np.testing.assert_array_equal(to.influence(memory, train).values, to.influence(disk, train).values)
     np.testing.assert_array_equal(to.self_influence(memory).values, to.self_influence(disk).values)
     np.testing.assert_array_equal(to.net_influence(memory, train).values, to.net_influence(disk, train).values)
-    # The memory goes with the store object.
+    # A lazy result keeps the store it reads alive: a store made inline is still there when it computes.
+    import gc
+
+    lazy = to.influence(to.capture_like(train, cnn.model, few, None, progress=False), train)
+    gc.collect()
+    np.testing.assert_array_equal(lazy.values, to.influence(disk, train).values)
+    # The memory goes with the store object (and with the last lazy result that reads it).
     fs, where = backends.filesystem(memory.path)
     assert fs.exists(where)
     del memory
-    import gc
-
     gc.collect()
     assert not fs.exists(where)
 

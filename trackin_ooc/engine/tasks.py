@@ -8,6 +8,7 @@ import json
 import numpy as np
 
 from ..store import GradientStore
+from ..store.backends import is_memory
 from ..store.influence_store import InfluenceStore
 from . import kernels
 from .array_module import ArrayBackend
@@ -29,9 +30,19 @@ def _open_output(path: str, options_json: str) -> InfluenceStore:
 class StoreRef(tuple):
     """(path, storage-options JSON, store id): a picklable handle for reopening a store in a task."""
 
+    owner: GradientStore | None = None  # set for an in-memory store (below)
+
     @classmethod
     def of(cls, store: GradientStore) -> StoreRef:
-        return cls((store.path, json.dumps(store.storage_options, sort_keys=True), store.store_id))
+        ref = cls((store.path, json.dumps(store.storage_options, sort_keys=True), store.store_id))
+        if is_memory(store.path):
+            # An in-memory store is freed with the object that owns it: a lazy result (whose graph holds
+            # this ref) keeps it alive, so ``influence(capture(..., None), ...)`` computes later too.
+            ref.owner = store
+        return ref
+
+    def __reduce__(self) -> tuple[type[StoreRef], tuple[tuple[str, str, str]]]:
+        return (StoreRef, (tuple(self),))  # the owner stays in this process
 
     def open(self) -> GradientStore:
         return _open(*self)
