@@ -15,7 +15,7 @@ LINTED = trackin_ooc cli tests benchmarks docs/hooks
 export NO_MKDOCS_2_WARNING = 1
 export DISABLE_MKDOCS_2_WARNING = true
 
-.PHONY: all install demo notebooks test lint typecheck docs docs-check bench clean
+.PHONY: all install demo notebooks test lint typecheck format docs docs-check bench clean
 
 all: test
 
@@ -35,21 +35,28 @@ demo: $(STAMP)
 notebooks: $(STAMP)
 	$(BIN)/python scripts/run_notebooks.py
 
-# Lint, the test suite (the slowest 15 tests listed at the end), then the documentation site built
-# strictly (a broken API reference or link fails here).
+# Lint and format check, the type checker, the test suite (the slowest 15 tests listed at the end), then
+# the documentation site built strictly (a broken API reference or link fails here).
 test: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check --quiet $(LINTED)
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory docs-check
 
-# The checks .pre-commit-config.yaml runs on every commit: ruff's lint and the spell checker. Formatting
-# (ruff format) and mypy are configured in pyproject.toml but not yet clean on the tree: `make typecheck`.
+# What .pre-commit-config.yaml runs on every commit: ruff's lint and format check, mypy, the spell checker.
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy
 	$(BIN)/codespell
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# Apply the formatter (what `ruff format --check` in lint and test expects).
+format: $(STAMP)
+	$(BIN)/ruff format $(LINTED)
 
 # The site, in build/site: the guides, the notebooks with the outputs they are committed with (make notebooks
 # refreshes them), and the API reference generated from the package.

@@ -30,8 +30,9 @@ def trained(kind: str, n_checkpoints: int = 3, *, epochs_per_checkpoint: int = 4
     if all(p.is_file() for p in paths):
         model.load_state_dict(torch.load(paths[-1], weights_only=True)["model_state_dict"])
     else:
-        paths = train_with_checkpoints(model, split.train, where, epochs=epochs, lr=0.1,
-                                       checkpoint_every=epochs_per_checkpoint, seed=0)
+        paths = train_with_checkpoints(
+            model, split.train, where, epochs=epochs, lr=0.1, checkpoint_every=epochs_per_checkpoint, seed=0
+        )
     return model, [str(p) for p in paths], split
 
 

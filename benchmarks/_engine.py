@@ -15,21 +15,26 @@ import trackin_ooc as to
 DATA = os.environ.get("TRACKIN_BENCH_DATA", os.path.join(os.path.dirname(__file__), "_data"))
 
 
-def random_store(name: str, n_checkpoints: int, n_examples: int, features: int, *, dtype="float32",
-                 seed: int = 0, reuse: bool = True) -> to.GradientStore:
+def random_store(
+    name: str, n_checkpoints: int, n_examples: int, features: int, *, dtype="float32", seed: int = 0, reuse: bool = True
+) -> to.GradientStore:
     """A complete store of random features, generated and written one block at a time."""
     path = os.path.join(DATA, name)
     if reuse and os.path.exists(path):
         try:
             st = to.open_store(path)
-            if st.complete and (st.n_checkpoints, st.n_examples, st.feature_dim) == (
-                n_checkpoints, n_examples, features) and st.dtype == dtype:
+            if (
+                st.complete
+                and (st.n_checkpoints, st.n_examples, st.feature_dim) == (n_checkpoints, n_examples, features)
+                and st.dtype == dtype
+            ):
                 return st
         except to.TrackinError:
             pass
     rows = 16384
     grads = da.random.default_rng(seed).standard_normal(
-        (n_checkpoints, n_examples, features), chunks=(n_checkpoints, rows, features), dtype=np.float32)
+        (n_checkpoints, n_examples, features), chunks=(n_checkpoints, rows, features), dtype=np.float32
+    )
     lrs = np.linspace(0.1, 0.02, n_checkpoints)
     return to.from_arrays(path, grads, lrs, dtype=dtype, overwrite=True)
 

@@ -74,8 +74,12 @@ def run(name: str, work: Path) -> None:
     logp = np.log(variants["Adam-aware"][-1])
     spread = float(np.sqrt((w * (logp - (w * logp).sum()) ** 2).sum()))
     scores = {k: lds(p) for k, p in variants.items()}
-    print(f"{name}-adamw: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items())
-          + f"  Adam/SGD {scores['Adam-aware'] / scores['SGD form']:.2f}  spread of log P {spread:.2f}", flush=True)
+    print(
+        f"{name}-adamw: "
+        + "  ".join(f"{k} {v:.3f}" for k, v in scores.items())
+        + f"  Adam/SGD {scores['Adam-aware'] / scores['SGD form']:.2f}  spread of log P {spread:.2f}",
+        flush=True,
+    )
     for s in (train, test):
         shutil.rmtree(s.path, ignore_errors=True)
 

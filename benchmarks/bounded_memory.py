@@ -31,10 +31,14 @@ def main() -> None:
         train = random_store(f"mem_train_{args.train}_{f}_{c}.zarr", c, args.train, f, seed=3)
         test = random_store(f"mem_test_{args.test}_{f}_{c}.zarr", c, args.test, f, seed=4)
     plan = to.plan_for(test, train, k=10)
-    print(f"train store {gib(train.nbytes)} ({args.train} × {f} × {c} float32), test {args.test} examples; "
-          f"peak while building the stores {gib(build.peak)}")
-    print(f"plan: budget {gib(plan.memory_limit)} per worker, test rows {plan.test_rows}, train rows "
-          f"{plan.train_rows}, {plan.threads} threads, estimated {gib(plan.estimated_bytes)}")
+    print(
+        f"train store {gib(train.nbytes)} ({args.train} × {f} × {c} float32), test {args.test} examples; "
+        f"peak while building the stores {gib(build.peak)}"
+    )
+    print(
+        f"plan: budget {gib(plan.memory_limit)} per worker, test rows {plan.test_rows}, train rows "
+        f"{plan.train_rows}, {plan.threads} threads, estimated {gib(plan.estimated_bytes)}"
+    )
     out = os.path.join(DATA, "mem_influence.zarr")
     with PeakMemory() as m:
         t0 = time.perf_counter()

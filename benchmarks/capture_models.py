@@ -43,8 +43,13 @@ from trackin_ooc.demo import load_digits_split, train_with_checkpoints
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
     except Exception:  # pragma: no cover - not a git checkout
         return "unknown"
 
@@ -54,20 +59,37 @@ def cases(root: Path, n_ckpt: int, sizes: dict):
     split = load_digits_split(n_train=600, seed=0)
     images, images_test = arch.digits_rgb32(split.train), arch.digits_rgb32(split.test)
     model = arch.cifar_resnet(seed=0)
-    ckpts = train_with_checkpoints(model, Subset(images, range(256)), root / "resnet", epochs=n_ckpt, lr=0.05,
-                                   batch_size=32, checkpoint_every=1)
-    yield ("cifar resnet (BatchNorm)", lambda: arch.cifar_resnet(seed=0), ckpts,
-           Subset(images, range(sizes["resnet_train"])), Subset(images_test, range(sizes["resnet_test"])),
-           lambda ds, b: ds, 4096)
-    for task, make, label in (("classify", arch.tiny_bert, "tiny BERT (classify)"),
-                              ("lm", arch.tiny_gpt2, "tiny GPT-2 (causal LM)")):
+    ckpts = train_with_checkpoints(
+        model, Subset(images, range(256)), root / "resnet", epochs=n_ckpt, lr=0.05, batch_size=32, checkpoint_every=1
+    )
+    yield (
+        "cifar resnet (BatchNorm)",
+        lambda: arch.cifar_resnet(seed=0),
+        ckpts,
+        Subset(images, range(sizes["resnet_train"])),
+        Subset(images_test, range(sizes["resnet_test"])),
+        lambda ds, b: ds,
+        4096,
+    )
+    for task, make, label in (
+        ("classify", arch.tiny_bert, "tiny BERT (classify)"),
+        ("lm", arch.tiny_gpt2, "tiny GPT-2 (causal LM)"),
+    ):
         tokens = arch.digit_token_dicts(split.train, task=task)
         tokens_test = arch.digit_token_dicts(split.test, task=task)
-        ckpts = arch.train_dict_batches(make(), Subset(tokens, range(256)), root / task, epochs=n_ckpt, lr=0.05,
-                                        batch_size=16, checkpoint_every=1)
+        ckpts = arch.train_dict_batches(
+            make(), Subset(tokens, range(256)), root / task, epochs=n_ckpt, lr=0.05, batch_size=16, checkpoint_every=1
+        )
         train, test = Subset(tokens, range(sizes["hf_train"])), Subset(tokens_test, range(sizes["hf_test"]))
-        yield (label, make, ckpts, train, test, lambda ds, b: DataLoader(ds, batch_size=b, collate_fn=arch.pad_collate),
-               2048)
+        yield (
+            label,
+            make,
+            ckpts,
+            train,
+            test,
+            lambda ds, b: DataLoader(ds, batch_size=b, collate_fn=arch.pad_collate),
+            2048,
+        )
 
 
 def per_example_loop(make, ckpts, dataset) -> float:
@@ -88,8 +110,9 @@ def per_example_loop(make, ckpts, dataset) -> float:
 def batched_step(make, ckpts, dataset, batch: int) -> float:
     """Seconds for a plain batched forward and backward (weight gradients of the summed loss) over the data."""
     model = make().eval()
-    loader = DataLoader(dataset, batch_size=batch,
-                        collate_fn=arch.pad_collate if isinstance(dataset[0], dict) else None)
+    loader = DataLoader(
+        dataset, batch_size=batch, collate_fn=arch.pad_collate if isinstance(dataset[0], dict) else None
+    )
     t0 = time.perf_counter()
     for path in ckpts:
         model.load_state_dict(torch.load(path, weights_only=True)["model_state_dict"])
@@ -119,16 +142,29 @@ def resnet18_rows(root: Path, n: int, n_gaussian: int, batch: int, repeat: int) 
 
     n_params = sum(p.numel() for p in model.parameters())
     step = min(batched_step(make, [ckpt], data, batch) for _ in range(repeat))
-    fac = min(timed_capture(make, [ckpt], data, root / "r18_factored.zarr", projection="factored",
-                            projection_dim=1024, batch_size=batch)[0] for _ in range(repeat))
-    rows = [f"ResNet-18 ({n_params:,} params), {n} examples × 1 checkpoint, batch {batch}:",
-            f"  batched forward+backward {step:7.2f} s ({n / step:7.1f} ex/s)",
-            f"  factored 1024           {fac:7.2f} s ({n / fac:7.1f} ex/s)   factored ÷ forward+backward: "
-            f"{fac / step:.2f}×"]
+    fac = min(
+        timed_capture(
+            make, [ckpt], data, root / "r18_factored.zarr", projection="factored", projection_dim=1024, batch_size=batch
+        )[0]
+        for _ in range(repeat)
+    )
+    rows = [
+        f"ResNet-18 ({n_params:,} params), {n} examples × 1 checkpoint, batch {batch}:",
+        f"  batched forward+backward {step:7.2f} s ({n / step:7.1f} ex/s)",
+        f"  factored 1024           {fac:7.2f} s ({n / fac:7.1f} ex/s)   factored ÷ forward+backward: "
+        f"{fac / step:.2f}×",
+    ]
     if n_gaussian:
         small = Subset(data, range(n_gaussian))
-        gau = timed_capture(make, [ckpt], small, root / "r18_gaussian.zarr", projection="gaussian",
-                            projection_dim=1024, batch_size=batch)[0]
+        gau = timed_capture(
+            make,
+            [ckpt],
+            small,
+            root / "r18_gaussian.zarr",
+            projection="gaussian",
+            projection_dim=1024,
+            batch_size=batch,
+        )[0]
         rows.append(f"  gaussian 1024 ({n_gaussian} examples) {gau:7.2f} s ({gau / n_gaussian:.2f} s per example)")
     return rows
 
@@ -149,10 +185,13 @@ def main() -> None:
     os.environ.setdefault("TRACKIN_OOC_QUIET", "1")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    print(f"{datetime.date.today()}, commit {commit()}, torch {torch.__version__}, {args.threads} threads, "
-          f"load average {os.getloadavg()[0]:.2f} at the start")
-    sizes = dict(resnet_train=args.resnet_train, resnet_test=args.resnet_test, hf_train=args.hf_train,
-                 hf_test=args.hf_test)
+    print(
+        f"{datetime.date.today()}, commit {commit()}, torch {torch.__version__}, {args.threads} threads, "
+        f"load average {os.getloadavg()[0]:.2f} at the start"
+    )
+    sizes = dict(
+        resnet_train=args.resnet_train, resnet_test=args.resnet_test, hf_train=args.hf_train, hf_test=args.hf_test
+    )
     root = Path(tempfile.mkdtemp(prefix="capture_models_"))
     summary = []
     try:
@@ -163,14 +202,32 @@ def main() -> None:
             n_params = sum(q.numel() for q in make().parameters())
             rate = {}
             influence = {}
-            for mode, kw in (("exact", {}), (f"gaussian {dim}", dict(projection="gaussian", projection_dim=dim)),
-                             (f"factored {dim}", dict(projection="factored", projection_dim=dim))):
+            for mode, kw in (
+                ("exact", {}),
+                (f"gaussian {dim}", dict(projection="gaussian", projection_dim=dim)),
+                (f"factored {dim}", dict(projection="factored", projection_dim=dim)),
+            ):
                 tag = mode.split()[0]
-                runs = [timed_capture(make, ckpts, loader(train, args.batch_size), root / f"{tag}_tr.zarr",
-                                      batch_size=args.batch_size, **kw) for _ in range(args.repeat)]
+                runs = [
+                    timed_capture(
+                        make,
+                        ckpts,
+                        loader(train, args.batch_size),
+                        root / f"{tag}_tr.zarr",
+                        batch_size=args.batch_size,
+                        **kw,
+                    )
+                    for _ in range(args.repeat)
+                ]
                 secs, tr = min(r[0] for r in runs), runs[-1][1]
-                _, te = timed_capture(make, ckpts, loader(test, args.batch_size), root / f"{tag}_te.zarr",
-                                      batch_size=args.batch_size, **kw)
+                _, te = timed_capture(
+                    make,
+                    ckpts,
+                    loader(test, args.batch_size),
+                    root / f"{tag}_te.zarr",
+                    batch_size=args.batch_size,
+                    **kw,
+                )
                 rate[tag] = n * c / secs
                 influence[tag] = to.influence(te, tr).values
             loop = min(per_example_loop(make, ckpts, train) for _ in range(args.repeat))
@@ -178,16 +235,20 @@ def main() -> None:
             rate["loop"], rate["step"] = n * c / loop, n * c / step
             rho = {t: mean_row_spearman(influence[t], influence["exact"]) for t in ("gaussian", "factored")}
             print(f"{name:26s} {'exact':18s} {rate['exact']:8.1f} {1.0:9.4f}")
-            print(f"{f'{n_params:,} params':26s} {f'gaussian {dim}':18s} {rate['gaussian']:8.1f} "
-                  f"{rho['gaussian']:9.4f}")
-            print(f"{f'{n} train × {c} ckpts':26s} {f'factored {dim}':18s} {rate['factored']:8.1f} "
-                  f"{rho['factored']:9.4f}")
+            print(
+                f"{f'{n_params:,} params':26s} {f'gaussian {dim}':18s} {rate['gaussian']:8.1f} {rho['gaussian']:9.4f}"
+            )
+            print(
+                f"{f'{n} train × {c} ckpts':26s} {f'factored {dim}':18s} {rate['factored']:8.1f} {rho['factored']:9.4f}"
+            )
             print(f"{'':26s} {'per-example loop':18s} {rate['loop']:8.1f} {'(exact)':>9s}")
             print(f"{'':26s} {'batched fwd+bwd':18s} {rate['step']:8.1f} {'-':>9s}")
-            summary.append(f"{name}: factored ÷ gaussian speed {rate['factored'] / rate['gaussian']:.1f}×, "
-                           f"factored ÷ per-example loop {rate['factored'] / rate['loop']:.1f}×, "
-                           f"factored time ÷ batched fwd+bwd {rate['step'] / rate['factored']:.1f}×, "
-                           f"Spearman factored {rho['factored']:.3f} (gaussian {rho['gaussian']:.3f})")
+            summary.append(
+                f"{name}: factored ÷ gaussian speed {rate['factored'] / rate['gaussian']:.1f}×, "
+                f"factored ÷ per-example loop {rate['factored'] / rate['loop']:.1f}×, "
+                f"factored time ÷ batched fwd+bwd {rate['step'] / rate['factored']:.1f}×, "
+                f"Spearman factored {rho['factored']:.3f} (gaussian {rho['gaussian']:.3f})"
+            )
             shutil.rmtree(root / "exact_tr.zarr", ignore_errors=True)
         print()
         for line in resnet18_rows(root, args.r18_examples, args.r18_gaussian, args.batch_size, args.repeat):

@@ -47,8 +47,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("TRACKIN_OOC_QUIET", "1")
     dims = [int(d) for d in args.dims.split(",")]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
-          f"best of {args.repeat}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, best of {args.repeat}")
 
     tmp = tempfile.mkdtemp(prefix="capture_speed_")
     try:
@@ -60,30 +59,54 @@ def main() -> None:
             for dim in dims:
                 t = {}
                 for mode in ("factored", "gaussian"):
-                    t[mode] = timed_capture(model, ckpts, data, os.path.join(tmp, f"{kind}_{mode}_{dim}.zarr"),
-                                            projection=mode, projection_dim=dim, batch_size=args.batch_size,
-                                            device=args.device, repeat=args.repeat)
+                    t[mode] = timed_capture(
+                        model,
+                        ckpts,
+                        data,
+                        os.path.join(tmp, f"{kind}_{mode}_{dim}.zarr"),
+                        projection=mode,
+                        projection_dim=dim,
+                        batch_size=args.batch_size,
+                        device=args.device,
+                        repeat=args.repeat,
+                    )
                 rows.append((f"digits {kind} ({n_params:,} params)", len(data), len(ckpts), dim, t))
 
         torch.manual_seed(0)
         text = TokenClassifier()
         train_ds = token_data(max(args.text_examples, 300), seed=0)
-        ckpts = [str(q) for q in train_with_checkpoints(text, train_ds, os.path.join(tmp, "text_ckpt"),
-                                                        epochs=1, lr=2.0, checkpoint_every=1)]
+        ckpts = [
+            str(q)
+            for q in train_with_checkpoints(
+                text, train_ds, os.path.join(tmp, "text_ckpt"), epochs=1, lr=2.0, checkpoint_every=1
+            )
+        ]
         data = torch.utils.data.Subset(train_ds, range(args.text_examples))
         t = {}
         for mode in ("factored", "gaussian"):
-            t[mode] = timed_capture(text, ckpts, data, os.path.join(tmp, f"text_{mode}.zarr"), projection=mode,
-                                    projection_dim=args.text_dim, batch_size=args.batch_size, device=args.device,
-                                    repeat=args.repeat)
+            t[mode] = timed_capture(
+                text,
+                ckpts,
+                data,
+                os.path.join(tmp, f"text_{mode}.zarr"),
+                projection=mode,
+                projection_dim=args.text_dim,
+                batch_size=args.batch_size,
+                device=args.device,
+                repeat=args.repeat,
+            )
         n_params = sum(q.numel() for q in text.parameters())
         rows.append((f"text, 50k vocab ({n_params:,} params)", len(data), len(ckpts), args.text_dim, t))
 
-        print(f"\n{'model':34s} {'examples':>8s} {'ckpts':>5s} {'dim':>6s} {'dense s':>8s} "
-              f"{'factored s':>10s} {'dense ÷ factored':>16s} {'factored ex/s':>13s}")
+        print(
+            f"\n{'model':34s} {'examples':>8s} {'ckpts':>5s} {'dim':>6s} {'dense s':>8s} "
+            f"{'factored s':>10s} {'dense ÷ factored':>16s} {'factored ex/s':>13s}"
+        )
         for name, n, c, dim, t in rows:
-            print(f"{name:34s} {n:8d} {c:5d} {dim:6d} {t['gaussian']:8.2f} {t['factored']:10.2f} "
-                  f"{t['gaussian'] / t['factored']:16.1f} {n * c / t['factored']:13.0f}")
+            print(
+                f"{name:34s} {n:8d} {c:5d} {dim:6d} {t['gaussian']:8.2f} {t['factored']:10.2f} "
+                f"{t['gaussian'] / t['factored']:16.1f} {n * c / t['factored']:13.0f}"
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -63,8 +63,10 @@ def main() -> None:
     plan = to.plan_for(test, train, k=args.k)
     width = c * f
     flops = 2.0 * args.test * args.train * width
-    print(f"train {args.train} × {f} × {c} ({gib(train.nbytes)}), test {args.test}; "
-          f"plan: test rows {plan.test_rows}, train rows {plan.train_rows}, threads {plan.threads}")
+    print(
+        f"train {args.train} × {f} × {c} ({gib(train.nbytes)}), test {args.test}; "
+        f"plan: test rows {plan.test_rows}, train rows {plan.train_rows}, threads {plan.threads}"
+    )
 
     ref = gemm_rate(plan.test_rows, plan.train_rows, width, device=args.device)
     lib = "cupy" if args.device == "gpu" else "numpy"
@@ -76,20 +78,26 @@ def main() -> None:
 
     t_topk = best_time(lambda: to.top_k(test, train, k=args.k, device=args.device), args.repeat)
     strict = f", to matmul(out=) {flops / t_topk / ref_out:.2f}" if ref_out else ""
-    print(f"top_k k={args.k}: {t_topk:.2f} s, {flops / t_topk / 1e9:.1f} GFLOP/s, "
-          f"ratio to in-memory GEMM {flops / t_topk / ref:.2f}{strict}")
+    print(
+        f"top_k k={args.k}: {t_topk:.2f} s, {flops / t_topk / 1e9:.1f} GFLOP/s, "
+        f"ratio to in-memory GEMM {flops / t_topk / ref:.2f}{strict}"
+    )
 
     t_inf = best_time(lambda: to.influence(test, train, device=args.device).data.sum().compute(), args.repeat)
-    print(f"influence (lazy, reduced in memory): {t_inf:.2f} s, {flops / t_inf / 1e9:.1f} GFLOP/s, "
-          f"ratio {flops / t_inf / ref:.2f}")
+    print(
+        f"influence (lazy, reduced in memory): {t_inf:.2f} s, {flops / t_inf / 1e9:.1f} GFLOP/s, "
+        f"ratio {flops / t_inf / ref:.2f}"
+    )
 
     out = os.path.join(DATA, "gemm_influence_out.zarr")
     t0 = time.perf_counter()
     to.influence(test, train, out=out, overwrite=True, device=args.device)
     t_out = time.perf_counter() - t0
     out_bytes = args.test * args.train * 4
-    print(f"influence(out=...) writing {gib(out_bytes)}: {t_out:.2f} s, {flops / t_out / 1e9:.1f} GFLOP/s, "
-          f"ratio {flops / t_out / ref:.2f}")
+    print(
+        f"influence(out=...) writing {gib(out_bytes)}: {t_out:.2f} s, {flops / t_out / 1e9:.1f} GFLOP/s, "
+        f"ratio {flops / t_out / ref:.2f}"
+    )
     shutil.rmtree(out, ignore_errors=True)
 
 

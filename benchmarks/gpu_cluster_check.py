@@ -40,8 +40,9 @@ def main() -> int:
         print(f"{'PASS' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}")
 
     try:
-        ckpts = train_with_checkpoints(digits_cnn_model(), digits_train_small(), os.path.join(root, "ckpt"),
-                                       epochs=3, checkpoint_every=1, seed=0)
+        ckpts = train_with_checkpoints(
+            digits_cnn_model(), digits_train_small(), os.path.join(root, "ckpt"), epochs=3, checkpoint_every=1, seed=0
+        )
         kw = dict(projection_dim=256, device="gpu", chunk_rows=64, progress=False)
         t0 = time.perf_counter()
         local_tr = to.capture(digits_cnn_model(), ckpts, digits_train_small(), os.path.join(root, "l_tr.zarr"), **kw)
@@ -55,10 +56,12 @@ def main() -> int:
             n = len(client.scheduler_info()["workers"])
             print(f"LocalCUDACluster: {n} worker(s), started in {time.perf_counter() - t0:.1f} s")
             t0 = time.perf_counter()
-            tr = to.capture(digits_cnn_model(), ckpts, digits_train_small(), os.path.join(root, "c_tr.zarr"),
-                            client=client, **kw)
-            te = to.capture(digits_cnn_model(), ckpts, digits_test_small(), os.path.join(root, "c_te.zarr"),
-                            client=client, **kw)
+            tr = to.capture(
+                digits_cnn_model(), ckpts, digits_train_small(), os.path.join(root, "c_tr.zarr"), client=client, **kw
+            )
+            te = to.capture(
+                digits_cnn_model(), ckpts, digits_test_small(), os.path.join(root, "c_te.zarr"), client=client, **kw
+            )
             top = to.top_k(te, tr, k=5, device="gpu", client=client)
             si = to.self_influence(tr, device="gpu", client=client)
             on_gpu = client.run(lambda: __import__("torch").cuda.is_available())
@@ -66,8 +69,11 @@ def main() -> int:
         check("every worker sees a GPU", all(on_gpu.values()), str(on_gpu))
         for a, b, name in ((tr, local_tr, "train"), (te, local_te, "test")):
             diff = float(np.max(np.abs(a.read_grads() - b.read_grads())))
-            check(f"cluster capture == in-process GPU capture ({name})",
-                  diff <= 1e-4 * float(np.max(np.abs(b.read_grads()))), f"max abs diff {diff:.3g}")
+            check(
+                f"cluster capture == in-process GPU capture ({name})",
+                diff <= 1e-4 * float(np.max(np.abs(b.read_grads()))),
+                f"max abs diff {diff:.3g}",
+            )
         check("top_k proponents equal", np.array_equal(top.proponent_index.values, local_top.proponent_index.values))
         check("top_k opponents equal", np.array_equal(top.opponent_index.values, local_top.opponent_index.values))
         check("self_influence equal", np.allclose(si.values, local_si.values, rtol=1e-4))

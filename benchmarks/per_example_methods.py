@@ -66,8 +66,10 @@ def main() -> None:
     logging.disable(logging.WARNING)
     torch.set_num_threads(args.threads)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"{datetime.date.today()} commit {commit}, torch {torch.__version__}, {args.threads} threads, "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; CPU ms per batch, best of {args.repeat}")
+    print(
+        f"{datetime.date.today()} commit {commit}, torch {torch.__version__}, {args.threads} threads, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; CPU ms per batch, best of {args.repeat}"
+    )
 
     split = load_digits_split(n_train=1000)
     x, y = split.train.tensors
@@ -76,13 +78,20 @@ def main() -> None:
             compare(f"mlp{hidden}", digits_mlp(hidden), x[:b], y[:b], args.repeat)
         compare("cnn", digits_cnn(), x[:b], y[:b], args.repeat)
     images = arch.digits_rgb32(split.train)
-    compare("cifar_resnet", arch.cifar_resnet(), images.tensors[0][:64], images.tensors[1][:64],
-            max(2, args.repeat // 3))
+    compare(
+        "cifar_resnet", arch.cifar_resnet(), images.tensors[0][:64], images.tensors[1][:64], max(2, args.repeat // 3)
+    )
     for task, make in (("classify", arch.tiny_bert), ("lm", arch.tiny_gpt2)):
         dicts = arch.digit_token_dicts(split.train, task=task)
         inputs, targets = split_batch(arch.pad_collate([dicts[i] for i in range(64)]))
-        compare("tiny_bert" if task == "classify" else "tiny_gpt2", make(), inputs, targets,
-                max(2, args.repeat // 3), loop=True)
+        compare(
+            "tiny_bert" if task == "classify" else "tiny_gpt2",
+            make(),
+            inputs,
+            targets,
+            max(2, args.repeat // 3),
+            loop=True,
+        )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,17 @@ def gpt2_13m() -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=8192, n_embd=384, n_layer=6, n_head=6, n_positions=128, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
+    config = GPT2Config(
+        vocab_size=8192,
+        n_embd=384,
+        n_layer=6,
+        n_head=6,
+        n_positions=128,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="eager",
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -95,8 +104,18 @@ def capture_ratio(dim: int, n: int = 64) -> tuple[float, float, float]:
         best = float("inf")
         for _ in range(2):  # the second run has the projection matrices cached, as a long capture does
             t0 = time.perf_counter()
-            to.capture(model, [ckpt], data, None, learning_rates=[0.1], projection=kind, projection_dim=dim,
-                       batch_size=32, device="cpu", progress=False)
+            to.capture(
+                model,
+                [ckpt],
+                data,
+                None,
+                learning_rates=[0.1],
+                projection=kind,
+                projection_dim=dim,
+                batch_size=32,
+                device="cpu",
+                progress=False,
+            )
             best = min(best, time.perf_counter() - t0)
         out[kind] = best
     return out["gaussian"], out["factored"], out["gaussian"] / out["factored"]
@@ -116,17 +135,23 @@ def main() -> None:
     print(f"GPT-2 from a config: {sum(p.numel() for p in model.parameters()):,} parameters, 8 × 128 tokens")
     for k in ks:
         fac, base, ratio = featurizer_ratio(gpt2_13m, lambda: gpt2_batches(n), k)
-        print(f"gpt2-13.8M  k={k:<5d} factored {fac:.2f} s/batch, forward+backward {base:.2f} s  ratio {ratio:.2f}x"
-              f" (target <= 2)")
+        print(
+            f"gpt2-13.8M  k={k:<5d} factored {fac:.2f} s/batch, forward+backward {base:.2f} s  ratio {ratio:.2f}x"
+            f" (target <= 2)"
+        )
         worst["gpt2 <= 2x"] = max(worst.get("gpt2 <= 2x", 0.0), ratio)
     for k in ks[-2:]:
         fac, base, ratio = featurizer_ratio(lambda: arch.resnet18_cifar(seed=0), lambda: image_batches(n), k)
-        print(f"resnet18    k={k:<5d} factored {fac:.2f} s/batch, forward+backward {base:.2f} s  ratio {ratio:.2f}x"
-              f" (target <= 4)")
+        print(
+            f"resnet18    k={k:<5d} factored {fac:.2f} s/batch, forward+backward {base:.2f} s  ratio {ratio:.2f}x"
+            f" (target <= 4)"
+        )
         worst["resnet18 <= 4x"] = max(worst.get("resnet18 <= 4x", 0.0), ratio)
     gauss, fac, ratio = capture_ratio(4096)
-    print(f"cifar-resnet k=4096  capture gaussian {gauss:.2f} s, factored {fac:.2f} s  gaussian/factored {ratio:.1f}x"
-          " (target >= 2)")
+    print(
+        f"cifar-resnet k=4096  capture gaussian {gauss:.2f} s, factored {fac:.2f} s  gaussian/factored {ratio:.1f}x"
+        " (target >= 2)"
+    )
     worst["cifar gaussian/factored >= 2x"] = ratio
     print("# worst case per target")
     for name, value in worst.items():

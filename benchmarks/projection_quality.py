@@ -62,22 +62,30 @@ def main() -> None:
             for dim in dims:
                 for kind in ("gaussian", "factored"):
                     for seed in seeds:
-                        scores, store, t = influence(model, ckpts, train, test, tmp, projection=kind,
-                                                     projection_dim=dim, seed=seed, **kw)
+                        scores, store, t = influence(
+                            model, ckpts, train, test, tmp, projection=kind, projection_dim=dim, seed=seed, **kw
+                        )
                         results.setdefault((name, kind, dim), []).append(mean_row_spearman(scores, exact))
                         times[(name, kind, dim)] = times.get((name, kind, dim), 0.0) + t / len(seeds)
                         if kind == "factored" and dim == 8192 and seed == seeds[0]:
                             print(f"factored plan, {name} at 8192:\n{describe_plan(plan_from_spec(store.spec))}")
                     r = results[(name, kind, dim)]
-                    print(f"{name} {kind:8s} {dim:6d}: Spearman {np.mean(r):.4f} (seeds {np.round(r, 4).tolist()}), "
-                          f"capture {times[(name, kind, dim)]:.1f} s", flush=True)
+                    print(
+                        f"{name} {kind:8s} {dim:6d}: Spearman {np.mean(r):.4f} (seeds {np.round(r, 4).tolist()}), "
+                        f"capture {times[(name, kind, dim)]:.1f} s",
+                        flush=True,
+                    )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     names = args.models.split(",")
     header = "| dims | " + " | ".join(f"{n} dense | {n} factored" for n in names) + " |"
-    print("\nMean per-row Spearman vs exact (mean over seeds " + ", ".join(map(str, seeds)) + "); "
-          + ", ".join(f"{n}: {widths[n]:,} parameters" for n in names))
+    print(
+        "\nMean per-row Spearman vs exact (mean over seeds "
+        + ", ".join(map(str, seeds))
+        + "); "
+        + ", ".join(f"{n}: {widths[n]:,} parameters" for n in names)
+    )
     if args.markdown:
         print(header)
         print("|" + "---|" * (1 + 2 * len(names)))
@@ -88,8 +96,10 @@ def main() -> None:
         print(f"| {dim} | " + " | ".join(cells) + " |" if args.markdown else f"{dim:6d}  " + "  ".join(cells))
     print("\nCapture time of train + test (s, mean over seeds): dense / factored")
     for dim in dims:
-        print(f"{dim:6d}  " + "  ".join(
-            f"{n} {times[(n, 'gaussian', dim)]:.1f} / {times[(n, 'factored', dim)]:.1f}" for n in names))
+        print(
+            f"{dim:6d}  "
+            + "  ".join(f"{n} {times[(n, 'gaussian', dim)]:.1f} / {times[(n, 'factored', dim)]:.1f}" for n in names)
+        )
 
 
 if __name__ == "__main__":

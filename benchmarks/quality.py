@@ -63,8 +63,12 @@ from trackin_ooc.demo.recipes import Recipe, RetrainFn, train_run
 HERE = Path(__file__).parent
 FORMS = {"sgd": None, "adam": "adam", "adafactor": "adafactor", "kfac": "kfac"}
 MOMENT_FORMS = ("adam", "adafactor")  # read the optimizer's moments: AdamW runs only
-PROJECTIONS = {"exact": (None, "gaussian"), "gaussian-2048": (2048, "gaussian"),
-               "factored-2048": (2048, "factored"), "factored-8192": (8192, "factored")}
+PROJECTIONS = {
+    "exact": (None, "gaussian"),
+    "gaussian-2048": (2048, "gaussian"),
+    "factored-2048": (2048, "factored"),
+    "factored-8192": (8192, "factored"),
+}
 PEERS = ("captum", "trak", "dattri", "kronfluence")
 FLIP = 0.1
 EPOCHS = 24
@@ -85,14 +89,21 @@ class Config:
 
     def make_model(self):
         if self.dataset == "mnist1d":
-            return functools.partial(mnist1d_mlp, (128, 128)) if self.arch == "mlp" else functools.partial(
-                mnist1d_cnn, 32)
+            return (
+                functools.partial(mnist1d_mlp, (128, 128)) if self.arch == "mlp" else functools.partial(mnist1d_cnn, 32)
+            )
         return functools.partial(digits_mlp, (64, 64)) if self.arch == "mlp" else functools.partial(digits_cnn, 8)
 
     def recipe(self, epochs: int) -> Recipe:
         if self.optimizer == "adamw":  # torch's AdamW defaults (β 0.9/0.999, ε 1e-8, weight decay 0.01)
-            return Recipe(make_model=self.make_model(), optimizer="adamw", lr=2e-3, weight_decay=0.01,
-                          epochs=epochs, n_checkpoints=6)
+            return Recipe(
+                make_model=self.make_model(),
+                optimizer="adamw",
+                lr=2e-3,
+                weight_decay=0.01,
+                epochs=epochs,
+                n_checkpoints=6,
+            )
         lr = 0.2 if self.dataset == "mnist1d" else 0.1
         return Recipe(make_model=self.make_model(), optimizer=self.optimizer, lr=lr, epochs=epochs, n_checkpoints=6)
 
@@ -101,13 +112,14 @@ class Config:
         if self.dataset == "mnist1d":
             from trackin_ooc.demo.mnist1d import load_mnist1d_split
 
-            return load_mnist1d_split(n_train=self.n_train, n_test=self.n_test, flip_fraction=flip,
-                                      channel=self.arch == "cnn")
+            return load_mnist1d_split(
+                n_train=self.n_train, n_test=self.n_test, flip_fraction=flip, channel=self.arch == "cnn"
+            )
         split = load_digits_split(n_train=self.n_train, flip_fraction=flip, seed=0)
         x, y = split.test.tensors
         from torch.utils.data import TensorDataset
 
-        return dataclasses.replace(split, test=TensorDataset(x[:self.n_test].clone(), y[:self.n_test].clone()))
+        return dataclasses.replace(split, test=TensorDataset(x[: self.n_test].clone(), y[: self.n_test].clone()))
 
 
 def _key(*parts) -> str:
@@ -150,8 +162,9 @@ class Row:
 # ---- ours --------------------------------------------------------------------------------------------
 def _capture(model, ckpts, split, work: Path, form: str, pname: str, *, test: bool = True):
     dim, kind = PROJECTIONS[pname]
-    kw = dict(projection_dim=dim, projection=kind, preconditioner=FORMS[form], overwrite=True, progress=False,
-              batch_size=256)
+    kw = dict(
+        projection_dim=dim, projection=kind, preconditioner=FORMS[form], overwrite=True, progress=False, batch_size=256
+    )
     if form == "kfac":  # fitted on the train data at the same checkpoints, once per run and checkpoint set
         path = work / f"curvature-{len(ckpts)}-{Path(ckpts[0]).stem}.pt"
         if not path.exists():
@@ -173,7 +186,7 @@ def _variants(forms, projections):
         for pname in projections:
             if form == "kfac" and PROJECTIONS[pname][1] == "factored":
                 continue
-            for last in ((False, True) if pname == "exact" else (False,)):
+            for last in (False, True) if pname == "exact" else (False,):
                 yield form, pname, last
 
 
@@ -200,8 +213,10 @@ def ours_lds(cfg: Config, split, model, ckpts, runs, work: Path, forms, projecti
         row.lds_normalized = to.lds(test, train, runs, normalize=True, progress=False).attrs["lds"]
         row.seconds += time.perf_counter() - t0
         row.note = f"{train.feature_dim:,} features"
-        print(f"  {row.method:<32} LDS {row.lds:6.3f} (cos {row.lds_normalized:6.3f})  {row.seconds:5.1f} s  "
-              f"{row.note}", flush=True)
+        print(
+            f"  {row.method:<32} LDS {row.lds:6.3f} (cos {row.lds_normalized:6.3f})  {row.seconds:5.1f} s  {row.note}",
+            flush=True,
+        )
         _cleanup(work)
 
 
@@ -213,11 +228,17 @@ def ours_mislabel(cfg: Config, split, model, ckpts, work: Path, forms, projectio
         row = row_of(rows, cfg.name, _label(form, pname, last))
         row.auc, row.recall10 = mislabel(to.self_influence(train, progress=False).values, split.flipped)
         row.flipped_top10, row.flipped_top10_normalized = (
-            flipped_share(to.top_k(test, train, k=10, normalize=n, progress=False)["proponent_index"].values,
-                          split.flipped) for n in (False, True))
+            flipped_share(
+                to.top_k(test, train, k=10, normalize=n, progress=False)["proponent_index"].values, split.flipped
+            )
+            for n in (False, True)
+        )
         row.seconds += time.perf_counter() - t0
-        print(f"  {row.method:<32} AUC {row.auc:.3f}  recall@10% {row.recall10:.3f}  flipped in top-10 "
-              f"{row.flipped_top10:.0%} (cos {row.flipped_top10_normalized:.0%})", flush=True)
+        print(
+            f"  {row.method:<32} AUC {row.auc:.3f}  recall@10% {row.recall10:.3f}  flipped in top-10 "
+            f"{row.flipped_top10:.0%} (cos {row.flipped_top10_normalized:.0%})",
+            flush=True,
+        )
         if form == forms[0] and pname == "exact" and not last:
             base = row_of(rows, cfg.name, "loss at the last checkpoint")
             base.auc, base.recall10 = mislabel(train.read_losses()[-1], split.flipped)
@@ -240,9 +261,15 @@ def peer_captum(cfg, split, ckpts, work, want):
     # Captum's batched per-example gradients cover Linear and Conv2d layers; for Conv1d it loops over examples,
     # which wants a per-example ("none") loss.
     batched = cfg.arch == "mlp" or cfg.dataset == "digits"
-    tracin = TracInCP(cfg.make_model()(seed=0), split.train, [str(p) for p in ckpts], checkpoints_load_func=_load_into,
-                      loss_fn=nn.CrossEntropyLoss(reduction="sum" if batched else "none"), batch_size=256,
-                      sample_wise_grads_per_batch=batched)
+    tracin = TracInCP(
+        cfg.make_model()(seed=0),
+        split.train,
+        [str(p) for p in ckpts],
+        checkpoints_load_func=_load_into,
+        loss_fn=nn.CrossEntropyLoss(reduction="sum" if batched else "none"),
+        batch_size=256,
+        sample_wise_grads_per_batch=batched,
+    )
     if want == "pairs":
         return tracin.influence(tuple(split.test.tensors)).detach().numpy(), None, "exact, SGD form"
     return None, tracin.self_influence().detach().numpy(), "exact, SGD form"
@@ -256,19 +283,28 @@ def peer_trak(cfg, split, ckpts, work, want):
         return None, None, "no self-influence"
     model = cfg.make_model()(seed=0)
     n_params = sum(p.numel() for p in model.parameters())
-    projector = BasicProjector(grad_dim=n_params, proj_dim=2048, seed=0, proj_type=ProjectionType.normal,
-                               device=torch.device("cpu"))
+    projector = BasicProjector(
+        grad_dim=n_params, proj_dim=2048, seed=0, proj_type=ProjectionType.normal, device=torch.device("cpu")
+    )
     shutil.rmtree(work / "trak", ignore_errors=True)
-    traker = TRAKer(model=model, task="image_classification", train_set_size=len(split.train),
-                    save_dir=str(work / "trak"), device="cpu", projector=projector,
-                    proj_dim=2048, use_half_precision=False, logging_level=40)
+    traker = TRAKer(
+        model=model,
+        task="image_classification",
+        train_set_size=len(split.train),
+        save_dir=str(work / "trak"),
+        device="cpu",
+        projector=projector,
+        proj_dim=2048,
+        use_half_precision=False,
+        logging_level=40,
+    )
     x, y = split.train.tensors
     xt, yt = split.test.tensors
     states = [torch.load(p, map_location="cpu", weights_only=True)["model_state_dict"] for p in ckpts]
     for mid, sd in enumerate(states):
         traker.load_checkpoint(sd, model_id=mid)
         for s in range(0, len(x), 256):
-            traker.featurize(batch=(x[s:s + 256], y[s:s + 256]), num_samples=len(x[s:s + 256]))
+            traker.featurize(batch=(x[s : s + 256], y[s : s + 256]), num_samples=len(x[s : s + 256]))
     traker.finalize_features()
     for mid, sd in enumerate(states):
         traker.start_scoring_checkpoint(exp_name="quality", checkpoint=sd, model_id=mid, num_targets=len(xt))
@@ -295,8 +331,7 @@ def peer_dattri(cfg, split, ckpts, work, want):
         return m
 
     lrs = torch.tensor([_load_into(cfg.make_model()(seed=0), p) for p in ckpts])
-    task = AttributionTask(loss_func=loss, model=model, checkpoints=[str(p) for p in ckpts],
-                           checkpoints_load_func=load)
+    task = AttributionTask(loss_func=loss, model=model, checkpoints=[str(p) for p in ckpts], checkpoints_load_func=load)
     attributor = TracInAttributor(task=task, weight_list=lrs, normalized_grad=False, device="cpu")
     attributor.projector_kwargs = None  # exact: dattri otherwise projects to 512 dims whatever it is told
     train_loader = DataLoader(split.train, batch_size=256, shuffle=False)
@@ -331,27 +366,44 @@ def peer_kronfluence(cfg, split, ckpts, work, want):
     model = prepare_model(model, task)
     out = work / "kronfluence"
     shutil.rmtree(out, ignore_errors=True)
-    analyzer = Analyzer(analysis_name="quality", model=model, task=task, cpu=True, output_dir=str(out),
-                        disable_tqdm=True, log_level=40)
-    analyzer.fit_all_factors("ekfac", dataset=split.train, per_device_batch_size=256,
-                             factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+    analyzer = Analyzer(
+        analysis_name="quality", model=model, task=task, cpu=True, output_dir=str(out), disable_tqdm=True, log_level=40
+    )
+    analyzer.fit_all_factors(
+        "ekfac",
+        dataset=split.train,
+        per_device_batch_size=256,
+        factor_args=FactorArguments(strategy="ekfac"),
+        overwrite_output_dir=True,
+    )
     matrix = si = None
     if want == "pairs":
-        analyzer.compute_pairwise_scores("pairs", "ekfac", query_dataset=split.test, train_dataset=split.train,
-                                         per_device_query_batch_size=len(split.test),
-                                         per_device_train_batch_size=256, overwrite_output_dir=True)
+        analyzer.compute_pairwise_scores(
+            "pairs",
+            "ekfac",
+            query_dataset=split.test,
+            train_dataset=split.train,
+            per_device_query_batch_size=len(split.test),
+            per_device_train_batch_size=256,
+            overwrite_output_dir=True,
+        )
         matrix = analyzer.load_pairwise_scores("pairs")["all_modules"].numpy()
     else:
-        analyzer.compute_self_scores("self", "ekfac", train_dataset=split.train, per_device_train_batch_size=256,
-                                     overwrite_output_dir=True)
+        analyzer.compute_self_scores(
+            "self", "ekfac", train_dataset=split.train, per_device_train_batch_size=256, overwrite_output_dir=True
+        )
         si = analyzer.load_self_scores("self")["all_modules"].numpy()
     shutil.rmtree(out, ignore_errors=True)
     tracked = "Linear layers only" if cfg.dataset == "mnist1d" and cfg.arch == "cnn" else "all layers"
     return matrix, si, f"EK-FAC, last checkpoint, {tracked}"
 
 
-PEER_RUNNERS = {"captum": ("Captum TracInCP", peer_captum), "trak": ("TRAK", peer_trak),
-                "dattri": ("dattri TracIn", peer_dattri), "kronfluence": ("Kronfluence EK-FAC", peer_kronfluence)}
+PEER_RUNNERS = {
+    "captum": ("Captum TracInCP", peer_captum),
+    "trak": ("TRAK", peer_trak),
+    "dattri": ("dattri TracIn", peer_dattri),
+    "kronfluence": ("Kronfluence EK-FAC", peer_kronfluence),
+}
 
 
 def _run_peer(name, cfg, split, ckpts, work, want, rows):
@@ -423,17 +475,28 @@ def run_config(cfg: Config, args, work_root: Path) -> tuple[list[Row], dict]:
         if args.workers:
             from distributed import Client, LocalCluster
 
-            with LocalCluster(n_workers=args.workers, threads_per_worker=1, host="127.0.0.1",
-                              dashboard_address=None) as cluster, Client(cluster) as client:
-                runs = to.retrain(fn, len(x), n_subsets=args.subsets, out=work / "runs.zarr", client=client,
-                                  progress=False)
+            with (
+                LocalCluster(
+                    n_workers=args.workers, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
+                ) as cluster,
+                Client(cluster) as client,
+            ):
+                runs = to.retrain(
+                    fn, len(x), n_subsets=args.subsets, out=work / "runs.zarr", client=client, progress=False
+                )
         else:
             runs = to.retrain(fn, len(x), n_subsets=args.subsets, out=work / "runs.zarr", progress=False)
-        meta.update(test_accuracy=facts["test_accuracy"], retrain_s=time.perf_counter() - t0,
-                    n_params=sum(p.numel() for p in model.parameters()))
-        print(f"\n== {cfg.name}, clean labels (LDS): {len(x):,} train, {len(xt)} test, {meta['n_params']:,} "
-              f"parameters; test accuracy {facts['test_accuracy']:.2f}; {args.subsets} retrainings "
-              f"({meta['retrain_s']:.0f} s)", flush=True)
+        meta.update(
+            test_accuracy=facts["test_accuracy"],
+            retrain_s=time.perf_counter() - t0,
+            n_params=sum(p.numel() for p in model.parameters()),
+        )
+        print(
+            f"\n== {cfg.name}, clean labels (LDS): {len(x):,} train, {len(xt)} test, {meta['n_params']:,} "
+            f"parameters; test accuracy {facts['test_accuracy']:.2f}; {args.subsets} retrainings "
+            f"({meta['retrain_s']:.0f} s)",
+            flush=True,
+        )
         ours_lds(cfg, split, model, ckpts, runs, work, forms, args.projections, rows)
         peers_lds(cfg, split, ckpts, runs, work, args.peers, rows)
     if not args.no_mislabel:
@@ -441,11 +504,17 @@ def run_config(cfg: Config, args, work_root: Path) -> tuple[list[Row], dict]:
         work.mkdir(parents=True, exist_ok=True)
         split = cfg.split(FLIP)
         model, ckpts, facts = _train(cfg, recipe, split, work)
-        meta.update(flipped_test_accuracy=facts["test_accuracy"], flipped_fit=facts["flipped_fit"],
-                    n_params=sum(p.numel() for p in model.parameters()))
-        print(f"\n== {cfg.name}, {FLIP:.0%} of the labels flipped (mislabel detection): "
-              f"{int(split.flipped.sum())} flipped; test accuracy {facts['test_accuracy']:.2f}, flipped labels "
-              f"fitted {facts['flipped_fit']:.0%}", flush=True)
+        meta.update(
+            flipped_test_accuracy=facts["test_accuracy"],
+            flipped_fit=facts["flipped_fit"],
+            n_params=sum(p.numel() for p in model.parameters()),
+        )
+        print(
+            f"\n== {cfg.name}, {FLIP:.0%} of the labels flipped (mislabel detection): "
+            f"{int(split.flipped.sum())} flipped; test accuracy {facts['test_accuracy']:.2f}, flipped labels "
+            f"fitted {facts['flipped_fit']:.0%}",
+            flush=True,
+        )
         ours_mislabel(cfg, split, model, ckpts, work, forms, args.mislabel_projections, rows)
         peers_mislabel(cfg, split, ckpts, work, args.peers, rows)
     return rows, meta
@@ -472,8 +541,10 @@ def targets(rows: list[Row], configs: list[Config], default_form, default_normal
         if c.optimizer != "adamw":
             continue
         for normalize in (False, True):
-            sgd, adam = score(_find(rows, c.name, "sgd exact"), normalize), score(_find(rows, c.name, "adam exact"),
-                                                                                  normalize)
+            sgd, adam = (
+                score(_find(rows, c.name, "sgd exact"), normalize),
+                score(_find(rows, c.name, "adam exact"), normalize),
+            )
             if sgd is not None and adam is not None:
                 cases.append((adam / sgd if sgd > 0 else float("inf"), c.name, normalize, adam, sgd))
     if cases:
@@ -516,11 +587,15 @@ def targets(rows: list[Row], configs: list[Config], default_form, default_normal
     if cases:
         out.append("2048-dim projection LDS ÷ exact LDS (target ≥ 0.90):")
         for ratio, name, form, p, normalize, proj, exact in cases:
-            out.append(f"  {name:<24} {form:<10} {p:<14} {'cosine' if normalize else 'raw':<7} "
-                       f"{proj:6.3f} / {exact:6.3f} = {ratio:5.2f}")
+            out.append(
+                f"  {name:<24} {form:<10} {p:<14} {'cosine' if normalize else 'raw':<7} "
+                f"{proj:6.3f} / {exact:6.3f} = {ratio:5.2f}"
+            )
         worst = min(cases)
-        out.append(f"  worst: {worst[1]} {worst[2]} {worst[3]} {'cosine' if worst[4] else 'raw'} {worst[0]:.2f} -> "
-                   f"{'met' if worst[0] >= 0.9 else 'MISSED'}")
+        out.append(
+            f"  worst: {worst[1]} {worst[2]} {worst[3]} {'cosine' if worst[4] else 'raw'} {worst[0]:.2f} -> "
+            f"{'met' if worst[0] >= 0.9 else 'MISSED'}"
+        )
     return out
 
 
@@ -528,11 +603,17 @@ def markdown(rows: list[Row], meta: dict) -> str:
     lines = []
     for name, m in meta.items():
         clean = f"test accuracy {m['test_accuracy']:.2f} (clean labels)" if "test_accuracy" in m else ""
-        flip = (f"{m['flipped_test_accuracy']:.2f} with {FLIP:.0%} of the labels flipped, of which it fits "
-                f"{m['flipped_fit']:.0%}" if m.get("flipped_fit") is not None else "")
+        flip = (
+            f"{m['flipped_test_accuracy']:.2f} with {FLIP:.0%} of the labels flipped, of which it fits "
+            f"{m['flipped_fit']:.0%}"
+            if m.get("flipped_fit") is not None
+            else ""
+        )
         lines.append(f"\n**{name}** — {m['n_params']:,} parameters; {', '.join(t for t in (clean, flip) if t)}\n")
-        lines.append("| score | LDS | LDS, normalize=True | mislabel AUC | recall at 10 % | flipped in top-10 "
-                     "proponents (raw / normalize) | s | note |")
+        lines.append(
+            "| score | LDS | LDS, normalize=True | mislabel AUC | recall at 10 % | flipped in top-10 "
+            "proponents (raw / normalize) | s | note |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|")
         for r in rows:
             if r.config != name:
@@ -544,8 +625,10 @@ def markdown(rows: list[Row], meta: dict) -> str:
             def pct(v):
                 return "—" if v is None else f"{v:.0%}"
 
-            lines.append(f"| {r.method} | {f(r.lds)} | {f(r.lds_normalized)} | {f(r.auc)} | {f(r.recall10)} | "
-                         f"{pct(r.flipped_top10)} / {pct(r.flipped_top10_normalized)} | {r.seconds:.0f} | {r.note} |")
+            lines.append(
+                f"| {r.method} | {f(r.lds)} | {f(r.lds_normalized)} | {f(r.auc)} | {f(r.recall10)} | "
+                f"{pct(r.flipped_top10)} / {pct(r.flipped_top10_normalized)} | {r.seconds:.0f} | {r.note} |"
+            )
     return "\n".join(lines)
 
 
@@ -588,9 +671,11 @@ def main() -> None:
     ap.add_argument("--forms", default="sgd,adam,adafactor,kfac", help="comma-separated, or 'none' (peers only)")
     ap.add_argument("--projections", default=",".join(PROJECTIONS))
     ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated, or 'none'")
-    ap.add_argument("--mislabel-projections", default="exact",
-                    help="projections of ours on the flipped-label runs (comma-separated; exact: every "
-                         "checkpoint and the last)")
+    ap.add_argument(
+        "--mislabel-projections",
+        default="exact",
+        help="projections of ours on the flipped-label runs (comma-separated; exact: every checkpoint and the last)",
+    )
     ap.add_argument("--no-lds", action="store_true", help="skip the clean-label runs (LDS)")
     ap.add_argument("--no-mislabel", action="store_true", help="skip the flipped-label runs (mislabel detection)")
     ap.add_argument("--subsets", type=int, default=64)
@@ -599,8 +684,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one small config (digits MLP, AdamW), 400 train")
     ap.add_argument("--work", default=str(HERE / "_data" / "quality"))
     ap.add_argument("--json", help="write the rows and targets here")
-    ap.add_argument("--report", help="comma-separated --json files of earlier runs (say, one per dataset run "
-                                     "side by side): print their targets and tables together, run nothing")
+    ap.add_argument(
+        "--report",
+        help="comma-separated --json files of earlier runs (say, one per dataset run "
+        "side by side): print their targets and tables together, run nothing",
+    )
     args = ap.parse_args()
     args.forms = [] if args.forms == "none" else args.forms.split(",")
     args.projections = args.projections.split(",")
@@ -609,15 +697,22 @@ def main() -> None:
     if args.quick:
         configs = [Config("digits", "mlp", "adamw", 400, 50)]
     else:
-        configs = [Config(d, a, o, 2000 if d == "mnist1d" else 1500, 100)
-                   for d in args.datasets.split(",") for a in args.archs.split(",") for o in args.optimizers.split(",")]
+        configs = [
+            Config(d, a, o, 2000 if d == "mnist1d" else 1500, 100)
+            for d in args.datasets.split(",")
+            for a in args.archs.split(",")
+            for o in args.optimizers.split(",")
+        ]
     if args.report:
         return report_only(args)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
+    ).stdout.strip()
     load_before = os.getloadavg()
-    print(f"quality benchmark, {time.strftime('%Y-%m-%d %H:%M')}, commit {commit}, load {load_before[0]:.2f} "
-          f"{load_before[1]:.2f} {load_before[2]:.2f}; torch {torch.__version__}; {args.subsets} retrainings")
+    print(
+        f"quality benchmark, {time.strftime('%Y-%m-%d %H:%M')}, commit {commit}, load {load_before[0]:.2f} "
+        f"{load_before[1]:.2f} {load_before[2]:.2f}; torch {torch.__version__}; {args.subsets} retrainings"
+    )
     rows, meta = [], {}
     work = Path(args.work)
     for cfg in configs:
@@ -629,9 +724,18 @@ def main() -> None:
     load_after = os.getloadavg()
     print(f"\nload before {load_before[0]:.2f}, after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "meta": meta,
-                                               "targets": report, "commit": commit,
-                                               "load": [load_before, load_after]}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "rows": [dataclasses.asdict(r) for r in rows],
+                    "meta": meta,
+                    "targets": report,
+                    "commit": commit,
+                    "load": [load_before, load_after],
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

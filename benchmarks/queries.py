@@ -66,8 +66,10 @@ class LastLayerGradients:
                 # (a ⊗ h, a) @ P without forming a ⊗ h: Σ_i a_i (h @ P_i) + a @ P_bias
                 n_out, n_in = a.shape[1], h.shape[1]
                 weight = self.proj[: n_out * n_in].reshape(n_out, n_in, -1)
-                out[c] = (torch.einsum("ni,nif->nf", a, torch.einsum("nj,ijf->nif", h, weight))
-                          + a @ self.proj[n_out * n_in:]).numpy()
+                out[c] = (
+                    torch.einsum("ni,nif->nf", a, torch.einsum("nj,ijf->nif", h, weight))
+                    + a @ self.proj[n_out * n_in :]
+                ).numpy()
         return out, y.numpy()
 
 
@@ -82,9 +84,17 @@ def make_store(gen: LastLayerGradients, name: str, kind: str, n: int, seed: int,
         except to.TrackinError:
             pass
     c, f = len(gen.states), gen.proj.shape[1]
-    st = to.GradientStore.create(path, n_checkpoints=c, n_examples=n, spec=to.ProjectionSpec(kind="external", dim=f),
-                                 learning_rates=[LR] * c, dtype="float16", label_dtype="int64",
-                                 chunk_rows=min(n, 16384), overwrite=True)
+    st = to.GradientStore.create(
+        path,
+        n_checkpoints=c,
+        n_examples=n,
+        spec=to.ProjectionSpec(kind="external", dim=f),
+        learning_rates=[LR] * c,
+        dtype="float16",
+        label_dtype="int64",
+        chunk_rows=min(n, 16384),
+        overwrite=True,
+    )
     for s, e in st.row_blocks():
         grads, labels = gen.block(kind, s, e, seed, flip)
         st.write_block(s, RowBlock(grads, labels=labels))
@@ -117,10 +127,16 @@ def main() -> None:
     p.add_argument("--only", choices=["top-k", "net"], help="run one half of the benchmark")
     args = p.parse_args()
     os.environ.setdefault("TRACKIN_OOC_QUIET", "1")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}, commit {commit}, {os.cpu_count()} cores, load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+    ).stdout.strip()
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}, commit {commit}, {os.cpu_count()} cores, load average "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     torch.set_num_threads(2)
     gen = LastLayerGradients(args.features, args.checkpoints)
     tag = f"{args.features}_{args.checkpoints}"
@@ -128,11 +144,14 @@ def main() -> None:
     train = make_store(gen, f"queries_train_{args.train}_{tag}.zarr", "train", args.train, seed=1, flip=0.05)
     test = make_store(gen, f"queries_test_{args.queries}_{tag}.zarr", "test", args.queries, seed=2, flip=0.0)
     net_test = make_store(gen, f"queries_test_{args.net_test}_{tag}.zarr", "test", args.net_test, seed=3, flip=0.0)
-    held_out = make_store(gen, f"queries_test_{args.recall_test}_{tag}.zarr", "test", args.recall_test, seed=4,
-                          flip=0.0)
+    held_out = make_store(
+        gen, f"queries_test_{args.recall_test}_{tag}.zarr", "test", args.recall_test, seed=4, flip=0.0
+    )
     torch.set_num_threads(1)
-    print(f"train store: {train.n_examples:,} × {train.feature_dim} × {train.n_checkpoints} checkpoints float16 "
-          f"({gib(train.nbytes)}), last-layer gradients of the digits MLP (ready in {time.perf_counter() - t0:.0f} s)")
+    print(
+        f"train store: {train.n_examples:,} × {train.feature_dim} × {train.n_checkpoints} checkpoints float16 "
+        f"({gib(train.nbytes)}), last-layer gradients of the digits MLP (ready in {time.perf_counter() - t0:.0f} s)"
+    )
 
     if args.only != "net":
         top_k_part(args, train, test, held_out)
@@ -146,9 +165,11 @@ def top_k_part(args, train, test, held_out) -> None:
     shutil.rmtree(index_path, ignore_errors=True)
     with PeakMemory() as mem:
         build_s, idx = timed(lambda: to.build_index(train))
-    print(f"build_index: {build_s:.1f} s, {idx.n_lists} lists, default n_probe {idx.n_probe} "
-          f"(per end: {', '.join(f'{r.ranking} λ={r.bound_weight} n_probe={r.n_probe}' for r in idx.rules())}; "
-          f"{idx.verdict}), index {gib(idx.nbytes)}, peak resident memory {gib(mem.peak)}")
+    print(
+        f"build_index: {build_s:.1f} s, {idx.n_lists} lists, default n_probe {idx.n_probe} "
+        f"(per end: {', '.join(f'{r.ranking} λ={r.bound_weight} n_probe={r.n_probe}' for r in idx.rules())}; "
+        f"{idx.verdict}), index {gib(idx.nbytes)}, peak resident memory {gib(mem.peak)}"
+    )
 
     k = args.k
     with PeakMemory() as mem:
@@ -159,23 +180,26 @@ def top_k_part(args, train, test, held_out) -> None:
         with PeakMemory() as mem:
             s, res = timed(lambda n=n_probe: to.top_k(test, train, k=k, index=idx, n_probe=n), repeat=3)
         many = to.top_k(held_out, train, k=k, index=idx, n_probe=n_probe)
-        print(f"index top_k n_probe={res.attrs['n_probe']}{' (default)' if n_probe is None else ''}: {s * 1e3:.0f} ms "
-              f"({exact_s / s:.0f}× faster), read {res.attrs['bytes_read'] / 2**20:.1f} MiB "
-              f"({100 * res.attrs['fraction_read']:.2f} % of rows), recall@{k} proponents "
-              f"{recall(res, exact, 'proponent'):.3f}, opponents {recall(res, exact, 'opponent'):.3f}, "
-              f"peak {gib(mem.peak)}; on {held_out.n_examples} held-out test examples at once: recall "
-              f"{recall(many, exact_many, 'proponent'):.3f} / {recall(many, exact_many, 'opponent'):.3f}, "
-              f"{100 * many.attrs['fraction_read']:.1f} % of rows read")
+        print(
+            f"index top_k n_probe={res.attrs['n_probe']}{' (default)' if n_probe is None else ''}: {s * 1e3:.0f} ms "
+            f"({exact_s / s:.0f}× faster), read {res.attrs['bytes_read'] / 2**20:.1f} MiB "
+            f"({100 * res.attrs['fraction_read']:.2f} % of rows), recall@{k} proponents "
+            f"{recall(res, exact, 'proponent'):.3f}, opponents {recall(res, exact, 'opponent'):.3f}, "
+            f"peak {gib(mem.peak)}; on {held_out.n_examples} held-out test examples at once: recall "
+            f"{recall(many, exact_many, 'proponent'):.3f} / {recall(many, exact_many, 'opponent'):.3f}, "
+            f"{100 * many.attrs['fraction_read']:.1f} % of rows read"
+        )
 
 
 def net_part(train, net_test) -> None:
     net_s, net = timed(lambda: to.net_influence(net_test, train, by="label"), repeat=2)
-    summed_s, summed = timed(lambda: to.influence(net_test, train).groupby(
-        xr_labels(net_test)).sum("test").compute())
+    summed_s, summed = timed(lambda: to.influence(net_test, train).groupby(xr_labels(net_test)).sum("test").compute())
     ref = summed.values.astype(np.float64)
     err = np.abs(net.values - ref).max() / np.abs(ref).max()
-    print(f"net influence, {net_test.n_examples} test by label: {net_s:.1f} s; influence(...) summed per label "
-          f"{summed_s:.1f} s ({summed_s / net_s:.0f}× slower); max difference {err:.1e} of the largest value")
+    print(
+        f"net influence, {net_test.n_examples} test by label: {net_s:.1f} s; influence(...) summed per label "
+        f"{summed_s:.1f} s ({summed_s / net_s:.0f}× slower); max difference {err:.1e} of the largest value"
+    )
 
 
 def xr_labels(store: to.GradientStore):

@@ -30,13 +30,13 @@ SWEEPS = {"projection": "sweep_projection", "index": "sweep_index"}
 def _label() -> str:
     """Date, commit and machine load: what a quoted run must say about itself."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {commit}, {os.cpu_count()} cores, "
-            f"load average {load}")
+    return f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {commit}, {os.cpu_count()} cores, load average {load}"
 
 
 def _show(title: str, rows: list[dict], worst: dict) -> None:

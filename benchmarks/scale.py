@@ -29,14 +29,16 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("TRACKIN_OOC_QUIET", "1")
     c, f = args.checkpoints, args.features
-    train = random_store(f"scale_train_{args.train}_{f}_{c}_{args.dtype}.zarr", c, args.train, f,
-                         dtype=args.dtype, seed=5)
-    test = random_store(f"scale_test_{args.test}_{f}_{c}_{args.dtype}.zarr", c, args.test, f,
-                        dtype=args.dtype, seed=6)
+    train = random_store(
+        f"scale_train_{args.train}_{f}_{c}_{args.dtype}.zarr", c, args.train, f, dtype=args.dtype, seed=5
+    )
+    test = random_store(f"scale_test_{args.test}_{f}_{c}_{args.dtype}.zarr", c, args.test, f, dtype=args.dtype, seed=6)
     plan = to.plan_for(test, train, k=args.k, memory_limit=args.memory_limit)
     flops = 2.0 * args.test * args.train * c * f
-    print(f"train {args.train} × {f} × {c} {args.dtype} ({gib(train.nbytes)}), test {args.test}; plan: test rows "
-          f"{plan.test_rows}, train rows {plan.train_rows}, threads {plan.threads}, device {args.device}")
+    print(
+        f"train {args.train} × {f} × {c} {args.dtype} ({gib(train.nbytes)}), test {args.test}; plan: test rows "
+        f"{plan.test_rows}, train rows {plan.train_rows}, threads {plan.threads}, device {args.device}"
+    )
     with PeakMemory() as m:
         t0 = time.perf_counter()
         to.top_k(test, train, k=args.k, device=args.device, memory_limit=args.memory_limit)

@@ -25,8 +25,14 @@ import trackin_ooc as to
 
 
 def cluster(n_workers: int):
-    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                        dashboard_address=None, memory_limit="4GiB")
+    return LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        memory_limit="4GiB",
+    )
 
 
 def timed_capture(client, model, ckpts, data, out) -> float:
@@ -61,11 +67,15 @@ def main() -> None:
             times["top_k", n] = time.perf_counter() - t0
     shutil.rmtree(out, ignore_errors=True)
 
-    for what, unit, count in (("capture", "examples/s", args.examples), ("top_k", "test×train pairs/s",
-                                                                            2000 * args.train)):
+    for what, unit, count in (
+        ("capture", "examples/s", args.examples),
+        ("top_k", "test×train pairs/s", 2000 * args.train),
+    ):
         one, two = times[what, 1], times[what, 2]
-        print(f"{what:8s} 1 worker {one:7.1f} s ({count / one:,.0f} {unit}); 2 workers {two:7.1f} s "
-              f"({count / two:,.0f} {unit}); speed-up 2 ÷ 1 workers: {one / two:.2f}")
+        print(
+            f"{what:8s} 1 worker {one:7.1f} s ({count / one:,.0f} {unit}); 2 workers {two:7.1f} s "
+            f"({count / two:,.0f} {unit}); speed-up 2 ÷ 1 workers: {one / two:.2f}"
+        )
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 

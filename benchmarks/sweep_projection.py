@@ -37,8 +37,15 @@ TOLERANCE = 0.02
 GAUSSIAN_SEEDS = 16
 
 
-def run_sweep(quick: bool, *, n_configs: int | None = None, seeds: int | None = None, seed: int = 0,
-              ks: tuple[int, ...] = KS, log=print) -> list[dict]:
+def run_sweep(
+    quick: bool,
+    *,
+    n_configs: int | None = None,
+    seeds: int | None = None,
+    seed: int = 0,
+    ks: tuple[int, ...] = KS,
+    log=print,
+) -> list[dict]:
     """One row per (config, k): config, params, k, gaussian, factored, diff (factored − gaussian), holds,
     capture_err (seed 0 only: the captured stores against the map applied to exact gradients)."""
     n_configs = n_configs or (4 if quick else 20)
@@ -49,19 +56,34 @@ def run_sweep(quick: bool, *, n_configs: int | None = None, seeds: int | None = 
         case = family.build_case(cfg)
         exact, gram, grads = family.exact_influence(case)
         for k in ks:
-            g = np.mean([family.mean_row_spearman(
-                family.gaussian_scores(gram, case.learning_rates, len(case.test), k, 100 + s), exact)
-                for s in range(GAUSSIAN_SEEDS)])
+            g = np.mean(
+                [
+                    family.mean_row_spearman(
+                        family.gaussian_scores(gram, case.learning_rates, len(case.test), k, 100 + s), exact
+                    )
+                    for s in range(GAUSSIAN_SEEDS)
+                ]
+            )
             mapped = [family.factored_map_scores(case, grads, k, s) for s in range(seeds)]
             f = np.mean([family.mean_row_spearman(m, exact) for m in mapped])
             captured = family.factored_scores(case, k, 0)[0]
             err = float(np.abs(captured - mapped[0]).max() / np.abs(mapped[0]).max())
-            row = dict(config=cfg.describe(), params=case.n_params, k=k, gaussian=float(g), factored=float(f),
-                       diff=float(f - g), holds=bool(f >= g - TOLERANCE), capture_err=err)
+            row = dict(
+                config=cfg.describe(),
+                params=case.n_params,
+                k=k,
+                gaussian=float(g),
+                factored=float(f),
+                diff=float(f - g),
+                holds=bool(f >= g - TOLERANCE),
+                capture_err=err,
+            )
             rows.append(row)
-            log(f"{row['config']:42s} {row['params']:>8,d}  k={k:<5d} gaussian {g:.3f}  factored {f:.3f}  "
+            log(
+                f"{row['config']:42s} {row['params']:>8,d}  k={k:<5d} gaussian {g:.3f}  factored {f:.3f}  "
                 f"diff {f - g:+.3f}{'' if row['holds'] else '  MISSED'}  capture err {err:.1e}  "
-                f"({time.perf_counter() - t0:.0f} s)")
+                f"({time.perf_counter() - t0:.0f} s)"
+            )
     return rows
 
 
@@ -72,8 +94,13 @@ def worst(rows: list[dict]) -> dict[int, dict]:
 
 def label() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
     except Exception:  # pragma: no cover - not a git checkout
         sha = "unknown"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())

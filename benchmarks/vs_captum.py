@@ -56,14 +56,20 @@ def load_checkpoint(model: nn.Module, path: str) -> float:
     return float(ckpt["learning_rate"])
 
 
-def run_captum(ckpts, train, test, test2, batch_size: int, subset: tuple[int, int] | None = None
-               ) -> tuple[dict, dict, str]:
+def run_captum(
+    ckpts, train, test, test2, batch_size: int, subset: tuple[int, int] | None = None
+) -> tuple[dict, dict, str]:
     """Captum's timings, results and a note on how the timings were obtained."""
     from captum.influence import TracInCP
 
     tracin = TracInCP(
-        digits_mlp((256, 256), seed=0), train, ckpts, checkpoints_load_func=load_checkpoint,
-        loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=batch_size, sample_wise_grads_per_batch=True,
+        digits_mlp((256, 256), seed=0),
+        train,
+        ckpts,
+        checkpoints_load_func=load_checkpoint,
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+        batch_size=batch_size,
+        sample_wise_grads_per_batch=True,
     )
     sw, out = Stopwatch(), {}
     with warnings.catch_warnings():
@@ -100,10 +106,12 @@ def run_captum(ckpts, train, test, test2, batch_size: int, subset: tuple[int, in
         slope = (points[op, n2] - points[op, n1]) / (n2 - n1)
         t[op] = points[op, n2] + slope * (n - n2)
     t["repeat"] = t["influence"]
-    note = (f"Captum influence and top-k measured on the first {n1} and {n2} test examples and extrapolated "
-            f"linearly to {n}: " + ", ".join(f"{op} {points[op, m]:.1f} s at {m}" for op in ("influence", "top_k")
-                                             for m in (n1, n2))
-            + "; self_influence measured in full; repeat = the influence estimate (not run)")
+    note = (
+        f"Captum influence and top-k measured on the first {n1} and {n2} test examples and extrapolated "
+        f"linearly to {n}: "
+        + ", ".join(f"{op} {points[op, m]:.1f} s at {m}" for op in ("influence", "top_k") for m in (n1, n2))
+        + "; self_influence measured in full; repeat = the influence estimate (not run)"
+    )
     return t, out, note
 
 
@@ -125,8 +133,19 @@ def captum_cached(path: str | None, key: dict, run) -> tuple[dict, dict, str]:
 SELF_ONLY_DIM = 64  # features kept by the self-influence-only capture (its scores come from the exact norms)
 
 
-def run_ours(model, ckpts, train, test, test2, where: str, mode: str, dim: int | None, batch_size: int,
-             device: str, memory_limit: str | None):
+def run_ours(
+    model,
+    ckpts,
+    train,
+    test,
+    test2,
+    where: str,
+    mode: str,
+    dim: int | None,
+    batch_size: int,
+    device: str,
+    memory_limit: str | None,
+):
     projection = {"exact": "gaussian", "factored": "factored", "factors": "factors"}[mode]
     kw = dict(projection_dim=dim, projection=projection, batch_size=batch_size, device=device)
     sw, out = Stopwatch(), {}
@@ -144,8 +163,16 @@ def run_ours(model, ckpts, train, test, test2, where: str, mode: str, dim: int |
         te2 = to.capture(model, ckpts, test2, os.path.join(where, "test2.zarr"), **kw)
         out["influence2"] = to.influence(te2, tr, device=device, memory_limit=memory_limit).values
     with sw("self_only"):  # self-influence alone: a capture that keeps few features, then the exact norms
-        so = to.capture(model, ckpts, train, os.path.join(where, "self_only.zarr"), projection="factored",
-                        projection_dim=SELF_ONLY_DIM, batch_size=batch_size, device=device)
+        so = to.capture(
+            model,
+            ckpts,
+            train,
+            os.path.join(where, "self_only.zarr"),
+            projection="factored",
+            projection_dim=SELF_ONLY_DIM,
+            batch_size=batch_size,
+            device=device,
+        )
         out["self_only"] = to.self_influence(so, device=device, exact_norms=True).values
     out["store_gb"] = tr.nbytes / 1e9
     out["flat_gb"] = tr.n_checkpoints * tr.n_examples * tr.spec.n_parameters * 4 / 1e9  # a flat exact store
@@ -163,10 +190,18 @@ def main() -> None:
     p.add_argument("--checkpoints", type=int, default=5)
     p.add_argument("--dims", default="4096", help="factored projection dims, comma separated")
     p.add_argument("--modes", default="exact,factored", help="exact, factored, factors (comma separated)")
-    p.add_argument("--captum-test", default=None, metavar="N1,N2",
-                   help="run Captum's influence and top-k on N1 and N2 test examples and extrapolate (see above)")
-    p.add_argument("--captum-cache", default=None, metavar="FILE.npz",
-                   help="reuse (or save) Captum's timings and results of the same work")
+    p.add_argument(
+        "--captum-test",
+        default=None,
+        metavar="N1,N2",
+        help="run Captum's influence and top-k on N1 and N2 test examples and extrapolate (see above)",
+    )
+    p.add_argument(
+        "--captum-cache",
+        default=None,
+        metavar="FILE.npz",
+        help="reuse (or save) Captum's timings and results of the same work",
+    )
     p.add_argument("--quick", action="store_true", help="200 test × 2,000 train, 3 checkpoints")
     p.add_argument("--captum-batch", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=1024, help="our capture batch size")
@@ -182,18 +217,30 @@ def main() -> None:
     train = resampled_digits(args.train, seed=1)
     test = resampled_digits(args.test, seed=2)
     test2 = resampled_digits(args.test, seed=3)
-    print(f"{args.test} test × {args.train} train, {args.checkpoints} checkpoints, MLP 64-256-256-10 "
-          f"({sum(q.numel() for q in model.parameters()):,} params), torch {torch.get_num_threads()} threads")
+    print(
+        f"{args.test} test × {args.train} train, {args.checkpoints} checkpoints, MLP 64-256-256-10 "
+        f"({sum(q.numel() for q in model.parameters()):,} params), torch {torch.get_num_threads()} threads"
+    )
 
     print(f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}", flush=True)
     subset = tuple(int(v) for v in args.captum_test.split(",")) if args.captum_test else None
-    key = {"train": args.train, "test": args.test, "checkpoints": args.checkpoints, "subset": subset,
-           "batch": args.captum_batch}
+    key = {
+        "train": args.train,
+        "test": args.test,
+        "checkpoints": args.checkpoints,
+        "subset": subset,
+        "batch": args.captum_batch,
+    }
     t0 = time.perf_counter()
     captum_t, ref, captum_note = captum_cached(
-        args.captum_cache, key, lambda: run_captum(ckpts, train, test, test2, args.captum_batch, subset))
-    print("captum: " + ", ".join(f"{k} {v:.1f} s" for k, v in captum_t.items())
-          + f" (this step {time.perf_counter() - t0:.1f} s; {captum_note})", flush=True)
+        args.captum_cache, key, lambda: run_captum(ckpts, train, test, test2, args.captum_batch, subset)
+    )
+    print(
+        "captum: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in captum_t.items())
+        + f" (this step {time.perf_counter() - t0:.1f} s; {captum_note})",
+        flush=True,
+    )
     rows_compared = ref["influence"].shape[0]
 
     modes = []
@@ -203,8 +250,9 @@ def main() -> None:
     for mode, dim in modes:
         where = tempfile.mkdtemp(prefix="vs_captum_", dir=args.workdir)
         try:
-            t, out = run_ours(model, ckpts, train, test, test2, where, mode, dim, args.batch_size, args.device,
-                              args.memory_limit)
+            t, out = run_ours(
+                model, ckpts, train, test, test2, where, mode, dim, args.batch_size, args.device, args.memory_limit
+            )
         finally:
             shutil.rmtree(where, ignore_errors=True)
         label = mode if dim is None else f"{mode} {dim}"
@@ -216,39 +264,54 @@ def main() -> None:
             "repeat": t["repeat"],
             "self-inf only": t["self_only"],
         }
-        captum = dict(captum_t, **{"all three": captum_t["influence"] + captum_t["self_influence"] + captum_t["top_k"],
-                                   "self-inf only": captum_t["self_influence"]})
+        captum = dict(
+            captum_t,
+            **{
+                "all three": captum_t["influence"] + captum_t["self_influence"] + captum_t["top_k"],
+                "self-inf only": captum_t["self_influence"],
+            },
+        )
         inf = out["influence"][:rows_compared]
         quality = {
             "spearman": mean_row_spearman(inf, ref["influence"]),
-            "spearman2": (mean_row_spearman(out["influence2"], ref["influence2"]) if "influence2" in ref
-                          else float("nan")),
+            "spearman2": (
+                mean_row_spearman(out["influence2"], ref["influence2"]) if "influence2" in ref else float("nan")
+            ),
             "self_spearman": mean_row_spearman(out["self_influence"][None], ref["self_influence"][None]),
             "top10_overlap": topk_overlap(out["proponents"][:rows_compared], ref["proponents"]),
             "max_rel_err": float(np.abs(inf - ref["influence"]).max() / np.abs(ref["influence"]).max()),
             "self_rel_err": float(np.max(np.abs(out["self_only"] - ref["self_influence"]) / ref["self_influence"])),
         }
         rows.append((label, t, ours, captum, quality, out["store_gb"]))
-        print(f"{label}: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
-              + f"; train store {out['store_gb']:.2f} GB (a flat exact store: {out['flat_gb']:.2f} GB, "
-              f"{out['flat_gb'] / out['store_gb']:.0f}x larger)", flush=True)
+        print(
+            f"{label}: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
+            + f"; train store {out['store_gb']:.2f} GB (a flat exact store: {out['flat_gb']:.2f} GB, "
+            f"{out['flat_gb'] / out['store_gb']:.0f}x larger)",
+            flush=True,
+        )
 
     print(f"\n{'mode':14s} {'operation':15s} {'captum s':>9s} {'ours s':>8s} {'ratio':>7s}")
     for label, _, ours, captum, _, _ in rows:
         for op in ("influence", "self_influence", "top_k", "all three", "repeat", "self-inf only"):
             print(f"{label:14s} {op:15s} {captum[op]:9.1f} {ours[op]:8.1f} {captum[op] / ours[op]:6.1f}×")
-    print(f"\n{'mode':14s} {'Spearman':>9s} {'(repeat)':>9s} {'self-inf':>9s} {'top-10 overlap':>15s} "
-          f"{'max rel err':>12s} {'self-only rel err':>18s}")
+    print(
+        f"\n{'mode':14s} {'Spearman':>9s} {'(repeat)':>9s} {'self-inf':>9s} {'top-10 overlap':>15s} "
+        f"{'max rel err':>12s} {'self-only rel err':>18s}"
+    )
     for label, _, _, _, q, _ in rows:
-        print(f"{label:14s} {q['spearman']:9.4f} {q['spearman2']:9.4f} {q['self_spearman']:9.4f} "
-              f"{q['top10_overlap']:15.3f} {q['max_rel_err']:12.2e} {q['self_rel_err']:18.2e}")
-    print(f"\nquality compared on {rows_compared} test rows; machine load average at the end "
-          f"{os.getloadavg()[0]:.2f}")
-    print("ours: capture train/test are included in every operation that needs them (see the docstring); "
-          "'repeat' = capture of the new test set + its influence against the stored train set; "
-          f"'self-inf only' = a factored {SELF_ONLY_DIM}-dim capture of the train set + "
-          "self_influence(exact_norms=True); "
-          "self_influence uses exact_norms=True on the shared train capture.")
+        print(
+            f"{label:14s} {q['spearman']:9.4f} {q['spearman2']:9.4f} {q['self_spearman']:9.4f} "
+            f"{q['top10_overlap']:15.3f} {q['max_rel_err']:12.2e} {q['self_rel_err']:18.2e}"
+        )
+    print(f"\nquality compared on {rows_compared} test rows; machine load average at the end {os.getloadavg()[0]:.2f}")
+    print(
+        "ours: capture train/test are included in every operation that needs them (see the docstring); "
+        "'repeat' = capture of the new test set + its influence against the stored train set; "
+        f"'self-inf only' = a factored {SELF_ONLY_DIM}-dim capture of the train set + "
+        "self_influence(exact_norms=True); "
+        "self_influence uses exact_norms=True on the shared train capture."
+    )
 
 
 if __name__ == "__main__":

@@ -34,65 +34,158 @@ def _layers(value: str | None) -> list[str] | None:
         return None
     names = [v.strip() for v in value.split(",") if v.strip()]
     if not names:
-        raise click.BadParameter("give at least one module or parameter name, e.g. --layers conv2,fc",
-                                 param_hint="'--layers'")
+        raise click.BadParameter(
+            "give at least one module or parameter name, e.g. --layers conv2,fc", param_hint="'--layers'"
+        )
     return names
 
 
 @click.command("capture")
-@click.option("--model", "model_ref", required=True, metavar="MOD:FN", callback=_ref,
-              help="Zero-argument callable returning the torch model (module:function or file.py:function).")
-@click.option("--data", "data_ref", required=True, metavar="MOD:FN", callback=_ref,
-              help="Zero-argument callable returning the dataset (a torch Dataset, or a non-shuffling DataLoader).")
-@click.option("--checkpoint", "checkpoints", multiple=True, metavar="PATH",
-              help="A checkpoint: a torch file (state dict, optionally with its learning rate or optimizer state), "
-                   "a .safetensors file, a Hugging Face Trainer checkpoint-N folder, or a run folder of them "
-                   "(all its checkpoint-N folders, in step order); repeat in training order. Required "
-                   "unless --like names a store that records its checkpoints.")
-@click.option("--lr", "lrs", multiple=True, type=float, metavar="X",
-              help="Learning rate of each checkpoint, one --lr per checkpoint (a run folder counts as its "
-                   "checkpoint-N folders; default: read from the checkpoints).")
-@click.option("--out", required=True, metavar="STORE",
-              help="Where the gradient store goes (a folder, e.g. train.zarr).")
-@click.option("--like", "like", metavar="TRAIN_STORE",
-              help="Capture with TRAIN_STORE's options (checkpoints, learning rates, layers, projection, seed, "
-                   "dtype, preconditioner, target key), so the new store combines with it.")
+@click.option(
+    "--model",
+    "model_ref",
+    required=True,
+    metavar="MOD:FN",
+    callback=_ref,
+    help="Zero-argument callable returning the torch model (module:function or file.py:function).",
+)
+@click.option(
+    "--data",
+    "data_ref",
+    required=True,
+    metavar="MOD:FN",
+    callback=_ref,
+    help="Zero-argument callable returning the dataset (a torch Dataset, or a non-shuffling DataLoader).",
+)
+@click.option(
+    "--checkpoint",
+    "checkpoints",
+    multiple=True,
+    metavar="PATH",
+    help="A checkpoint: a torch file (state dict, optionally with its learning rate or optimizer state), "
+    "a .safetensors file, a Hugging Face Trainer checkpoint-N folder, or a run folder of them "
+    "(all its checkpoint-N folders, in step order); repeat in training order. Required "
+    "unless --like names a store that records its checkpoints.",
+)
+@click.option(
+    "--lr",
+    "lrs",
+    multiple=True,
+    type=float,
+    metavar="X",
+    help="Learning rate of each checkpoint, one --lr per checkpoint (a run folder counts as its "
+    "checkpoint-N folders; default: read from the checkpoints).",
+)
+@click.option(
+    "--out", required=True, metavar="STORE", help="Where the gradient store goes (a folder, e.g. train.zarr)."
+)
+@click.option(
+    "--like",
+    "like",
+    metavar="TRAIN_STORE",
+    help="Capture with TRAIN_STORE's options (checkpoints, learning rates, layers, projection, seed, "
+    "dtype, preconditioner, target key), so the new store combines with it.",
+)
 @click.option("--layers", metavar="A,B", help="Comma-separated module or parameter names (default: all trainable).")
-@click.option("--projection-dim", type=click.IntRange(min=1), metavar="K",
-              help="Project gradients to K dimensions (default: exact gradients).")
-@click.option("--projection", type=click.Choice(PROJECTIONS), default="gaussian", show_default=True,
-              help="Kind of random projection (with --projection-dim); 'factors' (without it): exact "
-                   "gradients, per-layer factors where cheaper.")
+@click.option(
+    "--projection-dim",
+    type=click.IntRange(min=1),
+    metavar="K",
+    help="Project gradients to K dimensions (default: exact gradients).",
+)
+@click.option(
+    "--projection",
+    type=click.Choice(PROJECTIONS),
+    default="gaussian",
+    show_default=True,
+    help="Kind of random projection (with --projection-dim); 'factors' (without it): exact "
+    "gradients, per-layer factors where cheaper.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random projection.")
-@click.option("--preconditioner", type=click.Choice(PRECONDITIONERS), default="auto", show_default=True,
-              help="adam: store features of P^1/2 g, P = 1/(sqrt(v_hat)+eps) from each checkpoint's Adam moments "
-                   "(factored layers: their rank-1 Adafactor form); adafactor: the rank-1 form for every weight "
-                   "matrix; none: plain gradients (the SGD form); auto: kfac with --curvature, else adam when every "
-                   "checkpoint carries Adam moments, else none; kfac: P = (F + damping)^-1 from the EK-FAC "
-                   "curvature of --curvature (trackin-ooc fit-curvature on the train data). Capture test stores "
-                   "like their train store (docs/preconditioning.md).")
-@click.option("--curvature", metavar="FILE",
-              help="For --preconditioner kfac (auto picks it with this): the curvature file trackin-ooc "
-                   "fit-curvature wrote (the same for the train and the test store).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, metavar="B",
-              help="Examples per batch of per-example gradients.")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
-              help="Storage dtype of the gradients.")
-@click.option("--loss", "loss_ref", metavar="MOD:FN", callback=_ref,
-              help="Zero-argument callable returning (outputs, targets) -> per-example losses "
-                   "(default: cross-entropy, or the causal LM loss summed over tokens for (B, T, V) logits).")
-@click.option("--target-key", default="labels", show_default=True, metavar="KEY",
-              help="Where dict (Hugging Face style) batches hold the targets; the model gets the other entries.")
-@click.option("--chunk-rows", type=click.IntRange(min=1), metavar="N",
-              help="Rows per stored chunk and row block (default: about 8 MiB of gradients per chunk).")
-@click.option("--allow-nonfinite", is_flag=True,
-              help="Store examples with NaN/inf gradients or losses as zeros and flag them (default: refuse).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out (default: resume an "
-              "incomplete one left by the same capture, refuse a complete one).")
+@click.option(
+    "--preconditioner",
+    type=click.Choice(PRECONDITIONERS),
+    default="auto",
+    show_default=True,
+    help="adam: store features of P^1/2 g, P = 1/(sqrt(v_hat)+eps) from each checkpoint's Adam moments "
+    "(factored layers: their rank-1 Adafactor form); adafactor: the rank-1 form for every weight "
+    "matrix; none: plain gradients (the SGD form); auto: kfac with --curvature, else adam when every "
+    "checkpoint carries Adam moments, else none; kfac: P = (F + damping)^-1 from the EK-FAC "
+    "curvature of --curvature (trackin-ooc fit-curvature on the train data). Capture test stores "
+    "like their train store (docs/preconditioning.md).",
+)
+@click.option(
+    "--curvature",
+    metavar="FILE",
+    help="For --preconditioner kfac (auto picks it with this): the curvature file trackin-ooc "
+    "fit-curvature wrote (the same for the train and the test store).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    metavar="B",
+    help="Examples per batch of per-example gradients.",
+)
+@click.option(
+    "--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Storage dtype of the gradients."
+)
+@click.option(
+    "--loss",
+    "loss_ref",
+    metavar="MOD:FN",
+    callback=_ref,
+    help="Zero-argument callable returning (outputs, targets) -> per-example losses "
+    "(default: cross-entropy, or the causal LM loss summed over tokens for (B, T, V) logits).",
+)
+@click.option(
+    "--target-key",
+    default="labels",
+    show_default=True,
+    metavar="KEY",
+    help="Where dict (Hugging Face style) batches hold the targets; the model gets the other entries.",
+)
+@click.option(
+    "--chunk-rows",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Rows per stored chunk and row block (default: about 8 MiB of gradients per chunk).",
+)
+@click.option(
+    "--allow-nonfinite",
+    is_flag=True,
+    help="Store examples with NaN/inf gradients or losses as zeros and flag them (default: refuse).",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing store at --out (default: resume an "
+    "incomplete one left by the same capture, refuse a complete one).",
+)
 @pass_settings
-def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, like, layers, projection_dim, projection,
-            seed, preconditioner, curvature, batch_size, dtype, loss_ref, target_key, chunk_rows, allow_nonfinite,
-            overwrite):
+def capture(
+    settings: Settings,
+    model_ref,
+    data_ref,
+    checkpoints,
+    lrs,
+    out,
+    like,
+    layers,
+    projection_dim,
+    projection,
+    seed,
+    preconditioner,
+    curvature,
+    batch_size,
+    dtype,
+    loss_ref,
+    target_key,
+    chunk_rows,
+    allow_nonfinite,
+    overwrite,
+):
     """Capture per-example loss gradients at every checkpoint into a gradient store.
 
     Rerunning a capture that was killed resumes it: only the row blocks it had not written are
@@ -120,8 +213,9 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, like
         )
     layer_names = _layers(layers)
     if projection == "factors" and projection_dim is not None:
-        raise click.BadParameter("--projection factors keeps gradients exact: leave out --projection-dim",
-                                 param_hint="'--projection'")
+        raise click.BadParameter(
+            "--projection factors keeps gradients exact: leave out --projection-dim", param_hint="'--projection'"
+        )
     if projection not in ("gaussian", "factors") and projection_dim is None:
         raise click.BadParameter("--projection needs --projection-dim K", param_hint="'--projection'")
 
@@ -144,13 +238,18 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, like
     t0 = time.perf_counter()
     try:
         with settings.client() as client, settings.plan_lines({target: out} if staging else None):
-            common = dict(batch_size=batch_size, overwrite=overwrite, device=settings.device,
-                          progress=settings.progress, chunk_rows=chunk_rows,
-                          nonfinite="flag" if allow_nonfinite else "raise", client=client)
+            common = dict(
+                batch_size=batch_size,
+                overwrite=overwrite,
+                device=settings.device,
+                progress=settings.progress,
+                chunk_rows=chunk_rows,
+                nonfinite="flag" if allow_nonfinite else "raise",
+                client=client,
+            )
             if like is not None:
                 ctx = click.get_current_context()
-                given = {k: v for k, v in (("dtype", dtype), ("target_key", target_key))
-                         if _given(ctx, k)}
+                given = {k: v for k, v in (("dtype", dtype), ("target_key", target_key)) if _given(ctx, k)}
                 if loss_ref:
                     given["loss_fn"] = loss_fn
                 if checkpoints:
@@ -160,10 +259,21 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, like
                 store = to.capture_like(like, model, data, target, **given, **common)
             else:
                 store = to.capture(
-                    model, list(checkpoints), data, target,
-                    learning_rates=list(lrs) if lrs else None, loss_fn=loss_fn, layers=layer_names,
-                    projection_dim=projection_dim, projection=projection, seed=seed, dtype=dtype,
-                    target_key=target_key, preconditioner=preconditioner, curvature=curvature, **common,
+                    model,
+                    list(checkpoints),
+                    data,
+                    target,
+                    learning_rates=list(lrs) if lrs else None,
+                    loss_fn=loss_fn,
+                    layers=layer_names,
+                    projection_dim=projection_dim,
+                    projection=projection,
+                    seed=seed,
+                    dtype=dtype,
+                    target_key=target_key,
+                    preconditioner=preconditioner,
+                    curvature=curvature,
+                    **common,
                 )
         if staging:
             _swap_in(target, out)
@@ -193,8 +303,14 @@ def capture(settings: Settings, model_ref, data_ref, checkpoints, lrs, out, like
 
 
 # What --like takes from the train store (by click parameter name): giving them too is a usage error.
-LIKE_FIXED = {"projection": "--projection", "projection_dim": "--projection-dim", "seed": "--seed",
-              "layers": "--layers", "lrs": "--lr", "preconditioner": "--preconditioner"}
+LIKE_FIXED = {
+    "projection": "--projection",
+    "projection_dim": "--projection-dim",
+    "seed": "--seed",
+    "layers": "--layers",
+    "lrs": "--lr",
+    "preconditioner": "--preconditioner",
+}
 
 
 def _given(ctx: click.Context, name: str) -> bool:

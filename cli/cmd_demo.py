@@ -8,8 +8,13 @@ from .settings import Settings, pass_settings
 
 
 @click.command("demo")
-@click.option("--out", default="./trackin-demo", show_default=True, metavar="DIR",
-              help="Folder for plots, tables, checkpoints and stores (a previous demo's folder is reused).")
+@click.option(
+    "--out",
+    default="./trackin-demo",
+    show_default=True,
+    metavar="DIR",
+    help="Folder for plots, tables, checkpoints and stores (a previous demo's folder is reused).",
+)
 @click.option("--overwrite", is_flag=True, help="Write into DIR even if it holds files the demo did not write.")
 @pass_settings
 def demo(settings: Settings, out, overwrite):
@@ -27,6 +32,7 @@ def demo(settings: Settings, out, overwrite):
     from trackin_ooc.demo.pipeline import run_demo
 
     with settings.client():
-        result = run_demo(out, device=settings.device, overwrite=overwrite, progress=settings.progress,
-                          say=settings.say)
+        result = run_demo(
+            out, device=settings.device, overwrite=overwrite, progress=settings.progress, say=settings.say
+        )
     click.echo(result.summary())

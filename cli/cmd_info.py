@@ -12,8 +12,11 @@ from .settings import Settings, pass_settings
 @click.command("info")
 @click.argument("store", metavar="STORE")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts).")
-@click.option("--verify", is_flag=True,
-              help="Read every chunk and check its crc32c checksum; exit 1 and list the bad chunks if any.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Read every chunk and check its crc32c checksum; exit 1 and list the bad chunks if any.",
+)
 @pass_settings
 def info(settings: Settings, store, as_json, verify):
     """Summarise STORE: examples, checkpoints and learning rates, projection, dtype, size, completeness.

@@ -10,8 +10,10 @@ import click
 
 from .settings import Settings, pass_settings, plural
 
-TRAIN_FN_HELP = ("train_fn(indices, seed) -> test losses (or a zero-argument callable returning it): trains a "
-                 "fresh model on the training examples at indices and returns one loss per test example.")
+TRAIN_FN_HELP = (
+    "train_fn(indices, seed) -> test losses (or a zero-argument callable returning it): trains a "
+    "fresh model on the training examples at indices and returns one loss per test example."
+)
 
 
 def _train_fn(ref: str):
@@ -22,8 +24,9 @@ def _train_fn(ref: str):
     fn = resolve(ref)
     try:
         params = inspect.signature(fn).parameters.values()
-        required = [p for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY,
-                                                                             p.POSITIONAL_OR_KEYWORD)]
+        required = [
+            p for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
     except (TypeError, ValueError):
         required = [None, None]
     if not required:
@@ -40,16 +43,45 @@ def _train_fn(ref: str):
 
 @click.command("retrain")
 @click.option("--train-fn", "train_fn", required=True, metavar="MOD:FN", help=TRAIN_FN_HELP)
-@click.option("--n-train", "n_train", required=True, type=click.IntRange(min=2), metavar="N",
-              help="Training examples (rows of the train store); subsets are drawn from 0..N-1.")
-@click.option("--out", required=True, metavar="RUNS.zarr",
-              help="Where each finished retraining is written (rerun the same command to resume).")
-@click.option("--subsets", "n_subsets", type=click.IntRange(min=2), default=64, show_default=True, metavar="N",
-              help="Retrainings.")
-@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
-              show_default=True, metavar="F", help="Share of the training examples in each subset.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, metavar="S",
-              help="Fixes the subsets and each retraining's seed.")
+@click.option(
+    "--n-train",
+    "n_train",
+    required=True,
+    type=click.IntRange(min=2),
+    metavar="N",
+    help="Training examples (rows of the train store); subsets are drawn from 0..N-1.",
+)
+@click.option(
+    "--out",
+    required=True,
+    metavar="RUNS.zarr",
+    help="Where each finished retraining is written (rerun the same command to resume).",
+)
+@click.option(
+    "--subsets",
+    "n_subsets",
+    type=click.IntRange(min=2),
+    default=64,
+    show_default=True,
+    metavar="N",
+    help="Retrainings.",
+)
+@click.option(
+    "--fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.5,
+    show_default=True,
+    metavar="F",
+    help="Share of the training examples in each subset.",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="S",
+    help="Fixes the subsets and each retraining's seed.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an earlier retraining output at RUNS.zarr.")
 @pass_settings
 def retrain(settings: Settings, train_fn, n_train, out, n_subsets, fraction, seed, overwrite):
@@ -73,8 +105,17 @@ def retrain(settings: Settings, train_fn, n_train, out, n_subsets, fraction, see
         pass
     t0 = time.perf_counter()
     with settings.client() as client:
-        runs = to.retrain(fn, n_train, n_subsets=n_subsets, fraction=fraction, seed=seed, out=out,
-                          overwrite=overwrite, progress=settings.progress, client=client)
+        runs = to.retrain(
+            fn,
+            n_train,
+            n_subsets=n_subsets,
+            fraction=fraction,
+            seed=seed,
+            out=out,
+            overwrite=overwrite,
+            progress=settings.progress,
+            client=client,
+        )
     seconds = time.perf_counter() - t0
     again = f", {done_before} of them already there" if done_before else ""
     settings.done(
@@ -86,8 +127,13 @@ def retrain(settings: Settings, train_fn, n_train, out, n_subsets, fraction, see
 @click.command("lds")
 @click.option("--train", "train", required=True, metavar="STORE", help="The training examples' gradient store.")
 @click.option("--test", "test", required=True, metavar="STORE", help="The test examples' gradient store.")
-@click.option("--runs", "runs", required=True, metavar="RUNS.zarr",
-              help="Retrainings on subsets of the train store's examples (trackin-ooc retrain, to.retrain).")
+@click.option(
+    "--runs",
+    "runs",
+    required=True,
+    metavar="RUNS.zarr",
+    help="Retrainings on subsets of the train store's examples (trackin-ooc retrain, to.retrain).",
+)
 @click.option("--normalize", is_flag=True, help="Measure cosine TracIn instead of the dot-product scores.")
 @click.option("--out", metavar="FILE", help="Per-test-example LDS: .csv, .parquet or .zarr (by extension).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier table at FILE.")
@@ -110,8 +156,16 @@ def lds(settings: Settings, train, test, runs, normalize, out, overwrite):
     te, tr = open_gradient_store(test).require_complete(), open_gradient_store(train).require_complete()
     t0 = time.perf_counter()
     with settings.client() as client:
-        result = to.lds(te, tr, runs, normalize=normalize, device=settings.device,
-                        memory_limit=settings.scoring_memory_limit, progress=settings.progress, client=client)
+        result = to.lds(
+            te,
+            tr,
+            runs,
+            normalize=normalize,
+            device=settings.device,
+            memory_limit=settings.scoring_memory_limit,
+            progress=settings.progress,
+            client=client,
+        )
     seconds = time.perf_counter() - t0
     written = ""
     if out is not None:

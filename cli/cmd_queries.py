@@ -14,10 +14,19 @@ OUT_HELP = "Output file: .csv, .parquet or .zarr (by extension)."
 
 @click.command("index")
 @click.argument("store", metavar="TRAIN")
-@click.option("--lists", "n_lists", type=click.IntRange(min=1), metavar="N",
-              help="Inverted lists (k-means cells); default about the square root of the number of examples.")
-@click.option("--normalize/--raw", default=True, show_default=True,
-              help="An index for cosine queries (top-k's default) or, with --raw, for top-k --index --raw.")
+@click.option(
+    "--lists",
+    "n_lists",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Inverted lists (k-means cells); default about the square root of the number of examples.",
+)
+@click.option(
+    "--normalize/--raw",
+    default=True,
+    show_default=True,
+    help="An index for cosine queries (top-k's default) or, with --raw, for top-k --index --raw.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an earlier index of TRAIN.")
 @pass_settings
 def index(settings: Settings, store, n_lists, normalize, overwrite):
@@ -33,12 +42,19 @@ def index(settings: Settings, store, n_lists, normalize, overwrite):
 
     st = open_gradient_store(store).require_complete()
     if n_lists is not None and n_lists > st.n_examples:
-        raise click.BadParameter(f"{n_lists} lists for {st.n_examples:,} examples; use at most {st.n_examples}",
-                                 param_hint="--lists")
+        raise click.BadParameter(
+            f"{n_lists} lists for {st.n_examples:,} examples; use at most {st.n_examples}", param_hint="--lists"
+        )
     t0 = time.perf_counter()
     with settings.client():
-        idx = to.build_index(st, n_lists=n_lists, normalize=normalize, overwrite=overwrite,
-                             memory_limit=settings.scoring_memory_limit, progress=settings.progress)
+        idx = to.build_index(
+            st,
+            n_lists=n_lists,
+            normalize=normalize,
+            overwrite=overwrite,
+            memory_limit=settings.scoring_memory_limit,
+            progress=settings.progress,
+        )
     seconds = time.perf_counter() - t0
     cal = idx.calibration
     quality = ""
@@ -46,9 +62,11 @@ def index(settings: Settings, store, n_lists, normalize, overwrite):
         quality = f"; {idx.verdict}"
     elif "fraction_read" in cal:
         pro, opp = idx.rules()
-        quality = (f"; by default (--probe: {pro.n_probe} lists for proponents, {opp.n_probe} for opponents) a "
-                   f"test example reads {100 * cal['fraction_read']:.2f} % of rows, recall@10 {cal['recall']:.2f} "
-                   "(the lower end) on held-out queries")
+        quality = (
+            f"; by default (--probe: {pro.n_probe} lists for proponents, {opp.n_probe} for opponents) a "
+            f"test example reads {100 * cal['fraction_read']:.2f} % of rows, recall@10 {cal['recall']:.2f} "
+            "(the lower end) on held-out queries"
+        )
     settings.done(
         f"indexed {plural(st.n_examples, 'train example')} into {plural(idx.n_lists, 'list')} at {idx.path} in "
         f"{seconds:.1f} s ({human_bytes(idx.nbytes)}){quality}"
@@ -78,8 +96,14 @@ def net_influence(settings: Settings, train, test, by_label, normalize, out, ove
     te, tr = open_gradient_store(test).require_complete(), open_gradient_store(train).require_complete()
     t0 = time.perf_counter()
     with settings.client():
-        net = to.net_influence(te, tr, by="label" if by_label else None, normalize=normalize,
-                               memory_limit=settings.scoring_memory_limit, progress=settings.progress)
+        net = to.net_influence(
+            te,
+            tr,
+            by="label" if by_label else None,
+            normalize=normalize,
+            memory_limit=settings.scoring_memory_limit,
+            progress=settings.progress,
+        )
     table = tables.net_influence_dataset(net) if fmt == ".zarr" else tables.net_influence_frame(net)
     path = tables.write(table, out, overwrite=overwrite, inputs=[te, tr])
     seconds = time.perf_counter() - t0

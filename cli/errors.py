@@ -1,8 +1,8 @@
 """Exceptions → exit status and one line on stderr; a traceback only with ``--debug``.
 
-    0  success
-    2  usage error: a bad option, argument or combination (click's)
-    1  anything else: bad input files, incompatible stores, failed capture, interruption
+0  success
+2  usage error: a bad option, argument or combination (click's)
+1  anything else: bad input files, incompatible stores, failed capture, interruption
 """
 
 from __future__ import annotations
@@ -51,12 +51,13 @@ def describe(e: BaseException) -> str:
         return "out of memory; lower --memory-limit, --batch-size or --projection-dim, or use a cluster"
     text = one_line(str(e))
     if type(e).__name__ == "KilledWorker":
-        return ("a Dask worker died while running a task, most likely out of memory; give the workers more "
-                "memory (--memory-limit) or use more of them")
+        return (
+            "a Dask worker died while running a task, most likely out of memory; give the workers more "
+            "memory (--memory-limit) or use more of them"
+        )
     if isinstance(e, _PLAIN):
         return f"{type(e).__name__}: {text}" if text else type(e).__name__
-    return (f"unexpected {type(e).__name__}: {text or 'no message'}; "
-            f"rerun with --debug for the traceback and report it")
+    return f"unexpected {type(e).__name__}: {text or 'no message'}; rerun with --debug for the traceback and report it"
 
 
 class RunState:
@@ -83,32 +84,35 @@ _BOTH = [
     (re.compile(rf"\b[a-z_]+={_PY_VALUE}\s*\((--?[a-z][a-z-]*(?: [A-Za-z:]+)?)\)"), r"\1"),
     (re.compile(rf"\b[a-z_]+={_PY_VALUE}, (--?[a-z][a-z-]*)\b"), r"\1"),
 ]
-_PY_TO_CLI = [(re.compile(pattern), repl) for pattern, repl in (
-    (r"\brerun the same capture\b", "rerun the same command"),
-    (r"\boverwrite=True\b", "--overwrite"),
-    (r"\blearning_rates=\[\.\.\.\]", "--lr"),
-    (r"\bdevice='(\w+)'", r"--device \1"),
-    (r"\bprojection='(\w+)'", r"--projection \1"),
-    (r"\bprojection_dim=None\b", "no --projection-dim"),
-    (r"\bprojection_dim\b", "--projection-dim"),
-    (r"\bnonfinite='flag'", "--allow-nonfinite"),
-    (r"\bexact_norms=False\b", "without --exact-norms"),
-    (r"\bexact_norms=True\b", "--exact-norms"),
-    (r"\bindex=build_index\(train\) \(or index=True\)", "--index (after 'trackin-ooc index TRAIN')"),
-    (r"\bindex=True\b", "--index"),
-    (r"\bn_probe\b", "--probe"),
-    (r"\bk=(\d+)", r"-k \1"),
-    (r"\buse k <= (\d+)", r"use -k \1 or less"),
-    (r"\bpass e\.g\. k=10\b", "give e.g. -k 10"),
-    (r"\bnormalize=True\b", "--normalize"),
-    (r"\bmemory_limit\b", "--memory-limit"),
-    (r"\bbatch_size\b", "--batch-size"),
-    (r"\bchunk_rows\b", "--chunk-rows"),
-    (r"\blayers=\[\.\.\.\]", "--layers"),
-    (r"\btarget_key=?", "--target-key"),
-    (r"\bloss_fn=?", "--loss"),
-    (r"\bcheckpoints=\[\.\.\.\]", "--checkpoint"),
-)]
+_PY_TO_CLI = [
+    (re.compile(pattern), repl)
+    for pattern, repl in (
+        (r"\brerun the same capture\b", "rerun the same command"),
+        (r"\boverwrite=True\b", "--overwrite"),
+        (r"\blearning_rates=\[\.\.\.\]", "--lr"),
+        (r"\bdevice='(\w+)'", r"--device \1"),
+        (r"\bprojection='(\w+)'", r"--projection \1"),
+        (r"\bprojection_dim=None\b", "no --projection-dim"),
+        (r"\bprojection_dim\b", "--projection-dim"),
+        (r"\bnonfinite='flag'", "--allow-nonfinite"),
+        (r"\bexact_norms=False\b", "without --exact-norms"),
+        (r"\bexact_norms=True\b", "--exact-norms"),
+        (r"\bindex=build_index\(train\) \(or index=True\)", "--index (after 'trackin-ooc index TRAIN')"),
+        (r"\bindex=True\b", "--index"),
+        (r"\bn_probe\b", "--probe"),
+        (r"\bk=(\d+)", r"-k \1"),
+        (r"\buse k <= (\d+)", r"use -k \1 or less"),
+        (r"\bpass e\.g\. k=10\b", "give e.g. -k 10"),
+        (r"\bnormalize=True\b", "--normalize"),
+        (r"\bmemory_limit\b", "--memory-limit"),
+        (r"\bbatch_size\b", "--batch-size"),
+        (r"\bchunk_rows\b", "--chunk-rows"),
+        (r"\blayers=\[\.\.\.\]", "--layers"),
+        (r"\btarget_key=?", "--target-key"),
+        (r"\bloss_fn=?", "--loss"),
+        (r"\bcheckpoints=\[\.\.\.\]", "--checkpoint"),
+    )
+]
 # zarr's store reprs (LocalStore('file:///x')) in messages: the path is what the user gave.
 _ZARR_NOT_FOUND = re.compile(r"No group found in store \w*Store\([^)]*\) at path '[^']*'")
 _ZARR_STORE = re.compile(r"\b\w*Store\((['\"])(?:file://)?([^'\"]*)\1\)")
@@ -129,8 +133,10 @@ def global_option_hint(e: click.NoSuchOption, group: click.Command) -> str | Non
     if e.option_name not in names:
         return None
     command = RunState.command or "COMMAND"
-    return (f"{e.option_name} is a global option: give it before the command, "
-            f"e.g. '{PROG} {e.option_name} ... {command} ...'")
+    return (
+        f"{e.option_name} is a global option: give it before the command, "
+        f"e.g. '{PROG} {e.option_name} ... {command} ...'"
+    )
 
 
 def _usage_line(e: click.ClickException) -> str:

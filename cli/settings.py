@@ -79,16 +79,25 @@ class Settings:
         from trackin_ooc.cluster import ClusterSpec, cluster_client, dashboard_link
 
         if self.cluster is not None:
-            batch = ClusterSpec(batch=self.cluster, batch_config=self.cluster_config, jobs=self.jobs,
-                                minimum_jobs=self.minimum_jobs, maximum_jobs=self.maximum_jobs, wait=1)
+            batch = ClusterSpec(
+                batch=self.cluster,
+                batch_config=self.cluster_config,
+                jobs=self.jobs,
+                minimum_jobs=self.minimum_jobs,
+                maximum_jobs=self.maximum_jobs,
+                wait=1,
+            )
             self._quieten_dask()
             with cluster_client(batch) as client:
                 self.say(f"dask: {self.cluster} cluster, dashboard {dashboard_link(client)}")
                 yield client
             return
         spec = ClusterSpec(
-            scheduler_address=self.scheduler_address, scheduler_file=self.scheduler_file,
-            workers=self.workers, memory_limit=self.memory_limit, gpu=self.device == "gpu",
+            scheduler_address=self.scheduler_address,
+            scheduler_file=self.scheduler_file,
+            workers=self.workers,
+            memory_limit=self.memory_limit,
+            gpu=self.device == "gpu",
         )
         if spec.in_process and self.device == "gpu":
             spec = _gpu_cluster_spec(spec)  # one dask-cuda worker per GPU, or in-process on the one GPU

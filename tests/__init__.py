@@ -38,8 +38,9 @@ def _shared_client():
         from distributed import Client, LocalCluster
 
         close_shared_cluster()
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                               host="127.0.0.1")
+        cluster = LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, host="127.0.0.1"
+        )
         _shared.update(cluster=cluster, client=Client(cluster, set_as_default=False))
     return _shared["client"]
 

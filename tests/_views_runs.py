@@ -40,8 +40,14 @@ def digits_run(folder: Path, *, n_train: int = 240, n_test: int = 40, projection
     kw = dict(projection_dim=projection_dim, seed=0, progress=False)
     train = to.capture(model, ckpts, split.train, folder / "train.zarr", **kw)
     test = to.capture(model, ckpts, test_data, folder / "test.zarr", **kw)
-    return Run(train, test, split.train, test_data, true_labels=split.true_train_labels,
-               extra={"split": split, "model": model, "checkpoints": ckpts})
+    return Run(
+        train,
+        test,
+        split.train,
+        test_data,
+        true_labels=split.true_train_labels,
+        extra={"split": split, "model": model, "checkpoints": ckpts},
+    )
 
 
 # ---- text --------------------------------------------------------------------------------------
@@ -136,8 +142,14 @@ def text_run(folder: Path, *, n_train: int = 120, n_test: int = 12, hostile_at: 
     kw = dict(projection_dim=None, seed=0, progress=False)
     train = to.capture(model, ckpts, train_data, folder / "train.zarr", **kw)
     test = to.capture(model, ckpts, test_data, folder / "test.zarr", **kw)
-    return Run(train, test, train_data, test_data, tokenizer=tokenizer,
-               extra={"texts": texts, "test_texts": test_texts, "model": model, "checkpoints": ckpts})
+    return Run(
+        train,
+        test,
+        train_data,
+        test_data,
+        tokenizer=tokenizer,
+        extra={"texts": texts, "test_texts": test_texts, "model": model, "checkpoints": ckpts},
+    )
 
 
 # ---- tabular -----------------------------------------------------------------------------------

@@ -84,8 +84,13 @@ def _train(tmp_path_factory, name, make, dataset, *, epochs, every, last_linear)
 def mlp(tmp_path_factory, digits) -> TrainedModel:
     """digits_mlp(hidden=(64, 64)), 12 epochs of SGD, checkpoints at epochs 4, 8, 12."""
     return _train(
-        tmp_path_factory, "mlp", lambda: digits_mlp(MLP_HIDDEN, seed=0), digits.train,
-        epochs=12, every=4, last_linear=str(2 * len(MLP_HIDDEN) + 1),
+        tmp_path_factory,
+        "mlp",
+        lambda: digits_mlp(MLP_HIDDEN, seed=0),
+        digits.train,
+        epochs=12,
+        every=4,
+        last_linear=str(2 * len(MLP_HIDDEN) + 1),
     )
 
 
@@ -93,8 +98,13 @@ def mlp(tmp_path_factory, digits) -> TrainedModel:
 def cnn(tmp_path_factory, digits) -> TrainedModel:
     """digits_cnn (two 3x3 convs + Linear), 9 epochs of SGD, checkpoints at epochs 3, 6, 9."""
     return _train(
-        tmp_path_factory, "cnn", lambda: digits_cnn(seed=0), digits.train,
-        epochs=9, every=3, last_linear="fc",
+        tmp_path_factory,
+        "cnn",
+        lambda: digits_cnn(seed=0),
+        digits.train,
+        epochs=9,
+        every=3,
+        last_linear="fc",
     )
 
 
@@ -110,8 +120,13 @@ def flipped_digits() -> DigitsSplit:
 def flipped_mlp(tmp_path_factory, flipped_digits) -> TrainedModel:
     """digits_mlp(hidden=(64,)) trained with SGD on the flipped labels; checkpoints at 10, 20, 30."""
     return _train(
-        tmp_path_factory, "flipped_mlp", lambda: digits_mlp((64,), seed=0), flipped_digits.train,
-        epochs=30, every=10, last_linear="3",
+        tmp_path_factory,
+        "flipped_mlp",
+        lambda: digits_mlp((64,), seed=0),
+        flipped_digits.train,
+        epochs=30,
+        every=10,
+        last_linear="3",
     )
 
 
@@ -151,8 +166,7 @@ def exact_pair(captured):
 def factors_pair(captured):
     """``factors_pair(model)``: the (test, train) per-layer factor stores (``projection="factors"``, layout
     version 2) of a session model, captured once."""
-    return lambda model: (captured(model, "test", projection="factors"),
-                          captured(model, "train", projection="factors"))
+    return lambda model: (captured(model, "test", projection="factors"), captured(model, "train", projection="factors"))
 
 
 @pytest.fixture(scope="session")
@@ -206,9 +220,19 @@ def pytest_sessionfinish(session, exitstatus):
 # modules start first, so none starts last and leaves the other process idle. Measured wall seconds,
 # serial, 2 cores; a hint only: a module missing here just starts later.
 RUN_FIRST = {
-    "test_scheduler_file": 85, "test_notebooks": 73, "test_cli_errors": 56, "test_resume_capture": 55,
-    "test_output_guard": 44, "test_cli": 39, "test_index": 31, "test_factor_store": 25, "test_disk_errors": 20,
-    "test_resume_scoring": 19, "test_engine_reference": 16, "test_distributed": 13, "test_demo": 12,
+    "test_scheduler_file": 85,
+    "test_notebooks": 73,
+    "test_cli_errors": 56,
+    "test_resume_capture": 55,
+    "test_output_guard": 44,
+    "test_cli": 39,
+    "test_index": 31,
+    "test_factor_store": 25,
+    "test_disk_errors": 20,
+    "test_resume_scoring": 19,
+    "test_engine_reference": 16,
+    "test_distributed": 13,
+    "test_demo": 12,
 }
 
 

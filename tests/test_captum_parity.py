@@ -104,12 +104,20 @@ def check_parity(model_name, train_ds, test_ds, captum_reference, captured, laye
     best = to.top_k(test, train, k=K)
     assert best.sizes == {"test": len(test_ds), "rank": K}
     assert_topk_matches(
-        best.proponent_index.values, best.proponent_score.values,
-        ref["proponent_index"], ref["proponent_score"], ref["influence"], "proponents",
+        best.proponent_index.values,
+        best.proponent_score.values,
+        ref["proponent_index"],
+        ref["proponent_score"],
+        ref["influence"],
+        "proponents",
     )
     assert_topk_matches(
-        best.opponent_index.values, best.opponent_score.values,
-        ref["opponent_index"], ref["opponent_score"], ref["influence"], "opponents",
+        best.opponent_index.values,
+        best.opponent_score.values,
+        ref["opponent_index"],
+        ref["opponent_score"],
+        ref["influence"],
+        "opponents",
     )
     # Proponents descend, opponents ascend.
     assert np.all(np.diff(best.proponent_score.values, axis=1) <= 0)

@@ -29,8 +29,10 @@ OPTIONS = {
 def trains(cnn, digits, tmp_path_factory):
     root = tmp_path_factory.mktemp("like")
     train_data = Subset(digits.train, range(200))
-    return root, {name: to.capture(cnn.model, cnn.checkpoints, train_data, root / f"train_{name}.zarr",
-                                   progress=False, **kw) for name, kw in OPTIONS.items()}
+    return root, {
+        name: to.capture(cnn.model, cnn.checkpoints, train_data, root / f"train_{name}.zarr", progress=False, **kw)
+        for name, kw in OPTIONS.items()
+    }
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
@@ -38,8 +40,9 @@ def test_like_equals_the_options_spelled_out(name, trains, cnn, digits_test, tmp
     _, stores = trains
     train = stores[name]
     like = to.capture_like(train, cnn.model, digits_test, tmp_path / "like.zarr", progress=False)
-    spelled = to.capture(cnn.model, cnn.checkpoints, digits_test, tmp_path / "spelled.zarr", progress=False,
-                         **OPTIONS[name])
+    spelled = to.capture(
+        cnn.model, cnn.checkpoints, digits_test, tmp_path / "spelled.zarr", progress=False, **OPTIONS[name]
+    )
     tt.assert_stores_identical(like, spelled)
     assert like.fingerprint == train.fingerprint
     best = to.top_k(like, train, k=3, progress=False)  # combines with its train store
@@ -54,9 +57,13 @@ def test_in_memory_query_equals_on_disk(trains, cnn, digits_test, tmp_path):
     memory = to.capture_like(train, cnn.model, few, None, progress=False)
     assert backends.is_memory(memory.path) and not (tmp_path / "None").exists()
     tt.assert_stores_identical(memory, disk)
-    for a, b in ((to.top_k(memory, train, k=5, progress=False), to.top_k(disk, train, k=5, progress=False)),
-                 (to.top_k(memory, train, k=5, normalize=True, progress=False),
-                  to.top_k(disk, train, k=5, normalize=True, progress=False))):
+    for a, b in (
+        (to.top_k(memory, train, k=5, progress=False), to.top_k(disk, train, k=5, progress=False)),
+        (
+            to.top_k(memory, train, k=5, normalize=True, progress=False),
+            to.top_k(disk, train, k=5, normalize=True, progress=False),
+        ),
+    ):
         for var in a.data_vars:
             np.testing.assert_array_equal(a[var].values, b[var].values)
     np.testing.assert_array_equal(to.influence(memory, train).values, to.influence(disk, train).values)
@@ -77,8 +84,9 @@ def test_in_memory_query_equals_on_disk(trains, cnn, digits_test, tmp_path):
 
 
 def test_capture_with_path_none(cnn, digits_test):
-    store = to.capture(cnn.model, cnn.checkpoints, Subset(digits_test, range(5)), None, projection_dim=16,
-                       progress=False)
+    store = to.capture(
+        cnn.model, cnn.checkpoints, Subset(digits_test, range(5)), None, projection_dim=16, progress=False
+    )
     assert store.complete and store.n_examples == 5 and backends.is_memory(store.path)
 
 
@@ -87,8 +95,9 @@ def test_moved_or_changed_checkpoint_is_one_line(cnn, digits, digits_test, tmp_p
     for p in cnn.checkpoints:
         shutil.copy(p, tmp_path / p.name)
         ckpts.append(tmp_path / p.name)
-    train = to.capture(cnn.model, ckpts, Subset(digits.train, range(40)), tmp_path / "train.zarr",
-                       projection_dim=16, progress=False)
+    train = to.capture(
+        cnn.model, ckpts, Subset(digits.train, range(40)), tmp_path / "train.zarr", projection_dim=16, progress=False
+    )
     assert train.attrs["checkpoint_paths"] == [str(p) for p in ckpts]
     ckpts[1].rename(tmp_path / "moved.pt")
     with pytest.raises(to.CheckpointNotFoundError) as err:
@@ -98,8 +107,9 @@ def test_moved_or_changed_checkpoint_is_one_line(cnn, digits, digits_test, tmp_p
     assert not (tmp_path / "test.zarr").exists()
     # Given where they are now, it captures; other weights under the old name are refused by their hash.
     moved = [ckpts[0], tmp_path / "moved.pt", ckpts[2]]
-    assert to.capture_like(train, cnn.model, digits_test, tmp_path / "ok.zarr", checkpoints=moved,
-                           progress=False).complete
+    assert to.capture_like(
+        train, cnn.model, digits_test, tmp_path / "ok.zarr", checkpoints=moved, progress=False
+    ).complete
     shutil.copy(ckpts[0], ckpts[1])
     with pytest.raises(to.CheckpointError, match="hash") as err:
         to.capture_like(train, cnn.model, digits_test, tmp_path / "test.zarr", progress=False)
@@ -116,8 +126,7 @@ def test_store_without_checkpoint_paths_asks_for_them(trains, cnn, digits_test, 
     group.attrs["trackin_ooc"] = meta
     with pytest.raises(to.CaptureError, match=r"checkpoints=\[\.\.\.\] \(--checkpoint\)"):
         to.capture_like(old, cnn.model, digits_test, tmp_path / "t.zarr", progress=False)
-    got = to.capture_like(old, cnn.model, digits_test, tmp_path / "t.zarr", checkpoints=cnn.checkpoints,
-                          progress=False)
+    got = to.capture_like(old, cnn.model, digits_test, tmp_path / "t.zarr", checkpoints=cnn.checkpoints, progress=False)
     assert got.fingerprint == stores["gaussian"].fingerprint
 
 
@@ -135,8 +144,15 @@ def _margin(outputs, targets):
 
 
 def test_a_custom_loss_must_be_named_again(cnn, digits, digits_test, tmp_path):
-    train = to.capture(cnn.model, cnn.checkpoints, Subset(digits.train, range(40)), tmp_path / "train.zarr",
-                       projection_dim=16, loss_fn=_margin, progress=False)
+    train = to.capture(
+        cnn.model,
+        cnn.checkpoints,
+        Subset(digits.train, range(40)),
+        tmp_path / "train.zarr",
+        projection_dim=16,
+        loss_fn=_margin,
+        progress=False,
+    )
     with pytest.raises(to.CaptureError, match="'_margin'.*loss_fn="):
         to.capture_like(train, cnn.model, digits_test, tmp_path / "t.zarr", progress=False)
     got = to.capture_like(train, cnn.model, digits_test, tmp_path / "t.zarr", loss_fn=None, progress=False)
@@ -166,8 +182,14 @@ def test_plan_html_escapes(cnn, digits, tmp_path):
 
 
 def test_capture_announces_its_size_first(cnn, digits, tmp_path, capfd):
-    to.capture(cnn.model, cnn.checkpoints, Subset(digits.train, range(30)), tmp_path / "s.zarr",
-               projection_dim=8, progress=True)
+    to.capture(
+        cnn.model,
+        cnn.checkpoints,
+        Subset(digits.train, range(30)),
+        tmp_path / "s.zarr",
+        projection_dim=8,
+        progress=True,
+    )
     err = capfd.readouterr().err
     store = to.open_store(tmp_path / "s.zarr")
     line = next(x for x in err.replace("\r", "\n").splitlines() if x.startswith("capture: about"))
@@ -206,23 +228,34 @@ def adam_checkpoints(digits, tmp_path_factory) -> tuple[torch.nn.Module, list]:
             torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
         paths.append(root / f"epoch_{epoch}.pt")
-        torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
-                    "learning_rate": 0.01}, paths[-1])
+        torch.save(
+            {"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(), "learning_rate": 0.01},
+            paths[-1],
+        )
     return model, paths
 
 
 def test_like_repeats_the_preconditioner(adam_checkpoints, digits, digits_test, tmp_path):
     model, paths = adam_checkpoints
-    train = to.capture(model, paths, Subset(digits.train, range(80)), tmp_path / "train.zarr", projection_dim=32,
-                       progress=False)  # preconditioner="auto": Adam moments in every file
+    train = to.capture(
+        model, paths, Subset(digits.train, range(80)), tmp_path / "train.zarr", projection_dim=32, progress=False
+    )  # preconditioner="auto": Adam moments in every file
     assert train.spec.preconditioner == "adam"
     like = to.capture_like(train, model, digits_test, tmp_path / "like.zarr", progress=False)
-    spelled = to.capture(model, paths, digits_test, tmp_path / "spelled.zarr", projection_dim=32,
-                         preconditioner="adam", progress=False)
+    spelled = to.capture(
+        model, paths, digits_test, tmp_path / "spelled.zarr", projection_dim=32, preconditioner="adam", progress=False
+    )
     tt.assert_stores_identical(like, spelled)
     assert to.top_k(like, train, k=2, progress=False).sizes["rank"] == 2
-    sgd = to.capture(model, paths, Subset(digits.train, range(80)), tmp_path / "sgd.zarr", projection_dim=32,
-                     preconditioner=None, progress=False)
+    sgd = to.capture(
+        model,
+        paths,
+        Subset(digits.train, range(80)),
+        tmp_path / "sgd.zarr",
+        projection_dim=32,
+        preconditioner=None,
+        progress=False,
+    )
     assert to.capture_like(sgd, model, digits_test, None, progress=False).spec.preconditioner == "none"
     plan = to.plan_capture(model, paths, Subset(digits.train, range(80)), projection_dim=32)
     assert plan.preconditioner == "adam" and plan.spec.fingerprint == train.fingerprint

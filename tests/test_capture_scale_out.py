@@ -58,7 +58,8 @@ def test_scaled_out_capture_equals_one_process(client, mlp, digits, whole, tmp_p
     tt.assert_stores_identical(store, whole)
     writers = _writers(tasks)
     assert len(writers) == 2 and all(n > 0 for n in writers.values()), (
-        f"capture tasks per worker {writers}: capture did not scale out to both")
+        f"capture tasks per worker {writers}: capture did not scale out to both"
+    )
 
 
 def _dies_once(base, at: int, marker: str) -> Dataset:

@@ -23,8 +23,7 @@ def cap(trained, data, path, **kw):
     return to.capture(trained.model, trained.checkpoints, data, path, **kw)
 
 
-def test_factored_capture_runs_one_forward_and_backward_per_batch_and_checkpoint(mlp, digits, tmp_path,
-                                                                                    monkeypatch):
+def test_factored_capture_runs_one_forward_and_backward_per_batch_and_checkpoint(mlp, digits, tmp_path, monkeypatch):
     forwards = []
     handle = mlp.model.register_forward_hook(lambda m, a, o: forwards.append(a[0].shape[0]))
     backwards = []
@@ -39,8 +38,7 @@ def test_factored_capture_runs_one_forward_and_backward_per_batch_and_checkpoint
     real_load = torch.load
     monkeypatch.setattr(checkpoints_module.torch, "load", lambda *a, **k: loads.append(1) or real_load(*a, **k))
     try:
-        store = cap(mlp, digits.train, tmp_path / "f.zarr", projection="factored", projection_dim=1024,
-                    batch_size=64)
+        store = cap(mlp, digits.train, tmp_path / "f.zarr", projection="factored", projection_dim=1024, batch_size=64)
     finally:
         handle.remove()
     n, c = len(digits.train), len(mlp.checkpoints)
@@ -73,8 +71,9 @@ def test_projection_matrices_are_generated_once_per_process(mlp, digits, digits_
         assert len(calls) == first, f"{kind}: the second capture generated {len(calls) - first} blocks again"
 
 
-def test_dense_projection_streams_each_block_once_per_batch_for_all_checkpoints(mlp, digits_test, tmp_path,
-                                                                              monkeypatch):
+def test_dense_projection_streams_each_block_once_per_batch_for_all_checkpoints(
+    mlp, digits_test, tmp_path, monkeypatch
+):
     """With a matrix larger than the block cache, blocks are regenerated per batch, but never per
     checkpoint: all checkpoints' gradients go through one pass."""
     calls = []
@@ -115,8 +114,7 @@ def test_micro_batches_sized_to_memory_give_the_same_gradients(mlp, digits_test,
 
 
 def test_progress_bar_reports_examples_per_second(mlp, digits_test, tmp_path, capsys):
-    cap(mlp, digits_test, tmp_path / "p.zarr", projection="factored", projection_dim=256, progress=True,
-        batch_size=8)
+    cap(mlp, digits_test, tmp_path / "p.zarr", projection="factored", projection_dim=256, progress=True, batch_size=8)
     err = capsys.readouterr().err
     assert "capture" in err and "examples/s" in err
 

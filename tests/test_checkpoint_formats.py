@@ -79,12 +79,26 @@ def trainer_run(tmp_path_factory, digits) -> TrainerRun:
 
     run = tmp_path_factory.mktemp("trainer") / "run"
     args = TrainingArguments(
-        output_dir=str(run), per_device_train_batch_size=16, num_train_epochs=3, learning_rate=0.05, optim="sgd",
-        lr_scheduler_type="linear", save_strategy="steps", save_steps=3, logging_steps=1, report_to=[],
-        use_cpu=True, disable_tqdm=True, seed=0,
+        output_dir=str(run),
+        per_device_train_batch_size=16,
+        num_train_epochs=3,
+        learning_rate=0.05,
+        optim="sgd",
+        lr_scheduler_type="linear",
+        save_strategy="steps",
+        save_steps=3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
     )
-    trainer = Trainer(model=tiny_bert(), args=args, callbacks=[Snapshot()],
-                      train_dataset=[{"input_ids": i, "labels": y} for i, y in zip(ids, labels)])
+    trainer = Trainer(
+        model=tiny_bert(),
+        args=args,
+        callbacks=[Snapshot()],
+        train_dataset=[{"input_ids": i, "labels": y} for i, y in zip(ids, labels)],
+    )
     trainer.train()
     steps = [3, 6, 9]
     assert sorted(p.name for p in run.iterdir()) == [f"checkpoint-{s}" for s in steps]
@@ -99,16 +113,18 @@ def test_trainer_run_folder_round_trips(trainer_run, tmp_path):
     assert store.checkpoint_names == [f"checkpoint-{s}" for s in trainer_run.steps]  # step order
     np.testing.assert_array_equal(store.learning_rates, trainer_run.rates)
     assert np.all(np.diff(store.learning_rates) < 0)  # the decaying schedule, not one rate
-    plain = capture(tiny_bert(), trainer_run.states, data, tmp_path / "plain.zarr", layers=layers,
-                    learning_rates=trainer_run.rates)
+    plain = capture(
+        tiny_bert(), trainer_run.states, data, tmp_path / "plain.zarr", layers=layers, learning_rates=trainer_run.rates
+    )
     assert_same_capture(store, plain)
 
     # One checkpoint folder on its own, and explicit learning rates, which always win.
     one = capture(tiny_bert(), [trainer_run.run / "checkpoint-6"], data, tmp_path / "one.zarr", layers=layers)
     assert one.checkpoint_names == ["checkpoint-6"] and one.learning_rates.tolist() == [trainer_run.rates[1]]
     np.testing.assert_array_equal(one.read_grads(checkpoint=0), store.read_grads(checkpoint=1))
-    given = capture(tiny_bert(), [trainer_run.run], data, tmp_path / "given.zarr", layers=layers,
-                    learning_rates=[0.3, 0.2, 0.1])  # one per checkpoint after the run folder expands
+    given = capture(
+        tiny_bert(), [trainer_run.run], data, tmp_path / "given.zarr", layers=layers, learning_rates=[0.3, 0.2, 0.1]
+    )  # one per checkpoint after the run folder expands
     assert given.learning_rates.tolist() == [0.3, 0.2, 0.1]
     with pytest.raises(to.CaptureError, match="expand to 3") as err:
         capture(tiny_bert(), [trainer_run.run], data, tmp_path / "bad.zarr", learning_rates=[0.1])
@@ -133,7 +149,7 @@ def test_trainer_folder_variants_load_the_same_weights(trainer_run, tmp_path):
     bin_shards.mkdir(parents=True)
     names = list(legacy)
     weight_map = {}
-    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:]), start=1):
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :]), start=1):
         shard = f"pytorch_model-{i:05d}-of-00002.bin"
         torch.save({k: legacy[k] for k in part}, bin_shards / shard)
         weight_map |= dict.fromkeys(part, shard)
@@ -172,8 +188,22 @@ def test_cli_captures_a_run_folder(trainer_run, tmp_path):
         "    t = torch.load('tokens.pt', weights_only=True)\n"
         "    return TensorDataset(t['ids'], t['labels'])\n"
     )
-    ok(run_cli("capture", "--model", "usercode.py:model", "--data", "usercode.py:data",
-               "--checkpoint", str(trainer_run.run), "--layers", "classifier", "--out", "s.zarr", cwd=tmp_path))
+    ok(
+        run_cli(
+            "capture",
+            "--model",
+            "usercode.py:model",
+            "--data",
+            "usercode.py:data",
+            "--checkpoint",
+            str(trainer_run.run),
+            "--layers",
+            "classifier",
+            "--out",
+            "s.zarr",
+            cwd=tmp_path,
+        )
+    )
     store = to.open_store(tmp_path / "s.zarr")
     assert store.complete and store.n_examples == N
     assert store.checkpoint_names == [f"checkpoint-{s}" for s in trainer_run.steps]
@@ -218,9 +248,15 @@ def fit_lightning(module, loader: DataLoader, folder: Path, epochs: int) -> list
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                             enable_model_summary=False,
-                             callbacks=[ModelCheckpoint(dirpath=folder, save_top_k=-1, every_n_epochs=1)])
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[ModelCheckpoint(dirpath=folder, save_top_k=-1, every_n_epochs=1)],
+        )
         trainer.fit(module, loader)
     return sorted(folder.glob("*.ckpt"), key=lambda p: int(p.stem.split("step=")[1]))
 
@@ -255,8 +291,10 @@ def test_resnet_with_optimizer_state_round_trips(digits, tmp_path):
             opt.step()
         sched.step()
         paths.append(tmp_path / f"epoch_{epoch}.pt")
-        torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
-                    "epoch": epoch}, paths[-1])
+        torch.save(
+            {"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(), "epoch": epoch},
+            paths[-1],
+        )
         rates.append(opt.param_groups[0]["lr"])
         states.append(snapshot(model))
     assert states[-1]["bn1.num_batches_tracked"].ndim == 0 and int(states[-1]["bn1.num_batches_tracked"]) == 9
@@ -265,8 +303,9 @@ def test_resnet_with_optimizer_state_round_trips(digits, tmp_path):
     data = TensorDataset(x_test, y_test)
     store = capture(cifar_resnet(seed=1), paths, data, tmp_path / "resnet.zarr", layers=["stages.2", "fc"])
     np.testing.assert_allclose(store.learning_rates, rates, rtol=1e-15)
-    plain = capture(cifar_resnet(seed=1), states, data, tmp_path / "plain.zarr", layers=["stages.2", "fc"],
-                    learning_rates=rates)
+    plain = capture(
+        cifar_resnet(seed=1), states, data, tmp_path / "plain.zarr", layers=["stages.2", "fc"], learning_rates=rates
+    )
     assert_same_capture(store, plain)
 
     # The BatchNorm running statistics of each checkpoint are used, though no BatchNorm parameter or buffer
@@ -353,12 +392,19 @@ def test_gpt2_saved_with_tied_weights_stored_once(digits, tmp_path):
 
 def test_state_dict_hash_takes_any_buffer():
     """0-dim, integer and bool buffers hash; a change in any of them changes the hash."""
-    sd = {"count": torch.tensor(7), "mask": torch.ones(3, dtype=torch.bool),
-          "w": torch.ones(2, 2, dtype=torch.bfloat16)}
+    sd = {
+        "count": torch.tensor(7),
+        "mask": torch.ones(3, dtype=torch.bool),
+        "w": torch.ones(2, 2, dtype=torch.bfloat16),
+    }
     h = state_dict_sha256(sd)
     assert h == state_dict_sha256({k: v.clone() for k, v in sd.items()})
-    for key, other in [("count", torch.tensor(8)), ("mask", torch.tensor([1, 0, 1]).bool()),
-                       ("w", torch.full((2, 2), 2.0, dtype=torch.bfloat16)), ("count", torch.tensor(7.0))]:
+    for key, other in [
+        ("count", torch.tensor(8)),
+        ("mask", torch.tensor([1, 0, 1]).bool()),
+        ("w", torch.full((2, 2), 2.0, dtype=torch.bfloat16)),
+        ("count", torch.tensor(7.0)),
+    ]:
         assert state_dict_sha256(sd | {key: other}) != h, key
 
 
@@ -368,8 +414,12 @@ def test_trainer_state_learning_rate_is_the_last_logged_at_or_before_the_step(tm
     folder = tmp_path / "checkpoint-20"
     folder.mkdir()
     save_file(torch.load(mlp.checkpoints[0], weights_only=True)["model_state_dict"], folder / "model.safetensors")
-    history = [{"step": 10, "learning_rate": 0.5}, {"step": 20, "learning_rate": 0.25, "loss": 1.0},
-               {"step": 20, "eval_loss": 0.9}, {"step": 30, "learning_rate": 0.125}]
+    history = [
+        {"step": 10, "learning_rate": 0.5},
+        {"step": 20, "learning_rate": 0.25, "loss": 1.0},
+        {"step": 20, "eval_loss": 0.9},
+        {"step": 30, "learning_rate": 0.125},
+    ]
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 20, "log_history": history}))
     (ck,) = load_checkpoints(mlp.fresh(), folder)
     assert ck.learning_rate == 0.25 and ck.name == "checkpoint-20"
@@ -400,8 +450,10 @@ def test_run_folder_scaled_out_and_resumed(mlp, digits_test, tmp_path):
     kw = dict(projection_dim=16, chunk_rows=20, batch_size=10)
     whole = capture(mlp.fresh(), [run], digits_test, tmp_path / "whole.zarr", **kw)
     np.testing.assert_array_equal(whole.learning_rates, rates)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         spread = capture(mlp.fresh(), [run], digits_test, tmp_path / "spread.zarr", client=client, **kw)
     tt.assert_stores_identical(spread, whole)
 
@@ -413,8 +465,10 @@ def test_run_folder_scaled_out_and_resumed(mlp, digits_test, tmp_path):
     # Other weights in one checkpoint folder: the resumed capture is refused, naming the difference.
     group["block_complete"][1:] = 0
     group.attrs["trackin_ooc"] = dict(group.attrs["trackin_ooc"], complete=False)
-    save_file(torch.load(mlp.checkpoints[0], weights_only=True)["model_state_dict"],
-              run / "checkpoint-20" / "model.safetensors")
+    save_file(
+        torch.load(mlp.checkpoints[0], weights_only=True)["model_state_dict"],
+        run / "checkpoint-20" / "model.safetensors",
+    )
     with pytest.raises(to.CaptureError, match="checkpoint contents"):
         capture(mlp.fresh(), [run], digits_test, tmp_path / "part.zarr", **kw)
 

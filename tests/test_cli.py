@@ -38,8 +38,9 @@ def cli_env(**extra) -> dict[str, str]:
 
 def run_cli(*args, cwd: Path, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
     """Run the installed executable; never raises on a non-zero exit."""
-    return subprocess.run([str(EXE), *map(str, args)], cwd=cwd, env=env or cli_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(EXE), *map(str, args)], cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -55,12 +56,14 @@ def project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     with _one_thread():
         model = digits_cnn(seed=0)
-        ckpts = train_with_checkpoints(model, digits_train_small(), root / "ckpt", epochs=6, lr=0.1,
-                                       checkpoint_every=3, seed=0)
+        ckpts = train_with_checkpoints(
+            model, digits_train_small(), root / "ckpt", epochs=6, lr=0.1, checkpoint_every=3, seed=0
+        )
     assert [p.name for p in ckpts] == ["epoch_003.pt", "epoch_006.pt"]
     for p in ckpts:  # the same weights without a learning rate: needs --lr
         torch.save(torch.load(p, weights_only=True)["model_state_dict"], root / f"plain_{p.name}")
-    (root / "usercode.py").write_text(textwrap.dedent("""
+    (root / "usercode.py").write_text(
+        textwrap.dedent("""
         from trackin_ooc.demo.examples import digits_cnn_model, digits_test_small
 
         def model():
@@ -68,7 +71,8 @@ def project(tmp_path_factory) -> Path:
 
         def test_data():
             return digits_test_small()
-    """))
+    """)
+    )
     return root
 
 
@@ -87,10 +91,40 @@ CKPTS = ["--checkpoint", "ckpt/epoch_003.pt", "--checkpoint", "ckpt/epoch_006.pt
 @pytest.fixture(scope="module")
 def stores(project):
     """train.zarr (module form MOD:FN) and test.zarr (file form path.py:FN), both via `capture`."""
-    train = ok(run_cli("capture", "--model", f"{EX}:digits_cnn_model", "--data", f"{EX}:digits_train_small",
-                       *CKPTS, "--projection-dim", "64", "--seed", "7", "--out", "train.zarr", cwd=project))
-    test = ok(run_cli("capture", "--model", "usercode.py:model", "--data", "./usercode.py:test_data",
-                      *CKPTS, "--projection-dim", "64", "--seed", "7", "--out", "test.zarr", cwd=project))
+    train = ok(
+        run_cli(
+            "capture",
+            "--model",
+            f"{EX}:digits_cnn_model",
+            "--data",
+            f"{EX}:digits_train_small",
+            *CKPTS,
+            "--projection-dim",
+            "64",
+            "--seed",
+            "7",
+            "--out",
+            "train.zarr",
+            cwd=project,
+        )
+    )
+    test = ok(
+        run_cli(
+            "capture",
+            "--model",
+            "usercode.py:model",
+            "--data",
+            "./usercode.py:test_data",
+            *CKPTS,
+            "--projection-dim",
+            "64",
+            "--seed",
+            "7",
+            "--out",
+            "test.zarr",
+            cwd=project,
+        )
+    )
     for result, n in ((train, 300), (test, 100)):
         line = result.stdout.strip()
         assert "\n" not in line, "one summary line"
@@ -101,11 +135,38 @@ def stores(project):
 
 # ---- help and version ------------------------------------------------------------------------------
 HELP = {
-    (): ["capture", "self-influence", "influence", "top-k", "info", "demo", "--scheduler-address",
-         "--scheduler-file", "--workers", "--memory-limit", "--device", "--quiet", "--debug"],
-    ("capture",): ["--model", "MOD:FN", "--data", "--checkpoint", "--lr", "--out", "--layers",
-                   "--projection-dim", "--projection", "gaussian|rademacher|factored", "--seed",
-                   "--batch-size", "--dtype", "float32|float16|bfloat16", "--overwrite"],
+    (): [
+        "capture",
+        "self-influence",
+        "influence",
+        "top-k",
+        "info",
+        "demo",
+        "--scheduler-address",
+        "--scheduler-file",
+        "--workers",
+        "--memory-limit",
+        "--device",
+        "--quiet",
+        "--debug",
+    ],
+    ("capture",): [
+        "--model",
+        "MOD:FN",
+        "--data",
+        "--checkpoint",
+        "--lr",
+        "--out",
+        "--layers",
+        "--projection-dim",
+        "--projection",
+        "gaussian|rademacher|factored",
+        "--seed",
+        "--batch-size",
+        "--dtype",
+        "float32|float16|bfloat16",
+        "--overwrite",
+    ],
     ("self-influence",): ["STORE", "--out", ".csv, .parquet or .zarr"],
     ("influence",): ["--train", "--test", "--out", "OUT.zarr", "--normalize"],
     ("top-k",): ["--train", "--test", "-k", "--out", ".csv, .parquet or .zarr"],
@@ -134,8 +195,15 @@ def test_capture_matches_the_library(stores, project):
     train, test = stores
     assert train.complete and test.complete
     with _one_thread():
-        ref = to.capture(digits_cnn(seed=0), [project / "ckpt/epoch_003.pt", project / "ckpt/epoch_006.pt"],
-                         digits_train_small(), project / "ref.zarr", projection_dim=64, seed=7, progress=False)
+        ref = to.capture(
+            digits_cnn(seed=0),
+            [project / "ckpt/epoch_003.pt", project / "ckpt/epoch_006.pt"],
+            digits_train_small(),
+            project / "ref.zarr",
+            projection_dim=64,
+            seed=7,
+            progress=False,
+        )
     assert train.fingerprint == ref.fingerprint
     assert train.checkpoint_hashes == ref.checkpoint_hashes
     np.testing.assert_allclose(train.read_grads(), ref.read_grads(), rtol=1e-4, atol=1e-6)
@@ -174,10 +242,29 @@ def test_info_text(stores, project):
 def test_capture_options(projection, project, stores):
     """--lr for checkpoints without one, --layers, --dtype, --batch-size, each --projection kind."""
     out = f"opt_{projection}.zarr"
-    args = ["capture", "--model", f"{EX}:digits_cnn_model", "--data", f"{EX}:digits_test_small",
-            "--checkpoint", "plain_epoch_003.pt", "--checkpoint", "plain_epoch_006.pt",
-            "--lr", "0.05", "--lr", "0.02", "--layers", "conv2,fc", "--dtype", "float16",
-            "--batch-size", "33", "--out", out]
+    args = [
+        "capture",
+        "--model",
+        f"{EX}:digits_cnn_model",
+        "--data",
+        f"{EX}:digits_test_small",
+        "--checkpoint",
+        "plain_epoch_003.pt",
+        "--checkpoint",
+        "plain_epoch_006.pt",
+        "--lr",
+        "0.05",
+        "--lr",
+        "0.02",
+        "--layers",
+        "conv2,fc",
+        "--dtype",
+        "float16",
+        "--batch-size",
+        "33",
+        "--out",
+        out,
+    ]
     if projection != "exact":
         args += ["--projection", projection, "--projection-dim", "48"]
     ok(run_cli(*args, cwd=project))
@@ -238,8 +325,22 @@ def test_top_k(fmt, stores, project):
     train, test = stores
     out = project / f"top{fmt}"
     device = ["--device", "cpu"] if fmt == ".parquet" else []  # --device reaches the engine (cpu: NumPy)
-    result = ok(run_cli(*device, "top-k", "--train", "train.zarr", "--test", "test.zarr", "-k", K, "--raw",
-                        "--out", out.name, cwd=project))
+    result = ok(
+        run_cli(
+            *device,
+            "top-k",
+            "--train",
+            "train.zarr",
+            "--test",
+            "test.zarr",
+            "-k",
+            K,
+            "--raw",
+            "--out",
+            out.name,
+            cwd=project,
+        )
+    )
     assert result.stdout.startswith(f"wrote the top {K} proponents and opponents of 100 test examples")
     expected = to.top_k(test, train, k=K)
     got = read_back(out)
@@ -252,14 +353,24 @@ def test_top_k(fmt, stores, project):
             np.testing.assert_array_equal(got[f"{side}_label"].values, train.labels()[got[side].values])
         np.testing.assert_array_equal(got.test_label.values, test.labels())
         return
-    assert list(got.columns) == ["test", "test_label", "rank", "proponent", "proponent_label", "proponent_score",
-                                 "opponent", "opponent_label", "opponent_score"]
+    assert list(got.columns) == [
+        "test",
+        "test_label",
+        "rank",
+        "proponent",
+        "proponent_label",
+        "proponent_score",
+        "opponent",
+        "opponent_label",
+        "opponent_score",
+    ]
     assert len(got) == 100 * K
     got = got.sort_values(["test", "rank"])
     for side in ("proponent", "opponent"):
         np.testing.assert_array_equal(got[side].values.reshape(100, K), expected[f"{side}_index"].values)
-        np.testing.assert_allclose(got[f"{side}_score"].values.reshape(100, K), expected[f"{side}_score"].values,
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            got[f"{side}_score"].values.reshape(100, K), expected[f"{side}_score"].values, rtol=1e-6
+        )
         np.testing.assert_array_equal(got[f"{side}_label"], train.labels()[got[side]])
     np.testing.assert_array_equal(got.test_label, test.labels()[got.test])
     assert (got.groupby("test").proponent_score.apply(lambda s: (np.diff(s) <= 0).all())).all()
@@ -272,8 +383,11 @@ def test_influence(normalize, stores, project):
     # With --normalize, also a tiny --memory-limit: the engine then writes the matrix in small blocks.
     flag = ["--normalize"] if normalize else []
     budget = ["--memory-limit", "200KB"] if normalize else []
-    result = ok(run_cli(*budget, "influence", "--train", "train.zarr", "--test", "test.zarr", "--out", out.name,
-                        *flag, cwd=project))
+    result = ok(
+        run_cli(
+            *budget, "influence", "--train", "train.zarr", "--test", "test.zarr", "--out", out.name, *flag, cwd=project
+        )
+    )
     assert result.stdout.startswith("wrote the 100 × 300 influence matrix") and "pairs/s" in result.stdout
     got = xr.open_zarr(out)["influence"]
     assert got.dims == ("test", "train") and got.shape == (100, 300)
@@ -299,16 +413,42 @@ def test_overwrite(stores, project):
     assert len(pd.read_csv(project / "replace.csv")) == 300
     # A store too, replaced in place (and with a progress bar when asked for one).
     with _one_thread():
-        to.capture(digits_cnn(), [project / "ckpt/epoch_003.pt"], digits_test_small(), project / "again.zarr",
-                   projection_dim=16, seed=1, progress=False)
-    result = ok(run_cli("--progress", "capture", "--model", f"{EX}:digits_cnn_model", "--data",
-                        f"{EX}:digits_test_small", *CKPTS, "--projection-dim", "16", "--seed", "2",
-                        "--out", "again.zarr", "--overwrite", cwd=project, env=cli_env(TRACKIN_OOC_QUIET=None)))
+        to.capture(
+            digits_cnn(),
+            [project / "ckpt/epoch_003.pt"],
+            digits_test_small(),
+            project / "again.zarr",
+            projection_dim=16,
+            seed=1,
+            progress=False,
+        )
+    result = ok(
+        run_cli(
+            "--progress",
+            "capture",
+            "--model",
+            f"{EX}:digits_cnn_model",
+            "--data",
+            f"{EX}:digits_test_small",
+            *CKPTS,
+            "--projection-dim",
+            "16",
+            "--seed",
+            "2",
+            "--out",
+            "again.zarr",
+            "--overwrite",
+            cwd=project,
+            env=cli_env(TRACKIN_OOC_QUIET=None),
+        )
+    )
     # The bar over the 100 examples (a capture this fast may end before tqdm draws more than its start).
     assert "capture:" in result.stderr and "/100 examples [" in result.stderr, "the capture progress bar"
     # The size announced first names the store asked for, not the staging folder it is captured in.
-    assert "capture: about 12.5 KiB of gradients to write into again.zarr (100 examples × 2 checkpoints × 16 " \
+    assert (
+        "capture: about 12.5 KiB of gradients to write into again.zarr (100 examples × 2 checkpoints × 16 "
         "features, float32)" in result.stderr
+    )
     again = to.open_store(project / "again.zarr")
     assert again.spec.seed == 2 and again.n_checkpoints == 2 and again.complete
     assert sorted(p.name for p in project.iterdir() if "again" in p.name) == ["again.zarr"], "no leftovers"
@@ -316,8 +456,17 @@ def test_overwrite(stores, project):
 
 # ---- progress, quiet, device ----------------------------------------------------------------------
 def test_progress_bar_when_asked(stores, project):
-    forced = ok(run_cli("--progress", "self-influence", "train.zarr", "--out", "p1.csv", cwd=project,
-                        env=cli_env(TRACKIN_OOC_QUIET=None)))
+    forced = ok(
+        run_cli(
+            "--progress",
+            "self-influence",
+            "train.zarr",
+            "--out",
+            "p1.csv",
+            cwd=project,
+            env=cli_env(TRACKIN_OOC_QUIET=None),
+        )
+    )
     assert "self-influence:" in forced.stderr and "/2 tasks [" in forced.stderr and "%|" in forced.stderr
     assert forced.stdout.startswith("wrote self-influence of 300 examples")
 
@@ -326,8 +475,25 @@ def test_progress_bar_when_asked(stores, project):
 def test_local_cluster_workers(stores, project):
     """--workers N: a LocalCluster of worker processes on 127.0.0.1 computes the same scores."""
     train, test = stores
-    result = ok(run_cli("--workers", "1", "--memory-limit", "2GiB", "top-k", "--train", "train.zarr",
-                        "--test", "test.zarr", "-k", K, "--raw", "--out", "cluster.zarr", cwd=project))
+    result = ok(
+        run_cli(
+            "--workers",
+            "1",
+            "--memory-limit",
+            "2GiB",
+            "top-k",
+            "--train",
+            "train.zarr",
+            "--test",
+            "test.zarr",
+            "-k",
+            K,
+            "--raw",
+            "--out",
+            "cluster.zarr",
+            cwd=project,
+        )
+    )
     assert "dask: 1 worker (a local cluster on 127.0.0.1)" in result.stderr
     got = xr.open_zarr(project / "cluster.zarr").load()
     expected = to.top_k(test, train, k=K)
@@ -341,14 +507,41 @@ def test_scheduler_address_and_file(stores, project):
 
     train, _ = stores
     expected = to.self_influence(train).values
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp://", host="127.0.0.1",
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=False,
+            protocol="tcp://",
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         client.write_scheduler_file(str(project / "scheduler.json"))
         before = sum(client.run(lambda dask_worker: dask_worker.state.executed_count).values())
-        a = ok(run_cli("--scheduler-address", cluster.scheduler_address, "self-influence", "train.zarr",
-                       "--out", "sched_a.csv", cwd=project))
-        b = ok(run_cli("--scheduler-file", "scheduler.json", "self-influence", "train.zarr",
-                       "--out", "sched_b.csv", cwd=project))
+        a = ok(
+            run_cli(
+                "--scheduler-address",
+                cluster.scheduler_address,
+                "self-influence",
+                "train.zarr",
+                "--out",
+                "sched_a.csv",
+                cwd=project,
+            )
+        )
+        b = ok(
+            run_cli(
+                "--scheduler-file",
+                "scheduler.json",
+                "self-influence",
+                "train.zarr",
+                "--out",
+                "sched_b.csv",
+                cwd=project,
+            )
+        )
         after = sum(client.run(lambda dask_worker: dask_worker.state.executed_count).values())
     assert after - before >= 2, "the tasks ran on the cluster's worker"
     assert f"scheduler at {cluster.scheduler_address}" in a.stderr and "scheduler from scheduler.json" in b.stderr

@@ -49,8 +49,9 @@ def project(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     try:
         model = digits_cnn(seed=0)
-        ckpts = train_with_checkpoints(model, digits_train_small(), root / "ckpt", epochs=4, lr=0.1,
-                                       checkpoint_every=2, seed=0)
+        ckpts = train_with_checkpoints(
+            model, digits_train_small(), root / "ckpt", epochs=4, lr=0.1, checkpoint_every=2, seed=0
+        )
         torch.save(torch.load(ckpts[0], weights_only=True)["model_state_dict"], root / "plain.pt")
         kw = dict(projection_dim=32, progress=False)
         train = to.capture(model, ckpts, digits_train_small(), root / "train.zarr", seed=0, **kw)
@@ -64,7 +65,8 @@ def project(tmp_path_factory) -> Path:
     to.influence(test, train, out=root / "inf.zarr", progress=False)
     to.self_influence(train).to_dataframe().to_csv(root / "existing.csv")
     (root / "existing.parquet").write_bytes(b"not really parquet, but it exists")
-    (root / "usercode.py").write_text(textwrap.dedent("""
+    (root / "usercode.py").write_text(
+        textwrap.dedent("""
         import time
         from torch.utils.data import Dataset
         from trackin_ooc.demo.examples import digits_cnn_model, digits_train_small
@@ -108,14 +110,18 @@ def project(tmp_path_factory) -> Path:
 
         def slow_data():
             return _Slow()
-    """))
+    """)
+    )
     return root
 
 
 def snapshot(root: Path) -> dict[str, str]:
     """Every file under root (names and contents), to check that nothing changed."""
-    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+    return {
+        str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 def check_failure(result, status: int, *fragments: str) -> str:
@@ -144,63 +150,164 @@ CASES = {
     "k = 0": ([*TOPK, "-k", "0", "--out", "new.csv"], USAGE, ["'-k'", "x>=1", "--help"]),
     "k < 0": ([*TOPK, "-k", "-3", "--out", "new.csv"], USAGE, ["'-k'", "x>=1"]),
     "k not a number": ([*TOPK, "-k", "ten", "--out", "new.csv"], USAGE, ["'ten' is not a valid integer"]),
-    "MOD:FN without a colon": (["capture", "--model", "mymodel", "--data", f"{EX}:digits_train_small", *CKPT,
-                               "--out", "new.zarr"], USAGE, ["'--model'", "MOD:FN"]),
-    "one --lr for two checkpoints": ([*CAPTURE, *CKPT, "--lr", "0.1", "--out", "new.zarr"], USAGE,
-                                     ["1 --lr for 2 --checkpoint"]),
-    "--projection without a dimension": ([*CAPTURE, *CKPT, "--projection", "rademacher", "--out", "new.zarr"],
-                                         USAGE, ["--projection needs --projection-dim"]),
-    "projection dim 0": ([*CAPTURE, *CKPT, "--projection-dim", "0", "--out", "new.zarr"], USAGE,
-                         ["'--projection-dim'"]),
-    "two schedulers": (["--workers", "2", "--scheduler-address", "tcp://127.0.0.1:8786", "info", "train.zarr"],
-                       USAGE, ["--scheduler-address and --workers exclude each other"]),
+    "MOD:FN without a colon": (
+        ["capture", "--model", "mymodel", "--data", f"{EX}:digits_train_small", *CKPT, "--out", "new.zarr"],
+        USAGE,
+        ["'--model'", "MOD:FN"],
+    ),
+    "one --lr for two checkpoints": (
+        [*CAPTURE, *CKPT, "--lr", "0.1", "--out", "new.zarr"],
+        USAGE,
+        ["1 --lr for 2 --checkpoint"],
+    ),
+    "--projection without a dimension": (
+        [*CAPTURE, *CKPT, "--projection", "rademacher", "--out", "new.zarr"],
+        USAGE,
+        ["--projection needs --projection-dim"],
+    ),
+    "projection dim 0": (
+        [*CAPTURE, *CKPT, "--projection-dim", "0", "--out", "new.zarr"],
+        USAGE,
+        ["'--projection-dim'"],
+    ),
+    "two schedulers": (
+        ["--workers", "2", "--scheduler-address", "tcp://127.0.0.1:8786", "info", "train.zarr"],
+        USAGE,
+        ["--scheduler-address and --workers exclude each other"],
+    ),
     "bad memory size": (["--memory-limit", "lots", "info", "train.zarr"], USAGE, ["'lots' is not a size"]),
     "unknown device": (["--device", "tpu", "info", "train.zarr"], USAGE, ["'--device'", "tpu"]),
     "quiet and progress": (["--quiet", "--progress", "info", "train.zarr"], USAGE, ["exclude each other"]),
-    "missing scheduler file": (["--scheduler-file", "nope.json", "info", "train.zarr"], USAGE,
-                               ["'--scheduler-file'", "does not exist"]),
+    "missing scheduler file": (
+        ["--scheduler-file", "nope.json", "info", "train.zarr"],
+        USAGE,
+        ["'--scheduler-file'", "does not exist"],
+    ),
     # failures: exit 1
-    "unknown module": (["capture", "--model", "no_such_module_xyz:model", "--data", f"{EX}:digits_train_small",
-                        *CKPT, "--out", "new.zarr"], FAILURE, ["cannot import module 'no_such_module_xyz'"]),
-    "unknown function": (["capture", "--model", f"{EX}:no_such_fn", "--data", f"{EX}:digits_train_small",
-                          *CKPT, "--out", "new.zarr"], FAILURE, ["has no attribute 'no_such_fn'",
-                                                                 "digits_cnn_model"]),
-    "missing code file": (["capture", "--model", "models/missing.py:model", "--data", f"{EX}:digits_train_small",
-                           *CKPT, "--out", "new.zarr"], FAILURE, ["models/missing.py does not exist"]),
-    "dataset where a model is expected": (["capture", "--model", f"{EX}:digits_train_small", "--data",
-                                           f"{EX}:digits_train_small", *CKPT, "--out", "new.zarr"], FAILURE,
-                                          ["not a torch.nn.Module"]),
-    "data callable raises": (["capture", "--model", "usercode.py:model", "--data", "usercode.py:raises", *CKPT,
-                              "--out", "new.zarr"], FAILURE, ["RuntimeError: boom"]),
-    "missing checkpoint": ([*CAPTURE, "--checkpoint", "ckpt/epoch_999.pt", "--out", "new.zarr"], FAILURE,
-                           ["checkpoint file not found", "epoch_999.pt", "check the path"]),
-    "checkpoint of another model": (["capture", "--model", f"{EX}:digits_mlp_model", "--data",
-                                     f"{EX}:digits_train_small", *CKPT, "--out", "new.zarr"], FAILURE,
-                                    ["does not fit the model"]),
-    "checkpoint without learning rate": ([*CAPTURE, "--checkpoint", "plain.pt", "--out", "new.zarr"], FAILURE,
-                                         ["no learning rate", "--lr"]),
+    "unknown module": (
+        [
+            "capture",
+            "--model",
+            "no_such_module_xyz:model",
+            "--data",
+            f"{EX}:digits_train_small",
+            *CKPT,
+            "--out",
+            "new.zarr",
+        ],
+        FAILURE,
+        ["cannot import module 'no_such_module_xyz'"],
+    ),
+    "unknown function": (
+        ["capture", "--model", f"{EX}:no_such_fn", "--data", f"{EX}:digits_train_small", *CKPT, "--out", "new.zarr"],
+        FAILURE,
+        ["has no attribute 'no_such_fn'", "digits_cnn_model"],
+    ),
+    "missing code file": (
+        [
+            "capture",
+            "--model",
+            "models/missing.py:model",
+            "--data",
+            f"{EX}:digits_train_small",
+            *CKPT,
+            "--out",
+            "new.zarr",
+        ],
+        FAILURE,
+        ["models/missing.py does not exist"],
+    ),
+    "dataset where a model is expected": (
+        [
+            "capture",
+            "--model",
+            f"{EX}:digits_train_small",
+            "--data",
+            f"{EX}:digits_train_small",
+            *CKPT,
+            "--out",
+            "new.zarr",
+        ],
+        FAILURE,
+        ["not a torch.nn.Module"],
+    ),
+    "data callable raises": (
+        ["capture", "--model", "usercode.py:model", "--data", "usercode.py:raises", *CKPT, "--out", "new.zarr"],
+        FAILURE,
+        ["RuntimeError: boom"],
+    ),
+    "missing checkpoint": (
+        [*CAPTURE, "--checkpoint", "ckpt/epoch_999.pt", "--out", "new.zarr"],
+        FAILURE,
+        ["checkpoint file not found", "epoch_999.pt", "check the path"],
+    ),
+    "checkpoint of another model": (
+        [
+            "capture",
+            "--model",
+            f"{EX}:digits_mlp_model",
+            "--data",
+            f"{EX}:digits_train_small",
+            *CKPT,
+            "--out",
+            "new.zarr",
+        ],
+        FAILURE,
+        ["does not fit the model"],
+    ),
+    "checkpoint without learning rate": (
+        [*CAPTURE, "--checkpoint", "plain.pt", "--out", "new.zarr"],
+        FAILURE,
+        ["no learning rate", "--lr"],
+    ),
     "existing store": ([*CAPTURE, *CKPT, "--out", "train.zarr"], FAILURE, ["already exists", "--overwrite"]),
-    "existing table": (["self-influence", "train.zarr", "--out", "existing.csv"], FAILURE,
-                       ["already exists", "--overwrite"]),
-    "existing influence output": (["influence", "--train", "train.zarr", "--test", "test.zarr", "--out",
-                                   "inf.zarr"], FAILURE, ["already exists"]),
-    "unknown output format": (["self-influence", "train.zarr", "--out", "scores.txt"], FAILURE,
-                              ["cannot tell the output format", ".csv, .parquet or .zarr"]),
-    "influence to a csv": (["influence", "--train", "train.zarr", "--test", "test.zarr", "--out", "m.csv"],
-                           FAILURE, ["end the name in .zarr"]),
-    "k larger than the train set": ([*TOPK, "-k", "301", "--out", "new.csv"], FAILURE,
-                                    ["-k 301 is larger than the train store's 300 examples", "use -k 300 or less"]),
-    "csv where a store is expected": (["self-influence", "existing.csv", "--out", "new.csv"], FAILURE,
-                                      ["no gradient store at", "existing.csv"]),
+    "existing table": (
+        ["self-influence", "train.zarr", "--out", "existing.csv"],
+        FAILURE,
+        ["already exists", "--overwrite"],
+    ),
+    "existing influence output": (
+        ["influence", "--train", "train.zarr", "--test", "test.zarr", "--out", "inf.zarr"],
+        FAILURE,
+        ["already exists"],
+    ),
+    "unknown output format": (
+        ["self-influence", "train.zarr", "--out", "scores.txt"],
+        FAILURE,
+        ["cannot tell the output format", ".csv, .parquet or .zarr"],
+    ),
+    "influence to a csv": (
+        ["influence", "--train", "train.zarr", "--test", "test.zarr", "--out", "m.csv"],
+        FAILURE,
+        ["end the name in .zarr"],
+    ),
+    "k larger than the train set": (
+        [*TOPK, "-k", "301", "--out", "new.csv"],
+        FAILURE,
+        ["-k 301 is larger than the train store's 300 examples", "use -k 300 or less"],
+    ),
+    "csv where a store is expected": (
+        ["self-influence", "existing.csv", "--out", "new.csv"],
+        FAILURE,
+        ["no gradient store at", "existing.csv"],
+    ),
     "store that does not exist": (["info", "nope.zarr"], FAILURE, ["nope.zarr", "does not exist"]),
-    "influence output as a store": (["self-influence", "inf.zarr", "--out", "new.csv"], FAILURE,
-                                    ["is an influence matrix", "not a gradient store"]),
-    "mismatched stores (seeds), top-k": (["top-k", "--train", "train.zarr", "--test", "test_seed1.zarr",
-                                          "--out", "new.csv"], FAILURE, ["cannot be combined", "seed 1 vs 0"]),
-    "incomplete store": (["self-influence", "partial.zarr", "--out", "new.csv"], FAILURE,
-                         ["incomplete", "rerun"]),
-    "unreachable scheduler": (["--scheduler-address", "tcp://127.0.0.1:9", "self-influence", "train.zarr",
-                               "--out", "new.csv"], FAILURE, ["cannot use the scheduler at tcp://127.0.0.1:9"]),
+    "influence output as a store": (
+        ["self-influence", "inf.zarr", "--out", "new.csv"],
+        FAILURE,
+        ["is an influence matrix", "not a gradient store"],
+    ),
+    "mismatched stores (seeds), top-k": (
+        ["top-k", "--train", "train.zarr", "--test", "test_seed1.zarr", "--out", "new.csv"],
+        FAILURE,
+        ["cannot be combined", "seed 1 vs 0"],
+    ),
+    "incomplete store": (["self-influence", "partial.zarr", "--out", "new.csv"], FAILURE, ["incomplete", "rerun"]),
+    "unreachable scheduler": (
+        ["--scheduler-address", "tcp://127.0.0.1:9", "self-influence", "train.zarr", "--out", "new.csv"],
+        FAILURE,
+        ["cannot use the scheduler at tcp://127.0.0.1:9"],
+    ),
 }
 
 
@@ -226,10 +333,27 @@ def test_failed_capture_leaves_an_incomplete_store(project, tmp_path):
     table) and says how to start again."""
     (tmp_path / "ckpt").symlink_to(project / "ckpt")
     (tmp_path / "usercode.py").write_text((project / "usercode.py").read_text())
-    args = ["capture", "--model", "usercode.py:model", "--data", "usercode.py:bad_data", *CKPT, "--batch-size",
-            "64", "--projection-dim", "16", "--out", "half.zarr"]
-    check_failure(run_cli(*args, cwd=tmp_path), FAILURE, "capture failed: OSError: image 200 is unreadable",
-                  "partial store half.zarr is incomplete", "--overwrite")
+    args = [
+        "capture",
+        "--model",
+        "usercode.py:model",
+        "--data",
+        "usercode.py:bad_data",
+        *CKPT,
+        "--batch-size",
+        "64",
+        "--projection-dim",
+        "16",
+        "--out",
+        "half.zarr",
+    ]
+    check_failure(
+        run_cli(*args, cwd=tmp_path),
+        FAILURE,
+        "capture failed: OSError: image 200 is unreadable",
+        "partial store half.zarr is incomplete",
+        "--overwrite",
+    )
     half = to.open_store(tmp_path / "half.zarr")
     assert half.complete is False and half.n_examples == 300
     info = ok(run_cli("info", "half.zarr", cwd=tmp_path)).stdout
@@ -250,10 +374,23 @@ def test_interrupted_capture(project, tmp_path):
     """Ctrl-C in the middle of a capture: exit 1, one line, and a store that does not look complete."""
     (tmp_path / "ckpt").symlink_to(project / "ckpt")
     (tmp_path / "usercode.py").write_text((project / "usercode.py").read_text())
-    args = ["capture", "--model", "usercode.py:model", "--data", "usercode.py:slow_data", *CKPT, "--batch-size",
-            "64", "--projection-dim", "16", "--out", "cut.zarr"]
-    proc = subprocess.Popen([str(EXE), *args], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    args = [
+        "capture",
+        "--model",
+        "usercode.py:model",
+        "--data",
+        "usercode.py:slow_data",
+        *CKPT,
+        "--batch-size",
+        "64",
+        "--projection-dim",
+        "16",
+        "--out",
+        "cut.zarr",
+    ]
+    proc = subprocess.Popen(
+        [str(EXE), *args], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 60
     while not _is_store(tmp_path / "cut.zarr"):  # the store is laid out: we are mid-capture
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
@@ -269,11 +406,27 @@ def test_failed_overwrite_keeps_the_old_store(project):
     """--overwrite replaces a store only once the new one is complete: a failure leaves the old one."""
     before = snapshot(project)
     old = to.self_influence(project / "train.zarr").values
-    for data, fragment in (("usercode.py:bad_data", "image 200 is unreadable"),
-                           (f"{EX}:digits_train_small", "checkpoint file not found")):
+    for data, fragment in (
+        ("usercode.py:bad_data", "image 200 is unreadable"),
+        (f"{EX}:digits_train_small", "checkpoint file not found"),
+    ):
         ckpts = CKPT if "bad_data" in data else ["--checkpoint", "ckpt/missing.pt"]
-        result = run_cli("capture", "--model", "usercode.py:model", "--data", data, *ckpts, "--batch-size", "64",
-                         "--projection-dim", "16", "--out", "train.zarr", "--overwrite", cwd=project)
+        result = run_cli(
+            "capture",
+            "--model",
+            "usercode.py:model",
+            "--data",
+            data,
+            *ckpts,
+            "--batch-size",
+            "64",
+            "--projection-dim",
+            "16",
+            "--out",
+            "train.zarr",
+            "--overwrite",
+            cwd=project,
+        )
         check_failure(result, FAILURE, fragment, "the existing store train.zarr was left as it was")
         assert snapshot(project) == before
     np.testing.assert_array_equal(to.self_influence(project / "train.zarr").values, old)

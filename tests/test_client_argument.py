@@ -13,11 +13,12 @@ def test_explicit_client_runs_the_work(tmp_path):
     rng = np.random.default_rng(3)
     lrs = [0.2, 0.05]
     test = to.from_arrays(tmp_path / "te.zarr", rng.standard_normal((2, 7, 6)).astype(np.float32), lrs)
-    train = to.from_arrays(tmp_path / "tr.zarr", rng.standard_normal((2, 50, 6)).astype(np.float32), lrs,
-                           chunk_rows=8)
+    train = to.from_arrays(tmp_path / "tr.zarr", rng.standard_normal((2, 50, 6)).astype(np.float32), lrs, chunk_rows=8)
     # In-process workers talk over inproc://, so nothing listens on a network port.
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
-            Client(cluster, set_as_default=False) as client:
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
         top = to.top_k(test, train, k=3, client=client, memory_limit=worker_limit(train))
         si = to.self_influence(train, client=client)
         out = to.influence(test, train, out=tmp_path / "inf.zarr", client=client)

@@ -64,8 +64,9 @@ def data():
     split = load_digits_split(n_train=N_TRAIN + 200, seed=3)
     x, y = split.train.tensors
     xt, yt = split.test.tensors
-    return torch.utils.data.TensorDataset(x[:N_TRAIN], y[:N_TRAIN]), torch.utils.data.TensorDataset(xt[:N_TEST],
-                                                                                                   yt[:N_TEST])
+    return torch.utils.data.TensorDataset(x[:N_TRAIN], y[:N_TRAIN]), torch.utils.data.TensorDataset(
+        xt[:N_TEST], yt[:N_TEST]
+    )
 
 
 def trained(name, tmp_path, data, seed=0):
@@ -100,23 +101,24 @@ def per_example(model: nn.Module, dataset):
     out = {n: {"G": [], "a": [], "d": []} for n in layers}
     for x, y in zip(*dataset.tensors):
         seen = {}
-        hooks = [m.register_forward_hook(lambda mod, args, o, n=n, seen=seen: seen.__setitem__(n, (args[0], o)))
-                 for n, m in layers.items()]
+        hooks = [
+            m.register_forward_hook(lambda mod, args, o, n=n, seen=seen: seen.__setitem__(n, (args[0], o)))
+            for n, m in layers.items()
+        ]
         logits = model(x[None])
         for h in hooks:
             h.remove()
         outputs = [seen[n][1] for n in layers]
         params = [p for m in layers.values() for p in m.parameters(recurse=False)]
         grads = torch.autograd.grad(nn.functional.cross_entropy(logits, y[None]), params + outputs)
-        by_param = dict(zip(params, grads[:len(params)]))
-        for (n, m), o_grad in zip(layers.items(), grads[len(params):]):
+        by_param = dict(zip(params, grads[: len(params)]))
+        for (n, m), o_grad in zip(layers.items(), grads[len(params) :]):
             g = by_param[m.weight].reshape(m.weight.shape[0], -1).double()
             a = patches(m, seen[n][0].detach().double())[0]
             if m.bias is not None:
                 g = torch.cat([g, by_param[m.bias].double()[:, None]], dim=1)
                 a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
-            d = o_grad.double()[0].reshape(o_grad.shape[1], -1).T if not isinstance(m, nn.Linear) else \
-                o_grad.double()
+            d = o_grad.double()[0].reshape(o_grad.shape[1], -1).T if not isinstance(m, nn.Linear) else o_grad.double()
             out[n]["G"].append(g)
             out[n]["a"].append(a)
             out[n]["d"].append(d)
@@ -147,8 +149,18 @@ def reference(model, paths, train, test, damping=0.1):
 
 
 def capture(model, paths, data, curvature, **kw):
-    return to.capture(model, paths, data, None, preconditioner="kfac", curvature=curvature, batch_size=8,
-                      device="cpu", progress=False, **kw)
+    return to.capture(
+        model,
+        paths,
+        data,
+        None,
+        preconditioner="kfac",
+        curvature=curvature,
+        batch_size=8,
+        device="cpu",
+        progress=False,
+        **kw,
+    )
 
 
 def assert_relative(ours, ref, rtol=1e-4):
@@ -189,7 +201,7 @@ def test_kfac_differs_from_the_sgd_form_and_projects_like_exact_features(data, t
         for name, shape in exact.spec.layers:
             size = int(np.prod(shape))
             matrix = projection_matrix("gaussian", 3, name, size, 48).double().numpy()
-            want = want + feats[:, start:start + size] @ matrix
+            want = want + feats[:, start : start + size] @ matrix
             start += size
         assert_relative(proj.read_grads(checkpoint=c), want)
 
@@ -268,7 +280,7 @@ def test_curvature_file_round_trip(data, tmp_path):
 
 
 # ---- the command line ----------------------------------------------------------------------------------
-USER_CODE = '''
+USER_CODE = """
 import torch
 from torch import nn
 from trackin_ooc.demo import load_digits_split
@@ -292,7 +304,7 @@ def train():
 def test():
     _, (x, y) = _split()
     return torch.utils.data.TensorDataset(x[:6], y[:6])
-'''
+"""
 
 
 def test_cli_fit_curvature_then_capture_kfac(data, tmp_path):
@@ -302,22 +314,65 @@ def test_cli_fit_curvature_then_capture_kfac(data, tmp_path):
     model, paths = trained("mlp", tmp_path, data)
     user = tmp_path / "user.py"
     cks = [a for p in paths for a in ("--checkpoint", p)]
-    ok(run_cli("fit-curvature", "--model", f"{user}:model", "--data", f"{user}:train", *cks, "--out", "c.pt",
-               cwd=tmp_path))
-    ok(run_cli("capture", "--model", f"{user}:model", "--data", f"{user}:train", *cks, "--preconditioner", "kfac",
-               "--curvature", "c.pt", "--out", "train.zarr", cwd=tmp_path))
-    ok(run_cli("capture", "--like", "train.zarr", "--model", f"{user}:model", "--data", f"{user}:test",
-               "--out", "test.zarr", cwd=tmp_path))
+    ok(
+        run_cli(
+            "fit-curvature", "--model", f"{user}:model", "--data", f"{user}:train", *cks, "--out", "c.pt", cwd=tmp_path
+        )
+    )
+    ok(
+        run_cli(
+            "capture",
+            "--model",
+            f"{user}:model",
+            "--data",
+            f"{user}:train",
+            *cks,
+            "--preconditioner",
+            "kfac",
+            "--curvature",
+            "c.pt",
+            "--out",
+            "train.zarr",
+            cwd=tmp_path,
+        )
+    )
+    ok(
+        run_cli(
+            "capture",
+            "--like",
+            "train.zarr",
+            "--model",
+            f"{user}:model",
+            "--data",
+            f"{user}:test",
+            "--out",
+            "test.zarr",
+            cwd=tmp_path,
+        )
+    )
     curvature = to.fit_curvature(model, paths, data[0])
     assert curvature.sha256 == to.load_curvature(tmp_path / "c.pt").sha256
     te, tr = capture(model, paths, data[1], curvature), capture(model, paths, data[0], curvature)
     want = to.influence(te, tr, progress=False).values
-    got = to.influence(to.open_store(tmp_path / "test.zarr"), to.open_store(tmp_path / "train.zarr"),
-                       progress=False).values
+    got = to.influence(
+        to.open_store(tmp_path / "test.zarr"), to.open_store(tmp_path / "train.zarr"), progress=False
+    ).values
     assert_relative(got, want, rtol=1e-5)
-    refused = run_cli("capture", "--model", f"{user}:model", "--data", f"{user}:train", *cks, "--preconditioner",
-                      "kfac", "--out", "other.zarr", cwd=tmp_path)
+    refused = run_cli(
+        "capture",
+        "--model",
+        f"{user}:model",
+        "--data",
+        f"{user}:train",
+        *cks,
+        "--preconditioner",
+        "kfac",
+        "--out",
+        "other.zarr",
+        cwd=tmp_path,
+    )
     assert refused.returncode == 1 and "fit-curvature" in refused.stderr and "Traceback" not in refused.stderr
-    again = run_cli("fit-curvature", "--model", f"{user}:model", "--data", f"{user}:train", *cks, "--out", "c.pt",
-                    cwd=tmp_path)
+    again = run_cli(
+        "fit-curvature", "--model", f"{user}:model", "--data", f"{user}:train", *cks, "--out", "c.pt", cwd=tmp_path
+    )
     assert again.returncode == 1 and "--overwrite" in again.stderr

@@ -68,8 +68,9 @@ def test_demo_output_folder_rules(tmp_path):
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
     # A previous demo's folder is reused (make demo twice), here with a tiny configuration.
-    small = dict(n_train=150, epochs=2, checkpoint_every=2, projection_dim=16, k=2, n_show=2, progress=False,
-                 memorised_epochs=2)
+    small = dict(
+        n_train=150, epochs=2, checkpoint_every=2, projection_dim=16, k=2, n_show=2, progress=False, memorised_epochs=2
+    )
     first = run_demo(tmp_path / "d", **small)
     stamp = (tmp_path / "d" / "top_k.csv").stat().st_mtime_ns
     second = run_demo(tmp_path / "d", **small)

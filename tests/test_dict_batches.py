@@ -72,23 +72,43 @@ def wrapped_checkpoints(mlp, tmp_path_factory) -> list:
 
 @pytest.fixture(scope="module")
 def plain_store(mlp, digits_test, tmp_path_factory):
-    return to.capture(mlp.model, mlp.checkpoints, digits_test, tmp_path_factory.mktemp("plain") / "s.zarr",
-                      device="cpu", batch_size=16)
+    return to.capture(
+        mlp.model,
+        mlp.checkpoints,
+        digits_test,
+        tmp_path_factory.mktemp("plain") / "s.zarr",
+        device="cpu",
+        batch_size=16,
+    )
 
 
 @pytest.mark.parametrize("form", ["tuple", "mapping", "object"])
-def test_dict_batches_and_every_output_form_give_the_plain_models_gradients(form, mlp, wrapped_checkpoints,
-                                                                           digits_test, plain_store, tmp_path):
-    store = to.capture(Wrapped(mlp.fresh(), form), wrapped_checkpoints, AsDicts(digits_test), tmp_path / "d.zarr",
-                       device="cpu", batch_size=16)
+def test_dict_batches_and_every_output_form_give_the_plain_models_gradients(
+    form, mlp, wrapped_checkpoints, digits_test, plain_store, tmp_path
+):
+    store = to.capture(
+        Wrapped(mlp.fresh(), form),
+        wrapped_checkpoints,
+        AsDicts(digits_test),
+        tmp_path / "d.zarr",
+        device="cpu",
+        batch_size=16,
+    )
     np.testing.assert_allclose(store.read_grads(), plain_store.read_grads(), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(store.read_losses(), plain_store.read_losses(), rtol=1e-6)
     np.testing.assert_array_equal(store.labels(), digits_test.tensors[1].numpy())
 
 
 def test_target_key_names_where_the_targets_are(mlp, wrapped_checkpoints, digits_test, plain_store, tmp_path):
-    store = to.capture(Wrapped(mlp.fresh()), wrapped_checkpoints, AsDicts(digits_test, key="digit"),
-                       tmp_path / "k.zarr", device="cpu", batch_size=16, target_key="digit")
+    store = to.capture(
+        Wrapped(mlp.fresh()),
+        wrapped_checkpoints,
+        AsDicts(digits_test, key="digit"),
+        tmp_path / "k.zarr",
+        device="cpu",
+        batch_size=16,
+        target_key="digit",
+    )
     np.testing.assert_allclose(store.read_grads(), plain_store.read_grads(), rtol=1e-5, atol=1e-7)
 
 
@@ -99,14 +119,22 @@ def test_a_custom_loss_gets_the_model_output_as_it_is(mlp, wrapped_checkpoints, 
         seen.append(type(outputs))
         return F.cross_entropy(outputs["logits"], targets, reduction="none")
 
-    store = to.capture(Wrapped(mlp.fresh(), "mapping"), wrapped_checkpoints, AsDicts(digits_test),
-                       tmp_path / "c.zarr", device="cpu", batch_size=16, loss_fn=loss_fn)
+    store = to.capture(
+        Wrapped(mlp.fresh(), "mapping"),
+        wrapped_checkpoints,
+        AsDicts(digits_test),
+        tmp_path / "c.zarr",
+        device="cpu",
+        batch_size=16,
+        loss_fn=loss_fn,
+    )
     assert seen and all(issubclass(t, Mapping) for t in seen)
     np.testing.assert_allclose(store.read_grads(), plain_store.read_grads(), rtol=1e-5, atol=1e-7)
 
 
-def test_a_dict_batch_without_its_targets_is_refused_in_one_line_naming_the_key(mlp, wrapped_checkpoints,
-                                                                               digits_test, tmp_path):
+def test_a_dict_batch_without_its_targets_is_refused_in_one_line_naming_the_key(
+    mlp, wrapped_checkpoints, digits_test, tmp_path
+):
     path = tmp_path / "missing.zarr"
     with pytest.raises(to.CaptureError) as err:
         to.capture(Wrapped(mlp.fresh()), wrapped_checkpoints, AsDicts(digits_test, key="digit"), path, device="cpu")
@@ -116,8 +144,9 @@ def test_a_dict_batch_without_its_targets_is_refused_in_one_line_naming_the_key(
     assert not path.exists()  # refused before any store was laid out
 
 
-def test_logits_that_fit_no_default_loss_are_refused_in_one_line_asking_for_loss_fn(mlp, wrapped_checkpoints,
-                                                                                  digits_test, tmp_path):
+def test_logits_that_fit_no_default_loss_are_refused_in_one_line_asking_for_loss_fn(
+    mlp, wrapped_checkpoints, digits_test, tmp_path
+):
     class PairTargets(Dataset):  # (B, 10) logits against integer targets of shape (B, 2)
         def __len__(self):
             return 12
@@ -146,8 +175,10 @@ def test_default_loss_rules():
         keep = ids[i, 1:] != -100
         want = F.cross_entropy(logits[i, :-1][keep], ids[i, 1:][keep], reduction="sum")
         torch.testing.assert_close(got[i], want)
-    torch.testing.assert_close(default_loss((logits[:, 0],), ids[:, 0].clamp_min(0)),
-                               F.cross_entropy(logits[:, 0], ids[:, 0].clamp_min(0), reduction="none"))
+    torch.testing.assert_close(
+        default_loss((logits[:, 0],), ids[:, 0].clamp_min(0)),
+        F.cross_entropy(logits[:, 0], ids[:, 0].clamp_min(0), reduction="none"),
+    )
     with pytest.raises(to.CaptureError, match=r"logits of shape \(3, 5, 7\).*targets of shape \(3,\).*loss_fn"):
         default_loss(logits, ids[:, 0])
     with pytest.raises(to.CaptureError, match="float32 targets"):
@@ -160,8 +191,14 @@ def test_language_model_targets_are_not_stored_as_labels(tmp_path):
     data = Subset(arch.digit_token_dicts(load_digits_split(n_train=100).train, task="lm"), range(10))
     model = arch.tiny_gpt2()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    store = to.capture(model, [state], DataLoader(data, batch_size=4, collate_fn=arch.pad_collate),
-                       tmp_path / "lm.zarr", learning_rates=[0.1], device="cpu")
+    store = to.capture(
+        model,
+        [state],
+        DataLoader(data, batch_size=4, collate_fn=arch.pad_collate),
+        tmp_path / "lm.zarr",
+        learning_rates=[0.1],
+        device="cpu",
+    )
     assert not store.has_labels and store.n_examples == 10
     assert np.all(np.isfinite(store.read_losses())) and np.all(store.read_losses() > 0)
 
@@ -169,7 +206,8 @@ def test_language_model_targets_are_not_stored_as_labels(tmp_path):
 # ---- CLI: --target-key -----------------------------------------------------------------------------
 def test_cli_target_key_names_where_the_targets_are(mlp, wrapped_checkpoints, plain_store, tmp_path):
     code = tmp_path / "user.py"
-    code.write_text(textwrap.dedent(f"""
+    code.write_text(
+        textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
         from tests.test_dict_batches import AsDicts, Wrapped
@@ -184,9 +222,18 @@ def test_cli_target_key_names_where_the_targets_are(mlp, wrapped_checkpoints, pl
             from tests.conftest import N_TEST, N_TRAIN
             x, y = load_digits_split(n_train=N_TRAIN, seed=0).test.tensors
             return AsDicts(TensorDataset(x[:N_TEST], y[:N_TEST]), key="digit")
-    """))
-    args = ["capture", "--model", f"{code}:model", "--data", f"{code}:data",
-            *[a for p in wrapped_checkpoints for a in ("--checkpoint", p)], "--batch-size", "64"]
+    """)
+    )
+    args = [
+        "capture",
+        "--model",
+        f"{code}:model",
+        "--data",
+        f"{code}:data",
+        *[a for p in wrapped_checkpoints for a in ("--checkpoint", p)],
+        "--batch-size",
+        "64",
+    ]
     done = run_cli(*args, "--target-key", "digit", "--out", tmp_path / "yes.zarr", cwd=tmp_path, env=cli_env())
     assert done.returncode == 0, done.stderr
     store = to.open_store(tmp_path / "yes.zarr")

@@ -33,8 +33,9 @@ UNSHARE = ["unshare", "--user", "--map-root-user", "--mount"]
 def _namespaces_work() -> str | None:
     if shutil.which("unshare") is None:
         return "the unshare command (util-linux) is not installed"
-    probe = subprocess.run([*UNSHARE, "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [*UNSHARE, "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d"], capture_output=True, text=True
+    )
     if probe.returncode != 0:
         return f"cannot mount a tmpfs in a user namespace here: {probe.stderr.strip()}"
     return None
@@ -50,16 +51,26 @@ def disk_run(tmp_path_factory) -> Path:
     from trackin_ooc.demo.examples import digits_mlp_model, digits_train_small
 
     root = tmp_path_factory.mktemp("disk")
-    ckpts = train_with_checkpoints(digits_mlp_model(), digits_train_small(), root / "ckpt", epochs=2,
-                                   checkpoint_every=1, seed=0)
+    ckpts = train_with_checkpoints(
+        digits_mlp_model(), digits_train_small(), root / "ckpt", epochs=2, checkpoint_every=1, seed=0
+    )
     rng = np.random.default_rng(0)
-    to.from_arrays(root / "test.zarr", rng.standard_normal((2, 400, 32), dtype=np.float32), [0.1, 0.1],
-                   chunk_rows=100)
-    to.from_arrays(root / "train.zarr", rng.standard_normal((2, 4000, 32), dtype=np.float32), [0.1, 0.1],
-                   chunk_rows=500)
-    capture = ["capture", "--model", "trackin_ooc.demo.examples:digits_mlp_model", "--data",
-               "trackin_ooc.demo.examples:digits_train_small", "--projection-dim", "1024", "--chunk-rows", "50",
-               *[a for c in ckpts for a in ("--checkpoint", str(c))]]
+    to.from_arrays(root / "test.zarr", rng.standard_normal((2, 400, 32), dtype=np.float32), [0.1, 0.1], chunk_rows=100)
+    to.from_arrays(
+        root / "train.zarr", rng.standard_normal((2, 4000, 32), dtype=np.float32), [0.1, 0.1], chunk_rows=500
+    )
+    capture = [
+        "capture",
+        "--model",
+        "trackin_ooc.demo.examples:digits_mlp_model",
+        "--data",
+        "trackin_ooc.demo.examples:digits_train_small",
+        "--projection-dim",
+        "1024",
+        "--chunk-rows",
+        "50",
+        *[a for c in ckpts for a in ("--checkpoint", str(c))],
+    ]
     script = f"""
 set -u
 T={TRACKIN}
@@ -68,15 +79,15 @@ mkdir -p $R/small $R/ro $R/log
 mount -t tmpfs -o size=1m tmpfs $R/small
 mount -t tmpfs -o size=1m,ro tmpfs $R/ro
 step() {{ name=$1; shift; "$@" >$R/log/$name.out 2>$R/log/$name.err; echo $? >$R/log/$name.rc; }}
-step reference $T {' '.join(capture)} --out $R/reference.zarr
-step ro_capture $T {' '.join(capture)} --out $R/ro/s.zarr
+step reference $T {" ".join(capture)} --out $R/reference.zarr
+step ro_capture $T {" ".join(capture)} --out $R/ro/s.zarr
 step ro_self_influence $T self-influence $R/train.zarr --out $R/ro/si.csv
 step ro_influence $T influence --test $R/test.zarr --train $R/train.zarr --out $R/ro/inf.zarr
 ls -A $R/ro >$R/log/ro_listing
-step full_capture $T {' '.join(capture)} --out $R/small/s.zarr
+step full_capture $T {" ".join(capture)} --out $R/small/s.zarr
 $T info --json $R/small/s.zarr >$R/log/full_capture_info.json
 mount -o remount,size=64m $R/small
-step resumed_capture $T {' '.join(capture)} --out $R/small/s.zarr
+step resumed_capture $T {" ".join(capture)} --out $R/small/s.zarr
 cp -r $R/small/s.zarr $R/resumed.zarr
 rm -rf $R/small/s.zarr $R/small/.s.zarr.lock
 mount -o remount,size=2m $R/small
@@ -86,16 +97,14 @@ mount -o remount,size=64m $R/small
 step resumed_influence $T influence --test $R/test.zarr --train $R/train.zarr --out $R/small/inf.zarr
 cp -r $R/small/inf.zarr $R/resumed_inf.zarr
 """
-    proc = subprocess.run([*UNSHARE, "bash", "-c", script], env=cli_env(), capture_output=True, text=True,
-                          timeout=500)
+    proc = subprocess.run([*UNSHARE, "bash", "-c", script], env=cli_env(), capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stderr
     return root
 
 
 def result(root: Path, step: str) -> tuple[int, str, str]:
     log = root / "log"
-    return (int((log / f"{step}.rc").read_text()), (log / f"{step}.out").read_text(),
-            (log / f"{step}.err").read_text())
+    return (int((log / f"{step}.rc").read_text()), (log / f"{step}.out").read_text(), (log / f"{step}.err").read_text())
 
 
 def one_error_line(err: str) -> str:

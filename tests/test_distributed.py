@@ -35,10 +35,12 @@ def client():
 def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     rng = np.random.default_rng(31)
-    te = to.from_arrays(root / "test.zarr", rng.standard_normal((3, 21, 8)).astype(np.float32), LRS,
-                        chunk_rows=5, dtype="float16")
-    tr = to.from_arrays(root / "train.zarr", rng.standard_normal((3, 130, 8)).astype(np.float32), LRS,
-                        chunk_rows=16, dtype="float16")
+    te = to.from_arrays(
+        root / "test.zarr", rng.standard_normal((3, 21, 8)).astype(np.float32), LRS, chunk_rows=5, dtype="float16"
+    )
+    tr = to.from_arrays(
+        root / "train.zarr", rng.standard_normal((3, 130, 8)).astype(np.float32), LRS, chunk_rows=16, dtype="float16"
+    )
     return te, tr
 
 
@@ -124,10 +126,12 @@ def _exit_after(n_tasks: int, marker: str, prefix: str) -> WorkerPlugin:
 def test_top_k_survives_a_worker_dying(client, tmp_path):
     rng = np.random.default_rng(8)
     n_test, n_train, c, f, k = 6, 6000, 2, 16, 7
-    te = to.from_arrays(tmp_path / "test.zarr", rng.standard_normal((c, n_test, f)).astype(np.float32),
-                        LRS[:2], chunk_rows=3)
-    tr = to.from_arrays(tmp_path / "train.zarr", rng.standard_normal((c, n_train, f)).astype(np.float32),
-                        LRS[:2], chunk_rows=16)
+    te = to.from_arrays(
+        tmp_path / "test.zarr", rng.standard_normal((c, n_test, f)).astype(np.float32), LRS[:2], chunk_rows=3
+    )
+    tr = to.from_arrays(
+        tmp_path / "train.zarr", rng.standard_normal((c, n_train, f)).astype(np.float32), LRS[:2], chunk_rows=16
+    )
     limit = worker_bytes(3, 16, c * f, 4, 1, k)
     plan = to.plan_for(te, tr, memory_limit=limit, k=k)
     n_parts = len(plan.test_blocks(n_test)) * len(plan.train_blocks(n_train))

@@ -38,13 +38,22 @@ def _named(section: str) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("name", [n for n in PUBLIC
-                                  if callable(getattr(to, n)) and not (inspect.isclass(getattr(to, n))
-                                                                       and issubclass(getattr(to, n), BaseException))])
+@pytest.mark.parametrize(
+    "name",
+    [
+        n
+        for n in PUBLIC
+        if callable(getattr(to, n))
+        and not (inspect.isclass(getattr(to, n)) and issubclass(getattr(to, n), BaseException))
+    ],
+)
 def test_public_names_document_their_parameters(name):
     doc, fn = _documented(getattr(to, name))
-    params = [p for p in inspect.signature(fn).parameters.values()
-              if p.name != "self" and not p.name.startswith("_") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    params = [
+        p
+        for p in inspect.signature(fn).parameters.values()
+        if p.name != "self" and not p.name.startswith("_") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
     if not params:
         return
     section = _section(doc, "Parameters")
@@ -53,8 +62,7 @@ def test_public_names_document_their_parameters(name):
     assert not missing, f"{name}: the Parameters section does not name {missing}"
 
 
-@pytest.mark.parametrize("name", [n for n in PUBLIC
-                                  if inspect.isfunction(getattr(to, n))])
+@pytest.mark.parametrize("name", [n for n in PUBLIC if inspect.isfunction(getattr(to, n))])
 def test_public_functions_say_what_they_return(name):
     fn = getattr(to, name)
     annotation = inspect.signature(fn).return_annotation

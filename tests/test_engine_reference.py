@@ -62,8 +62,9 @@ def build(workdir, p: dict, *, test_ids=None) -> tuple[to.GradientStore, to.Grad
     rng = np.random.default_rng(p["seed"])
     te_g = rng.standard_normal((p["n_ckpt"], p["n_test"], p["feat"])).astype(np.float32)
     tr_g = rng.standard_normal((p["n_ckpt"], p["n_train"], p["feat"])).astype(np.float32)
-    te = to.from_arrays(fresh(workdir, "test"), te_g, p["lrs"], chunk_rows=p["test_chunk"], dtype=p["dtype"],
-                        example_ids=test_ids)
+    te = to.from_arrays(
+        fresh(workdir, "test"), te_g, p["lrs"], chunk_rows=p["test_chunk"], dtype=p["dtype"], example_ids=test_ids
+    )
     tr = to.from_arrays(fresh(workdir, "train"), tr_g, p["lrs"], chunk_rows=p["train_chunk"], dtype=p["dtype"])
     return te, tr
 
@@ -93,8 +94,18 @@ def test_influence_matches_reference(workdir, p, small, rows):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("normalize", [False, True])
 def test_influence_many_blocks_each_dtype(workdir, dtype, normalize):
-    p = dict(seed=7, n_ckpt=3, feat=10, n_test=23, n_train=41, test_chunk=5, train_chunk=6, dtype=dtype,
-             lrs=[0.5, 0.125, 1.5], normalize=normalize)
+    p = dict(
+        seed=7,
+        n_ckpt=3,
+        feat=10,
+        n_test=23,
+        n_train=41,
+        test_chunk=5,
+        train_chunk=6,
+        dtype=dtype,
+        lrs=[0.5, 0.125, 1.5],
+        normalize=normalize,
+    )
     te, tr = build(workdir, p)
     limit = budget(te, tr, 3, 6)
     plan = to.plan_for(te, tr, memory_limit=limit)
@@ -104,8 +115,18 @@ def test_influence_many_blocks_each_dtype(workdir, dtype, normalize):
 
 
 def test_influence_single_checkpoint(workdir):
-    p = dict(seed=3, n_ckpt=1, feat=16, n_test=9, n_train=30, test_chunk=4, train_chunk=7, dtype="float32",
-             lrs=[0.3], normalize=False)
+    p = dict(
+        seed=3,
+        n_ckpt=1,
+        feat=16,
+        n_test=9,
+        n_train=30,
+        test_chunk=4,
+        train_chunk=7,
+        dtype="float32",
+        lrs=[0.3],
+        normalize=False,
+    )
     te, tr = build(workdir, p)
     expected = 0.3 * te.read_grads()[0].astype(np.float64) @ tr.read_grads()[0].astype(np.float64).T
     res = to.influence(te, tr)
@@ -115,8 +136,18 @@ def test_influence_single_checkpoint(workdir):
 
 def test_stored_low_precision_values_are_what_is_scored(workdir):
     """The reference must use decoded stored values: float16/bfloat16 rounding is visible in the scores."""
-    p = dict(seed=11, n_ckpt=2, feat=12, n_test=6, n_train=10, test_chunk=6, train_chunk=10,
-             dtype="bfloat16", lrs=[1.0, 1.0], normalize=False)
+    p = dict(
+        seed=11,
+        n_ckpt=2,
+        feat=12,
+        n_test=6,
+        n_train=10,
+        test_chunk=6,
+        train_chunk=10,
+        dtype="bfloat16",
+        lrs=[1.0, 1.0],
+        normalize=False,
+    )
     te, tr = build(workdir, p)
     rng = np.random.default_rng(11)
     te_f32 = rng.standard_normal((2, 6, 12)).astype(np.float32)
@@ -131,8 +162,18 @@ def test_stored_low_precision_values_are_what_is_scored(workdir):
 
 @pytest.mark.parametrize("normalize", [False, True])
 def test_influence_out_zarr(workdir, normalize):
-    p = dict(seed=5, n_ckpt=2, feat=8, n_test=13, n_train=29, test_chunk=4, train_chunk=5, dtype="float16",
-             lrs=[0.25, 0.75], normalize=normalize)
+    p = dict(
+        seed=5,
+        n_ckpt=2,
+        feat=8,
+        n_test=13,
+        n_train=29,
+        test_chunk=4,
+        train_chunk=5,
+        dtype="float16",
+        lrs=[0.25, 0.75],
+        normalize=normalize,
+    )
     ids = 1000 + 3 * np.arange(13)
     te, tr = build(workdir, p, test_ids=ids)
     limit = budget(te, tr, 4, 5)
@@ -140,8 +181,12 @@ def test_influence_out_zarr(workdir, normalize):
     res = to.influence(te, tr, out=out, normalize=normalize, memory_limit=limit)
     expected = reference(te, tr, normalize)
     tt.assert_influence_equal(res, expected, lazy=True)  # lazily read back from the Zarr output
-    for key, value in (("test_fingerprint", te.fingerprint), ("train_fingerprint", tr.fingerprint),
-                       ("normalize", normalize), ("complete", True)):
+    for key, value in (
+        ("test_fingerprint", te.fingerprint),
+        ("train_fingerprint", tr.fingerprint),
+        ("normalize", normalize),
+        ("complete", True),
+    ):
         assert res.attrs[key] == value, key
     np.testing.assert_array_equal(res["test"].values, ids)
 
@@ -161,8 +206,18 @@ def test_influence_out_zarr(workdir, normalize):
 
 
 def test_influence_out_refuses_existing_output(workdir):
-    p = dict(seed=9, n_ckpt=1, feat=4, n_test=5, n_train=7, test_chunk=5, train_chunk=7, dtype="float32",
-             lrs=[1.0], normalize=False)
+    p = dict(
+        seed=9,
+        n_ckpt=1,
+        feat=4,
+        n_test=5,
+        n_train=7,
+        test_chunk=5,
+        train_chunk=7,
+        dtype="float32",
+        lrs=[1.0],
+        normalize=False,
+    )
     te, tr = build(workdir, p)
     out = fresh(workdir, "influence")
     first = to.influence(te, tr, out=out).values
@@ -184,8 +239,18 @@ def test_influence_out_resumes_an_interrupted_job(workdir):
     unfinished output of another job is refused like any existing path."""
     import zarr
 
-    p = dict(seed=13, n_ckpt=2, feat=6, n_test=14, n_train=31, test_chunk=4, train_chunk=8, dtype="float32",
-             lrs=[0.5, 1.0], normalize=False)
+    p = dict(
+        seed=13,
+        n_ckpt=2,
+        feat=6,
+        n_test=14,
+        n_train=31,
+        test_chunk=4,
+        train_chunk=8,
+        dtype="float32",
+        lrs=[0.5, 1.0],
+        normalize=False,
+    )
     te, tr = build(workdir, p)
     out = fresh(workdir, "influence")
     first = to.influence(te, tr, out=out, memory_limit=budget(te, tr, 4, 8)).values
@@ -196,7 +261,7 @@ def test_influence_out_resumes_an_interrupted_job(workdir):
     lost = [(0, 1), (done.shape[0] - 1, 0)]
     for i, j in lost:  # as if the run died before these two blocks were written
         done[i, j] = 0
-        inf[i * rows:(i + 1) * rows, j * cols:(j + 1) * cols] = np.nan
+        inf[i * rows : (i + 1) * rows, j * cols : (j + 1) * cols] = np.nan
     group.attrs[layout.ATTRS_KEY] = dict(group.attrs[layout.ATTRS_KEY], complete=False)
 
     with pytest.raises(to.StoreExistsError):
@@ -232,8 +297,7 @@ def test_self_influence_keeps_labels_and_ids(workdir):
     g = rng.standard_normal((2, 17, 5)).astype(np.float32)
     labels = rng.integers(0, 10, 17)
     ids = np.arange(17)[::-1] * 2
-    st_ = to.from_arrays(fresh(workdir, "labelled"), g, [0.1, 0.9], labels=labels, example_ids=ids,
-                         chunk_rows=4)
+    st_ = to.from_arrays(fresh(workdir, "labelled"), g, [0.1, 0.9], labels=labels, example_ids=ids, chunk_rows=4)
     res = to.self_influence(st_.path)  # a path works as well as a store
     np.testing.assert_array_equal(res["example"].values, ids)
     np.testing.assert_array_equal(res["label"].values, labels)
@@ -275,8 +339,18 @@ def test_top_k_larger_than_a_train_block(workdir, p, data):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_top_k_k_equals_n_train_is_a_full_sort(workdir, dtype):
-    p = dict(seed=21, n_ckpt=2, feat=6, n_test=7, n_train=19, test_chunk=3, train_chunk=4, dtype=dtype,
-             lrs=[1.0, 0.5], normalize=False)
+    p = dict(
+        seed=21,
+        n_ckpt=2,
+        feat=6,
+        n_test=7,
+        n_train=19,
+        test_chunk=3,
+        train_chunk=4,
+        dtype=dtype,
+        lrs=[1.0, 0.5],
+        normalize=False,
+    )
     te, tr = build(workdir, p)
     scores = reference(te, tr, False)
     res = to.top_k(te, tr, k=19, memory_limit=budget(te, tr, 2, 4, k=19))
@@ -314,8 +388,18 @@ def test_top_k_ties_go_to_the_lower_index(workdir, small):
 
 
 def test_top_k_rejects_bad_k(workdir):
-    p = dict(seed=2, n_ckpt=1, feat=3, n_test=4, n_train=6, test_chunk=4, train_chunk=6, dtype="float32",
-             lrs=[1.0], normalize=False)
+    p = dict(
+        seed=2,
+        n_ckpt=1,
+        feat=3,
+        n_test=4,
+        n_train=6,
+        test_chunk=4,
+        train_chunk=6,
+        dtype="float32",
+        lrs=[1.0],
+        normalize=False,
+    )
     te, tr = build(workdir, p)
     with pytest.raises(ValueError, match="k=7"):
         to.top_k(te, tr, k=7)
@@ -328,8 +412,12 @@ def test_top_k_rejects_bad_k(workdir):
 # ---- stores the engine must refuse ---------------------------------------------------------------------
 def _incomplete(workdir, write_first: bool) -> to.GradientStore:
     store = to.GradientStore.create(
-        fresh(workdir, "incomplete"), n_checkpoints=1, n_examples=10, spec=ProjectionSpec("external", 4),
-        learning_rates=[1.0], chunk_rows=4,
+        fresh(workdir, "incomplete"),
+        n_checkpoints=1,
+        n_examples=10,
+        spec=ProjectionSpec("external", 4),
+        learning_rates=[1.0],
+        chunk_rows=4,
     )
     if write_first:
         store.write_block(0, RowBlock(np.ones((1, 4, 4), np.float32)))
@@ -373,8 +461,9 @@ def test_reference_influence_is_tracin():
     cos = tt.reference_influence(a, a, lrs, normalize=True)
     np.testing.assert_allclose(np.diagonal(cos), sum(lrs), rtol=1e-12)
     assert (np.abs(cos) <= sum(lrs) + 1e-12).all()
-    np.testing.assert_allclose(tt.reference_self_influence(b, lrs),
-                               np.diagonal(tt.reference_influence(b, b, lrs)), rtol=1e-12)
+    np.testing.assert_allclose(
+        tt.reference_self_influence(b, lrs), np.diagonal(tt.reference_influence(b, b, lrs)), rtol=1e-12
+    )
     with pytest.raises(ValueError):
         tt.reference_influence(a, b, [1.0])
 

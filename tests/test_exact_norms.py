@@ -28,8 +28,9 @@ def exact_self_influence(model, ckpts, data, path) -> np.ndarray:
 def test_exact_norms_give_the_exact_self_influence(which, projection, dim, request, digits, tmp_path, captured):
     trained = request.getfixturevalue(which)
     want = to.self_influence(captured(which, "train")).values  # the session's exact store (conftest.py)
-    store = to.capture(trained.model, trained.checkpoints, digits.train, tmp_path / "p.zarr",
-                       projection=projection, projection_dim=dim)
+    store = to.capture(
+        trained.model, trained.checkpoints, digits.train, tmp_path / "p.zarr", projection=projection, projection_dim=dim
+    )
     assert store.has_exact_norms
     got = to.self_influence(store, exact_norms=True)
     np.testing.assert_allclose(got.values, want, rtol=1e-5)
@@ -60,8 +61,9 @@ def test_gram_chunks_agree_with_one_pass(monkeypatch):
     explicit = torch.einsum("bti,bto->bio", torch.cat([a, torch.ones(9, 7, 1)], 2), d).pow(2).sum((1, 2))
     whole = factored_sq_norms([a], [d], bias=True, embedding=False)
     monkeypatch.setattr(norms, "GRAM_ELEMENTS", 50)  # one example per chunk
-    np.testing.assert_allclose(factored_sq_norms([a[:, :3], a[:, 3:]], [d[:, :3], d[:, 3:]], bias=True,
-                                                 embedding=False), explicit, rtol=1e-5)
+    np.testing.assert_allclose(
+        factored_sq_norms([a[:, :3], a[:, 3:]], [d[:, :3], d[:, 3:]], bias=True, embedding=False), explicit, rtol=1e-5
+    )
     np.testing.assert_allclose(whole, explicit, rtol=1e-5)
 
 
@@ -72,8 +74,9 @@ def test_a_store_without_norms_says_so(tmp_path):
 
 
 def test_cli_exact_norms(mlp, digits, tmp_path):
-    store = to.capture(mlp.model, mlp.checkpoints, digits.train, tmp_path / "s.zarr", projection="factored",
-                       projection_dim=128)
+    store = to.capture(
+        mlp.model, mlp.checkpoints, digits.train, tmp_path / "s.zarr", projection="factored", projection_dim=128
+    )
     ok(run_cli("self-influence", "s.zarr", "--exact-norms", "--out", "si.csv", cwd=tmp_path))
     import pandas as pd
 

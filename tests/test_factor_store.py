@@ -90,10 +90,22 @@ def test_factor_store_matches_captum(request, model_name, digits, digits_test, c
     assert_close(to.self_influence(train).values, ref["self_influence"], "self_influence")
     assert_close(to.self_influence(train, exact_norms=True).values, ref["self_influence"], "self_influence (norms)")
     best = to.top_k(test, train, k=K)
-    assert_topk_matches(best.proponent_index.values, best.proponent_score.values, ref["proponent_index"],
-                        ref["proponent_score"], ref["influence"], "proponents")
-    assert_topk_matches(best.opponent_index.values, best.opponent_score.values, ref["opponent_index"],
-                        ref["opponent_score"], ref["influence"], "opponents")
+    assert_topk_matches(
+        best.proponent_index.values,
+        best.proponent_score.values,
+        ref["proponent_index"],
+        ref["proponent_score"],
+        ref["influence"],
+        "proponents",
+    )
+    assert_topk_matches(
+        best.opponent_index.values,
+        best.opponent_score.values,
+        ref["opponent_index"],
+        ref["opponent_score"],
+        ref["influence"],
+        "opponents",
+    )
 
 
 # ---- models with positions: equal to the flat exact store ------------------------------------------
@@ -104,8 +116,9 @@ def text_checkpoints(tmp_path_factory):
 
     torch.manual_seed(0)
     model = TokenClassifier()
-    paths = train_with_checkpoints(model, token_data(256, seed=2), tmp_path_factory.mktemp("text"), epochs=2,
-                                   lr=0.5, checkpoint_every=1, seed=0)
+    paths = train_with_checkpoints(
+        model, token_data(256, seed=2), tmp_path_factory.mktemp("text"), epochs=2, lr=0.5, checkpoint_every=1, seed=0
+    )
     return model, paths
 
 
@@ -120,7 +133,9 @@ def test_text_model_factor_store_equals_flat_store(text_checkpoints, tmp_path):
     # The embedding's 16 tokens and the head's one position as factors; the token Linear (16 positions,
     # 17×32) cheaper flat.
     assert [(f.module, f.kind, f.positions, f.tokens) for f in train.factor_arrays] == [
-        ("embed", "embedding", LENGTH, True), ("head", "linear", 1, False)]
+        ("embed", "embedding", LENGTH, True),
+        ("head", "linear", 1, False),
+    ]
     assert train.feature_dim == 17 * 32
     ids = train.to_xarray()["tokens_0"].values
     np.testing.assert_array_equal(ids, train_ds.tensors[0].numpy())
@@ -133,10 +148,10 @@ def test_convolutions_forced_to_factors_equal_flat_store(cnn, digits, digits_tes
     train_ds, test_ds = Subset(digits.train, range(150)), Subset(digits_test, range(20))
     flat_pair = capture_pair(cnn.model, cnn.checkpoints, train_ds, test_ds, tmp_path, "e", chunk_rows=40)
     monkeypatch.setattr(factors_module, "prefer_factors", lambda kind, d_in, d_out, positions: positions > 0)
-    factor_pair = capture_pair(cnn.model, cnn.checkpoints, train_ds, test_ds, tmp_path, "f", projection="factors",
-                               chunk_rows=40)
-    assert [(f.module, f.positions) for f in factor_pair[1].factor_arrays] == [("conv1", 36), ("conv2", 16),
-                                                                                ("fc", 1)]
+    factor_pair = capture_pair(
+        cnn.model, cnn.checkpoints, train_ds, test_ds, tmp_path, "f", projection="factors", chunk_rows=40
+    )
+    assert [(f.module, f.positions) for f in factor_pair[1].factor_arrays] == [("conv1", 36), ("conv2", 16), ("fc", 1)]
     assert factor_pair[1].feature_dim == 0
     assert_same_scores(factor_pair, flat_pair)
 
@@ -200,21 +215,28 @@ def test_varying_lengths_pad_to_the_longest_example(tmp_path, monkeypatch):
     assert longest_test > longest_train
 
     def loaders():
-        return (DataLoader(train_items, batch_size=8, collate_fn=pad_batch),
-                DataLoader(test_items, batch_size=8, collate_fn=pad_batch))
+        return (
+            DataLoader(train_items, batch_size=8, collate_fn=pad_batch),
+            DataLoader(test_items, batch_size=8, collate_fn=pad_batch),
+        )
 
     def pair(tag, **kw):
         tr, te = loaders()
         kw = dict(device="cpu", chunk_rows=16, **kw)
-        return (to.capture(model, ckpts, te, tmp_path / f"{tag}_test.zarr", **kw),
-                to.capture(model, ckpts, tr, tmp_path / f"{tag}_train.zarr", **kw))
+        return (
+            to.capture(model, ckpts, te, tmp_path / f"{tag}_test.zarr", **kw),
+            to.capture(model, ckpts, tr, tmp_path / f"{tag}_train.zarr", **kw),
+        )
 
     flat_pair = pair("e")
     monkeypatch.setattr(factors_module, "prefer_factors", lambda kind, d_in, d_out, positions: positions > 0)
     factor_pair = pair("f", projection="factors")
     test, train = factor_pair
     assert [(f.module, f.positions) for f in train.factor_arrays] == [
-        ("embed", longest_train), ("token", longest_train), ("head", 1)]
+        ("embed", longest_train),
+        ("token", longest_train),
+        ("head", 1),
+    ]
     assert [f.positions for f in test.factor_arrays] == [longest_test, longest_test, 1]
     assert test.fingerprint == train.fingerprint
     ids = train.to_xarray()["tokens_0"].values
@@ -234,8 +256,15 @@ def test_array_module_path_equals_the_cpu_path(cnn, digits, digits_test, tmp_pat
     from trackin_ooc.engine.tasks import StoreRef
 
     monkeypatch.setattr(factors_module, "prefer_factors", lambda kind, d_in, d_out, positions: positions > 0)
-    test, train = capture_pair(cnn.model, cnn.checkpoints, Subset(digits.train, range(90)),
-                               Subset(digits_test, range(12)), tmp_path, "f", projection="factors")
+    test, train = capture_pair(
+        cnn.model,
+        cnn.checkpoints,
+        Subset(digits.train, range(90)),
+        Subset(digits_test, range(12)),
+        tmp_path,
+        "f",
+        projection="factors",
+    )
     xp = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
     a = factor_tasks.read_test_block(StoreRef.of(test), 0, 12, list(train.learning_rates), True)
     b = factor_tasks._read(StoreRef.of(train), 0, 90, None, True)
@@ -245,22 +274,35 @@ def test_array_module_path_equals_the_cpu_path(cnn, digits, digits_test, tmp_pat
     np.testing.assert_array_equal(best_other.best_index, best_cpu.best_index)
     np.testing.assert_array_equal(best_other.worst_index, best_cpu.worst_index)
     plain = factor_tasks._read(StoreRef.of(train), 0, 90, None, False)
-    np.testing.assert_allclose(fk.self_influence(plain, train.learning_rates, xp),
-                               fk.self_influence(plain, train.learning_rates, np), rtol=1e-6)
+    np.testing.assert_allclose(
+        fk.self_influence(plain, train.learning_rates, xp),
+        fk.self_influence(plain, train.learning_rates, np),
+        rtol=1e-6,
+    )
 
 
 # ---- scoring on a LocalCluster ---------------------------------------------------------------------
 def test_factor_capture_and_scores_on_a_local_cluster(mlp, digits, digits_test, tmp_path):
     train_ds = Subset(digits.train, range(200))
-    pair = capture_pair(mlp.model, mlp.checkpoints, train_ds, digits_test, tmp_path, "f",
-                        projection="factors", chunk_rows=32)
+    pair = capture_pair(
+        mlp.model, mlp.checkpoints, train_ds, digits_test, tmp_path, "f", projection="factors", chunk_rows=32
+    )
     here_inf = to.influence(*pair).values
     here_top = to.top_k(*pair, k=4, normalize=True)
     here_self = to.self_influence(pair[1]).values
     with two_worker_client() as client:  # the module's LocalCluster (tests/__init__.py)
         # Row blocks captured as Dask tasks on the workers: the same bytes as in-process.
-        spread = to.capture(mlp.model, mlp.checkpoints, train_ds, tmp_path / "spread.zarr", projection="factors",
-                            chunk_rows=32, batch_size=64, device="cpu", client=client)
+        spread = to.capture(
+            mlp.model,
+            mlp.checkpoints,
+            train_ds,
+            tmp_path / "spread.zarr",
+            projection="factors",
+            chunk_rows=32,
+            batch_size=64,
+            device="cpu",
+            client=client,
+        )
         tt.assert_stores_identical(spread, pair[1])
         there_inf = to.influence(*pair, client=client, memory_limit="64MB").values
         there_top = to.top_k(*pair, k=4, normalize=True, client=client)
@@ -282,8 +324,9 @@ def test_refusals_and_bfloat16(mlp, digits, digits_test, tmp_path):
     flat_pair = capture_pair(mlp.model, mlp.checkpoints, train_ds, test_ds, tmp_path, "e")
     with pytest.raises(to.IncompatibleStoresError, match="per-layer factors"):
         to.influence(flat_pair[0], factor_pair[1])
-    half = capture_pair(mlp.model, mlp.checkpoints, train_ds, test_ds, tmp_path, "h", projection="factors",
-                        dtype="bfloat16")
+    half = capture_pair(
+        mlp.model, mlp.checkpoints, train_ds, test_ds, tmp_path, "h", projection="factors", dtype="bfloat16"
+    )
     ref = to.influence(*flat_pair).values
     got = to.influence(*half).values
     err = np.abs(got - ref).max() / np.abs(ref).max()
@@ -301,8 +344,17 @@ def test_nonfinite_examples_are_flagged_and_zeroed_in_every_factor_array(mlp, di
         scale = torch.where(targets == 3, float("nan"), 1.0)  # a constant: NaN gradients for those examples only
         return loss * scale
 
-    store = to.capture(mlp.model, mlp.checkpoints, data, tmp_path / "s.zarr", projection="factors", device="cpu",
-                       loss_fn=loss_nan_for_threes, nonfinite="flag", chunk_rows=16)
+    store = to.capture(
+        mlp.model,
+        mlp.checkpoints,
+        data,
+        tmp_path / "s.zarr",
+        projection="factors",
+        device="cpu",
+        loss_fn=loss_nan_for_threes,
+        nonfinite="flag",
+        chunk_rows=16,
+    )
     bad = np.flatnonzero(labels == 3)
     assert len(bad) > 0
     np.testing.assert_array_equal(store.nonfinite_examples(), bad)
@@ -327,15 +379,26 @@ def test_exact_capture_logs_when_factors_are_cheaper(mlp, cnn, digits, tmp_path,
 
 # ---- integrity: checksums ------------------------------------------------------------------------
 def test_damaged_factor_chunk_is_named_by_every_reader(mlp, digits, digits_test, tmp_path):
-    test, train = capture_pair(mlp.model, mlp.checkpoints, Subset(digits.train, range(96)), digits_test, tmp_path,
-                               "f", projection="factors", chunk_rows=32)
+    test, train = capture_pair(
+        mlp.model,
+        mlp.checkpoints,
+        Subset(digits.train, range(96)),
+        digits_test,
+        tmp_path,
+        "f",
+        projection="factors",
+        chunk_rows=32,
+    )
     chunk = Path(train.path, "factors_1", "c", "1", "2", "0", "0")
     data = bytearray(chunk.read_bytes())
     data[17] ^= 0xFF
     chunk.write_bytes(bytes(data))
     assert [str(b) for b in to.open_store(train.path).verify()] == ["array 'factors_1' chunk 1/2/0/0"]
-    for run in (lambda: to.self_influence(train.path), lambda: to.top_k(test, train.path, k=3),
-                lambda: to.influence(test, train.path).values):
+    for run in (
+        lambda: to.self_influence(train.path),
+        lambda: to.top_k(test, train.path, k=3),
+        lambda: to.influence(test, train.path).values,
+    ):
         with pytest.raises(to.CorruptChunkError, match="'factors_1' chunk 1/2/0/0") as e:
             run()
         assert "\n" not in str(e.value)
@@ -344,19 +407,33 @@ def test_damaged_factor_chunk_is_named_by_every_reader(mlp, digits, digits_test,
 # ---- the CLI: --projection factors and info's per-layer table ---------------------------------------
 def test_cli_capture_with_factors_and_info_per_layer(cnn, tmp_path):
     env = dict(os.environ, TRACKIN_OOC_QUIET="1", OMP_NUM_THREADS="1")
-    base = [str(EXE), "capture", "--model", "trackin_ooc.demo.examples:digits_cnn_model",
-            "--data", "trackin_ooc.demo.examples:digits_test_small", *sum((["--checkpoint", str(p)]
-                                                                          for p in cnn.checkpoints), [])]
-    bad = subprocess.run([*base, "--out", str(tmp_path / "bad.zarr"), "--projection", "factors",
-                          "--projection-dim", "8"], capture_output=True, text=True, env=env)
+    base = [
+        str(EXE),
+        "capture",
+        "--model",
+        "trackin_ooc.demo.examples:digits_cnn_model",
+        "--data",
+        "trackin_ooc.demo.examples:digits_test_small",
+        *sum((["--checkpoint", str(p)] for p in cnn.checkpoints), []),
+    ]
+    bad = subprocess.run(
+        [*base, "--out", str(tmp_path / "bad.zarr"), "--projection", "factors", "--projection-dim", "8"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert bad.returncode == 2 and "leave out --projection-dim" in bad.stderr
-    made = subprocess.run([*base, "--out", str(tmp_path / "s.zarr"), "--projection", "factors"],
-                          capture_output=True, text=True, env=env)
+    made = subprocess.run(
+        [*base, "--out", str(tmp_path / "s.zarr"), "--projection", "factors"], capture_output=True, text=True, env=env
+    )
     assert made.returncode == 0, made.stderr
     info = subprocess.run([str(EXE), "info", str(tmp_path / "s.zarr")], capture_output=True, text=True, env=env)
     assert info.returncode == 0, info.stderr
-    rows = {line.split()[0]: line for line in info.stdout.splitlines() if line.startswith("    conv")
-            or line.startswith("    fc")}
+    rows = {
+        line.split()[0]: line
+        for line in info.stdout.splitlines()
+        if line.startswith("    conv") or line.startswith("    fc")
+    }
     assert "36 positions" in rows["conv1"] and " flat " in rows["conv1"]
     assert "16 positions" in rows["conv2"] and " flat " in rows["conv2"]
     assert "1 position" in rows["fc"] and " factors " in rows["fc"]

@@ -68,8 +68,12 @@ def test_identity_factors_reproduce_exact_influence(request, model_name, digits,
 
     assert rel_err(to.influence(fac_te, fac_tr).values, to.influence(exact_te, exact_tr).values) <= 1e-5
     assert rel_err(to.self_influence(fac_tr).values, to.self_influence(exact_tr).values) <= 1e-5
-    assert rel_err(to.influence(fac_te, fac_tr, normalize=True).values,
-                   to.influence(exact_te, exact_tr, normalize=True).values) <= 1e-5
+    assert (
+        rel_err(
+            to.influence(fac_te, fac_tr, normalize=True).values, to.influence(exact_te, exact_tr, normalize=True).values
+        )
+        <= 1e-5
+    )
     # Same losses as exact mode (the hooked forward is the model's own).
     np.testing.assert_allclose(fac_tr.read_losses(), exact_tr.read_losses(), rtol=1e-6, atol=1e-7)
 
@@ -121,8 +125,14 @@ def test_hooks_equal_factors_applied_to_exact_gradients(dim, wide, monkeypatch):
     spec = factored_spec(model, names, dim, seed=3)
     plan = plan_from_spec(spec)
     kinds = {x.module or "dense": x.kind for x in plan}
-    assert kinds == {"embed": "embedding", "mix": "linear", "conv": "conv2d", "same": "conv2d",
-                     "head": "linear", "dense": "dense"}
+    assert kinds == {
+        "embed": "embedding",
+        "mix": "linear",
+        "conv": "conv2d",
+        "same": "conv2d",
+        "head": "linear",
+        "dense": "dense",
+    }
     dense = next(x for x in plan if x.kind == "dense")
     assert set(dense.params) == {"gate", "grouped.weight", "grouped.bias", "norm.weight", "norm.bias"}
     if dim == 90:  # every layer's exact gradient hashed into the 90 shared dims, the smallest mapped densely
@@ -175,13 +185,13 @@ def test_sequence_inputs_to_linear_layers(tmp_path):
     ckpts = [{k: v + 0.01 * i for k, v in model.state_dict().items()} for i in range(2)]
     kw = dict(learning_rates=[0.1, 0.05], batch_size=16, device="cpu")
     exact = to.capture(model, ckpts, data, tmp_path / "exact.zarr", **kw)
-    ident = to.capture(model, ckpts, data, tmp_path / "ident.zarr", projection="factored",
-                       projection_dim=10**5, **kw)
+    ident = to.capture(model, ckpts, data, tmp_path / "ident.zarr", projection="factored", projection_dim=10**5, **kw)
     assert rel_err(to.self_influence(ident).values, to.self_influence(exact).values) <= 1e-5
     assert rel_err(to.influence(ident, ident).values, to.influence(exact, exact).values) <= 1e-5
 
-    small = to.capture(model, ckpts, data, tmp_path / "small.zarr", projection="factored",
-                       projection_dim=120, seed=5, **kw)
+    small = to.capture(
+        model, ckpts, data, tmp_path / "small.zarr", projection="factored", projection_dim=120, seed=5, **kw
+    )
     assert small.feature_dim == 120
     plan = plan_from_spec(small.spec)
     assert [x.kind for x in plan] == ["linear", "linear"]
@@ -199,11 +209,20 @@ def wide_models(tmp_path_factory, digits):
     """Digits models whose exact gradients are wider than 8192: MLP 64-256-256-10 (85k
     parameters) and the CNN with 32 channels (14.7k), each with 3 SGD checkpoints."""
     out = {}
-    for name, make, epochs in [("mlp", lambda: digits_mlp((256, 256), seed=0), 12),
-                               ("cnn", lambda: digits_cnn(32, seed=0), 6)]:
+    for name, make, epochs in [
+        ("mlp", lambda: digits_mlp((256, 256), seed=0), 12),
+        ("cnn", lambda: digits_cnn(32, seed=0), 6),
+    ]:
         model = make()
-        paths = train_with_checkpoints(model, digits.train, tmp_path_factory.mktemp(f"wide_{name}"),
-                                       epochs=epochs, lr=0.1, checkpoint_every=epochs // 3, seed=0)
+        paths = train_with_checkpoints(
+            model,
+            digits.train,
+            tmp_path_factory.mktemp(f"wide_{name}"),
+            epochs=epochs,
+            lr=0.1,
+            checkpoint_every=epochs // 3,
+            seed=0,
+        )
         out[name] = (model, paths)
     return out
 
@@ -217,8 +236,10 @@ def test_factored_ranks_like_exact_on_digits(wide_models, model_name, digits, di
     kw = dict(device="cpu", batch_size=128)
     stores = {}
     for mode, extra in [("exact", {}), ("factored", dict(projection="factored", projection_dim=DIM))]:
-        stores[mode] = (to.capture(model, ckpts, digits_test, tmp_path / f"{mode}_te.zarr", **kw, **extra),
-                        to.capture(model, ckpts, train_ds, tmp_path / f"{mode}_tr.zarr", **kw, **extra))
+        stores[mode] = (
+            to.capture(model, ckpts, digits_test, tmp_path / f"{mode}_te.zarr", **kw, **extra),
+            to.capture(model, ckpts, train_ds, tmp_path / f"{mode}_tr.zarr", **kw, **extra),
+        )
     assert stores["factored"][1].feature_dim == DIM
     plan = plan_from_spec(stores["factored"][1].spec)
     assert all(x.mix == DIM for x in plan)  # really projected (hashed into the shared dims), not exact
@@ -226,8 +247,9 @@ def test_factored_ranks_like_exact_on_digits(wide_models, model_name, digits, di
     fac = to.influence(*stores["factored"]).values
     rho = mean_row_spearman(fac, exact)
     assert rho >= MIN_SPEARMAN, f"{model_name}: mean per-row Spearman {rho:.3f} < {MIN_SPEARMAN}"
-    si = mean_row_spearman(to.self_influence(stores["factored"][1]).values[None],
-                           to.self_influence(stores["exact"][1]).values[None])
+    si = mean_row_spearman(
+        to.self_influence(stores["factored"][1]).values[None], to.self_influence(stores["exact"][1]).values[None]
+    )
     assert si >= MIN_SPEARMAN
 
 
@@ -244,8 +266,9 @@ def exact_restricted(model, states, data, rows):
         for s in range(0, len(y), 32):
             g, _ = per_example(state, x[s : s + 32], y[s : s + 32])
             b = len(y[s : s + 32])
-            parts.append(torch.cat([g["embed.weight"][:, rows].reshape(b, -1)]
-                                   + [g[n].reshape(b, -1) for n in names[1:]], dim=1))
+            parts.append(
+                torch.cat([g["embed.weight"][:, rows].reshape(b, -1)] + [g[n].reshape(b, -1) for n in names[1:]], dim=1)
+            )
         out.append(torch.cat(parts).numpy())
     return np.stack(out)
 
@@ -299,8 +322,7 @@ def test_spec_records_the_split_and_stores_combine_only_when_it_agrees(mlp, digi
     np.testing.assert_array_equal(a.read_grads(), b.read_grads())  # same spec: the same numbers
     assert a.fingerprint == b.fingerprint
     # The plan survives the store's JSON attributes and is part of the fingerprint.
-    assert plan_from_spec(a.spec) == plan_from_spec(factored_spec(mlp.model, [n for n, _ in a.spec.layers],
-                                                                  1024, 4))
+    assert plan_from_spec(a.spec) == plan_from_spec(factored_spec(mlp.model, [n for n, _ in a.spec.layers], 1024, 4))
     assert a.spec.to_dict()["extra"]["factored"]["layers"] == [x.to_dict() for x in plan_from_spec(a.spec)]
     assert "factored projection to 1024 dims" in a.spec.describe()
     assert stored_dim(plan_from_spec(a.spec)) == a.feature_dim == 1024
@@ -343,11 +365,28 @@ def test_weight_used_outside_its_module_is_refused(digits, tmp_path):
     model = TiedHead()
     ckpt = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(to.CaptureError, match="head.weight"):
-        to.capture(model, [ckpt], digits.train, tmp_path / "x.zarr", learning_rates=[0.1],
-                   projection="factored", projection_dim=512, device="cpu")
+        to.capture(
+            model,
+            [ckpt],
+            digits.train,
+            tmp_path / "x.zarr",
+            learning_rates=[0.1],
+            projection="factored",
+            projection_dim=512,
+            device="cpu",
+        )
     # Only the body selected: its hooks see all of its gradient.
-    store = to.capture(model, [ckpt], digits.train, tmp_path / "y.zarr", learning_rates=[0.1], layers=["body"],
-                       projection="factored", projection_dim=512, device="cpu")
+    store = to.capture(
+        model,
+        [ckpt],
+        digits.train,
+        tmp_path / "y.zarr",
+        learning_rates=[0.1],
+        layers=["body"],
+        projection="factored",
+        projection_dim=512,
+        device="cpu",
+    )
     assert store.complete and store.feature_dim == 512
 
 
@@ -392,5 +431,14 @@ def test_layer_without_batch_first_is_refused(tmp_path):
     model = SequenceFirst()
     data = TensorDataset(torch.randn(8, 3, 4), torch.randint(0, 2, (8,)))
     with pytest.raises(to.CaptureError, match="batch"):
-        to.capture(model, [model.state_dict()], data, tmp_path / "x.zarr", learning_rates=[1.0],
-                   projection="factored", projection_dim=20, batch_size=8, device="cpu")
+        to.capture(
+            model,
+            [model.state_dict()],
+            data,
+            tmp_path / "x.zarr",
+            learning_rates=[1.0],
+            projection="factored",
+            projection_dim=20,
+            batch_size=8,
+            device="cpu",
+        )

@@ -41,10 +41,18 @@ def _resnet(root):
     split = _digits()
     train_all, test_all = arch.digits_rgb32(split.train), arch.digits_rgb32(split.test)
     model = arch.cifar_resnet(seed=0)
-    ckpts = train_with_checkpoints(model, Subset(train_all, range(128)), root / "ckpt", epochs=3, lr=0.05,
-                                   batch_size=16, checkpoint_every=1)
-    return dict(make=lambda: arch.cifar_resnet(seed=0), ckpts=ckpts, dim=4096, min_spearman=0.95,
-                train=Subset(train_all, range(N_TRAIN)), test=Subset(test_all, range(N_TEST)), data=lambda ds: ds)
+    ckpts = train_with_checkpoints(
+        model, Subset(train_all, range(128)), root / "ckpt", epochs=3, lr=0.05, batch_size=16, checkpoint_every=1
+    )
+    return dict(
+        make=lambda: arch.cifar_resnet(seed=0),
+        ckpts=ckpts,
+        dim=4096,
+        min_spearman=0.95,
+        train=Subset(train_all, range(N_TRAIN)),
+        test=Subset(test_all, range(N_TEST)),
+        data=lambda ds: ds,
+    )
 
 
 def _hf(root, task):
@@ -52,11 +60,18 @@ def _hf(root, task):
     train_all = arch.digit_token_dicts(split.train, task=task)
     test_all = arch.digit_token_dicts(split.test, task=task)
     make = arch.tiny_bert if task == "classify" else arch.tiny_gpt2
-    ckpts = arch.train_dict_batches(make(), Subset(train_all, range(128)), root / "ckpt", epochs=3, lr=0.05,
-                                    batch_size=16, checkpoint_every=1)
-    return dict(make=make, ckpts=ckpts, dim=2048, min_spearman=0.9,
-                train=Subset(train_all, range(N_TRAIN)), test=Subset(test_all, range(N_TEST)),
-                data=lambda ds: DataLoader(ds, batch_size=16, collate_fn=arch.pad_collate))
+    ckpts = arch.train_dict_batches(
+        make(), Subset(train_all, range(128)), root / "ckpt", epochs=3, lr=0.05, batch_size=16, checkpoint_every=1
+    )
+    return dict(
+        make=make,
+        ckpts=ckpts,
+        dim=2048,
+        min_spearman=0.9,
+        train=Subset(train_all, range(N_TRAIN)),
+        test=Subset(test_all, range(N_TEST)),
+        data=lambda ds: DataLoader(ds, batch_size=16, collate_fn=arch.pad_collate),
+    )
 
 
 BUILDERS = {"resnet": _resnet, "bert": lambda root: _hf(root, "classify"), "gpt2": lambda root: _hf(root, "lm")}
@@ -72,8 +87,16 @@ def stores(request, tmp_path_factory):
     for split in ("train", "test"):
         data = case["data"](case[split])
         out[f"exact_{split}"] = to.capture(case["make"](), case["ckpts"], data, root / f"exact_{split}.zarr", **kw)
-        out[f"factored_{split}"] = to.capture(case["make"](), case["ckpts"], data, root / f"factored_{split}.zarr",
-                                              projection="factored", projection_dim=case["dim"], seed=1, **kw)
+        out[f"factored_{split}"] = to.capture(
+            case["make"](),
+            case["ckpts"],
+            data,
+            root / f"factored_{split}.zarr",
+            projection="factored",
+            projection_dim=case["dim"],
+            seed=1,
+            **kw,
+        )
     return out
 
 
@@ -82,7 +105,7 @@ def split_flat(spec, flat: np.ndarray) -> dict[str, torch.Tensor]:
     out, start = {}, 0
     for name, shape in spec.layers:
         size = math.prod(shape)
-        out[name] = torch.from_numpy(flat[:, start:start + size].reshape(len(flat), *shape).copy())
+        out[name] = torch.from_numpy(flat[:, start : start + size].reshape(len(flat), *shape).copy())
         start += size
     return out
 
@@ -94,8 +117,9 @@ def test_factored_capture_is_the_factor_map_of_exact_gradients(stores):
         want = project_gradients(fac.spec, split_flat(exact.spec, exact.read_grads(checkpoint=c))).numpy()
         assert rel_err(fac.read_grads(checkpoint=c), want) <= 1e-4, f"{stores['name']}, checkpoint {c}"
     # Exact squared norms through the factored capture (Gram or formed, per layer and batch).
-    np.testing.assert_allclose(to.self_influence(fac, exact_norms=True).values, to.self_influence(exact).values,
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        to.self_influence(fac, exact_norms=True).values, to.self_influence(exact).values, rtol=1e-4
+    )
     # Batched methods only: hooked factored layers, the dense group by hooks, never vmap or the loop.
     methods = fac.attrs["per_example_methods"]
     assert set(methods.values()) <= {"factored", "hooks"}, methods
@@ -115,8 +139,12 @@ def test_plans_of_the_real_layers(stores):
     if stores["name"] == "resnet":
         # Convolutions at 32×32, 16×16 and 8×8 form their gradients; BatchNorm affine goes to the dense group.
         assert all(plan[m].formed for m in ("stages.0.0.conv1", "stages.1.0.conv2", "stages.2.0.conv2"))
-        norms = {f"{m}.{p}" for m, mod in stores["make"]().named_modules() if isinstance(mod, nn.BatchNorm2d)
-                 for p in ("weight", "bias")}
+        norms = {
+            f"{m}.{p}"
+            for m, mod in stores["make"]().named_modules()
+            if isinstance(mod, nn.BatchNorm2d)
+            for p in ("weight", "bias")
+        }
         assert dense == norms
     elif stores["name"] == "bert":
         # Position ids of shape (1, T): the embedding is factored (its output expanded per example).

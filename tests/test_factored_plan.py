@@ -31,8 +31,7 @@ def layer_groups(draw):
 def test_plan_properties(groups, dim):
     plan = plan_groups(groups, dim)
     assert plan == plan_groups(groups, dim)  # a pure function: train and test stores get the same plan
-    assert [(x.kind, x.module, x.d_in, x.d_out) for x in plan] == [(g.kind, g.module, g.d_in, g.d_out)
-                                                                    for g in groups]
+    assert [(x.kind, x.module, x.d_in, x.d_out) for x in plan] == [(g.kind, g.module, g.d_in, g.d_out) for g in groups]
     total = sum(g.d_in * g.d_out for g in groups)
     if total <= dim:  # everything fits: exact and narrower
         assert all(x.in_identity and x.out_identity and not x.mix for x in plan)
@@ -42,8 +41,11 @@ def test_plan_properties(groups, dim):
     direct = [x for x in plan if x.direct]
     assert sum(x.exact_width for x in direct) * dim <= fp.DENSE_ELEMENTS
     if direct:  # the smallest layers take the dense maps
-        assert max(x.exact_width for x in direct) <= min(x.exact_width for x in plan if not x.direct) \
-            if len(direct) < len(plan) else True
+        assert (
+            max(x.exact_width for x in direct) <= min(x.exact_width for x in plan if not x.direct)
+            if len(direct) < len(plan)
+            else True
+        )
     for x in plan:
         if x.direct:
             assert x.width == dim
@@ -58,8 +60,13 @@ def test_plan_properties(groups, dim):
 
 
 @settings(max_examples=100, deadline=None)
-@given(kind=st.sampled_from(["linear", "conv2d", "embedding"]), d_in=st.integers(2, 20000),
-       d_out=st.integers(2, 20000), share=st.integers(1, 200000), positions=st.integers(1, 2048))
+@given(
+    kind=st.sampled_from(["linear", "conv2d", "embedding"]),
+    d_in=st.integers(2, 20000),
+    d_out=st.integers(2, 20000),
+    share=st.integers(1, 200000),
+    positions=st.integers(1, 2048),
+)
 def test_factor_widths_of_a_wide_layer(kind, d_in, d_out, share, positions):
     share = min(share, d_in * d_out - 1)
     k_in, k_out, blocks, width = fp.factor_widths(kind, d_in, d_out, share, positions)
@@ -84,13 +91,44 @@ def test_bad_dims_are_refused():
 
 # ---- plan versions ----------------------------------------------------------------------------------------
 V1_EXTRA = {  # what trackin-ooc wrote before plan version 2 (a digits MLP layer and the dense rest)
-    "version": 1, "factor": "gaussian", "requested_dim": 300,
-    "layers": [{"kind": "linear", "module": "fc", "params": ["fc.weight", "fc.bias"], "d_in": 65, "d_out": 32,
-                "k_in": 5, "k_out": 5, "width": 200, "blocks": 8},
-               {"kind": "dense", "module": "", "params": ["norm.weight"], "d_in": 1, "d_out": 32, "k_in": 1,
-                "k_out": 32, "width": 32, "blocks": 1},
-               {"kind": "pad", "module": "", "params": [], "d_in": 0, "d_out": 0, "k_in": 0, "k_out": 0,
-                "width": 68, "blocks": 1}],
+    "version": 1,
+    "factor": "gaussian",
+    "requested_dim": 300,
+    "layers": [
+        {
+            "kind": "linear",
+            "module": "fc",
+            "params": ["fc.weight", "fc.bias"],
+            "d_in": 65,
+            "d_out": 32,
+            "k_in": 5,
+            "k_out": 5,
+            "width": 200,
+            "blocks": 8,
+        },
+        {
+            "kind": "dense",
+            "module": "",
+            "params": ["norm.weight"],
+            "d_in": 1,
+            "d_out": 32,
+            "k_in": 1,
+            "k_out": 32,
+            "width": 32,
+            "blocks": 1,
+        },
+        {
+            "kind": "pad",
+            "module": "",
+            "params": [],
+            "d_in": 0,
+            "d_out": 0,
+            "k_in": 0,
+            "k_out": 0,
+            "width": 68,
+            "blocks": 1,
+        },
+    ],
 }
 
 
@@ -104,11 +142,14 @@ def test_version_1_plans_are_read_as_before():
 def test_version_1_and_2_stores_never_combine():
     layers = (("fc.weight", (32, 64)), ("fc.bias", (32,)), ("norm.weight", (32,)))
     old = ProjectionSpec(kind="factored", dim=300, seed=0, layers=layers, extra=(("factored", V1_EXTRA),))
-    groups = [LayerGroup("linear", "fc", ("fc.weight", "fc.bias"), 65, 32),
-              LayerGroup("dense", "", ("norm.weight",), 1, 32)]
+    groups = [
+        LayerGroup("linear", "fc", ("fc.weight", "fc.bias"), 65, 32),
+        LayerGroup("dense", "", ("norm.weight",), 1, 32),
+    ]
     new_plan = plan_groups(groups, 300)
-    new = ProjectionSpec(kind="factored", dim=300, seed=0, layers=layers,
-                         extra=(("factored", fp.plan_extra(new_plan, 300)),))
+    new = ProjectionSpec(
+        kind="factored", dim=300, seed=0, layers=layers, extra=(("factored", fp.plan_extra(new_plan, 300)),)
+    )
     assert old.fingerprint != new.fingerprint and "factored differ" in old.difference(new)
 
 

@@ -43,21 +43,37 @@ def test_separate_train_and_test_stores_are_the_factored_map_and_agree(trained):
     want = family.factored_map_scores(case, grads, k, seed=0)
     assert np.abs(scores - want).max() <= 1e-4 * np.abs(want).max()
     # A test store made with capture_like reuses the plan: same fingerprint, same scores.
-    test = to.capture_like(train, case.make(), torch.utils.data.DataLoader(case.test, batch_size=16,
-                           collate_fn=family.collate), None, checkpoints=case.checkpoints, loss_fn=case.loss_fn,
-                           device="cpu", progress=False)
+    test = to.capture_like(
+        train,
+        case.make(),
+        torch.utils.data.DataLoader(case.test, batch_size=16, collate_fn=family.collate),
+        None,
+        checkpoints=case.checkpoints,
+        loss_fn=case.loss_fn,
+        device="cpu",
+        progress=False,
+    )
     assert test.fingerprint == train.fingerprint
-    np.testing.assert_allclose(to.influence(test, train).values, scores, rtol=1e-4,
-                               atol=1e-6 * np.abs(scores).max())
+    np.testing.assert_allclose(to.influence(test, train).values, scores, rtol=1e-4, atol=1e-6 * np.abs(scores).max())
 
 
 def test_factored_ranks_like_a_dense_gaussian_projection(trained):
     case, dims, exact, gram, grads = trained
     for k in dims:
-        gaussian = np.mean([family.mean_row_spearman(
-            family.gaussian_scores(gram, case.learning_rates, len(case.test), k, 100 + s), exact)
-            for s in range(GAUSSIAN_SEEDS)])
-        factored = np.mean([family.mean_row_spearman(family.factored_map_scores(case, grads, k, s), exact)
-                            for s in range(FACTORED_SEEDS)])
+        gaussian = np.mean(
+            [
+                family.mean_row_spearman(
+                    family.gaussian_scores(gram, case.learning_rates, len(case.test), k, 100 + s), exact
+                )
+                for s in range(GAUSSIAN_SEEDS)
+            ]
+        )
+        factored = np.mean(
+            [
+                family.mean_row_spearman(family.factored_map_scores(case, grads, k, s), exact)
+                for s in range(FACTORED_SEEDS)
+            ]
+        )
         assert factored >= gaussian - TOLERANCE, (
-            f"{case.cfg.describe()} at {k}: factored {factored:.3f}, gaussian {gaussian:.3f}")
+            f"{case.cfg.describe()} at {k}: factored {factored:.3f}, gaussian {gaussian:.3f}"
+        )

@@ -28,10 +28,20 @@ def workdir(tmp_path_factory):
 def make_pair(workdir, dtype: str, n_test: int = 19, n_train: int = 83, feat: int = 24):
     i = next(_counter)
     rng = np.random.default_rng(i)
-    te = to.from_arrays(workdir / f"test-{i}.zarr", rng.standard_normal((3, n_test, feat)).astype(np.float32),
-                        LRS, chunk_rows=4, dtype=dtype)
-    tr = to.from_arrays(workdir / f"train-{i}.zarr", rng.standard_normal((3, n_train, feat)).astype(np.float32),
-                        LRS, chunk_rows=8, dtype=dtype)
+    te = to.from_arrays(
+        workdir / f"test-{i}.zarr",
+        rng.standard_normal((3, n_test, feat)).astype(np.float32),
+        LRS,
+        chunk_rows=4,
+        dtype=dtype,
+    )
+    tr = to.from_arrays(
+        workdir / f"train-{i}.zarr",
+        rng.standard_normal((3, n_train, feat)).astype(np.float32),
+        LRS,
+        chunk_rows=8,
+        dtype=dtype,
+    )
     return te, tr
 
 
@@ -99,8 +109,7 @@ def test_gpu_top_k_equals_cpu(workdir, dtype, normalize, k):
     tt.assert_top_k_equal(cpu, expected, k)
     for name in ("proponent_score", "opponent_score"):
         assert type(gpu[name].data) is np.ndarray
-        np.testing.assert_allclose(gpu[name].values, cpu[name].values, rtol=1e-5,
-                                   atol=1e-5 * np.abs(expected).max())
+        np.testing.assert_allclose(gpu[name].values, cpu[name].values, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 @requires_cupy

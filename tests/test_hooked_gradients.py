@@ -38,16 +38,24 @@ def _resnet(root):
     split = _digits()
     train_all, test_all = arch.digits_rgb32(split.train), arch.digits_rgb32(split.test)
     model = arch.cifar_resnet(seed=0)
-    ckpts = train_with_checkpoints(model, Subset(train_all, range(48)), root / "ckpt", epochs=2, lr=0.05,
-                                   batch_size=16, checkpoint_every=1)
+    ckpts = train_with_checkpoints(
+        model, Subset(train_all, range(48)), root / "ckpt", epochs=2, lr=0.05, batch_size=16, checkpoint_every=1
+    )
     train, test = Subset(train_all, range(N_TRAIN)), Subset(test_all, range(N_TEST))
 
     def loss(model, example):
         x, y = example
         return F.cross_entropy(model(x[None]), y[None])
 
-    return dict(make=lambda: arch.cifar_resnet(seed=0), ckpts=ckpts, train=train, test=test, loss=loss,
-                data=lambda ds: ds, labels=True)
+    return dict(
+        make=lambda: arch.cifar_resnet(seed=0),
+        ckpts=ckpts,
+        train=train,
+        test=test,
+        loss=loss,
+        data=lambda ds: ds,
+        labels=True,
+    )
 
 
 def _hf(root, task):
@@ -56,20 +64,29 @@ def _hf(root, task):
     test_all = arch.digit_token_dicts(split.test, task=task)
     make = arch.tiny_bert if task == "classify" else arch.tiny_gpt2
     model = make()
-    ckpts = arch.train_dict_batches(model, Subset(train_all, range(96)), root / "ckpt", epochs=2, lr=0.05,
-                                    batch_size=16, checkpoint_every=1)
+    ckpts = arch.train_dict_batches(
+        model, Subset(train_all, range(96)), root / "ckpt", epochs=2, lr=0.05, batch_size=16, checkpoint_every=1
+    )
     train, test = Subset(train_all, range(N_TRAIN)), Subset(test_all, range(N_TEST))
 
     def loss(model, example):  # one example, unpadded; Hugging Face's own losses as the reference
         ids = example["input_ids"][None]
         if task == "classify":
-            return F.cross_entropy(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits,
-                                   example["labels"][None])
+            return F.cross_entropy(
+                model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, example["labels"][None]
+            )
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
         return out.loss * (ids.shape[1] - 1)  # HF averages over the predicted tokens; ours is their sum
 
-    return dict(make=make, ckpts=ckpts, train=train, test=test, loss=loss,
-                data=lambda ds: DataLoader(ds, batch_size=8, collate_fn=arch.pad_collate), labels=task == "classify")
+    return dict(
+        make=make,
+        ckpts=ckpts,
+        train=train,
+        test=test,
+        loss=loss,
+        data=lambda ds: DataLoader(ds, batch_size=8, collate_fn=arch.pad_collate),
+        labels=task == "classify",
+    )
 
 
 BUILDERS = {"resnet": _resnet, "bert": lambda root: _hf(root, "classify"), "gpt2": lambda root: _hf(root, "lm")}
@@ -95,10 +112,10 @@ def reference_gradients(case, dataset) -> np.ndarray:
         params = dict(model.named_parameters())
         rows = []
         for i in range(len(dataset)):
-            grads = torch.autograd.grad(case["loss"](model, dataset[i]), [params[n] for n in names],
-                                        allow_unused=True)
-            rows.append(torch.cat([(torch.zeros_like(params[n]) if g is None else g).reshape(-1)
-                                   for n, g in zip(names, grads)]))
+            grads = torch.autograd.grad(case["loss"](model, dataset[i]), [params[n] for n in names], allow_unused=True)
+            rows.append(
+                torch.cat([(torch.zeros_like(params[n]) if g is None else g).reshape(-1) for n, g in zip(names, grads)])
+            )
         out.append(torch.stack(rows))
     return torch.stack(out).detach().numpy().astype(np.float64)
 
@@ -307,6 +324,12 @@ def test_methods_given_in_advance_are_used_as_given():
 
 
 def test_a_mlp_capture_records_hooks_for_every_parameter(mlp, digits_test, tmp_path):
-    store = to.capture(mlp.model, mlp.checkpoints, TensorDataset(*digits_test.tensors), tmp_path / "m.zarr",
-                       device="cpu", batch_size=64)
+    store = to.capture(
+        mlp.model,
+        mlp.checkpoints,
+        TensorDataset(*digits_test.tensors),
+        tmp_path / "m.zarr",
+        device="cpu",
+        batch_size=64,
+    )
     assert store.attrs["per_example_methods"] == {n: "hooks" for n, _ in mlp.model.named_parameters()}

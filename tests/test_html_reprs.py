@@ -23,8 +23,15 @@ def run(tmp_path_factory):
     ckpts = train_with_checkpoints(model, split.train, folder / "ckpt", epochs=2, checkpoint_every=1)
     data = Subset(split.train, range(120))
     stores = {
-        kind: to.capture(model, ckpts, data, folder / f"{kind}.zarr", projection=kind, progress=False,
-                         projection_dim=None if kind == "factors" else 48)
+        kind: to.capture(
+            model,
+            ckpts,
+            data,
+            folder / f"{kind}.zarr",
+            projection=kind,
+            progress=False,
+            projection_dim=None if kind == "factors" else 48,
+        )
         for kind in ("gaussian", "factored", "factors")
     }
     return stores, ckpts
@@ -59,7 +66,7 @@ def test_factored_and_factors_plans_render_per_layer(run):
         if layer["kind"] not in ("dense", "pad"):
             assert f"<td>{layer['module']}</td><td>{layer['kind']}</td>" in html
             assert f"{layer['d_in']:,} → {layer['k_in']:,}" in html
-            assert f"<td class=\"num\">{layer['width']:,}</td>" in html
+            assert f'<td class="num">{layer["width"]:,}</td>' in html
     # Every layer maps into the shared dims (plan version 2): the store's width is theirs.
     assert all(x["mix"] == factored.feature_dim for x in plan)
     factors = stores["factors"]
@@ -77,7 +84,7 @@ def test_plan_table_html_takes_a_spec_its_dict_its_plan_or_a_plan_object(run):
     layers = dict(spec.extra)["factored"]["layers"]
 
     def layer_table(html: str) -> str:
-        return html[html.rindex('<table class="tko-t"><tr><th>layer</th>'):]
+        return html[html.rindex('<table class="tko-t"><tr><th>layer</th>') :]
 
     # The same per-layer table from the spec, its plan entry and the bare list of layers.
     assert layer_table(plan_body(spec)) == layer_table(plan_body(dict(spec.extra)["factored"])) == plan_body(layers)
@@ -86,9 +93,14 @@ def test_plan_table_html_takes_a_spec_its_dict_its_plan_or_a_plan_object(run):
 
     class Estimate:  # a pre-capture plan of another shape: its keys become the columns
         def to_dict(self):
-            return {"projection": "factored", "bytes": 123456, "layers": [
-                {"name": "conv<1>", "kind": "conv2d", "values": 10},
-                {"name": "fc", "kind": "linear", "values": 20}]}
+            return {
+                "projection": "factored",
+                "bytes": 123456,
+                "layers": [
+                    {"name": "conv<1>", "kind": "conv2d", "values": 10},
+                    {"name": "fc", "kind": "linear", "values": 20},
+                ],
+            }
 
     html = to.plan_table_html(Estimate())
     assert "<th>name</th><th>kind</th><th>values</th>" in html

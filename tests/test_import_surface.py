@@ -36,7 +36,7 @@ def _imported_rooms(path: Path) -> set[str]:
 
 def test_capture_rooms_import_one_way():
     for i, room in enumerate(ROOMS):
-        allowed = set(ROOMS[i + 1:])
+        allowed = set(ROOMS[i + 1 :])
         files = sorted((CAPTURING / room).glob("*.py"))
         assert files, f"room {room} has no modules"
         for f in files:
@@ -103,7 +103,8 @@ def test_every_exception_is_a_trackin_error_exported_from_the_top():
         if not issubclass(cls, Warning):
             assert issubclass(cls, trackin_ooc.TrackinError), f"{where} is not a TrackinError"
         assert getattr(trackin_ooc, cls.__name__, None) is cls and cls.__name__ in trackin_ooc.__all__, (
-            f"{where} is not exported from trackin_ooc")
+            f"{where} is not exported from trackin_ooc"
+        )
 
 
 def _module_name(path: Path) -> str:

@@ -35,10 +35,22 @@ def digits_stores(tmp_path_factory, flipped_mlp, flipped_digits):
     """Real gradients: the digits MLP trained on 10 % flipped labels, captured (projected to 128 dims)
     for its 1,500 training and 297 test examples."""
     root = tmp_path_factory.mktemp("index_digits")
-    train = to.capture(flipped_mlp.model, flipped_mlp.checkpoints, flipped_digits.train, root / "train.zarr",
-                       projection_dim=128, progress=False)
-    test = to.capture(flipped_mlp.model, flipped_mlp.checkpoints, flipped_digits.test, root / "test.zarr",
-                      projection_dim=128, progress=False)
+    train = to.capture(
+        flipped_mlp.model,
+        flipped_mlp.checkpoints,
+        flipped_digits.train,
+        root / "train.zarr",
+        projection_dim=128,
+        progress=False,
+    )
+    test = to.capture(
+        flipped_mlp.model,
+        flipped_mlp.checkpoints,
+        flipped_digits.test,
+        root / "test.zarr",
+        projection_dim=128,
+        progress=False,
+    )
     return train, test
 
 
@@ -134,11 +146,12 @@ def test_recall_and_fraction_read_on_clustered_rows(clustered, tmp_path):
     assert recall(batch, exact, "opponent") >= 0.95
     grads = test.read_grads()
     for i in range(4):  # one test example at a time reads a small part of the store
-        one = to.from_arrays(tmp_path / f"one{i}.zarr", grads[:, i:i + 1], test.learning_rates, dtype="float16")
+        one = to.from_arrays(tmp_path / f"one{i}.zarr", grads[:, i : i + 1], test.learning_rates, dtype="float16")
         res = to.top_k(one, train, k=K, index=idx)
         assert res.attrs["fraction_read"] < 0.1
-        np.testing.assert_allclose(res["proponent_score"].values[0][:3], exact["proponent_score"].values[i][:3],
-                                   rtol=1e-5)  # the strongest are found
+        np.testing.assert_allclose(
+            res["proponent_score"].values[0][:3], exact["proponent_score"].values[i][:3], rtol=1e-5
+        )  # the strongest are found
     more = to.top_k(test, train, k=K, index=idx, n_probe=4 * idx.n_probe)
     assert more.attrs["fraction_read"] > batch.attrs["fraction_read"]
     assert recall(more, exact, "proponent") >= recall(batch, exact, "proponent")
@@ -246,8 +259,11 @@ def test_killed_build_resumes(tmp_path):
         proc = subprocess.Popen([sys.executable, "-c", CHILD, train.path], env=cli_env())
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            n = total or (zarr.open_group(str(index_path), mode="r")["window_complete"].shape[0]
-                          if _flags(index_path, "window_complete") >= 0 else 0)
+            n = total or (
+                zarr.open_group(str(index_path), mode="r")["window_complete"].shape[0]
+                if _flags(index_path, "window_complete") >= 0
+                else 0
+            )
             if n and _flags(index_path, flag) >= n // 3:
                 break
             time.sleep(0.01)
@@ -270,8 +286,11 @@ def test_killed_build_resumes(tmp_path):
     rows, offsets = ix["train_index"][...], ix["list_offsets"][...]
     np.testing.assert_array_equal(np.sort(rows), np.arange(train.n_examples))
     centroids = ix["centroids"][...]
-    lists, _ = ivf.assign(ivf.to_index_space(train.read_grads(), train.learning_rates, False), centroids,
-                          0.5 * (centroids * centroids).sum(1))
+    lists, _ = ivf.assign(
+        ivf.to_index_space(train.read_grads(), train.learning_rates, False),
+        centroids,
+        0.5 * (centroids * centroids).sum(1),
+    )
     np.testing.assert_array_equal(lists[rows], np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)))
     np.testing.assert_array_equal(ix["grads"][...], train.read_grads()[:, rows])
     test = to.from_arrays(tmp_path / "test.zarr", g[:, :7], [0.2, 0.1])
@@ -288,8 +307,22 @@ def test_cli_index_and_top_k(clustered, tmp_path):
     assert "recall@10" in line and "--probe" in line
     idx = to.open_index(train)
     assert idx.n_lists == 20
-    out = ok(run_cli("top-k", "--train", train.path, "--test", test.path, "--raw", "--index", "--probe", "20",
-                     "--out", "top.csv", cwd=tmp_path))
+    out = ok(
+        run_cli(
+            "top-k",
+            "--train",
+            train.path,
+            "--test",
+            test.path,
+            "--raw",
+            "--index",
+            "--probe",
+            "20",
+            "--out",
+            "top.csv",
+            cwd=tmp_path,
+        )
+    )
     assert "20 lists per end, 100.0 % of rows read" in out.stdout
     table = tt_frame(tmp_path / "top.csv")
     exact = to.top_k(test, train, k=K)
@@ -302,13 +335,24 @@ def tt_frame(path):
     return pd.read_csv(path)
 
 
-@pytest.mark.parametrize("args, status, words", [
-    (["index", "missing.zarr"], 1, "no gradient store"),
-    (["index", "{train}", "--lists", "0"], 2, "--lists"),
-    (["top-k", "--train", "{train}", "--test", "{test}", "--index", "--probe", "0", "--out", "o.csv"], 2, "--probe"),
-    (["top-k", "--train", "{train}", "--test", "{test}", "--probe", "3", "--out", "o.csv"], 2, "--probe needs --index"),
-    (["top-k", "--train", "{test}", "--test", "{test}", "--index", "--out", "o.csv"], 1, "has no cosine index"),
-])
+@pytest.mark.parametrize(
+    "args, status, words",
+    [
+        (["index", "missing.zarr"], 1, "no gradient store"),
+        (["index", "{train}", "--lists", "0"], 2, "--lists"),
+        (
+            ["top-k", "--train", "{train}", "--test", "{test}", "--index", "--probe", "0", "--out", "o.csv"],
+            2,
+            "--probe",
+        ),
+        (
+            ["top-k", "--train", "{train}", "--test", "{test}", "--probe", "3", "--out", "o.csv"],
+            2,
+            "--probe needs --index",
+        ),
+        (["top-k", "--train", "{test}", "--test", "{test}", "--index", "--out", "o.csv"], 1, "has no cosine index"),
+    ],
+)
 def test_cli_bad_input(clustered, tmp_path, args, status, words):
     train, test = clustered
     result = run_cli(*[a.format(train=train.path, test=test.path) for a in args], cwd=tmp_path)
@@ -321,8 +365,9 @@ def test_cli_bad_input(clustered, tmp_path, args, status, words):
 
 def test_factor_stores_refused(mlp, digits_test, tmp_path):
     """Per-layer factors (projection="factors") are not one feature matrix: refused in one line, before any work."""
-    factors = to.capture(mlp.model, mlp.checkpoints, digits_test, tmp_path / "factors.zarr", projection="factors",
-                         progress=False)
+    factors = to.capture(
+        mlp.model, mlp.checkpoints, digits_test, tmp_path / "factors.zarr", projection="factors", progress=False
+    )
     assert factors.has_factors
     for call in (lambda: to.build_index(factors), lambda: to.net_influence(factors, factors)):
         with pytest.raises(to.ArgumentError, match="per-layer factors") as e:
@@ -400,8 +445,10 @@ def test_defaults_hold_on_sweep_stores(store, tmp_path):
     exact = to.top_k(test, train, k=K, normalize=case.cosine)
     own_recall, own_read = sw.own_lists(idx, test, exact)
     assert own_recall >= 0.95 and own_read <= 0.05
-    calls = [to.from_arrays(tmp_path / f"call{i}.zarr", test.read_grads(i, i + 16), test.learning_rates,
-                            dtype="float16") for i in range(0, 64, 16)]  # calls of 16 test examples
+    calls = [
+        to.from_arrays(tmp_path / f"call{i}.zarr", test.read_grads(i, i + 16), test.learning_rates, dtype="float16")
+        for i in range(0, 64, 16)
+    ]  # calls of 16 test examples
     batch = [to.top_k(c, train, k=K, normalize=case.cosine, index=idx) for c in calls]
     for side in ("proponent", "opponent"):
         got = np.concatenate([b[f"{side}_index"].values for b in batch])

@@ -19,10 +19,16 @@ def _flip_byte(path: Path, offset: int = 17) -> None:
 @pytest.fixture
 def stores(tmp_path):
     rng = np.random.default_rng(0)
-    train = to.from_arrays(tmp_path / "train.zarr", rng.standard_normal((2, 96, 8)).astype(np.float32),
-                           [0.5, 0.25], chunk_rows=32, losses=rng.random((2, 96)).astype(np.float32))
-    test = to.from_arrays(tmp_path / "test.zarr", rng.standard_normal((2, 10, 8)).astype(np.float32),
-                          [0.5, 0.25], chunk_rows=32)
+    train = to.from_arrays(
+        tmp_path / "train.zarr",
+        rng.standard_normal((2, 96, 8)).astype(np.float32),
+        [0.5, 0.25],
+        chunk_rows=32,
+        losses=rng.random((2, 96)).astype(np.float32),
+    )
+    test = to.from_arrays(
+        tmp_path / "test.zarr", rng.standard_normal((2, 10, 8)).astype(np.float32), [0.5, 0.25], chunk_rows=32
+    )
     return test, train
 
 
@@ -39,8 +45,11 @@ def test_flipped_byte_is_caught_by_every_reader(stores, chunk):
     name = "/".join(map(str, chunk))
     bad = to.open_store(train.path).verify()
     assert [str(b) for b in bad] == [f"array 'grads' chunk {name}"]
-    for run in (lambda: to.self_influence(train.path), lambda: to.top_k(test, train.path, k=3),
-                lambda: to.influence(test, train.path).values):
+    for run in (
+        lambda: to.self_influence(train.path),
+        lambda: to.top_k(test, train.path, k=3),
+        lambda: to.influence(test, train.path).values,
+    ):
         with pytest.raises(to.CorruptChunkError, match=f"'grads' chunk {name}") as e:
             run()
         assert "\n" not in str(e.value)
@@ -48,7 +57,7 @@ def test_flipped_byte_is_caught_by_every_reader(stores, chunk):
     other = (32, 64) if chunk[1] == 0 else (0, 32)
     intact = to.open_store(train.path).read_grads(*other)
     weights = train.learning_rates[:, None]
-    np.testing.assert_allclose((weights * (intact**2).sum(axis=2)).sum(axis=0), before[other[0]:other[1]], rtol=1e-5)
+    np.testing.assert_allclose((weights * (intact**2).sum(axis=2)).sum(axis=0), before[other[0] : other[1]], rtol=1e-5)
 
 
 def test_damaged_loss_chunk_names_the_loss_array(stores):

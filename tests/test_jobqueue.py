@@ -30,7 +30,7 @@ def worker_command(script: str) -> str:
 
 
 def directives(script: str, prefix: str) -> list[str]:
-    return [ln[len(prefix):].strip() for ln in script.splitlines() if ln.startswith(prefix)]
+    return [ln[len(prefix) :].strip() for ln in script.splitlines() if ln.startswith(prefix)]
 
 
 def arg(command: str, flag: str) -> str:
@@ -40,8 +40,16 @@ def arg(command: str, flag: str) -> str:
 
 
 def test_slurm_script_has_the_directives_and_worker_command():
-    script = jobqueue.job_script("slurm", cores=8, memory="32GiB", processes=2, walltime="02:30:00",
-                                 queue="gpu", account="proj42", job_name="tracin")
+    script = jobqueue.job_script(
+        "slurm",
+        cores=8,
+        memory="32GiB",
+        processes=2,
+        walltime="02:30:00",
+        queue="gpu",
+        account="proj42",
+        job_name="tracin",
+    )
     assert script.startswith("#!/usr/bin/env bash\n")
     d = directives(script, "#SBATCH")
     assert d == ["-J tracin", "-p gpu", "-A proj42", "-n 1", "--cpus-per-task=8", "--mem=32G", "-t 02:30:00"]
@@ -64,8 +72,16 @@ def test_the_worker_command_uses_this_python():
 
 
 def test_pbs_script(tmp_path):
-    script = jobqueue.job_script("pbs", cores=4, memory="12GiB", processes=2, walltime="01:00:00",
-                                 queue="workq", account="acct", log_directory=str(tmp_path / "logs"))
+    script = jobqueue.job_script(
+        "pbs",
+        cores=4,
+        memory="12GiB",
+        processes=2,
+        walltime="01:00:00",
+        queue="workq",
+        account="acct",
+        log_directory=str(tmp_path / "logs"),
+    )
     d = directives(script, "#PBS")
     assert "-q workq" in d and "-A acct" in d and "-N dask-worker" in d
     assert "-l select=1:ncpus=4:mem=12GB" in d
@@ -77,8 +93,9 @@ def test_pbs_script(tmp_path):
 
 
 def test_lsf_script():
-    script = jobqueue.job_script("lsf", cores=6, memory="6GB", walltime="00:45", queue="normal",
-                                 project="p1", lsf_units="mb", processes=1)
+    script = jobqueue.job_script(
+        "lsf", cores=6, memory="6GB", walltime="00:45", queue="normal", project="p1", lsf_units="mb", processes=1
+    )
     d = directives(script, "#BSUB")
     assert "-q normal" in d and '-P "p1"' in d and "-n 6" in d and '-R "span[hosts=1]"' in d
     assert "-M 6000" in d and "-W 00:45" in d  # 6 GB in LSF's MB units
@@ -88,14 +105,29 @@ def test_lsf_script():
 
 def test_the_yaml_config_is_honoured(tmp_path):
     cfg = tmp_path / "jobqueue.yaml"
-    cfg.write_text(yaml.safe_dump({"jobqueue": {"slurm": {
-        "name": "from-yaml", "cores": 4, "memory": "8GiB", "processes": 1, "walltime": "04:00:00",
-        "queue": "long", "account": "yaml-acct", "local-directory": "$TMPDIR", "interface": "ib0",
-        "job-extra-directives": ["--gres=gpu:1", "--constraint=a100"],
-        "job-script-prologue": ["module load cuda/12", "source ~/envs/trackin/bin/activate"],
-        "worker-extra-args": ["--resources", "GPU=1"],
-        "job-directives-skip": ["--mem"],
-    }}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "jobqueue": {
+                    "slurm": {
+                        "name": "from-yaml",
+                        "cores": 4,
+                        "memory": "8GiB",
+                        "processes": 1,
+                        "walltime": "04:00:00",
+                        "queue": "long",
+                        "account": "yaml-acct",
+                        "local-directory": "$TMPDIR",
+                        "interface": "ib0",
+                        "job-extra-directives": ["--gres=gpu:1", "--constraint=a100"],
+                        "job-script-prologue": ["module load cuda/12", "source ~/envs/trackin/bin/activate"],
+                        "worker-extra-args": ["--resources", "GPU=1"],
+                        "job-directives-skip": ["--mem"],
+                    }
+                }
+            }
+        )
+    )
     script = jobqueue.job_script("slurm", config=cfg)
     d = directives(script, "#SBATCH")
     assert d[:2] == ["-J from-yaml", "-p long"] and "-A yaml-acct" in d and "-t 04:00:00" in d
@@ -118,8 +150,11 @@ def test_the_yaml_config_is_honoured(tmp_path):
 
 
 def test_scheduler_options_merge_and_resolve_once(tmp_path):
-    cfg = {"jobqueue": {"slurm": {"cores": 2, "memory": "2GiB",
-                                  "scheduler-options": {"port": 8786, "dashboard-address": ":8787"}}}}
+    cfg = {
+        "jobqueue": {
+            "slurm": {"cores": 2, "memory": "2GiB", "scheduler-options": {"port": 8786, "dashboard-address": ":8787"}}
+        }
+    }
     opts = jobqueue.options("slurm", config=cfg, scheduler_options={"host": "10.0.0.1"})
     assert opts["scheduler_options"] == {"port": 8786, "dashboard_address": ":8787", "host": "10.0.0.1"}
     assert opts["job_name"] == "dask-worker" and opts["walltime"] == "00:30:00"  # dask-jobqueue's defaults
@@ -127,9 +162,18 @@ def test_scheduler_options_merge_and_resolve_once(tmp_path):
 
 
 def test_old_option_names_in_config_files_still_work(recwarn):
-    cfg = {"jobqueue": {"pbs": {"cores": 2, "memory": "2GiB", "env-extra": ["export A=1"],
-                                "extra": ["--lifetime", "55m"], "job-extra": ["-l place=scatter"],
-                                "project": "old-acct"}}}
+    cfg = {
+        "jobqueue": {
+            "pbs": {
+                "cores": 2,
+                "memory": "2GiB",
+                "env-extra": ["export A=1"],
+                "extra": ["--lifetime", "55m"],
+                "job-extra": ["-l place=scatter"],
+                "project": "old-acct",
+            }
+        }
+    }
     script = jobqueue.job_script("pbs", config=cfg)
     assert "export A=1" in script and "-l place=scatter" in directives(script, "#PBS")
     assert "-A old-acct" in directives(script, "#PBS")
@@ -147,20 +191,27 @@ def test_the_documented_example_config_builds_every_kind():
         assert "distributed.cli.dask_worker" in worker_command(script)
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: jobqueue.job_script("sge", cores=1, memory="1GiB"), r"unknown batch system 'sge'; use one of slurm"),
-    (lambda: jobqueue.job_script("slurm", cores=1, memory="1GiB", partition="x"),
-     r"unknown slurm option partition; known: .*queue"),
-    (lambda: jobqueue.job_script("slurm"), r"cores and memory are not set"),
-    (lambda: jobqueue.job_script("slurm", cores=1), r"memory is not set"),
-    (lambda: jobqueue.job_script("pbs", config={"jobqueue": {"slurm": {"cores": 1}}}),
-     r"has no jobqueue.pbs section \(it has: slurm\)"),
-    (lambda: jobqueue.options("lsf", config={"jobqueue": ["slurm"]}), r"must be a mapping of batch systems"),
-    (lambda: jobqueue.make_cluster("slurm", jobs=2, maximum=3, cores=1, memory="1GiB"), r"not both"),
-    (lambda: jobqueue.make_cluster("slurm", minimum=1, cores=1, memory="1GiB"), r"needs maximum"),
-    (lambda: jobqueue.make_cluster("slurm", minimum=4, maximum=2, cores=1, memory="1GiB"), r"larger than"),
-    (lambda: jobqueue.make_cluster("slurm", jobs=-1, cores=1, memory="1GiB"), r"whole number"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: jobqueue.job_script("sge", cores=1, memory="1GiB"), r"unknown batch system 'sge'; use one of slurm"),
+        (
+            lambda: jobqueue.job_script("slurm", cores=1, memory="1GiB", partition="x"),
+            r"unknown slurm option partition; known: .*queue",
+        ),
+        (lambda: jobqueue.job_script("slurm"), r"cores and memory are not set"),
+        (lambda: jobqueue.job_script("slurm", cores=1), r"memory is not set"),
+        (
+            lambda: jobqueue.job_script("pbs", config={"jobqueue": {"slurm": {"cores": 1}}}),
+            r"has no jobqueue.pbs section \(it has: slurm\)",
+        ),
+        (lambda: jobqueue.options("lsf", config={"jobqueue": ["slurm"]}), r"must be a mapping of batch systems"),
+        (lambda: jobqueue.make_cluster("slurm", jobs=2, maximum=3, cores=1, memory="1GiB"), r"not both"),
+        (lambda: jobqueue.make_cluster("slurm", minimum=1, cores=1, memory="1GiB"), r"needs maximum"),
+        (lambda: jobqueue.make_cluster("slurm", minimum=4, maximum=2, cores=1, memory="1GiB"), r"larger than"),
+        (lambda: jobqueue.make_cluster("slurm", jobs=-1, cores=1, memory="1GiB"), r"whole number"),
+    ],
+)
 def test_bad_requests_fail_with_a_clear_message(call, message):
     with pytest.raises(jobqueue.JobqueueError, match=message) as info:
         call()
@@ -191,17 +242,25 @@ def test_a_generated_script_run_by_bash_starts_a_worker(tmp_path):
     its worker command must start a worker that joins the scheduler with the requested resources."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=0, processes=True, host="127.0.0.1", dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=0, processes=True, host="127.0.0.1", dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         script = jobqueue.job_script(
-            "pbs", scheduler_address=cluster.scheduler_address, cores=2, memory="1GiB", processes=1,
-            job_name="bash-run", worker_extra_args=["--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"],
+            "pbs",
+            scheduler_address=cluster.scheduler_address,
+            cores=2,
+            memory="1GiB",
+            processes=1,
+            job_name="bash-run",
+            worker_extra_args=["--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"],
         )
         path = tmp_path / "job.pbs"
         path.write_text(script)
         with open(tmp_path / "job.log", "wb") as log:
-            proc = subprocess.Popen(["bash", str(path)], stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, cwd=tmp_path)
+            proc = subprocess.Popen(
+                ["bash", str(path)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path
+            )
         try:
             try:
                 client.wait_for_workers(1, timeout=90)

@@ -23,10 +23,8 @@ LRS = [0.4, 1.3]
 def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("lazy")
     rng = np.random.default_rng(12)
-    te = to.from_arrays(root / "test.zarr", rng.standard_normal((C, N_TEST, F)).astype(np.float32), LRS,
-                        chunk_rows=3)
-    tr = to.from_arrays(root / "train.zarr", rng.standard_normal((C, N_TRAIN, F)).astype(np.float32), LRS,
-                        chunk_rows=4)
+    te = to.from_arrays(root / "test.zarr", rng.standard_normal((C, N_TEST, F)).astype(np.float32), LRS, chunk_rows=3)
+    tr = to.from_arrays(root / "train.zarr", rng.standard_normal((C, N_TRAIN, F)).astype(np.float32), LRS, chunk_rows=4)
     return te, tr
 
 
@@ -165,6 +163,10 @@ def test_top_k_tasks_never_return_score_blocks(stores):
     # The same check sees score blocks where they are the result: the influence matrix's tasks.
     with tt.count_tasks(record_shapes=True) as inf:
         to.influence(te, tr, memory_limit=small_budget(te, tr, 3, 6)).compute()
-    widths = {shape[-1] for key, shapes in inf.result_shapes.items() for shape in shapes
-              if len(shape) == 2 and _name(key).startswith("trackin-")}
+    widths = {
+        shape[-1]
+        for key, shapes in inf.result_shapes.items()
+        for shape in shapes
+        if len(shape) == 2 and _name(key).startswith("trackin-")
+    }
     assert to.plan_for(te, tr, memory_limit=small_budget(te, tr, 3, 6)).train_rows in widths

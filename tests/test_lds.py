@@ -90,8 +90,9 @@ def test_many_train_blocks_reduce_to_the_same_sums(setup):
     runs = to.open_runs(setup.runs_path)
     from trackin_ooc.store.runs_store import open_runs_store
 
-    arr = subset_predictions_array(setup.test, setup.train, MaskSource.of(open_runs_store(setup.runs_path)),
-                                   N_SUBSETS, False, train_rows=7)
+    arr = subset_predictions_array(
+        setup.test, setup.train, MaskSource.of(open_runs_store(setup.runs_path)), N_SUBSETS, False, train_rows=7
+    )
     assert len(arr.dask) > 43 + setup.test.n_examples // setup.test.chunk_rows
     one_block = to.subset_predictions(setup.test, setup.train, runs, progress=False).values
     np.testing.assert_allclose(arr.compute(), one_block, rtol=1e-5, atol=1e-7 * np.abs(one_block).max())

@@ -48,8 +48,9 @@ def test_self_influence_finds_labels_a_model_has_memorised(tmp_path):
     from trackin_ooc.demo.recipes import Recipe, train_run
 
     split = load_digits_split(n_train=400, flip_fraction=0.1, seed=0)
-    recipe = Recipe(make_model=functools.partial(digits_mlp, (128, 128)), optimizer="adamw", lr=3e-3, epochs=50,
-                    n_checkpoints=6)
+    recipe = Recipe(
+        make_model=functools.partial(digits_mlp, (128, 128)), optimizer="adamw", lr=3e-3, epochs=50, n_checkpoints=6
+    )
     x, y = split.train.tensors
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -57,8 +58,15 @@ def test_self_influence_finds_labels_a_model_has_memorised(tmp_path):
         model, checkpoints = train_run(recipe, x, y, tmp_path / "ckpts")
         with torch.no_grad():
             fitted = float((model(x).argmax(1) == y)[torch.from_numpy(split.flipped)].float().mean())
-        store = to.capture(model, checkpoints, split.train, tmp_path / "train.zarr", projection_dim=64,
-                           projection="factored", progress=False)
+        store = to.capture(
+            model,
+            checkpoints,
+            split.train,
+            tmp_path / "train.zarr",
+            projection_dim=64,
+            projection="factored",
+            progress=False,
+        )
     finally:
         torch.set_num_threads(previous)
     assert fitted >= 0.8, f"the model fits only {fitted:.0%} of the flipped labels: it has not memorised them"

@@ -31,8 +31,9 @@ def test_hugging_face_example_runs(tmp_path):
     code = section_code(SECTION)
     assert "import trackin_ooc" in code and "model(**batch)" in code
     env = {**os.environ, "TRACKIN_OOC_QUIET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, f"docs/models.md example failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     assert "proponents of the first test example" in proc.stdout and "GPT-2 store: 64 examples" in proc.stdout
 

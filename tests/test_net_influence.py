@@ -20,8 +20,7 @@ RTOL = 1e-5
 def stores(tmp_path_factory, mlp, digits, digits_test):
     """The digits MLP's gradients (3 checkpoints, projected to 96 dims) for 500 train and 60 test examples."""
     root = tmp_path_factory.mktemp("net")
-    train = to.capture(mlp.model, mlp.checkpoints, digits.train, root / "train.zarr", projection_dim=96,
-                       progress=False)
+    train = to.capture(mlp.model, mlp.checkpoints, digits.train, root / "train.zarr", projection_dim=96, progress=False)
     test = to.capture(mlp.model, mlp.checkpoints, digits_test, root / "test.zarr", projection_dim=96, progress=False)
     return train, test
 
@@ -96,8 +95,11 @@ def test_bad_input(stores, tmp_path):
 
 def test_cli(stores, tmp_path):
     train, test = stores
-    by_label = ok(run_cli("net-influence", "--train", train.path, "--test", test.path, "--by-label", "--out",
-                          "net.csv", cwd=tmp_path))
+    by_label = ok(
+        run_cli(
+            "net-influence", "--train", train.path, "--test", test.path, "--by-label", "--out", "net.csv", cwd=tmp_path
+        )
+    )
     assert by_label.stdout.strip() == (
         f"wrote the net influence of 500 train examples on 60 test examples per label (10 labels) to "
         f"{tmp_path / 'net.csv'} in {by_label.stdout.split(' in ')[-1].strip()}"
@@ -117,7 +119,8 @@ def test_cli(stores, tmp_path):
     assert ds["net_influence"].dims == ("train",) and ds["rank"].values.min() == 1
     np.testing.assert_array_equal(ds["net_influence"].values, to.net_influence(test, train).values)
 
-    into_store = run_cli("net-influence", "--train", train.path, "--test", test.path, "--out",
-                         f"{train.path}/net.csv", cwd=tmp_path)
+    into_store = run_cli(
+        "net-influence", "--train", train.path, "--test", test.path, "--out", f"{train.path}/net.csv", cwd=tmp_path
+    )
     assert into_store.returncode == 1 and "inside the input store" in into_store.stderr
     assert len(into_store.stderr.strip().splitlines()) == 1 and "Traceback" not in into_store.stderr

@@ -64,8 +64,9 @@ def test_infinite_losses_are_refused(mlp, digits, tmp_path):
         return F.cross_entropy(outputs, targets, reduction="none") + torch.where(targets == 3, torch.inf, 0.0)
 
     with pytest.raises(to.NonFiniteError, match="non-finite gradients or losses"):
-        to.capture(mlp.model, mlp.checkpoints, digits.train, tmp_path / "s.zarr", projection_dim=16,
-                   loss_fn=inf_for_threes)
+        to.capture(
+            mlp.model, mlp.checkpoints, digits.train, tmp_path / "s.zarr", projection_dim=16, loss_fn=inf_for_threes
+        )
 
 
 def test_a_refused_capture_resumes_with_flagging(mlp, poisoned, tmp_path):
@@ -85,9 +86,10 @@ def test_a_refused_capture_resumes_with_flagging(mlp, poisoned, tmp_path):
 
 
 def test_cli_refuses_or_flags_nonfinite_examples(mlp, tmp_path):
-    (tmp_path / "usercode.py").write_text(textwrap.dedent(f"""
+    (tmp_path / "usercode.py").write_text(
+        textwrap.dedent(f"""
         from torch.utils.data import Dataset
-        from {EX.split(':')[0]} import digits_train_small
+        from {EX.split(":")[0]} import digits_train_small
 
         class _NaNAt5(Dataset):
             def __init__(self):
@@ -100,14 +102,25 @@ def test_cli_refuses_or_flags_nonfinite_examples(mlp, tmp_path):
 
         def data():
             return _NaNAt5()
-    """))
+    """)
+    )
     from trackin_ooc.demo import train_with_checkpoints
     from trackin_ooc.demo.examples import digits_mlp_model, digits_train_small
 
-    ckpts = train_with_checkpoints(digits_mlp_model(), digits_train_small(), tmp_path / "ckpt", epochs=2,
-                                   checkpoint_every=1, seed=0)
-    args = ["capture", "--model", f"{EX}:digits_mlp_model", "--data", "usercode.py:data", "--projection-dim", "8",
-            "--out", "s.zarr"]
+    ckpts = train_with_checkpoints(
+        digits_mlp_model(), digits_train_small(), tmp_path / "ckpt", epochs=2, checkpoint_every=1, seed=0
+    )
+    args = [
+        "capture",
+        "--model",
+        f"{EX}:digits_mlp_model",
+        "--data",
+        "usercode.py:data",
+        "--projection-dim",
+        "8",
+        "--out",
+        "s.zarr",
+    ]
     for c in ckpts:
         args += ["--checkpoint", str(c)]
     check_failure(run_cli(*args, cwd=tmp_path), FAILURE, "ids 5", "--allow-nonfinite")

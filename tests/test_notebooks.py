@@ -22,12 +22,25 @@ PARAMS = {
 }
 # What each notebook must have shown (text outputs), beyond running without an error.
 EXPECTED = {
-    "01_mislabel_detection": ["TracIn self-influence", "influence functions", "last-checkpoint loss", "random",
-                              "recall_at_10pct", "influence functions on ['fc']", "CapturePlan"],
+    "01_mislabel_detection": [
+        "TracIn self-influence",
+        "influence functions",
+        "last-checkpoint loss",
+        "random",
+        "recall_at_10pct",
+        "influence functions on ['fc']",
+        "CapturePlan",
+    ],
     "02_proponents_opponents": ["proponent has test label", "opponent flipped", "proponent_label"],
     "03_out_of_core": ["dashboard: http://127.0.0.1:", "peak", "limit", "train store", "influence matrix"],
-    "04_data_cleaning": ["net influence of 1200 training examples on 300 validation examples", "most harmful",
-                         "removed: random", "relabelled", "validation accuracy", "test accuracy"],
+    "04_data_cleaning": [
+        "net influence of 1200 training examples on 300 validation examples",
+        "most harmful",
+        "removed: random",
+        "relabelled",
+        "validation accuracy",
+        "test accuracy",
+    ],
 }
 
 

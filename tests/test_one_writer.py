@@ -33,24 +33,39 @@ def test_second_capture_into_a_live_store_is_refused(mlp, digits, tmp_path):
     result: dict = {}
 
     def first():
-        result["store"] = to.capture(mlp.model, mlp.checkpoints, SlowDigits(digits.train, gate, release), path,
-                                     batch_size=50, chunk_rows=64, projection_dim=64, device="cpu")
+        result["store"] = to.capture(
+            mlp.model,
+            mlp.checkpoints,
+            SlowDigits(digits.train, gate, release),
+            path,
+            batch_size=50,
+            chunk_rows=64,
+            projection_dim=64,
+            device="cpu",
+        )
 
     t = threading.Thread(target=first)
     t.start()
     assert gate.wait(60)
     try:
         with pytest.raises(to.StoreLockedError, match="being written by another process") as e:
-            to.capture(mlp.model, mlp.checkpoints, digits.train, path, projection_dim=64, overwrite=True,
-                       device="cpu")
+            to.capture(mlp.model, mlp.checkpoints, digits.train, path, projection_dim=64, overwrite=True, device="cpu")
         assert "\n" not in str(e.value)
     finally:
         release.set()
         t.join(120)
     store = result["store"]
     assert store.complete
-    again = to.capture(mlp.model, mlp.checkpoints, digits.train, tmp_path / "again.zarr", batch_size=50,
-                       chunk_rows=64, projection_dim=64, device="cpu")
+    again = to.capture(
+        mlp.model,
+        mlp.checkpoints,
+        digits.train,
+        tmp_path / "again.zarr",
+        batch_size=50,
+        chunk_rows=64,
+        projection_dim=64,
+        device="cpu",
+    )
     np.testing.assert_array_equal(to.open_store(path).read_grads(), again.read_grads())
     # The lock died with its holder: the same path can be written again.
     to.capture(mlp.model, mlp.checkpoints, digits.train, path, projection_dim=64, overwrite=True, device="cpu")
@@ -67,7 +82,8 @@ def test_failed_capture_stops_its_writer_thread(mlp, digits, tmp_path):
             return digits.train[i]
 
     with pytest.raises(RuntimeError, match="disk gone"):
-        to.capture(mlp.model, mlp.checkpoints, Broken(), tmp_path / "a.zarr", chunk_rows=64, batch_size=32,
-                   device="cpu")
+        to.capture(
+            mlp.model, mlp.checkpoints, Broken(), tmp_path / "a.zarr", chunk_rows=64, batch_size=32, device="cpu"
+        )
     assert not [t for t in threading.enumerate() if t.name.startswith("trackin-writer")]
     assert not to.open_store(tmp_path / "a.zarr").complete

@@ -35,8 +35,19 @@ from .test_cli import EX, EXE, cli_env, ok, run_cli
 from .test_cli_errors import FAILURE, USAGE, check_failure, snapshot
 
 N_TRAIN, N_TEST, N_OTHER = 300, 100, 40
-CAPTURE = ["capture", "--model", f"{EX}:digits_mlp_model", "--data", f"{EX}:digits_test_small",
-           "--checkpoint", "ckpt/epoch_001.pt", "--checkpoint", "ckpt/epoch_002.pt", "--projection-dim", "16"]
+CAPTURE = [
+    "capture",
+    "--model",
+    f"{EX}:digits_mlp_model",
+    "--data",
+    f"{EX}:digits_test_small",
+    "--checkpoint",
+    "ckpt/epoch_001.pt",
+    "--checkpoint",
+    "ckpt/epoch_002.pt",
+    "--projection-dim",
+    "16",
+]
 SCORES = ["--train", "train.zarr", "--test", "test.zarr"]
 
 
@@ -49,8 +60,9 @@ def project(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     try:
         model = digits_mlp_model()
-        ckpts = train_with_checkpoints(model, digits_train_small(), root / "ckpt", epochs=2, lr=0.1,
-                                       checkpoint_every=1, seed=0)
+        ckpts = train_with_checkpoints(
+            model, digits_train_small(), root / "ckpt", epochs=2, lr=0.1, checkpoint_every=1, seed=0
+        )
         kw = dict(projection_dim=16, progress=False, device="cpu")
         train = to.capture(model, ckpts, digits_train_small(), root / "train.zarr", **kw)
         test = to.capture(model, ckpts, digits_test_small(), root / "test.zarr", **kw)
@@ -71,9 +83,17 @@ def project(tmp_path_factory) -> Path:
 def verified(root: Path, **expected: int) -> None:
     """``trackin-ooc info STORE --verify --json`` for each store (run side by side): exit 0, every chunk
     intact, complete, and the expected example count."""
-    procs = {name: subprocess.Popen([str(EXE), "info", name, "--verify", "--json"], cwd=root, env=cli_env(),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name in expected}
+    procs = {
+        name: subprocess.Popen(
+            [str(EXE), "info", name, "--verify", "--json"],
+            cwd=root,
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in expected
+    }
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, f"info --verify {name}: {err}"
@@ -99,21 +119,34 @@ def _in(root: Path, name: str) -> str:
 ROWS = {
     "self-influence onto its own store": (
         ["self-influence", "train.zarr", "--out", "train.zarr", "--overwrite"],
-        ["output {train.zarr} is the input store {train.zarr}"], stores(train=N_TRAIN)),
+        ["output {train.zarr} is the input store {train.zarr}"],
+        stores(train=N_TRAIN),
+    ),
     "top-k onto the test store": (
         ["top-k", *SCORES, "--out", "test.zarr", "--overwrite"],
-        ["output {test.zarr} is the input store {test.zarr}"], stores(train=N_TRAIN, test=N_TEST)),
+        ["output {test.zarr} is the input store {test.zarr}"],
+        stores(train=N_TRAIN, test=N_TEST),
+    ),
     "influence onto the train store": (
         ["influence", *SCORES, "--out", "train.zarr", "--overwrite"],
-        ["output {train.zarr} is the input store {train.zarr}"], stores(train=N_TRAIN, test=N_TEST)),
+        ["output {train.zarr} is the input store {train.zarr}"],
+        stores(train=N_TRAIN, test=N_TEST),
+    ),
     "self-influence onto an unrelated store": (
         ["self-influence", "train.zarr", "--out", "other.zarr", "--overwrite"],
-        ["{other.zarr} already exists and is a trackin-ooc gradient store", "replaces only an earlier table",
-         "rm -r {other.zarr}"], stores(train=N_TRAIN, other=N_OTHER)),
+        [
+            "{other.zarr} already exists and is a trackin-ooc gradient store",
+            "replaces only an earlier table",
+            "rm -r {other.zarr}",
+        ],
+        stores(train=N_TRAIN, other=N_OTHER),
+    ),
     # the same mistake through a link (more variants in-process below)
     "through a symlink": (
         ["self-influence", "train.zarr", "--out", "link.zarr", "--overwrite"],
-        ["output {link.zarr} is the input store {train.zarr}", "both resolve to {train.zarr}"], {}),
+        ["output {link.zarr} is the input store {train.zarr}", "both resolve to {train.zarr}"],
+        {},
+    ),
 }
 
 
@@ -132,8 +165,11 @@ def test_cli_refuses(row, project):
 
 VARIANTS = {  # output (relative to the project; "alias" links to it), inputs, message fragment
     "through ..": ("sub/../train.zarr", ["train.zarr", "test.zarr"], "output {train.zarr} is the input store"),
-    "inside an input store": ("train.zarr/si.csv", ["train.zarr"],
-                              "output {train.zarr}/si.csv is inside the input store {train.zarr}"),
+    "inside an input store": (
+        "train.zarr/si.csv",
+        ["train.zarr"],
+        "output {train.zarr}/si.csv is inside the input store {train.zarr}",
+    ),
     "through a linked folder": ("alias/train.zarr", ["train.zarr"], "is the input store {train.zarr}"),
     "around an input store": (".", ["train.zarr", "test.zarr"], "output {.} contains the input store"),
 }
@@ -173,26 +209,34 @@ def test_python_outputs_around_inputs(project, tmp_path):
     with pytest.raises(OutputOverlapsInputError, match=f"output {project} contains the input store"):
         to.influence(test, train, out=project, overwrite=True)
     with pytest.raises(OutputOverlapsInputError, match="is the input store memory://b/train.zarr"):
-        guard.check_output_location("memory://b/x/../train.zarr/", ["memory://b/train.zarr"], kind="table",
-                                    overwrite=True)
+        guard.check_output_location(
+            "memory://b/x/../train.zarr/", ["memory://b/train.zarr"], kind="table", overwrite=True
+        )
     with pytest.raises(OutputOverlapsInputError, match="is inside the input store"):
-        guard.check_output_location("s3://b/train.zarr/t.csv", ["s3://b//train.zarr"], kind="table",
-                                    overwrite=True)
+        guard.check_output_location("s3://b/train.zarr/t.csv", ["s3://b//train.zarr"], kind="table", overwrite=True)
     guard.check_not_an_input("s3://b/train.zarr", ["gs://b/train.zarr", "memory://b/train.zarr2"])
     guard.check_not_an_input(project / "ckpt" / "store.zarr", [project / "ckpt"], inside_ok=True)
     assert (project / "train.zarr").is_dir()
 
 
 # ---- capture never replaces another kind of output ----------------------------------------------
-@pytest.mark.parametrize("target, fragment", [
-    ("inf.zarr", "is a trackin-ooc influence output"),
-    ("mine", "is a folder that no trackin-ooc writer made"),
-])
+@pytest.mark.parametrize(
+    "target, fragment",
+    [
+        ("inf.zarr", "is a trackin-ooc influence output"),
+        ("mine", "is a folder that no trackin-ooc writer made"),
+    ],
+)
 def test_capture_overwrite_refuses_other_kinds(project, target, fragment):
     before = snapshot(project)
     result = run_cli(*CAPTURE, "--out", target, "--overwrite", cwd=project)
-    check_failure(result, FAILURE, f"{project / target} already exists and {fragment}",
-                  "replaces only an earlier gradient store", f"rm -r {project / target}")
+    check_failure(
+        result,
+        FAILURE,
+        f"{project / target} already exists and {fragment}",
+        "replaces only an earlier gradient store",
+        f"rm -r {project / target}",
+    )
     assert snapshot(project) == before
     assert (project / "mine" / "notes.txt").read_text() == "keep me"
     assert store_kind(project / "inf.zarr") == "influence"
@@ -219,8 +263,7 @@ def test_python_capture_refuses_before_any_work(project):
 def test_self_influence_replaces_its_earlier_table(project):
     train = to.open_store(project / "train.zarr")
     tables.write_self_influence(to.self_influence(train, progress=False), project / "si_again.zarr")
-    ok(run_cli("self-influence", "train.zarr", "--out", "si_again.zarr", "--exact-norms", "--overwrite",
-               cwd=project))
+    ok(run_cli("self-influence", "train.zarr", "--out", "si_again.zarr", "--exact-norms", "--overwrite", cwd=project))
     got = tables.read(project / "si_again.zarr")
     assert store_kind(project / "si_again.zarr") == "table" and got.attrs["exact_norms"] == 1
     exact = to.self_influence(train, exact_norms=True, progress=False)
@@ -230,8 +273,7 @@ def test_self_influence_replaces_its_earlier_table(project):
 
 def test_top_k_replaces_its_earlier_table(project):
     test, train = to.open_store(project / "test.zarr"), to.open_store(project / "train.zarr")
-    tables.write_top_k(to.top_k(test, train, k=2, progress=False), project / "tk_again.csv", test=test,
-                       train=train)
+    tables.write_top_k(to.top_k(test, train, k=2, progress=False), project / "tk_again.csv", test=test, train=train)
     ok(run_cli("top-k", *SCORES, "-k", "3", "--out", "tk_again.csv", "--overwrite", cwd=project))
     got = tables.read(project / "tk_again.csv")
     assert got["rank"].max() == 3 and len(got) == 3 * N_TEST and leftovers(project) == []
@@ -243,8 +285,7 @@ def test_influence_replaces_its_earlier_output(project):
     ok(run_cli("influence", *SCORES, "--out", "inf_again.zarr", "--normalize", "--overwrite", cwd=project))
     got = open_influence(project / "inf_again.zarr")
     assert got.attrs["normalize"] is True and got.attrs["complete"] is True
-    np.testing.assert_allclose(got.values, to.influence(test, train, normalize=True).values, rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(got.values, to.influence(test, train, normalize=True).values, rtol=1e-5, atol=1e-6)
     assert leftovers(project) == []
     # an empty folder holds nothing to lose: any writer may use it
     (project / "empty.zarr").mkdir()
@@ -254,8 +295,15 @@ def test_influence_replaces_its_earlier_output(project):
 
 def test_capture_replaces_its_earlier_store(project):
     ckpts = [project / "ckpt" / "epoch_001.pt", project / "ckpt" / "epoch_002.pt"]
-    to.capture(digits_mlp_model(), ckpts, digits_test_small(), project / "cap_again.zarr", projection_dim=16,
-               progress=False, device="cpu")
+    to.capture(
+        digits_mlp_model(),
+        ckpts,
+        digits_test_small(),
+        project / "cap_again.zarr",
+        projection_dim=16,
+        progress=False,
+        device="cpu",
+    )
     ok(run_cli(*CAPTURE, "--seed", "3", "--out", "cap_again.zarr", "--overwrite", cwd=project))
     again = to.open_store(project / "cap_again.zarr")
     assert again.spec.seed == 3 and again.complete and again.n_examples == N_TEST
@@ -286,10 +334,12 @@ def test_swap_into_place_keeps_one_of_them(tmp_path, monkeypatch):
 def test_killed_influence_overwrite_is_resumed_by_the_same_command(tmp_path):
     rng = np.random.default_rng(1)
     c, f, n_test, n_train = 2, 16, 60, 4000
-    test = to.from_arrays(tmp_path / "test.zarr", rng.standard_normal((c, n_test, f)).astype(np.float32),
-                          [0.3, 0.1], chunk_rows=16)
-    train = to.from_arrays(tmp_path / "train.zarr", rng.standard_normal((c, n_train, f)).astype(np.float32),
-                           [0.3, 0.1], chunk_rows=16)
+    test = to.from_arrays(
+        tmp_path / "test.zarr", rng.standard_normal((c, n_test, f)).astype(np.float32), [0.3, 0.1], chunk_rows=16
+    )
+    train = to.from_arrays(
+        tmp_path / "train.zarr", rng.standard_normal((c, n_train, f)).astype(np.float32), [0.3, 0.1], chunk_rows=16
+    )
     limit = worker_bytes(16, 16, c * f, 4, resources.detect().threads)  # 16 × 16 blocks: 4 × 250 tasks
     plan = to.plan_for(test, train, memory_limit=limit)
     n_tasks = len(plan.test_blocks(n_test)) * len(plan.train_blocks(n_train))
@@ -297,8 +347,19 @@ def test_killed_influence_overwrite_is_resumed_by_the_same_command(tmp_path):
     out = tmp_path / "inf.zarr"
     to.influence(test, train, out=out, normalize=True, progress=False)  # the earlier output
 
-    args = [str(EXE), "--memory-limit", str(limit), "influence", "--train", "train.zarr", "--test", "test.zarr",
-            "--out", "inf.zarr", "--overwrite"]
+    args = [
+        str(EXE),
+        "--memory-limit",
+        str(limit),
+        "influence",
+        "--train",
+        "train.zarr",
+        "--test",
+        "test.zarr",
+        "--out",
+        "inf.zarr",
+        "--overwrite",
+    ]
     proc = subprocess.Popen(args, cwd=tmp_path, env=cli_env(), stderr=subprocess.PIPE, text=True)
     done, deadline = 0, time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
@@ -340,8 +401,15 @@ def test_killed_influence_overwrite_is_resumed_by_the_same_command(tmp_path):
 def test_unknown_projection_is_refused(project, tmp_path, kind, dim):
     ckpts = [project / "ckpt" / "epoch_001.pt"]
     with pytest.raises(to.CaptureError) as err:
-        to.capture(digits_mlp_model(), ckpts, digits_test_small(), tmp_path / "p.zarr", projection=kind,
-                   projection_dim=dim, device="cpu")
+        to.capture(
+            digits_mlp_model(),
+            ckpts,
+            digits_test_small(),
+            tmp_path / "p.zarr",
+            projection=kind,
+            projection_dim=dim,
+            device="cpu",
+        )
     message = str(err.value)
     assert "\n" not in message and f"unknown projection {kind!r}" in message
     assert "gaussian, rademacher, factored, factors" in message
@@ -352,8 +420,12 @@ def test_unknown_projection_is_refused(project, tmp_path, kind, dim):
 def test_cli_unknown_projection_is_refused(project, dim):
     before = snapshot(project)
     args = [a for a in CAPTURE if a not in ("--projection-dim", "16")]
-    line = check_failure(run_cli(*args, *dim, "--projection", "nonsense", "--out", "p.zarr", cwd=project),
-                         USAGE, "Invalid value for '--projection'", "'nonsense'")
+    line = check_failure(
+        run_cli(*args, *dim, "--projection", "nonsense", "--out", "p.zarr", cwd=project),
+        USAGE,
+        "Invalid value for '--projection'",
+        "'nonsense'",
+    )
     for known in ("gaussian", "rademacher", "factored"):
         assert known in line
     assert snapshot(project) == before

@@ -98,8 +98,16 @@ def test_public_api(name):
 
 
 def test_errors_are_exposed():
-    for name in ("TrackinError", "StoreExistsError", "IncompleteStoreError", "IncompatibleStoresError",
-                 "CheckpointError", "CheckpointNotFoundError", "CaptureError", "EmptyDatasetError"):
+    for name in (
+        "TrackinError",
+        "StoreExistsError",
+        "IncompleteStoreError",
+        "IncompatibleStoresError",
+        "CheckpointError",
+        "CheckpointNotFoundError",
+        "CaptureError",
+        "EmptyDatasetError",
+    ):
         err = getattr(to, name)
         assert issubclass(err, to.TrackinError), name
     assert isinstance(to.__version__, str) and to.__version__

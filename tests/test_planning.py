@@ -96,11 +96,20 @@ def test_plan_aligns_train_blocks_to_store_chunks(p):
     "case",
     [
         # The MIN_TRAIN_ROWS floor (1024) is used as is over 1000-row chunks.
-        dict(n_test=60_000, n_train=100_000, n_checkpoints=1, feature_dim=512, itemsize=4, threads=1,
-             memory_limit=1 << 28, train_align=1000),
+        dict(
+            n_test=60_000,
+            n_train=100_000,
+            n_checkpoints=1,
+            feature_dim=512,
+            itemsize=4,
+            threads=1,
+            memory_limit=1 << 28,
+            train_align=1000,
+        ),
         # The small-budget loop halves 6 -> 3 over 2-row chunks (2 rows would fit).
-        dict(n_test=1, n_train=6, n_checkpoints=1, feature_dim=1, itemsize=2, threads=1,
-             memory_limit=64, train_align=2),
+        dict(
+            n_test=1, n_train=6, n_checkpoints=1, feature_dim=1, itemsize=2, threads=1, memory_limit=64, train_align=2
+        ),
     ],
 )
 def test_plan_train_alignment_regressions(case):
@@ -134,14 +143,25 @@ def test_plan_test_blocks_are_as_tall_as_the_budget_allows(p):
         return
     aligned = plan.test_rows >= p["test_align"]
     step = p["test_align"] if aligned else 1
-    assert plan.test_rows + step > want or worker_bytes(
-        plan.test_rows + step, plan.train_rows, plan.width, p["itemsize"], p["threads"], p["k"]
-    ) > p["memory_limit"]
+    assert (
+        plan.test_rows + step > want
+        or worker_bytes(plan.test_rows + step, plan.train_rows, plan.width, p["itemsize"], p["threads"], p["k"])
+        > p["memory_limit"]
+    )
 
 
 def test_plan_with_ample_memory_is_one_test_block_and_target_train_blocks():
-    plan = plan_blocks(n_test=5000, n_train=1_000_000, n_checkpoints=2, feature_dim=256, itemsize=4,
-                       memory_limit=1 << 34, threads=4, k=10, train_align=1024)
+    plan = plan_blocks(
+        n_test=5000,
+        n_train=1_000_000,
+        n_checkpoints=2,
+        feature_dim=256,
+        itemsize=4,
+        memory_limit=1 << 34,
+        threads=4,
+        k=10,
+        train_align=1024,
+    )
     assert plan.test_rows == 5000
     assert plan.train_rows == planning.TARGET_TRAIN_ROWS
 
@@ -151,10 +171,28 @@ def test_a_small_job_is_cut_into_enough_tasks_for_every_thread(n_train, threads,
     """Few, large train blocks would leave threads idle while the last one finishes (20,000 rows in
     16,384 + 3,616 on two threads); the plan cuts at least MIN_TASKS_PER_THREAD per thread where the
     floor (MIN_TRAIN_ROWS, alignment) allows, and never makes blocks taller."""
-    plan = plan_blocks(n_test=1000, n_train=n_train, n_checkpoints=5, feature_dim=2048, itemsize=4,
-                       memory_limit=1 << 36, threads=threads, k=10, train_align=align)
-    ample = plan_blocks(n_test=1000, n_train=n_train, n_checkpoints=5, feature_dim=2048, itemsize=4,
-                        memory_limit=1 << 36, threads=1, k=10, train_align=align)
+    plan = plan_blocks(
+        n_test=1000,
+        n_train=n_train,
+        n_checkpoints=5,
+        feature_dim=2048,
+        itemsize=4,
+        memory_limit=1 << 36,
+        threads=threads,
+        k=10,
+        train_align=align,
+    )
+    ample = plan_blocks(
+        n_test=1000,
+        n_train=n_train,
+        n_checkpoints=5,
+        feature_dim=2048,
+        itemsize=4,
+        memory_limit=1 << 36,
+        threads=1,
+        k=10,
+        train_align=align,
+    )
     tasks = len(plan.train_blocks(n_train)) * len(plan.test_blocks(1000))
     floor = min(n_train, planning.MIN_TRAIN_ROWS)
     assert plan.train_rows <= ample.train_rows
@@ -164,8 +202,7 @@ def test_a_small_job_is_cut_into_enough_tasks_for_every_thread(n_train, threads,
 
 
 def test_plan_shrinks_train_blocks_for_taller_test_blocks():
-    kw = dict(n_test=60_000, n_train=100_000, n_checkpoints=1, feature_dim=512, itemsize=4, threads=1,
-              train_align=256)
+    kw = dict(n_test=60_000, n_train=100_000, n_checkpoints=1, feature_dim=512, itemsize=4, threads=1, train_align=256)
     roomy = plan_blocks(memory_limit=1 << 36, **kw)
     tight = plan_blocks(memory_limit=1 << 30, **kw)
     assert tight.estimated_bytes <= 1 << 30
@@ -176,10 +213,12 @@ def test_plan_shrinks_train_blocks_for_taller_test_blocks():
 def test_plan_refuses_a_budget_below_one_row():
     need = worker_bytes(1, 1, 8 * 1000, 4, 2, 5)
     with pytest.raises(PlanningError, match="raise memory_limit"):
-        plan_blocks(n_test=10, n_train=10, n_checkpoints=8, feature_dim=1000, itemsize=4,
-                    memory_limit=need - 1, threads=2, k=5)
-    plan = plan_blocks(n_test=10, n_train=10, n_checkpoints=8, feature_dim=1000, itemsize=4,
-                       memory_limit=need, threads=2, k=5)
+        plan_blocks(
+            n_test=10, n_train=10, n_checkpoints=8, feature_dim=1000, itemsize=4, memory_limit=need - 1, threads=2, k=5
+        )
+    plan = plan_blocks(
+        n_test=10, n_train=10, n_checkpoints=8, feature_dim=1000, itemsize=4, memory_limit=need, threads=2, k=5
+    )
     assert (plan.test_rows, plan.train_rows) == (1, 1)
 
 
@@ -195,9 +234,14 @@ def test_plan_rejects_non_positive_sizes():
 # ---- byte estimates and block ranges -------------------------------------------------------------
 @SETTINGS
 @given(
-    a=st.integers(0, 5000), b=st.integers(0, 5000), width=st.integers(1, 5000),
-    itemsize=st.sampled_from([2, 4]), threads=st.integers(1, 16), k=st.integers(0, 100),
-    which=st.sampled_from(["a", "b", "width", "threads", "k"]), more=st.integers(1, 1000),
+    a=st.integers(0, 5000),
+    b=st.integers(0, 5000),
+    width=st.integers(1, 5000),
+    itemsize=st.sampled_from([2, 4]),
+    threads=st.integers(1, 16),
+    k=st.integers(0, 100),
+    which=st.sampled_from(["a", "b", "width", "threads", "k"]),
+    more=st.integers(1, 1000),
 )
 def test_worker_bytes_grow_with_every_size(a, b, width, itemsize, threads, k, which, more):
     args = dict(test_rows=a, train_rows=b, width=width, itemsize=itemsize, threads=threads, k=k)
@@ -229,8 +273,10 @@ def test_blocks_reject_non_positive_block_rows(fn):
 # ---- the store's chunk layout ----------------------------------------------------------------------
 @SETTINGS
 @given(
-    feature_dim=st.integers(1, 1 << 22), n_checkpoints=st.integers(1, 16),
-    dtype=st.sampled_from(layout.STORAGE_DTYPES), n_examples=st.integers(1, 1 << 20),
+    feature_dim=st.integers(1, 1 << 22),
+    n_checkpoints=st.integers(1, 16),
+    dtype=st.sampled_from(layout.STORAGE_DTYPES),
+    n_examples=st.integers(1, 1 << 20),
 )
 def test_default_chunk_rows(feature_dim, n_checkpoints, dtype, n_examples):
     rows = layout.default_chunk_rows(feature_dim, n_checkpoints, dtype, n_examples)

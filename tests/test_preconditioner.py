@@ -62,8 +62,7 @@ def live_moments(optimizer, named_params) -> dict[str, RawMoments]:
             name = next(n for n, q in named_params if q is p)
             st = optimizer.state[p]
             v = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
-            out[name] = RawMoments(v.detach().clone(), float(st["step"]), float(group["betas"][1]),
-                                   float(group["eps"]))
+            out[name] = RawMoments(v.detach().clone(), float(st["step"]), float(group["betas"][1]), float(group["eps"]))
     return out
 
 
@@ -72,8 +71,9 @@ def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:], reduction="sum")
 
 
-def per_example_grads(model: nn.Module, state, data: TensorDataset, names, loss_fn=nn.functional.cross_entropy
-                      ) -> dict[str, torch.Tensor]:
+def per_example_grads(
+    model: nn.Module, state, data: TensorDataset, names, loss_fn=nn.functional.cross_entropy
+) -> dict[str, torch.Tensor]:
     """{name: (N, *shape)} by autograd, one example at a time, the model in eval mode."""
     model.load_state_dict(state)
     model.eval()
@@ -123,14 +123,24 @@ class Run:
     rates: list[float]
 
 
-def adamw_run(root: Path, digits, *, amsgrad: bool = False, make=lambda: digits_mlp((32,), seed=0),
-              epochs: int = 3, optimizer=None) -> Run:
+def adamw_run(
+    root: Path,
+    digits,
+    *,
+    amsgrad: bool = False,
+    make=lambda: digits_mlp((32,), seed=0),
+    epochs: int = 3,
+    optimizer=None,
+) -> Run:
     """AdamW on 160 digits, a torch file per epoch: weights, the optimizer state and the learning rate."""
     root.mkdir(parents=True, exist_ok=True)
     model = make()
     named = list(model.named_parameters())
-    opt = optimizer(model) if optimizer else torch.optim.AdamW(model.parameters(), lr=LR, amsgrad=amsgrad,
-                                                               weight_decay=0.01)
+    opt = (
+        optimizer(model)
+        if optimizer
+        else torch.optim.AdamW(model.parameters(), lr=LR, amsgrad=amsgrad, weight_decay=0.01)
+    )
     x, y = digits.train.tensors
     gen = torch.Generator().manual_seed(0)
     run = Run([], [], [], make, [])
@@ -141,8 +151,10 @@ def adamw_run(root: Path, digits, *, amsgrad: bool = False, make=lambda: digits_
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
         path = root / f"epoch_{epoch}.pt"
-        torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
-                    "learning_rate": LR}, path)
+        torch.save(
+            {"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(), "learning_rate": LR},
+            path,
+        )
         run.paths.append(path)
         run.states.append(snapshot(model))
         run.moments.append(live_moments(opt, named) if "betas" in opt.param_groups[0] else {})
@@ -183,12 +195,14 @@ def test_auto_picks_adam_for_adamw_files_and_equals_the_scaled_autograd_gradient
     assert_rel(to.self_influence(store, exact_norms=True).values, want_si)
     assert_rel(to.self_influence(store).values, want_si)
     # Dense projections project the scaled gradient (scale, then project).
-    gauss = capture(adamw.make(), adamw.paths, data, tmp_path / "gauss.zarr", projection_dim=48, seed=3,
-                    preconditioner="adam")
+    gauss = capture(
+        adamw.make(), adamw.paths, data, tmp_path / "gauss.zarr", projection_dim=48, seed=3, preconditioner="adam"
+    )
     for c in range(len(adamw.paths)):
         ref = reference_adam(adamw, data, names, c)
-        want = sum(ref[n].reshape(N, -1) @ projection_matrix("gaussian", 3, n, ref[n][0].numel(), 48).double()
-                   for n in names).numpy()
+        want = sum(
+            ref[n].reshape(N, -1) @ projection_matrix("gaussian", 3, n, ref[n][0].numel(), 48).double() for n in names
+        ).numpy()
         assert_rel(gauss.read_grads(checkpoint=c), want)
         assert_rel(gauss.read_sq_norms()[c], (flat(ref, names) ** 2).sum(1))
 
@@ -222,8 +236,9 @@ def trainer_run(tmp_path_factory, digits) -> TrainerRun:
     from trackin_ooc.demo.architectures import CLS_ID, FIRST_PIXEL_ID, tiny_bert
 
     x, y = digits.train.tensors
-    ids = torch.cat([torch.full((48, 1), CLS_ID), torch.round(x[:48, 0, :2] * 16).long().reshape(48, -1)
-                     + FIRST_PIXEL_ID], dim=1)
+    ids = torch.cat(
+        [torch.full((48, 1), CLS_ID), torch.round(x[:48, 0, :2] * 16).long().reshape(48, -1) + FIRST_PIXEL_ID], dim=1
+    )
     states, moments = [], []
 
     class Snapshot(TrainerCallback):
@@ -233,14 +248,27 @@ def trainer_run(tmp_path_factory, digits) -> TrainerRun:
 
     run = tmp_path_factory.mktemp("hf") / "run"
     args = TrainingArguments(
-        output_dir=str(run), per_device_train_batch_size=16, num_train_epochs=2, learning_rate=2e-3,
-        weight_decay=0.01, save_strategy="steps", save_steps=3, logging_steps=1, report_to=[], use_cpu=True,
-        disable_tqdm=True, seed=0,
+        output_dir=str(run),
+        per_device_train_batch_size=16,
+        num_train_epochs=2,
+        learning_rate=2e-3,
+        weight_decay=0.01,
+        save_strategy="steps",
+        save_steps=3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = Trainer(model=tiny_bert(), args=args, callbacks=[Snapshot()],
-                          train_dataset=[{"input_ids": i, "labels": t} for i, t in zip(ids, y)])
+        trainer = Trainer(
+            model=tiny_bert(),
+            args=args,
+            callbacks=[Snapshot()],
+            train_dataset=[{"input_ids": i, "labels": t} for i, t in zip(ids, y)],
+        )
         trainer.train()
     groups = trainer.optimizer.param_groups
     assert len(groups) == 2 and len(groups[0]["params"]) and len(groups[1]["params"])  # decay, no decay
@@ -256,8 +284,9 @@ def test_trainer_folder_adam_form(trainer_run, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="trackin_ooc"):
         store = capture(tiny_bert(), [trainer_run.run], trainer_run.data, tmp_path / "bert.zarr", layers=layers)
     assert store.spec.preconditioner == "adam"
-    assert any("preconditioner='auto': adam" in r.getMessage() and "optimizer.pt" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "preconditioner='auto': adam" in r.getMessage() and "optimizer.pt" in r.getMessage() for r in caplog.records
+    )
     names = [n for n, _ in store.spec.layers]
     assert any(n.endswith("LayerNorm.weight") for n in names) and any(n.endswith(".bias") for n in names)
     for c in range(2):
@@ -273,8 +302,9 @@ def test_trainer_folder_without_readable_moments(trainer_run, tmp_path, caplog):
     shutil.copytree(trainer_run.run / "checkpoint-3", folder)
     (folder / "optimizer.pt").write_bytes(b"not a torch file")
     with pytest.raises(to.CheckpointError) as err:
-        capture(tiny_bert(), [folder], trainer_run.data, tmp_path / "s.zarr", layers=["classifier"],
-                preconditioner="adam")
+        capture(
+            tiny_bert(), [folder], trainer_run.data, tmp_path / "s.zarr", layers=["classifier"], preconditioner="adam"
+        )
     assert "optimizer.pt" in one_line(err) and not (tmp_path / "s.zarr").exists()
     with caplog.at_level(logging.INFO, logger="trackin_ooc"):
         store = capture(tiny_bert(), [folder], trainer_run.data, tmp_path / "auto.zarr", layers=["classifier"])
@@ -282,8 +312,9 @@ def test_trainer_folder_without_readable_moments(trainer_run, tmp_path, caplog):
     assert any(r.levelno == logging.WARNING and "optimizer.pt" in r.getMessage() for r in caplog.records)
     (folder / "optimizer.pt").unlink()
     with pytest.raises(to.CheckpointError) as err:
-        capture(tiny_bert(), [folder], trainer_run.data, tmp_path / "s.zarr", layers=["classifier"],
-                preconditioner="adam")
+        capture(
+            tiny_bert(), [folder], trainer_run.data, tmp_path / "s.zarr", layers=["classifier"], preconditioner="adam"
+        )
     assert "has no optimizer.pt" in one_line(err) and "checkpoint-3" in str(err.value)
 
 
@@ -338,9 +369,14 @@ def old_fingerprint(spec: to.ProjectionSpec) -> str:
 
     from trackin_ooc.spec import GENERATOR, PROJECTION_KINDS
 
-    d = {"kind": spec.kind, "dim": spec.dim, "seed": spec.seed,
-         "generator": GENERATOR if spec.kind in PROJECTION_KINDS else None,
-         "layers": [{"name": n, "shape": list(s)} for n, s in spec.layers], "extra": dict(spec.extra)}
+    d = {
+        "kind": spec.kind,
+        "dim": spec.dim,
+        "seed": spec.seed,
+        "generator": GENERATOR if spec.kind in PROJECTION_KINDS else None,
+        "layers": [{"name": n, "shape": list(s)} for n, s in spec.layers],
+        "extra": dict(spec.extra),
+    }
     return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -350,16 +386,16 @@ def test_auto_keeps_the_sgd_form_without_adam_moments(mlp, digits, data, tmp_pat
         auto = capture(mlp.fresh(), mlp.checkpoints, data, tmp_path / "auto.zarr", projection_dim=32)
     said = [r.getMessage() for r in caplog.records if "preconditioner='auto'" in r.getMessage()]
     assert len(said) == 1 and "SGD form" in said[0] and "epoch_004.pt" in said[0]
-    none = capture(mlp.fresh(), mlp.checkpoints, data, tmp_path / "none.zarr", projection_dim=32,
-                   preconditioner=None)
+    none = capture(mlp.fresh(), mlp.checkpoints, data, tmp_path / "none.zarr", projection_dim=32, preconditioner=None)
     from trackin_ooc import testing as tt
 
     tt.assert_stores_identical(auto, none)
     assert none.spec.preconditioner == "none" and none.fingerprint == old_fingerprint(none.spec)
     assert "preconditioner_moments" not in none.attrs
 
-    momentum = adamw_run(tmp_path / "sgd", digits, epochs=1,
-                         optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+    momentum = adamw_run(
+        tmp_path / "sgd", digits, epochs=1, optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    )
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="trackin_ooc"):
         store = capture(momentum.make(), momentum.paths, data, tmp_path / "momentum.zarr")
@@ -396,8 +432,14 @@ def test_mismatched_moments_name_the_parameter(adamw, digits, data, tmp_path, ca
     # Moments of another architecture (hidden 16) saved beside these weights (hidden 32).
     other = adamw_run(tmp_path / "other", digits, epochs=1, make=lambda: digits_mlp((16,), seed=0))
     mixed = tmp_path / "mixed.pt"
-    torch.save({"model_state_dict": adamw.states[0], "learning_rate": LR,
-                "optimizer_state_dict": torch.load(other.paths[0], weights_only=True)["optimizer_state_dict"]}, mixed)
+    torch.save(
+        {
+            "model_state_dict": adamw.states[0],
+            "learning_rate": LR,
+            "optimizer_state_dict": torch.load(other.paths[0], weights_only=True)["optimizer_state_dict"],
+        },
+        mixed,
+    )
     with pytest.raises(to.CheckpointError) as err:
         capture(adamw.make(), [mixed], data, tmp_path / "s.zarr", preconditioner="adam")
     msg = one_line(err)
@@ -485,8 +527,17 @@ def linear_layer(weight: str, bias: str | None, shape=None):
 def conv_net(seed: int = 0) -> nn.Module:
     """Two 3×3 convolutions (36 and 16 positions), a Linear, a LayerNorm (no factored form), a Linear."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Conv2d(6, 8, 3), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(128, 24), nn.LayerNorm(24), nn.ReLU(), nn.Linear(24, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(128, 24),
+        nn.LayerNorm(24),
+        nn.ReLU(),
+        nn.Linear(24, 10),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -494,16 +545,27 @@ def conv_adamw(tmp_path_factory, digits) -> Run:
     return adamw_run(tmp_path_factory.mktemp("conv_adamw"), digits, make=conv_net, epochs=2)
 
 
-CONV_LAYERS = [linear_layer("0.weight", "0.bias", (6, 1, 3, 3)), linear_layer("2.weight", "2.bias", (8, 6, 3, 3)),
-               linear_layer("5.weight", "5.bias"), linear_layer("8.weight", "8.bias")]
+CONV_LAYERS = [
+    linear_layer("0.weight", "0.bias", (6, 1, 3, 3)),
+    linear_layer("2.weight", "2.bias", (8, 6, 3, 3)),
+    linear_layer("5.weight", "5.bias"),
+    linear_layer("8.weight", "8.bias"),
+]
 
 
 def test_factored_adam_uses_the_rank1_form_for_its_layers(conv_adamw, data, tmp_path, caplog):
     from trackin_ooc.capturing.projection.factored import plan_from_spec, project_gradients
 
     with caplog.at_level(logging.INFO, logger="trackin_ooc"):
-        store = capture(conv_adamw.make(), conv_adamw.paths, data, tmp_path / "fac.zarr", projection="factored",
-                        projection_dim=160, preconditioner="adam")
+        store = capture(
+            conv_adamw.make(),
+            conv_adamw.paths,
+            data,
+            tmp_path / "fac.zarr",
+            projection="factored",
+            projection_dim=160,
+            preconditioner="adam",
+        )
     spec = store.spec
     assert spec.preconditioner == "adam"
     assert [m for _, m, _ in spec.preconditioner_layers] == ["0", "2", "5", "8"]
@@ -527,24 +589,34 @@ def test_factored_adam_uses_the_rank1_form_for_its_layers(conv_adamw, data, tmp_
         grads = per_example_grads(conv_adamw.make(), conv_adamw.states[c], data, names)
         ref = rank1_scaled(grads, conv_adamw.moments[c], CONV_LAYERS)
         assert_rel(flat_store.read_grads(checkpoint=c), flat(ref, names))
-    assert_rel(to.self_influence(store, exact_norms=True).values,
-               to.self_influence(flat_store, exact_norms=True).values)
+    assert_rel(
+        to.self_influence(store, exact_norms=True).values, to.self_influence(flat_store, exact_norms=True).values
+    )
 
 
 def test_factors_store_adafactor_scores_equal_the_reference(adamw, data, tmp_path):
     names = [n for n, _ in adamw.make().named_parameters()]
     layers = [linear_layer("1.weight", "1.bias"), linear_layer("3.weight", "3.bias")]
-    store = capture(adamw.make(), adamw.paths, data, tmp_path / "factors.zarr", projection="factors",
-                    preconditioner="adafactor")
+    store = capture(
+        adamw.make(), adamw.paths, data, tmp_path / "factors.zarr", projection="factors", preconditioner="adafactor"
+    )
     assert store.has_factors and store.spec.preconditioner == "adafactor"
-    ref = np.stack([flat(rank1_scaled(per_example_grads(adamw.make(), adamw.states[c], data, names),
-                                      adamw.moments[c], layers), names) for c in range(len(adamw.paths))])
+    ref = np.stack(
+        [
+            flat(
+                rank1_scaled(per_example_grads(adamw.make(), adamw.states[c], data, names), adamw.moments[c], layers),
+                names,
+            )
+            for c in range(len(adamw.paths))
+        ]
+    )
     want = np.einsum("c,cik,cjk->ij", np.asarray(adamw.rates), ref[:, :6], ref)
     assert_rel(to.influence(store.path, store.path).values[:6], want)
     assert_rel(to.self_influence(store, exact_norms=True).values, np.einsum("c,cik->i", adamw.rates, ref**2))
     # "adam" on a factors store: its factor layers take the same rank-1 form (here: every layer).
-    as_adam = capture(adamw.make(), adamw.paths, data, tmp_path / "adam.zarr", projection="factors",
-                      preconditioner="adam")
+    as_adam = capture(
+        adamw.make(), adamw.paths, data, tmp_path / "adam.zarr", projection="factors", preconditioner="adam"
+    )
     assert set(as_adam.spec.preconditioner_forms().values()) == {"adafactor"}
     assert_rel(to.self_influence(as_adam, exact_norms=True).values, np.einsum("c,cik->i", adamw.rates, ref**2))
 
@@ -566,16 +638,20 @@ def test_scaled_calls_equal_the_scaled_gradients():
     torch.testing.assert_close(scaled.formed(0, 4), g * q[None, :, None] * p[None, None, :], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(scaled.rows(), plain.rows() * (q[:-1] / q[-1]), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(scaled.delta, plain.delta * p * q[-1], rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(scaled.batch_weight_grad().reshape(5, -1).T,
-                               (g[:, :-1] * (q[:-1] / q[-1])[None, :, None] * (p * q[-1])[None, None, :]).sum(0),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        scaled.batch_weight_grad().reshape(5, -1).T,
+        (g[:, :-1] * (q[:-1] / q[-1])[None, :, None] * (p * q[-1])[None, None, :]).sum(0),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
     emb = LayerChoice("embedding", "e", ("e.weight",), 11, 4, "factors").tap_layer()
     ids, d = torch.randint(0, 11, (3, 5), generator=gen), torch.randn(3, 5, 4, generator=gen)
     p, q = torch.rand(4, generator=gen) + 0.5, torch.rand(11, generator=gen) + 0.5
     g = RowsCall(emb, ids, d).formed(0, 3)  # (B, vocabulary, d_out)
-    torch.testing.assert_close(RowsCall(emb, ids, d, LayerScale(q, p)).formed(0, 3), g * q[None, :, None] * p,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        RowsCall(emb, ids, d, LayerScale(q, p)).formed(0, 3), g * q[None, :, None] * p, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_gpt2_factored_adam(digits, tmp_path):
@@ -585,8 +661,9 @@ def test_gpt2_factored_adam(digits, tmp_path):
     from trackin_ooc.demo.architectures import CLS_ID, FIRST_PIXEL_ID, tiny_gpt2
 
     x, _ = digits.train.tensors
-    ids = torch.cat([torch.full((48, 1), CLS_ID), torch.round(x[:48, 0, :2] * 16).long().reshape(48, -1)
-                     + FIRST_PIXEL_ID], dim=1)
+    ids = torch.cat(
+        [torch.full((48, 1), CLS_ID), torch.round(x[:48, 0, :2] * 16).long().reshape(48, -1) + FIRST_PIXEL_ID], dim=1
+    )
     model = tiny_gpt2(seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     for idx in torch.arange(48).split(16):
@@ -598,8 +675,15 @@ def test_gpt2_factored_adam(digits, tmp_path):
     moments = live_moments(opt, list(model.named_parameters()))
     data = TensorDataset(ids[:8], ids[:8].clone())
     layers = ["transformer.wte", "transformer.wpe", "transformer.h.1", "transformer.ln_f"]
-    store = capture(tiny_gpt2(seed=3), [path], data, tmp_path / "gpt2.zarr", layers=layers,
-                    projection="factored", projection_dim=256)
+    store = capture(
+        tiny_gpt2(seed=3),
+        [path],
+        data,
+        tmp_path / "gpt2.zarr",
+        layers=layers,
+        projection="factored",
+        projection_dim=256,
+    )
     spec = store.spec
     assert spec.preconditioner == "adam"
     kinds = {m: k for k, m, _ in spec.preconditioner_layers}
@@ -607,10 +691,16 @@ def test_gpt2_factored_adam(digits, tmp_path):
     assert "transformer.wte" not in kinds  # tied to lm_head: the dense group, elementwise
     names = [n for n, _ in spec.layers]
     grads = per_example_grads(tiny_gpt2(seed=3), snapshot(model), data, names, loss_fn=lm_loss)
-    conv1d = [(p[0], p[1] if len(p) == 2 else None, lambda t: t.T, lambda m: m.T)  # (in, out); (vocabulary, width)
-              for k, _, p in spec.preconditioner_layers if k in ("hf_conv1d", "embedding")]
-    plain_linear = [linear_layer(*p) if len(p) == 2 else linear_layer(p[0], None)
-                    for k, _, p in spec.preconditioner_layers if k == "linear"]
+    conv1d = [
+        (p[0], p[1] if len(p) == 2 else None, lambda t: t.T, lambda m: m.T)  # (in, out); (vocabulary, width)
+        for k, _, p in spec.preconditioner_layers
+        if k in ("hf_conv1d", "embedding")
+    ]
+    plain_linear = [
+        linear_layer(*p) if len(p) == 2 else linear_layer(p[0], None)
+        for k, _, p in spec.preconditioner_layers
+        if k == "linear"
+    ]
     ref = rank1_scaled(grads, moments, conv1d + plain_linear)
     want = project_gradients(spec, {n: g.float() for n, g in ref.items()}).double().numpy()
     assert_rel(store.read_grads(checkpoint=0), want)
@@ -624,8 +714,12 @@ def test_stores_with_different_preconditioners_are_refused(adamw, digits, data, 
     train = capture(adamw.make(), adamw.paths, train_data, tmp_path / "train.zarr", preconditioner="adam")
     test = capture(adamw.make(), adamw.paths, data, tmp_path / "test.zarr", preconditioner="adam")
     names = [n for n, _ in adamw.make().named_parameters()]
-    want = sum(LR * flat(reference_adam(adamw, data, names, c), names)
-               @ flat(reference_adam(adamw, train_data, names, c), names).T for c in range(len(adamw.paths)))
+    want = sum(
+        LR
+        * flat(reference_adam(adamw, data, names, c), names)
+        @ flat(reference_adam(adamw, train_data, names, c), names).T
+        for c in range(len(adamw.paths))
+    )
     assert_rel(to.influence(test, train).values, want)  # Σ_c η_c g'ᵀ P_c g
     for other, kind in [(None, "none"), ("adafactor", "adafactor")]:
         mixed = capture(adamw.make(), adamw.paths, data, tmp_path / f"test_{kind}.zarr", preconditioner=other)
@@ -643,15 +737,30 @@ def test_cli_preconditioner_option_and_info(adamw, tmp_path):
     from .test_cli import ok, run_cli
 
     ex = "trackin_ooc.demo.examples"
-    common = ["capture", "--model", f"{ex}:digits_mlp_model", "--data", f"{ex}:digits_test_small",
-              *[a for p in adamw.paths for a in ("--checkpoint", p)], "--batch-size", "50"]
+    common = [
+        "capture",
+        "--model",
+        f"{ex}:digits_mlp_model",
+        "--data",
+        f"{ex}:digits_test_small",
+        *[a for p in adamw.paths for a in ("--checkpoint", p)],
+        "--batch-size",
+        "50",
+    ]
     ok(run_cli(*common, "--projection-dim", "16", "--preconditioner", "adam", "--out", "adam.zarr", cwd=tmp_path))
     store = to.open_store(tmp_path / "adam.zarr")
     assert store.spec.preconditioner == "adam"
     from trackin_ooc.demo.examples import digits_test_small
 
-    lib = capture(adamw.make(), adamw.paths, digits_test_small(), tmp_path / "lib.zarr", projection_dim=16,
-                  preconditioner="adam", batch_size=50)
+    lib = capture(
+        adamw.make(),
+        adamw.paths,
+        digits_test_small(),
+        tmp_path / "lib.zarr",
+        projection_dim=16,
+        preconditioner="adam",
+        batch_size=50,
+    )
     np.testing.assert_allclose(store.read_grads(), lib.read_grads(), rtol=1e-5, atol=1e-7)
     assert store.fingerprint == lib.fingerprint and store.checkpoint_hashes == lib.checkpoint_hashes
 
@@ -660,7 +769,8 @@ def test_cli_preconditioner_option_and_info(adamw, tmp_path):
     info = json.loads(ok(run_cli("info", "adam.zarr", "--json", cwd=tmp_path)).stdout)
     assert info["preconditioner"]["kind"] == "adam" and info["preconditioner"]["adafactor_layers"] == []
     assert [m.split("/")[-1] for m in info["preconditioner"]["moments"]] == [
-        f"{p.name} (optimizer_state_dict)" for p in adamw.paths]
+        f"{p.name} (optimizer_state_dict)" for p in adamw.paths
+    ]
 
     ok(run_cli(*common, "--projection", "factored", "--projection-dim", "32", "--out", "fac.zarr", cwd=tmp_path))
     text = ok(run_cli("info", "fac.zarr", cwd=tmp_path)).stdout  # auto: adam, its layers in the rank-1 form
@@ -676,9 +786,22 @@ def test_cli_preconditioner_option_and_info(adamw, tmp_path):
     bad = run_cli(*common, "--preconditioner", "sgd", "--out", "bad.zarr", cwd=tmp_path)
     assert bad.returncode == 2 and "sgd" in bad.stderr and not (tmp_path / "bad.zarr").exists()
     torch.save(adamw.states[0], tmp_path / "plain.pt")
-    failed = run_cli("capture", "--model", f"{ex}:digits_mlp_model", "--data", f"{ex}:digits_test_small",
-                     "--checkpoint", "plain.pt", "--lr", "0.01", "--preconditioner", "adam", "--out", "p.zarr",
-                     cwd=tmp_path)
+    failed = run_cli(
+        "capture",
+        "--model",
+        f"{ex}:digits_mlp_model",
+        "--data",
+        f"{ex}:digits_test_small",
+        "--checkpoint",
+        "plain.pt",
+        "--lr",
+        "0.01",
+        "--preconditioner",
+        "adam",
+        "--out",
+        "p.zarr",
+        cwd=tmp_path,
+    )
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     lines = [line for line in failed.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "plain.pt" in lines[0] and "--preconditioner none" in lines[0]
@@ -693,7 +816,9 @@ def test_scaled_out_adam_capture_equals_the_in_process_one(adamw, data, tmp_path
 
     kw = dict(projection_dim=16, chunk_rows=4, preconditioner="adam")
     whole = capture(adamw.make(), adamw.paths, data, tmp_path / "whole.zarr", **kw)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         spread = capture(adamw.make(), adamw.paths, data, tmp_path / "spread.zarr", client=client, **kw)
     tt.assert_stores_identical(spread, whole)

@@ -33,8 +33,9 @@ def test_bars_count_whole_named_units():
 
 def test_off_when_stderr_is_a_pipe_and_no_kernel_runs():
     code = "from trackin_ooc.progress import progress_enabled as p; print(p(None), p(True), p(False))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         env={"PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"}
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "True", "False"]
     assert progress_enabled(False) is False and progress_enabled(True) is True

@@ -59,8 +59,7 @@ def test_train_and_test_captures_of_the_same_data_agree(mlp, digits, tmp_path):
     # They combine: a train example's influence on itself is its self-influence.
     inf = to.influence(part, train).values
     si = to.self_influence(train).values
-    np.testing.assert_allclose(np.diag(inf[:, rows.start : rows.stop]), si[rows.start : rows.stop],
-                               rtol=1e-5)
+    np.testing.assert_allclose(np.diag(inf[:, rows.start : rows.stop]), si[rows.start : rows.stop], rtol=1e-5)
 
 
 def test_different_seeds_are_refused(mlp, digits, digits_test, tmp_path):

@@ -19,17 +19,25 @@ from trackin_ooc.views import browser
 
 from ._views_runs import SCRIPT_TEXT, digits_run, text_run
 
-needs_chromium = pytest.mark.skipif(browser.find_chromium() is None,
-                                    reason="no chromium binary on PATH (scripts/install_chromium.sh installs it)")
-SECTIONS = {"how-to-read": "How to read this", "stores": "Stores",
-            "suspects": "Suspects: the most self-influential training examples",
-            "proponents": "Proponents and opponents of the first test examples",
-            "net": "Most helpful and most harmful training examples for the whole test set",
-            "checkpoints": "Each checkpoint's share of the scores", "distribution": "Score distribution"}
+needs_chromium = pytest.mark.skipif(
+    browser.find_chromium() is None, reason="no chromium binary on PATH (scripts/install_chromium.sh installs it)"
+)
+SECTIONS = {
+    "how-to-read": "How to read this",
+    "stores": "Stores",
+    "suspects": "Suspects: the most self-influential training examples",
+    "proponents": "Proponents and opponents of the first test examples",
+    "net": "Most helpful and most harmful training examples for the whole test set",
+    "checkpoints": "Each checkpoint's share of the scores",
+    "distribution": "Score distribution",
+}
 # Anything that would make a browser fetch: src/href/srcset/poster/action/data attributes and CSS url() or
 # @import with an http(s) or protocol-relative address.
-REFERENCE = re.compile(r"""(?:\b(?:src|href|srcset|poster|action|data|xlink:href)\s*=\s*["']?\s*(?:https?:)?//)"""
-                       r"""|url\(\s*["']?\s*(?:https?:)?//|@import""", re.I)
+REFERENCE = re.compile(
+    r"""(?:\b(?:src|href|srcset|poster|action|data|xlink:href)\s*=\s*["']?\s*(?:https?:)?//)"""
+    r"""|url\(\s*["']?\s*(?:https?:)?//|@import""",
+    re.I,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +48,16 @@ def digits(tmp_path_factory):
 @pytest.fixture(scope="module")
 def digits_report(digits, tmp_path_factory):
     path = tmp_path_factory.mktemp("report-out") / "report.html"
-    written = to.report(digits.test, digits.train, path, train_data=digits.train_data, test_data=digits.test_data,
-                        k=3, labels=digits.true_labels, progress=False)
+    written = to.report(
+        digits.test,
+        digits.train,
+        path,
+        train_data=digits.train_data,
+        test_data=digits.test_data,
+        k=3,
+        labels=digits.true_labels,
+        progress=False,
+    )
     return Path(written)
 
 
@@ -66,8 +82,9 @@ def test_report_is_one_self_contained_file(digits, digits_report):
     # Each checkpoint's share of self-influence: the exact norms the capture stored, weighted by η_c.
     sq = digits.train.read_sq_norms().astype(np.float64).sum(axis=1) * digits.train.learning_rates
     for name, share in zip(digits.train.checkpoint_names, sq / sq.sum()):
-        assert re.search(rf"<td>{re.escape(name)}</td><td class=\"num\">[^<]*</td><td class=\"num\">{share:.1%}</td>",
-                         html)
+        assert re.search(
+            rf"<td>{re.escape(name)}</td><td class=\"num\">[^<]*</td><td class=\"num\">{share:.1%}</td>", html
+        )
     assert html.count("<svg") == 3  # checkpoint shares and two histograms, inline
 
 
@@ -94,8 +111,10 @@ def test_report_renders_in_chromium_and_requests_nothing(digits_report, tmp_path
 def test_the_request_check_sees_a_page_that_fetches(tmp_path):
     # The check above could fail: a page referring to loopback addresses is seen asking for them.
     probe = tmp_path / "probe.html"
-    probe.write_text('<!DOCTYPE html><html><head><link rel="stylesheet" href="http://127.0.0.1:9/a.css"></head>'
-                     '<body><img src="http://127.0.0.1:9/b.png"></body></html>')
+    probe.write_text(
+        '<!DOCTYPE html><html><head><link rel="stylesheet" href="http://127.0.0.1:9/a.css"></head>'
+        '<body><img src="http://127.0.0.1:9/b.png"></body></html>'
+    )
     assert REFERENCE.search(probe.read_text())
     seen = browser.visit(probe)
     assert seen.page_requests == ["http://127.0.0.1:9/a.css", "http://127.0.0.1:9/b.png"]
@@ -109,9 +128,17 @@ def test_the_request_check_sees_a_page_that_fetches(tmp_path):
 @needs_chromium
 def test_a_script_in_a_training_text_is_shown_and_runs_nothing(tmp_path):
     run = text_run(tmp_path / "run")
-    out = to.report(run.test, run.train, tmp_path / "text.html", train_data=run.train_data,
-                    test_data=run.test_data, tokenizer=run.tokenizer, n_suspects=len(run.train_data), k=2,
-                    progress=False)
+    out = to.report(
+        run.test,
+        run.train,
+        tmp_path / "text.html",
+        train_data=run.train_data,
+        test_data=run.test_data,
+        tokenizer=run.tokenizer,
+        n_suspects=len(run.train_data),
+        k=2,
+        progress=False,
+    )
     html = Path(out).read_text()
     assert SCRIPT_TEXT not in html and "&lt;script&gt;document.title=&#x27;pwned&#x27;" in html
     seen = browser.visit(out)
@@ -147,7 +174,8 @@ def _cli(*args, cwd):
 
 def test_cli_report_with_the_real_executable(digits, tmp_path):
     data = tmp_path / "mydata.py"
-    data.write_text(textwrap.dedent("""
+    data.write_text(
+        textwrap.dedent("""
         from torch.utils.data import Subset
         from trackin_ooc.demo import load_digits_split
 
@@ -156,10 +184,24 @@ def test_cli_report_with_the_real_executable(digits, tmp_path):
 
         def test():
             return Subset(load_digits_split(n_train=240, flip_fraction=0.1, seed=0).test, range(40))
-    """))
+    """)
+    )
     out = tmp_path / "out" / "report.html"
-    args = ["report", "--train", digits.train.path, "--test", digits.test.path, "--train-data", f"{data}:train",
-            "--test-data", f"{data}:test", "--out", str(out), "-k", "2"]
+    args = [
+        "report",
+        "--train",
+        digits.train.path,
+        "--test",
+        digits.test.path,
+        "--train-data",
+        f"{data}:train",
+        "--test-data",
+        f"{data}:test",
+        "--out",
+        str(out),
+        "-k",
+        "2",
+    ]
     done = _cli(*args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert f"to {out}" in done.stdout

@@ -40,15 +40,21 @@ def checkpoints(tmp_path_factory) -> list[str]:
     from trackin_ooc.demo import train_with_checkpoints
     from trackin_ooc.demo.examples import digits_mlp_model, digits_train_small
 
-    paths = train_with_checkpoints(digits_mlp_model(), digits_train_small(), tmp_path_factory.mktemp("ckpt"),
-                                   epochs=3, checkpoint_every=1, seed=0)
+    paths = train_with_checkpoints(
+        digits_mlp_model(), digits_train_small(), tmp_path_factory.mktemp("ckpt"), epochs=3, checkpoint_every=1, seed=0
+    )
     return [str(p) for p in paths]
 
 
 def child(kind: str, out: Path, checkpoints, **env) -> subprocess.Popen:
     e = dict(os.environ, TRACKIN_OOC_QUIET="1", OMP_NUM_THREADS="1", **{k: str(v) for k, v in env.items()})
-    return subprocess.Popen([sys.executable, str(CHILDREN[kind]), str(out), *checkpoints], env=e,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(CHILDREN[kind]), str(out), *checkpoints],
+        env=e,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def capture_here(kind: str, out: Path, checkpoints) -> to.GradientStore:
@@ -98,8 +104,12 @@ KILL_POINTS = {
     # name: (store kind, environment of the killed run, when to kill, blocks written at the kill)
     "before the first block": ("flat", {"CHILD_SLEEP_AT": 1}, lambda out, marker: blocks_done(out) == 0, 0),
     "mid-way, a factor store": ("factors", {"CHILD_SLEEP_AT": 150}, lambda out, marker: blocks_done(out) == 5, 5),
-    "while writing the last block": ("flat", {"CHILD_HOLD_LAST_WRITE": "{marker}"},
-                                     lambda out, marker: marker.exists(), N_BLOCKS - 1),
+    "while writing the last block": (
+        "flat",
+        {"CHILD_HOLD_LAST_WRITE": "{marker}"},
+        lambda out, marker: marker.exists(),
+        N_BLOCKS - 1,
+    ),
 }
 
 
@@ -126,12 +136,18 @@ def test_resume_computes_only_the_missing_blocks(mlp, digits, tmp_path, monkeypa
     from trackin_ooc.capturing.job import capture_job as job_module
 
     out = tmp_path / "s.zarr"
-    full = to.capture(mlp.model, mlp.checkpoints, digits.train, tmp_path / "full.zarr", projection_dim=16,
-                      chunk_rows=50, batch_size=32)
+    full = to.capture(
+        mlp.model,
+        mlp.checkpoints,
+        digits.train,
+        tmp_path / "full.zarr",
+        projection_dim=16,
+        chunk_rows=50,
+        batch_size=32,
+    )
     blocks = full.row_blocks()
     # A store whose first three blocks were written (by a capture that then died).
-    part = to.capture(mlp.model, mlp.checkpoints, digits.train, out, projection_dim=16, chunk_rows=50,
-                      batch_size=32)
+    part = to.capture(mlp.model, mlp.checkpoints, digits.train, out, projection_dim=16, chunk_rows=50, batch_size=32)
     group = part._writable()
     group["block_complete"][3:] = 0
     attrs = dict(group.attrs["trackin_ooc"], complete=False)
@@ -140,19 +156,21 @@ def test_resume_computes_only_the_missing_blocks(mlp, digits, tmp_path, monkeypa
     seen = []
     real = job_module.BlockBatches.__iter__
     monkeypatch.setattr(job_module.BlockBatches, "__iter__", lambda self: (seen.append(b) or b for b in real(self)))
-    resumed = to.capture(mlp.model, mlp.checkpoints, digits.train, out, projection_dim=16, chunk_rows=50,
-                         batch_size=32)
+    resumed = to.capture(mlp.model, mlp.checkpoints, digits.train, out, projection_dim=16, chunk_rows=50, batch_size=32)
     rows = sorted({i for batch in seen for i in batch})
     assert rows == list(range(blocks[3][0], len(digits.train)))
     tt.assert_stores_identical(resumed, full)
 
 
-@pytest.mark.parametrize(("change", "words"), [
-    ({"seed": 1}, "projection (fingerprint)"),
-    ({"learning_rates": [0.05, 0.05, 0.05, 0.05]}, "learning rates"),
-    ({"dtype": "float16"}, "storage dtype"),
-    ({"projection_dim": 24}, "feature width"),
-])
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"seed": 1}, "projection (fingerprint)"),
+        ({"learning_rates": [0.05, 0.05, 0.05, 0.05]}, "learning rates"),
+        ({"dtype": "float16"}, "storage dtype"),
+        ({"projection_dim": 24}, "feature width"),
+    ],
+)
 def test_a_different_capture_is_refused_with_the_difference(change, words, mlp, digits, tmp_path):
     out = tmp_path / "s.zarr"
     base = dict(projection_dim=16, chunk_rows=100, batch_size=50, learning_rates=[0.1] * len(mlp.checkpoints))

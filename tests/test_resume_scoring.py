@@ -49,10 +49,12 @@ def flags(out) -> np.ndarray:
 def test_killed_influence_resumes_to_the_same_matrix(tmp_path):
     rng = np.random.default_rng(0)
     lrs = [0.3, 0.1]
-    test = to.from_arrays(tmp_path / "test.zarr", rng.standard_normal((C, N_TEST, F)).astype(np.float32), lrs,
-                          chunk_rows=16)
-    train = to.from_arrays(tmp_path / "train.zarr", rng.standard_normal((C, N_TRAIN, F)).astype(np.float32),
-                           lrs, chunk_rows=16)
+    test = to.from_arrays(
+        tmp_path / "test.zarr", rng.standard_normal((C, N_TEST, F)).astype(np.float32), lrs, chunk_rows=16
+    )
+    train = to.from_arrays(
+        tmp_path / "train.zarr", rng.standard_normal((C, N_TRAIN, F)).astype(np.float32), lrs, chunk_rows=16
+    )
     # A budget for 16-row test blocks and 16-row train blocks: 4 × 100 tasks.
     limit = worker_bytes(16, 16, C * F, 4, resources.detect().threads)
     plan = to.plan_for(test, train, memory_limit=limit)
@@ -63,9 +65,12 @@ def test_killed_influence_resumes_to_the_same_matrix(tmp_path):
     hold = n_tasks // 4
     for attempt in range(3):  # kill at a few different points, resuming each time
         marker = tmp_path / f"held{attempt}"
-        proc = subprocess.Popen([sys.executable, "-c", SCRIPT, test.path, train.path, str(out), str(limit),
-                                 str(hold), str(marker)], env={**os.environ, "TRACKIN_OOC_QUIET": "1"},
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SCRIPT, test.path, train.path, str(out), str(limit), str(hold), str(marker)],
+            env={**os.environ, "TRACKIN_OOC_QUIET": "1"},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 120
         while not marker.exists():
             assert proc.poll() is None, f"the run ended before its kill point: {proc.stderr.read()}"

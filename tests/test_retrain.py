@@ -78,8 +78,9 @@ def cluster():
     still give the in-process results), shared by the cluster and CLI tests."""
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster:
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
         yield cluster
 
 
@@ -110,8 +111,9 @@ KILLED_RUN = textwrap.dedent("""
 def test_retrain_resumes_after_a_kill(reference, tmp_path):
     out = tmp_path / "runs.zarr"
     script = KILLED_RUN.format(n_train=N_TRAIN, n_subsets=N_SUBSETS)
-    proc = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         done = 0
@@ -181,8 +183,7 @@ def test_out_refusals(tmp_path):
 
 
 def test_bad_arguments_and_results(tmp_path):
-    for kwargs, match in ((dict(n_subsets=1), "n_subsets"), (dict(fraction=1.0), "fraction"),
-                          (dict(seed=-1), "seed")):
+    for kwargs, match in ((dict(n_subsets=1), "n_subsets"), (dict(fraction=1.0), "fraction"), (dict(seed=-1), "seed")):
         with pytest.raises(to.ArgumentError, match=match):
             to.retrain(_toy, 40, **kwargs, progress=False)
     with pytest.raises(to.ArgumentError, match="train_fn must be a callable"):
@@ -214,11 +215,28 @@ def test_cli_retrain_and_lds(tmp_path, cluster):
     """The real executable: retrain from a file's train function on a cluster (which cannot import that
     file: the function travels by value), then lds."""
     user = tmp_path / "user_retrain.py"
-    user.write_text("from trackin_ooc.demo.examples import digits_retrain_small\n\n\n"
-                    "def train(indices, seed):\n    return digits_retrain_small(indices, seed)\n")
+    user.write_text(
+        "from trackin_ooc.demo.examples import digits_retrain_small\n\n\n"
+        "def train(indices, seed):\n    return digits_retrain_small(indices, seed)\n"
+    )
     runs = tmp_path / "runs.zarr"
-    result = ok(run_cli("--scheduler-address", cluster.scheduler_address, "retrain", "--train-fn", f"{user}:train",
-                        "--n-train", N_TRAIN, "--subsets", 4, "--out", runs, cwd=tmp_path, timeout=240))
+    result = ok(
+        run_cli(
+            "--scheduler-address",
+            cluster.scheduler_address,
+            "retrain",
+            "--train-fn",
+            f"{user}:train",
+            "--n-train",
+            N_TRAIN,
+            "--subsets",
+            4,
+            "--out",
+            runs,
+            cwd=tmp_path,
+            timeout=240,
+        )
+    )
     assert "wrote 4 retrainings (150 of 300 training examples each, 100 test losses)" in result.stdout
     direct = to.retrain(examples.digits_retrain_small, N_TRAIN, n_subsets=4, progress=False)
     np.testing.assert_allclose(to.open_runs(runs)["output"].values, direct["output"].values, rtol=1e-12)
@@ -231,8 +249,20 @@ def test_cli_retrain_and_lds(tmp_path, cluster):
     model, ckpts = train_run(examples.digits_mlp_recipe(), x[:N_TRAIN], y[:N_TRAIN], tmp_path / "ckpts")
     train = to.capture(model, ckpts, examples.digits_train_small(), tmp_path / "train.zarr", progress=False)
     test = to.capture(model, ckpts, examples.digits_test_small(), tmp_path / "test.zarr", progress=False)
-    result = ok(run_cli("lds", "--train", train.path, "--test", test.path, "--runs", runs, "--out",
-                        tmp_path / "lds.csv", cwd=tmp_path))
+    result = ok(
+        run_cli(
+            "lds",
+            "--train",
+            train.path,
+            "--test",
+            test.path,
+            "--runs",
+            runs,
+            "--out",
+            tmp_path / "lds.csv",
+            cwd=tmp_path,
+        )
+    )
     want = to.lds(test, train, runs, progress=False)
     assert f"LDS {want.attrs['lds']:.4f} (TracIn; mean over 100 test examples" in result.stdout
     import pandas as pd
@@ -241,8 +271,9 @@ def test_cli_retrain_and_lds(tmp_path, cluster):
     assert list(table.columns) == ["test", "test_label", "lds"] and len(table) == 100
     np.testing.assert_allclose(table["lds"].values, want.values, atol=1e-12)
     # Rerunning with other parameters: exit 1, one line, no traceback; the store is kept.
-    bad = run_cli("retrain", "--train-fn", f"{user}:train", "--n-train", N_TRAIN, "--subsets", 5, "--out", runs,
-                  cwd=tmp_path)
+    bad = run_cli(
+        "retrain", "--train-fn", f"{user}:train", "--n-train", N_TRAIN, "--subsets", 5, "--out", runs, cwd=tmp_path
+    )
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.count("\n") == 1 and "other parameters: n_subsets=4 (now 5)" in bad.stderr
     # lds with runs of another train set: exit 1, one line.

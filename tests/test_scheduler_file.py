@@ -39,8 +39,13 @@ START_TIMEOUT = 90  # seconds for the scheduler file to appear and the workers t
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(TRACKIN_OOC_QUIET="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-               PYTHONWARNINGS="ignore")
+    env.update(
+        TRACKIN_OOC_QUIET="1",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        OPENBLAS_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+    )
     return env
 
 
@@ -71,8 +76,15 @@ class SchedulerFileCluster:
         log = self.root / f"{name}.log"
         self.logs[name] = log
         with open(log, "wb") as out:
-            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=_env(), cwd=self.root, start_new_session=True)
+            proc = subprocess.Popen(
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=_env(),
+                cwd=self.root,
+                start_new_session=True,
+            )
         self.procs[name] = proc
         self.args[name] = args
         return proc
@@ -88,10 +100,21 @@ class SchedulerFileCluster:
         from distributed import Client
 
         assert DASK.is_file(), f"{DASK} is missing: distributed installs the dask command next to python"
-        sched = self._spawn("scheduler", [
-            str(DASK), "scheduler", "--scheduler-file", str(self.file), "--host", LOOPBACK, "--port", "0",
-            "--dashboard-address", f"{LOOPBACK}:0",
-        ])
+        sched = self._spawn(
+            "scheduler",
+            [
+                str(DASK),
+                "scheduler",
+                "--scheduler-file",
+                str(self.file),
+                "--host",
+                LOOPBACK,
+                "--port",
+                "0",
+                "--dashboard-address",
+                f"{LOOPBACK}:0",
+            ],
+        )
         deadline = time.monotonic() + START_TIMEOUT
         while not self._file_ready():
             if sched.poll() is not None:
@@ -100,11 +123,27 @@ class SchedulerFileCluster:
                 pytest.fail(f"no scheduler file after {START_TIMEOUT} s:\n{_tail(self.logs['scheduler'])}")
             time.sleep(0.1)
         for i in range(self.n_workers):
-            self._spawn(f"w{i}", [
-                str(DASK), "worker", "--scheduler-file", str(self.file), "--host", LOOPBACK,
-                "--dashboard-address", f"{LOOPBACK}:0", "--nthreads", "1", "--memory-limit", "1GiB",
-                "--name", f"w{i}", "--death-timeout", "60",
-            ])
+            self._spawn(
+                f"w{i}",
+                [
+                    str(DASK),
+                    "worker",
+                    "--scheduler-file",
+                    str(self.file),
+                    "--host",
+                    LOOPBACK,
+                    "--dashboard-address",
+                    f"{LOOPBACK}:0",
+                    "--nthreads",
+                    "1",
+                    "--memory-limit",
+                    "1GiB",
+                    "--name",
+                    f"w{i}",
+                    "--death-timeout",
+                    "60",
+                ],
+            )
         self.client = Client(scheduler_file=str(self.file), timeout="30s")
         try:
             self.client.wait_for_workers(self.n_workers, timeout=START_TIMEOUT)
@@ -191,12 +230,26 @@ def cli_in_process(*args: str) -> None:
 
     result = CliRunner().invoke(app, list(args), catch_exceptions=True)
     assert result.exit_code == 0, f"trackin-ooc {' '.join(args)} exited {result.exit_code}: {result.output}" + (
-        f"\n{result.exception!r}" if result.exception else "")
+        f"\n{result.exception!r}" if result.exception else ""
+    )
 
 
 def capture_args(data: str, checkpoints: list[Path], out: Path) -> list[str]:
-    args = ["capture", "--model", MODEL, "--data", data, "--projection-dim", "32", "--batch-size", "64",
-            "--chunk-rows", "64", "--out", str(out)]
+    args = [
+        "capture",
+        "--model",
+        MODEL,
+        "--data",
+        data,
+        "--projection-dim",
+        "32",
+        "--batch-size",
+        "64",
+        "--chunk-rows",
+        "64",
+        "--out",
+        str(out),
+    ]
     for c in checkpoints:
         args += ["--checkpoint", str(c)]
     return args
@@ -235,8 +288,9 @@ def checkpoints(tmp_path_factory) -> list[Path]:
     from trackin_ooc.demo import train_with_checkpoints
     from trackin_ooc.demo.examples import digits_mlp_model, digits_train_small
 
-    paths = train_with_checkpoints(digits_mlp_model(), digits_train_small(), tmp_path_factory.mktemp("ckpt"),
-                                   epochs=3, checkpoint_every=1, seed=0)
+    paths = train_with_checkpoints(
+        digits_mlp_model(), digits_train_small(), tmp_path_factory.mktemp("ckpt"), epochs=3, checkpoint_every=1, seed=0
+    )
     assert len(paths) == 3
     return paths
 
@@ -261,12 +315,31 @@ def test_capture_and_top_k_on_a_scheduler_file_equal_a_local_run(cluster, checkp
         tt.assert_stores_identical(b, local / f"{split}.zarr")  # the workers wrote the same bytes
 
     before = cluster.executed()
-    run = cli("top-k", "--train", str(remote / "train.zarr"), "--test", str(remote / "test.zarr"), "-k", "5",
-              "--out", str(remote / "top.csv"), scheduler_file=cluster.file)
+    run = cli(
+        "top-k",
+        "--train",
+        str(remote / "train.zarr"),
+        "--test",
+        str(remote / "test.zarr"),
+        "-k",
+        "5",
+        "--out",
+        str(remote / "top.csv"),
+        scheduler_file=cluster.file,
+    )
     assert cluster.executed() > before, "the workers ran no task: top-k did not use the scheduler file"
     assert "2 workers" in run.stderr
-    cli_in_process("top-k", "--train", str(local / "train.zarr"), "--test", str(local / "test.zarr"), "-k", "5",
-                   "--out", str(local / "top.csv"))
+    cli_in_process(
+        "top-k",
+        "--train",
+        str(local / "train.zarr"),
+        "--test",
+        str(local / "test.zarr"),
+        "-k",
+        "5",
+        "--out",
+        str(local / "top.csv"),
+    )
 
     want, got = pd.read_csv(local / "top.csv"), pd.read_csv(remote / "top.csv")
     assert len(want) == 100 * 5 and want["proponent"].between(0, 299).all()
@@ -295,23 +368,39 @@ def test_top_k_survives_killing_one_worker_mid_run(cluster, tmp_path):
     rng = np.random.default_rng(5)
     n_test, n_train, c, f, k = 8, 1600, 2, 16, 6
     lrs = [0.6, 0.25]
-    te = to.from_arrays(tmp_path / "test.zarr", rng.standard_normal((c, n_test, f)).astype(np.float32), lrs,
-                        chunk_rows=4)
-    tr = to.from_arrays(tmp_path / "train.zarr", rng.standard_normal((c, n_train, f)).astype(np.float32), lrs,
-                        chunk_rows=16)
+    te = to.from_arrays(
+        tmp_path / "test.zarr", rng.standard_normal((c, n_test, f)).astype(np.float32), lrs, chunk_rows=4
+    )
+    tr = to.from_arrays(
+        tmp_path / "train.zarr", rng.standard_normal((c, n_train, f)).astype(np.float32), lrs, chunk_rows=16
+    )
     limit = worker_bytes(4, 16, c * f, 4, 1, k)  # blocks of 4 test × 16 train rows on 1-thread workers
     plan = to.plan_for(te, tr, memory_limit=limit, k=k)
     n_parts = len(plan.test_blocks(n_test)) * len(plan.train_blocks(n_train))
     assert n_parts >= 150, plan  # many short tasks: the kill lands in the middle of the run
-    args = ["top-k", "--train", str(tmp_path / "train.zarr"), "--test", str(tmp_path / "test.zarr"),
-            "-k", str(k), "--raw", "--out"]  # --raw: the dot products the NumPy reference below computes
+    args = [
+        "top-k",
+        "--train",
+        str(tmp_path / "train.zarr"),
+        "--test",
+        str(tmp_path / "test.zarr"),
+        "-k",
+        str(k),
+        "--raw",
+        "--out",
+    ]  # --raw: the dot products the NumPy reference below computes
     cli_in_process("--memory-limit", str(limit), *args, str(tmp_path / "local.csv"))
 
     # On the module's cluster: the killed worker is started again after the test.
     victim = "w1"
     glob = ["--scheduler-file", str(cluster.file), "--memory-limit", str(limit)]
-    run = subprocess.Popen([str(TRACKIN), *glob, *args, str(tmp_path / "remote.csv")], env=_env(),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [str(TRACKIN), *glob, *args, str(tmp_path / "remote.csv")],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     probe = _progress_probe(victim, "trackin-topk-part")
     at_kill = None
     deadline = time.monotonic() + 180
@@ -356,21 +445,36 @@ def test_the_documented_pbs_script_starts_its_cluster(tmp_path):
     shim.write_text('#!/bin/bash\n[ "$1" = "--" ] && shift\nexec env -i HOME="$HOME" PATH=/usr/bin:/bin "$@"\n')
     shim.chmod(0o755)
     script = tmp_path / "job.pbs"
-    script.write_text(text[:text.index(marker)] + (
-        'python -c "import distributed, sys; c = distributed.Client(scheduler_file=sys.argv[1]); '
-        "w = list(c.scheduler_info()['workers'].values()); "
-        "print('workers', len(w), w[0]['nthreads'], w[0]['memory_limit']); "
-        "print('sum', c.submit(sum, [1, 2, 3]).result())\" \"$SCHED_FILE\"\n"
-    ))
+    script.write_text(
+        text[: text.index(marker)]
+        + (
+            'python -c "import distributed, sys; c = distributed.Client(scheduler_file=sys.argv[1]); '
+            "w = list(c.scheduler_info()['workers'].values()); "
+            "print('workers', len(w), w[0]['nthreads'], w[0]['memory_limit']); "
+            'print(\'sum\', c.submit(sum, [1, 2, 3]).result())" "$SCHED_FILE"\n'
+        )
+    )
     nodefile = tmp_path / "nodefile"
     nodefile.write_text("node1\n")  # one chunk, mpiprocs=1: one line
-    env = dict(_env(), PBS_O_WORKDIR=str(tmp_path), PBS_JOBID="4242.pbs-server", PBS_NODEFILE=str(nodefile),
-               PATH=f"{bin_dir}:{os.environ['PATH']}",
-               ENV_ACTIVATE=f'export PATH="{BIN}:$PATH"',
-               DASK_SCHEDULER_ARGS=f"--host {LOOPBACK} --port 0 --dashboard-address {LOOPBACK}:0",
-               DASK_WORKER_ARGS=f"--host {LOOPBACK} --dashboard-address {LOOPBACK}:0")
-    proc = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    env = dict(
+        _env(),
+        PBS_O_WORKDIR=str(tmp_path),
+        PBS_JOBID="4242.pbs-server",
+        PBS_NODEFILE=str(nodefile),
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        ENV_ACTIVATE=f'export PATH="{BIN}:$PATH"',
+        DASK_SCHEDULER_ARGS=f"--host {LOOPBACK} --port 0 --dashboard-address {LOOPBACK}:0",
+        DASK_WORKER_ARGS=f"--host {LOOPBACK} --dashboard-address {LOOPBACK}:0",
+    )
+    proc = subprocess.Popen(
+        ["bash", str(script)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=180)
     finally:

@@ -49,10 +49,10 @@ def _png_pixels(data: bytes) -> np.ndarray:
     idat = b""
     pos = 8
     while pos < len(data):
-        n = int.from_bytes(data[pos:pos + 4], "big")
-        kind = data[pos + 4:pos + 8]
+        n = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
         if kind == b"IDAT":
-            idat += data[pos + 8:pos + 8 + n]
+            idat += data[pos + 8 : pos + 8 + n]
         pos += 12 + n
     raw = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(h, w + 1)
     assert (raw[:, 0] == 0).all()
@@ -151,8 +151,7 @@ def test_token_weights_highlight_tokens(texts):
     row = int(np.argmax(si.values))
     n_tokens = int(texts.train_data[row]["attention_mask"].sum())
     weights = {row: np.r_[np.arange(1, n_tokens + 1, dtype=float), np.zeros(12 - n_tokens)]}
-    html = to.show(si, texts.train_data, n=1, tokenizer=texts.tokenizer,
-                   token_weights={"train": weights})._repr_html_()
+    html = to.show(si, texts.train_data, n=1, tokenizer=texts.tokenizer, token_weights={"train": weights})._repr_html_()
     alphas = [float(a) for a in re.findall(r"background:rgba\(255,140,0,([0-9.]+)\)", html)]
     assert len(alphas) == n_tokens and alphas[-1] == 1.0 and alphas == sorted(alphas)
 
@@ -248,8 +247,9 @@ def test_html_without_matplotlib_and_png_names_the_extra(digits, tmp_path):
             print("ERR", e)
         assert "torch" not in sys.modules, "the views imported torch"
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1]
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ERR saving a view as .png needs matplotlib: pip install 'trackin-ooc[demo]'" in out.stdout
     assert (tmp_path / "v.html").exists() and not (tmp_path / "v.png").exists()
@@ -285,9 +285,17 @@ def test_token_gradient_mass_adds_up_to_the_embeddings_self_influence(texts, tmp
         else:  # a repeated token's δ_t add before squaring: mass and reference differ, both positive
             assert mass[p].sum() > 0 and reference[p] > 0
     assert distinct >= 2
-    view = to.show(to.self_influence(texts.train, progress=False), texts.train_data, n=3, tokenizer=texts.tokenizer,
-                   token_weights={"train": to.token_gradient_mass(model, ckpts, texts.train_data,
-                                  np.argsort(-to.self_influence(texts.train, progress=False).values)[:3])})
+    view = to.show(
+        to.self_influence(texts.train, progress=False),
+        texts.train_data,
+        n=3,
+        tokenizer=texts.tokenizer,
+        token_weights={
+            "train": to.token_gradient_mass(
+                model, ckpts, texts.train_data, np.argsort(-to.self_influence(texts.train, progress=False).values)[:3]
+            )
+        },
+    )
     assert view._repr_html_().count("background:rgba(255,140,0,1.00)") == 3  # the heaviest token of each
     with pytest.raises(ViewError, match="model has no module 'nope'; its embeddings: embed"):
         to.token_gradient_mass(model, ckpts, texts.train_data, [0], embedding="nope")
@@ -298,12 +306,15 @@ def test_hugging_face_style_items_pil_images_and_list_columns(digits):
 
     # Items as a Hugging Face image dataset yields them: {"image": PIL image, "label": int}.
     split = digits.extra["split"]
-    rows = [{"image": Image.fromarray((255 * img).astype(np.uint8)), "label": int(y)}
-            for img, y in zip(split.train_images, split.train.tensors[1].numpy())]
+    rows = [
+        {"image": Image.fromarray((255 * img).astype(np.uint8)), "label": int(y)}
+        for img, y in zip(split.train_images, split.train.tensors[1].numpy())
+    ]
     si = to.self_influence(digits.train, progress=False)
     html = to.show(si, rows, n=4)._repr_html_()
     pictures = PNG_URI.findall(html)
     assert len(pictures) == 4 and _png_size(base64.b64decode(pictures[0])) == (8, 8)
+
     # ... and a text dataset whose columns are lists: token ids decoded, the text field shown as text.
     class Words:
         all_special_ids = [0]

@@ -105,12 +105,19 @@ class SingleNodeSlurm:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         with open(self.root / f"{name}.out", "wb") as out:
-            self.procs[name] = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
+            self.procs[name] = subprocess.Popen(
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,
+            )
 
     def cmd(self, *args: str, check: bool = True) -> str:
-        proc = subprocess.run([_which(args[0]) or args[0], *args[1:]], capture_output=True, text=True,
-                              env=self.env, timeout=30)
+        proc = subprocess.run(
+            [_which(args[0]) or args[0], *args[1:]], capture_output=True, text=True, env=self.env, timeout=30
+        )
         if check:
             assert proc.returncode == 0, f"{' '.join(args)}: {proc.stderr.strip()}"
         return proc.stdout
@@ -128,14 +135,30 @@ class SingleNodeSlurm:
         key = r / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        self.conf.write_text(SLURM_CONF.format(
-            host=self.host, addr=LOOPBACK, ctld_port=_free_port(), slurmd_port=_free_port(), root=r,
-            partition=PARTITION,
-        ))
+        self.conf.write_text(
+            SLURM_CONF.format(
+                host=self.host,
+                addr=LOOPBACK,
+                ctld_port=_free_port(),
+                slurmd_port=_free_port(),
+                root=r,
+                partition=PARTITION,
+            )
+        )
         sock = r / "munge" / "munge.socket"
-        self._spawn("munged", [_which("munged"), "--foreground", "--force", f"--key-file={key}",
-                               f"--socket={sock}", f"--pid-file={r}/munge/munged.pid",
-                               f"--log-file={r}/munged.log", f"--seed-file={r}/munge/munged.seed"])
+        self._spawn(
+            "munged",
+            [
+                _which("munged"),
+                "--foreground",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={sock}",
+                f"--pid-file={r}/munge/munged.pid",
+                f"--log-file={r}/munged.log",
+                f"--seed-file={r}/munge/munged.seed",
+            ],
+        )
         why = self._wait(lambda: sock.exists(), "munged")
         if why:
             return f"munged {why}"
@@ -156,8 +179,9 @@ class SingleNodeSlurm:
         """None once ``ready()``; else which daemon exited (and how), or 'timed out'."""
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
-            dead = [f"{n} exited with status {self.procs[n].returncode}" for n in names
-                    if self.procs[n].poll() is not None]
+            dead = [
+                f"{n} exited with status {self.procs[n].returncode}" for n in names if self.procs[n].poll() is not None
+            ]
             if dead:
                 return "; ".join(dead)
             if ready():
@@ -187,8 +211,10 @@ class SingleNodeSlurm:
 def slurm(tmp_path_factory):
     missing = [n for n in DAEMONS + CLIENTS if _which(n) is None]
     if missing:
-        pytest.skip(f"Slurm is not installed here ({', '.join(missing)} not found on PATH or in /usr/sbin); "
-                    "scripts/install_slurm.sh installs Debian's slurm-wlm and munge (as root)")
+        pytest.skip(
+            f"Slurm is not installed here ({', '.join(missing)} not found on PATH or in /usr/sbin); "
+            "scripts/install_slurm.sh installs Debian's slurm-wlm and munge (as root)"
+        )
     if os.geteuid() != 0:
         pytest.skip("this test runs slurmd, which must be root to launch jobs; it is not root here")
     node = SingleNodeSlurm(tmp_path_factory.mktemp("slurm"))
@@ -214,17 +240,32 @@ def _loopback_options() -> dict:
 
 def test_slurm_jobs_run_top_k_like_a_local_run(slurm, tmp_path):
     rng = np.random.default_rng(3)
-    te = to.from_arrays(tmp_path / "test.zarr", rng.standard_normal((3, 10, 24)).astype(np.float32), LRS,
-                        chunk_rows=5)
-    tr = to.from_arrays(tmp_path / "train.zarr", rng.standard_normal((3, 300, 24)).astype(np.float32), LRS,
-                        chunk_rows=25)
+    te = to.from_arrays(tmp_path / "test.zarr", rng.standard_normal((3, 10, 24)).astype(np.float32), LRS, chunk_rows=5)
+    tr = to.from_arrays(
+        tmp_path / "train.zarr", rng.standard_normal((3, 300, 24)).astype(np.float32), LRS, chunk_rows=25
+    )
     local = to.top_k(te, tr, k=4)  # no client yet: in-process threads
     config = tmp_path / "jobqueue.yaml"
-    config.write_text(yaml.safe_dump({"jobqueue": {"slurm": {
-        "name": "trackin-test", "cores": 1, "memory": "1GiB", "processes": 1, "walltime": "00:10:00",
-        "queue": PARTITION, "log-directory": str(tmp_path / "logs"), "death-timeout": 30,
-        "job-extra-directives": ["--comment=trackin-ooc-test"], **_loopback_options(),
-    }}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "jobqueue": {
+                    "slurm": {
+                        "name": "trackin-test",
+                        "cores": 1,
+                        "memory": "1GiB",
+                        "processes": 1,
+                        "walltime": "00:10:00",
+                        "queue": PARTITION,
+                        "log-directory": str(tmp_path / "logs"),
+                        "death-timeout": 30,
+                        "job-extra-directives": ["--comment=trackin-ooc-test"],
+                        **_loopback_options(),
+                    }
+                }
+            }
+        )
+    )
     script = jobqueue.job_script("slurm", config=config)
     assert f"#SBATCH -p {PARTITION}" in script and "#SBATCH --comment=trackin-ooc-test" in script
     assert f"{sys.executable} -m distributed.cli.dask_worker" in script
@@ -273,20 +314,40 @@ def test_the_documented_sbatch_script_runs(slurm, tmp_path):
     tr = to.from_arrays(tmp_path / "train.zarr", rng.standard_normal((3, 200, 16)).astype(np.float32), LRS)
     out = tmp_path / "top.csv"
     script = tmp_path / "job.sbatch"
-    script.write_text(text[:text.index(marker)] + (
-        'T="trackin-ooc --scheduler-file $SCHED_FILE"\n'
-        f"$T top-k --train {tmp_path / 'train.zarr'} --test {tmp_path / 'test.zarr'} -k 3 --raw --out {out}\n"
-    ))
-    env = dict(slurm.env, TRACKIN_OOC_QUIET="1",
-               ENV_ACTIVATE=f'export PATH="{Path(sys.executable).parent}:$PATH"',
-               DASK_SCHEDULER_ARGS=f"--host {LOOPBACK} --port 0 --dashboard-address {LOOPBACK}:0",
-               DASK_WORKER_ARGS=f"--host {LOOPBACK} --dashboard-address {LOOPBACK}:0")
+    script.write_text(
+        text[: text.index(marker)]
+        + (
+            'T="trackin-ooc --scheduler-file $SCHED_FILE"\n'
+            f"$T top-k --train {tmp_path / 'train.zarr'} --test {tmp_path / 'test.zarr'} -k 3 --raw --out {out}\n"
+        )
+    )
+    env = dict(
+        slurm.env,
+        TRACKIN_OOC_QUIET="1",
+        ENV_ACTIVATE=f'export PATH="{Path(sys.executable).parent}:$PATH"',
+        DASK_SCHEDULER_ARGS=f"--host {LOOPBACK} --port 0 --dashboard-address {LOOPBACK}:0",
+        DASK_WORKER_ARGS=f"--host {LOOPBACK} --dashboard-address {LOOPBACK}:0",
+    )
     log = tmp_path / "job.out"
     # Command-line options override the script's #SBATCH lines: one small node here.
     proc = subprocess.run(
-        [_which("sbatch"), "--wait", f"--partition={PARTITION}", "--nodes=1", "--cpus-per-task=1", "--mem=1G",
-         "--time=00:10:00", f"--output={log}", f"--chdir={tmp_path}", str(script)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240,  # cwd: $SLURM_SUBMIT_DIR
+        [
+            _which("sbatch"),
+            "--wait",
+            f"--partition={PARTITION}",
+            "--nodes=1",
+            "--cpus-per-task=1",
+            "--mem=1G",
+            "--time=00:10:00",
+            f"--output={log}",
+            f"--chdir={tmp_path}",
+            str(script),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,  # cwd: $SLURM_SUBMIT_DIR
     )
     job_log = log.read_text() if log.exists() else "(no job output)"
     assert proc.returncode == 0, f"sbatch --wait: {proc.returncode} {proc.stderr.strip()}\n{job_log}"
@@ -308,20 +369,59 @@ def test_cli_cluster_slurm_runs_top_k(slurm, tmp_path):
 
     rng = np.random.default_rng(5)
     te = to.from_arrays(tmp_path / "test.zarr", rng.standard_normal((3, 6, 16)).astype(np.float32), LRS)
-    tr = to.from_arrays(tmp_path / "train.zarr", rng.standard_normal((3, 120, 16)).astype(np.float32), LRS,
-                        chunk_rows=20)
+    tr = to.from_arrays(
+        tmp_path / "train.zarr", rng.standard_normal((3, 120, 16)).astype(np.float32), LRS, chunk_rows=20
+    )
     config = tmp_path / "jobqueue.yaml"
-    config.write_text(yaml.safe_dump({"jobqueue": {"slurm": {
-        "name": "trackin-cli", "cores": 1, "memory": "1GiB", "processes": 1, "walltime": "00:10:00",
-        "queue": PARTITION, "death-timeout": 30, "log-directory": str(tmp_path / "logs"), **_loopback_options(),
-    }}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "jobqueue": {
+                    "slurm": {
+                        "name": "trackin-cli",
+                        "cores": 1,
+                        "memory": "1GiB",
+                        "processes": 1,
+                        "walltime": "00:10:00",
+                        "queue": PARTITION,
+                        "death-timeout": 30,
+                        "log-directory": str(tmp_path / "logs"),
+                        **_loopback_options(),
+                    }
+                }
+            }
+        )
+    )
     exe = Path(sys.executable).with_name("trackin-ooc")
     out = tmp_path / "top.csv"
     run = subprocess.run(
-        [str(exe), "--quiet", "--cluster", "slurm", "--cluster-config", str(config), "--jobs", "1",
-         "--memory-limit", "16000", "top-k", "--train", str(tr.path), "--test", str(te.path), "-k", "3", "--raw",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=180, env={**os.environ, "TRACKIN_OOC_QUIET": "1"}, cwd=tmp_path,
+        [
+            str(exe),
+            "--quiet",
+            "--cluster",
+            "slurm",
+            "--cluster-config",
+            str(config),
+            "--jobs",
+            "1",
+            "--memory-limit",
+            "16000",
+            "top-k",
+            "--train",
+            str(tr.path),
+            "--test",
+            str(te.path),
+            "-k",
+            "3",
+            "--raw",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "TRACKIN_OOC_QUIET": "1"},
+        cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr
     table = pd.read_csv(out)

@@ -70,8 +70,12 @@ def test_complete_only_after_every_block_is_written(rng, tmp_path):
     n, feat, lrs = 50, 8, [0.5, 0.25]
     grads = rng.standard_normal((2, n, feat)).astype(np.float32)
     store = to.GradientStore.create(
-        path, n_checkpoints=2, n_examples=n, spec=to.ProjectionSpec(kind="external", dim=feat),
-        learning_rates=lrs, chunk_rows=16,
+        path,
+        n_checkpoints=2,
+        n_examples=n,
+        spec=to.ProjectionSpec(kind="external", dim=feat),
+        learning_rates=lrs,
+        chunk_rows=16,
     )
     blocks = store.row_blocks()
     assert blocks == [(0, 16), (16, 32), (32, 48), (48, 50)]
@@ -216,8 +220,7 @@ def test_from_arrays_and_open_store_properties(kind, rng, tmp_path):
     if kind == "dask":
         source = da.from_array(grads, chunks=(1, 10, f))
     elif kind == "zarr":
-        source = zarr.create_array(str(tmp_path / "source.zarr"), shape=grads.shape, chunks=(1, 8, f),
-                                   dtype="float32")
+        source = zarr.create_array(str(tmp_path / "source.zarr"), shape=grads.shape, chunks=(1, 8, f), dtype="float32")
         source[:] = grads
     else:
         source = grads

@@ -118,19 +118,24 @@ def subset_predictions(
     return _predictions(test, train, runs, normalize, device, memory_limit, progress, storage_options, client)[0]
 
 
-def _predictions(test, train, runs, normalize, device, memory_limit, progress, storage_options,
-                 client) -> tuple[xr.DataArray, np.ndarray]:
+def _predictions(
+    test, train, runs, normalize, device, memory_limit, progress, storage_options, client
+) -> tuple[xr.DataArray, np.ndarray]:
     """(predictions (test, subset), outputs (subset, test))."""
     te, tr = _open(test, storage_options), _open(train, storage_options)
     check_compatible(te, tr)
     masks, outputs, n_train, runs_path = _runs(runs, storage_options)
     n_subsets, n_test = outputs.shape
     if n_train != tr.n_examples:
-        raise ArgumentError(f"the retrainings drew subsets of {n_train:,} training examples and the train store "
-                            f"{tr.path} has {tr.n_examples:,}; retrain with n_train={tr.n_examples}")
+        raise ArgumentError(
+            f"the retrainings drew subsets of {n_train:,} training examples and the train store "
+            f"{tr.path} has {tr.n_examples:,}; retrain with n_train={tr.n_examples}"
+        )
     if n_test != te.n_examples:
-        raise ArgumentError(f"the retrainings report {n_test:,} test losses and the test store {te.path} has "
-                            f"{te.n_examples:,} examples; train_fn must return one loss per test store example")
+        raise ArgumentError(
+            f"the retrainings report {n_test:,} test losses and the test store {te.path} has "
+            f"{te.n_examples:,} examples; train_fn must return one loss per test store example"
+        )
     if tr.has_factors:
         plan = plan_for(te, tr, memory_limit=memory_limit, client=client)
         data = factor_predictions_array(te, tr, masks, n_subsets, normalize, plan, resolve_backend(device).name)
@@ -143,17 +148,31 @@ def _predictions(test, train, runs, normalize, device, memory_limit, progress, s
                 f"({res.memory_limit / 2**30:.1f} GiB); use fewer subsets, a larger memory_limit, or stores "
                 "captured with a projection (projection_dim=...)"
             )
-        plan = planning.plan_blocks(n_test=n_subsets, n_train=tr.n_examples, n_checkpoints=tr.n_checkpoints,
-                                    feature_dim=tr.feature_dim, itemsize=itemsize(tr.dtype),
-                                    memory_limit=res.memory_limit, threads=res.threads, train_align=tr.chunk_rows)
+        plan = planning.plan_blocks(
+            n_test=n_subsets,
+            n_train=tr.n_examples,
+            n_checkpoints=tr.n_checkpoints,
+            feature_dim=tr.feature_dim,
+            itemsize=itemsize(tr.dtype),
+            memory_limit=res.memory_limit,
+            threads=res.threads,
+            train_align=tr.chunk_rows,
+        )
         data = subset_predictions_array(te, tr, masks, n_subsets, normalize, plan.train_rows)
     (values,) = compute(data, desc="LDS predictions", progress=progress, client=client)
     pred = xr.DataArray(
-        np.asarray(values, dtype=np.float64), dims=("test", "subset"),
-        coords={"test": te.example_ids(), "subset": np.arange(n_subsets)}, name="predicted",
-        attrs={"normalize": bool(normalize), "test_store": te.path, "train_store": tr.path,
-               "test_fingerprint": te.fingerprint, "train_fingerprint": tr.fingerprint,
-               **({"runs": runs_path} if runs_path else {})},
+        np.asarray(values, dtype=np.float64),
+        dims=("test", "subset"),
+        coords={"test": te.example_ids(), "subset": np.arange(n_subsets)},
+        name="predicted",
+        attrs={
+            "normalize": bool(normalize),
+            "test_store": te.path,
+            "train_store": tr.path,
+            "test_fingerprint": te.fingerprint,
+            "train_fingerprint": tr.fingerprint,
+            **({"runs": runs_path} if runs_path else {}),
+        },
     )
     return pred, outputs
 
@@ -201,11 +220,14 @@ def lds(
     IncompleteStoreError
         A store or the retraining output is unfinished.
     """
-    pred, outputs = _predictions(test, train, runs, normalize, device, memory_limit, progress, storage_options,
-                                 client)
+    pred, outputs = _predictions(test, train, runs, normalize, device, memory_limit, progress, storage_options, client)
     per_test = lds_from_predictions(pred.values, outputs)
     defined = np.isfinite(per_test)
     mean = float(per_test[defined].mean()) if defined.any() else float("nan")
-    return xr.DataArray(per_test, dims=("test",), coords={"test": pred["test"].values}, name="lds",
-                        attrs={**pred.attrs, "lds": mean, "n_subsets": int(outputs.shape[0]),
-                               "n_undefined": int((~defined).sum())})
+    return xr.DataArray(
+        per_test,
+        dims=("test",),
+        coords={"test": pred["test"].values},
+        name="lds",
+        attrs={**pred.attrs, "lds": mean, "n_subsets": int(outputs.shape[0]), "n_undefined": int((~defined).sum())},
+    )

@@ -64,8 +64,13 @@ def _window_rows(n_rows: int, chunk_rows: int, row_bytes: int) -> int:
 
 def _params(train: GradientStore, n_lists: int, normalize: bool, seed: int, target_recall: float) -> dict[str, Any]:
     """What makes two builds the same job (a killed build resumes only the same job)."""
-    return {"n_lists": int(n_lists), "normalize": bool(normalize), "seed": int(seed),
-            "target_recall": float(target_recall), "train_fingerprint": train.fingerprint}
+    return {
+        "n_lists": int(n_lists),
+        "normalize": bool(normalize),
+        "seed": int(seed),
+        "target_recall": float(target_recall),
+        "train_fingerprint": train.fingerprint,
+    }
 
 
 def build_index(
@@ -135,10 +140,12 @@ def build_index(
         An unfinished index of another build at ``path`` (pass ``overwrite=True``).
     """
     tr = require_flat(open_store(train, storage_options=storage_options).require_complete(), "an index")
-    if n_lists is not None and (isinstance(n_lists, bool) or not isinstance(n_lists, (int, np.integer))
-                                or not 1 <= n_lists <= tr.n_examples):
-        raise ArgumentError(f"n_lists must be an integer from 1 to the store's {tr.n_examples} examples, "
-                            f"got {n_lists!r}")
+    if n_lists is not None and (
+        isinstance(n_lists, bool) or not isinstance(n_lists, (int, np.integer)) or not 1 <= n_lists <= tr.n_examples
+    ):
+        raise ArgumentError(
+            f"n_lists must be an integer from 1 to the store's {tr.n_examples} examples, got {n_lists!r}"
+        )
     if not 0 < target_recall <= 1:
         raise ArgumentError(f"target_recall must be in (0, 1], got {target_recall!r}")
     ivf.index_weights(tr.learning_rates)  # refuses negative learning rates before any work
@@ -147,8 +154,9 @@ def build_index(
     here, there = location(out), location(default_path)
     inside = (here.scheme, here.path) == (there.scheme, there.path)
     # The default location belongs to the store; anywhere else must not touch an input store.
-    check_output_location(out, () if inside else (tr,), kind="index", overwrite=overwrite, resumable=True,
-                          storage_options=storage_options)
+    check_output_location(
+        out, () if inside else (tr,), kind="index", overwrite=overwrite, resumable=True, storage_options=storage_options
+    )
     res = resources.detect(memory_limit, client)
     n_lists = int(n_lists or ivf.default_n_lists(tr.n_examples))
     params = _params(tr, n_lists, normalize, seed, target_recall)
@@ -166,24 +174,40 @@ def build_index(
             # out (too early to resume): start over.
             if backends.exists(out, storage_options):
                 backends.remove(out, storage_options)
-            idx = _lay_out(tr, out, n_lists, normalize, seed, params, res.memory_limit, progress, client,
-                           storage_options)
+            idx = _lay_out(
+                tr, out, n_lists, normalize, seed, params, res.memory_limit, progress, client, storage_options
+            )
         _fill(tr, idx, normalize, target_recall, progress, client)
     return TopKIndex(out, storage_options=storage_options)
 
 
-def _lay_out(tr: GradientStore, out: str | os.PathLike[str], n_lists: int, normalize: bool, seed: int,
-             params: dict[str, Any], memory_limit: int, progress: bool | None, client: Any,
-             storage_options: StorageOptions) -> TopKIndex:
+def _lay_out(
+    tr: GradientStore,
+    out: str | os.PathLike[str],
+    n_lists: int,
+    normalize: bool,
+    seed: int,
+    params: dict[str, Any],
+    memory_limit: int,
+    progress: bool | None,
+    client: Any,
+    storage_options: StorageOptions,
+) -> TopKIndex:
     """Sample, train the quantizer, pick the calibration queries, and lay out an empty index."""
     width = tr.n_checkpoints * tr.feature_dim
     n_sample = ivf.sample_size(tr.n_examples, n_lists, width, memory_limit)
     if n_lists > n_sample:
-        raise ArgumentError(f"n_lists={n_lists} needs at least as many sampled rows, but the memory budget allows "
-                            f"{n_sample}; use fewer lists or a larger memory_limit")
+        raise ArgumentError(
+            f"n_lists={n_lists} needs at least as many sampled rows, but the memory budget allows "
+            f"{n_sample}; use fewer lists or a larger memory_limit"
+        )
     block_rows = tr.chunk_rows
-    (parts,) = compute(ivf_graphs.sample_graph(tr, block_rows, n_sample, seed, normalize),
-                       desc="index: sample", progress=progress, client=client)
+    (parts,) = compute(
+        ivf_graphs.sample_graph(tr, block_rows, n_sample, seed, normalize),
+        desc="index: sample",
+        progress=progress,
+        client=client,
+    )
     positions = np.concatenate([p for p, _ in parts])
     sample = np.concatenate([x for _, x in parts])
     del parts
@@ -201,42 +225,68 @@ def _lay_out(tr: GradientStore, out: str | os.PathLike[str], n_lists: int, norma
     row_bytes = tr.n_checkpoints * tr.feature_dim * layout.itemsize(tr.dtype)
     chunk_rows = _chunk_rows(tr.n_examples, n_lists, row_bytes)
     return TopKIndex.create(
-        out, train=tr, normalize=normalize, centroids=centroids, calibration_rows=query_rows,
-        calibration_queries=queries, bands=bands, list_samples=samples, list_sample_offsets=sample_offsets,
+        out,
+        train=tr,
+        normalize=normalize,
+        centroids=centroids,
+        calibration_rows=query_rows,
+        calibration_queries=queries,
+        bands=bands,
+        list_samples=samples,
+        list_sample_offsets=sample_offsets,
         calibration_k=min(tr.n_examples, ivf.CALIBRATION_K + 1),
-        block_rows=block_rows, chunk_rows=chunk_rows,
-        window_rows=_window_rows(tr.n_examples, chunk_rows, row_bytes), params=params,
+        block_rows=block_rows,
+        chunk_rows=chunk_rows,
+        window_rows=_window_rows(tr.n_examples, chunk_rows, row_bytes),
+        params=params,
         storage_options=storage_options,
     )
 
 
-def _fill(tr: GradientStore, idx: TopKIndex, normalize: bool, target_recall: float, progress: bool | None,
-          client: Any) -> None:
+def _fill(
+    tr: GradientStore, idx: TopKIndex, normalize: bool, target_recall: float, progress: bool | None, client: Any
+) -> None:
     """Passes 1 and 2 (skipping what an earlier run finished), the calibration, then the seal."""
     windows_done = idx.windows_done()
     if not windows_done.all():
         done = idx.blocks_done()
         if not done.all():
-            compute(ivf_graphs.assign_graph(tr, idx, normalize, done), desc="index: assign", progress=progress,
-                    client=client)
+            compute(
+                ivf_graphs.assign_graph(tr, idx, normalize, done),
+                desc="index: assign",
+                progress=progress,
+                client=client,
+            )
         counts = idx.block_counts()
         offsets = np.concatenate([[0], np.cumsum(counts.sum(axis=0))]).astype(np.int64)
         idx.write_lists(offsets, idx.block_radius().max(axis=0))
-        compute(ivf_graphs.gather_graph(idx, counts, offsets, windows_done), desc="index: gather",
-                progress=progress, client=client)
+        compute(
+            ivf_graphs.gather_graph(idx, counts, offsets, windows_done),
+            desc="index: gather",
+            progress=progress,
+            client=client,
+        )
     idx = TopKIndex(idx.path, storage_options=idx.storage_options)
     cal = _calibrate(idx, target_recall)
     verdict = ivf.verdict(cal, target_recall)
     if not cal.structured:
         log.warning("index of %s: %s", tr.path, verdict)
     idx.drop_staging()
-    idx.mark_complete(rules=(cal.proponents, cal.opponents), structured=cal.structured,
-                      verdict=verdict,
-                      calibration={"k": ivf.CALIBRATION_K, "target_recall": target_recall,
-                                   "margin": ivf.CALIBRATION_MARGIN,
-                                   "queries": int(len(idx.calibration_data()["rows"])),
-                                   "held_out": True, "recall": round(cal.recall, 4),
-                                   "fraction_read": round(cal.fraction_read, 5), "by_n_probe": cal.table})
+    idx.mark_complete(
+        rules=(cal.proponents, cal.opponents),
+        structured=cal.structured,
+        verdict=verdict,
+        calibration={
+            "k": ivf.CALIBRATION_K,
+            "target_recall": target_recall,
+            "margin": ivf.CALIBRATION_MARGIN,
+            "queries": int(len(idx.calibration_data()["rows"])),
+            "held_out": True,
+            "recall": round(cal.recall, 4),
+            "fraction_read": round(cal.fraction_read, 5),
+            "by_n_probe": cal.table,
+        },
+    )
 
 
 def _calibrate(idx: TopKIndex, target_recall: float) -> ivf.Calibration:
@@ -248,12 +298,13 @@ def _calibrate(idx: TopKIndex, target_recall: float) -> ivf.Calibration:
     best, worst = ivf.true_top(data, data["rows"], k)
     rows, where = np.unique(np.concatenate([best.ravel(), worst.ravel()]), return_inverse=True)
     lists = idx.assignment(rows).astype(np.int64)[where]
-    best_lists, worst_lists = lists[: best.size].reshape(best.shape), lists[best.size:].reshape(worst.shape)
+    best_lists, worst_lists = lists[: best.size].reshape(best.shape), lists[best.size :].reshape(worst.shape)
     return ivf.calibrate(data["queries"], best_lists, worst_lists, idx.quantizer(), target=target_recall)
 
 
-def open_index(store: StoreLike | TopKIndex, *, normalize: bool = False,
-               storage_options: StorageOptions = None) -> TopKIndex:
+def open_index(
+    store: StoreLike | TopKIndex, *, normalize: bool = False, storage_options: StorageOptions = None
+) -> TopKIndex:
     """The index saved for ``store`` (a gradient store or its path), or the index at an index's own path.
 
     Parameters
@@ -300,8 +351,10 @@ def resolve_index(index: IndexLike, train: GradientStore, normalize: bool) -> To
     idx.check_for(train)
     if idx.normalize != bool(normalize):
         want = "normalize=True (cosine)" if normalize else "normalize=False (dot products)"
-        raise ArgumentError(f"index {idx.path} was built for normalize={idx.normalize}; for {want} queries build "
-                            f"one with build_index(train, normalize={bool(normalize)})")
+        raise ArgumentError(
+            f"index {idx.path} was built for normalize={idx.normalize}; for {want} queries build "
+            f"one with build_index(train, normalize={bool(normalize)})"
+        )
     return idx
 
 
@@ -323,8 +376,18 @@ def index_top_k(
     require_flat(tr, "an index")
     require_flat(te, "an index query")
     idx = resolve_index(index, tr, normalize)
-    stream = dict(te=te, tr=tr, idx=idx, k=k, normalize=normalize, device=device, memory_limit=memory_limit,
-                  compute_now=compute_now, progress=progress, client=client)
+    stream = dict(
+        te=te,
+        tr=tr,
+        idx=idx,
+        k=k,
+        normalize=normalize,
+        device=device,
+        memory_limit=memory_limit,
+        compute_now=compute_now,
+        progress=progress,
+        client=client,
+    )
     by_default = n_probe is None
     if by_default and not idx.structured:
         return _streamed(**stream, why="no structure")
@@ -338,12 +401,22 @@ def index_top_k(
     from .store.layout import itemsize
 
     plan = planning.plan_blocks(
-        n_test=te.n_examples, n_train=tr.n_examples, n_checkpoints=tr.n_checkpoints, feature_dim=tr.feature_dim,
-        itemsize=itemsize(tr.dtype), memory_limit=res.memory_limit, threads=res.threads, k=int(k),
+        n_test=te.n_examples,
+        n_train=tr.n_examples,
+        n_checkpoints=tr.n_checkpoints,
+        feature_dim=tr.feature_dim,
+        itemsize=itemsize(tr.dtype),
+        memory_limit=res.memory_limit,
+        threads=res.threads,
+        k=int(k),
         test_align=te.chunk_rows,
     )
-    (probed,) = compute(ivf_graphs.probe_graph(te, idx, plan, normalize, n_probe, int(k)), desc="top-k: probe",
-                        progress=False, client=client)
+    (probed,) = compute(
+        ivf_graphs.probe_graph(te, idx, plan, normalize, n_probe, int(k)),
+        desc="top-k: probe",
+        progress=False,
+        client=client,
+    )
     offsets = idx.list_offsets()
     rows = [ivf.rows_of_lists(lists, offsets) for lists in probed]
     read = sum(len(r) for r in rows)
@@ -353,15 +426,28 @@ def index_top_k(
     pi, ps, oi, os_ = ivf_graphs.search_arrays(te, idx, plan, rows, int(k), normalize, backend)
     dims = ("test", "rank")
     ds = xr.Dataset(
-        {"proponent_index": (dims, pi), "proponent_score": (dims, ps),
-         "opponent_index": (dims, oi), "opponent_score": (dims, os_)},
+        {
+            "proponent_index": (dims, pi),
+            "proponent_score": (dims, ps),
+            "opponent_index": (dims, oi),
+            "opponent_score": (dims, os_),
+        },
         coords={"test": te.example_ids(), "rank": rank_coordinate(k)},
-        attrs={"k": int(k), "normalize": bool(normalize), "test_store": te.path, "train_store": tr.path,
-               "test_fingerprint": te.fingerprint, "train_fingerprint": tr.fingerprint,
-               "approximate": True, "index": idx.path, "n_probe": idx.n_probe if n_probe is None else n_probe,
-               "n_lists": idx.n_lists,
-               "rows_read": int(read), "fraction_read": float(read / (tr.n_examples * max(1, len(rows)))),
-               "bytes_read": int(read * tr.n_checkpoints * tr.feature_dim * itemsize(tr.dtype))},
+        attrs={
+            "k": int(k),
+            "normalize": bool(normalize),
+            "test_store": te.path,
+            "train_store": tr.path,
+            "test_fingerprint": te.fingerprint,
+            "train_fingerprint": tr.fingerprint,
+            "approximate": True,
+            "index": idx.path,
+            "n_probe": idx.n_probe if n_probe is None else n_probe,
+            "n_lists": idx.n_lists,
+            "rows_read": int(read),
+            "fraction_read": float(read / (tr.n_examples * max(1, len(rows)))),
+            "bytes_read": int(read * tr.n_checkpoints * tr.feature_dim * itemsize(tr.dtype)),
+        },
     )
     if compute_now:
         names = list(ds.data_vars)
@@ -370,15 +456,43 @@ def index_top_k(
     return label_top_k(ds, te, tr)
 
 
-def _streamed(*, te: GradientStore, tr: GradientStore, idx: TopKIndex, k: int, normalize: bool, device: str,
-              memory_limit: int | str | None, compute_now: bool, progress: bool | None, client: Any,
-              why: str) -> xr.Dataset:
+def _streamed(
+    *,
+    te: GradientStore,
+    tr: GradientStore,
+    idx: TopKIndex,
+    k: int,
+    normalize: bool,
+    device: str,
+    memory_limit: int | str | None,
+    compute_now: bool,
+    progress: bool | None,
+    client: Any,
+    why: str,
+) -> xr.Dataset:
     """Exact streaming top-k in place of an indexed query, saying so in its attributes."""
     from .scores import top_k
 
-    ds = top_k(te, tr, k=k, normalize=normalize, device=device, memory_limit=memory_limit,
-               compute_now=compute_now, progress=progress, client=client)
-    ds.attrs.update({"index": idx.path, "n_probe": idx.n_lists, "n_lists": idx.n_lists, "streamed": why,
-                     "rows_read": int(tr.n_examples), "fraction_read": 1.0,
-                     "bytes_read": int(tr.nbytes)})
+    ds = top_k(
+        te,
+        tr,
+        k=k,
+        normalize=normalize,
+        device=device,
+        memory_limit=memory_limit,
+        compute_now=compute_now,
+        progress=progress,
+        client=client,
+    )
+    ds.attrs.update(
+        {
+            "index": idx.path,
+            "n_probe": idx.n_lists,
+            "n_lists": idx.n_lists,
+            "streamed": why,
+            "rows_read": int(tr.n_examples),
+            "fraction_read": 1.0,
+            "bytes_read": int(tr.nbytes),
+        }
+    )
     return ds

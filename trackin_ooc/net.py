@@ -33,8 +33,10 @@ def _groups(by: Groups, te: GradientStore) -> tuple[np.ndarray, np.ndarray] | No
         if by != "label":
             raise ArgumentError(f"by must be None, 'label' or one group per test example, got {by!r}")
         if not te.has_labels:
-            raise ArgumentError(f"by='label' needs test labels, and store {te.path} has none; pass by=[...] "
-                                "(one group per test example)")
+            raise ArgumentError(
+                f"by='label' needs test labels, and store {te.path} has none; pass by=[...] "
+                "(one group per test example)"
+            )
         by = te.labels()
     values = np.asarray(by)
     if values.ndim != 1 or len(values) != te.n_examples:
@@ -103,16 +105,29 @@ def net_influence(
     res = resources.detect(memory_limit, client)
     if len(labels) * width * 8 * 4 > res.memory_limit:
         raise ArgumentError(f"{len(labels)} groups × {width} features do not fit the memory budget; use fewer groups")
-    plan = planning.plan_blocks(n_test=len(labels), n_train=tr.n_examples, n_checkpoints=tr.n_checkpoints,
-                                feature_dim=tr.feature_dim, itemsize=itemsize(tr.dtype),
-                                memory_limit=res.memory_limit, threads=res.threads, train_align=tr.chunk_rows)
+    plan = planning.plan_blocks(
+        n_test=len(labels),
+        n_train=tr.n_examples,
+        n_checkpoints=tr.n_checkpoints,
+        feature_dim=tr.feature_dim,
+        itemsize=itemsize(tr.dtype),
+        memory_limit=res.memory_limit,
+        threads=res.threads,
+        train_align=tr.chunk_rows,
+    )
     data = net_influence_array(te, tr, codes, len(labels), normalize, plan.train_rows)
     coords: dict[str, Any] = {"train": tr.example_ids()}
     if tr.has_labels:
         coords["label"] = ("train", tr.labels())
-    attrs = {"normalize": bool(normalize), "test_store": te.path, "train_store": tr.path,
-             "test_fingerprint": te.fingerprint, "train_fingerprint": tr.fingerprint, "n_test": te.n_examples,
-             "by": "label" if isinstance(by, str) else ("groups" if by is not None else "none")}
+    attrs = {
+        "normalize": bool(normalize),
+        "test_store": te.path,
+        "train_store": tr.path,
+        "test_fingerprint": te.fingerprint,
+        "train_fingerprint": tr.fingerprint,
+        "n_test": te.n_examples,
+        "by": "label" if isinstance(by, str) else ("groups" if by is not None else "none"),
+    }
     if grouping is None:
         arr = xr.DataArray(data[0], dims=("train",), coords=coords, name="net_influence", attrs=attrs)
     else:

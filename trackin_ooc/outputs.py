@@ -18,8 +18,9 @@ from .views.output import check_file_output
 __all__ = ["check_output", "check_capture_output", "check_file_output", "is_unfinished", "is_remote"]
 
 
-def check_capture_output(path: str | os.PathLike[str], *, overwrite: bool,
-                         storage_options: StorageOptions = None) -> None:
+def check_capture_output(
+    path: str | os.PathLike[str], *, overwrite: bool, storage_options: StorageOptions = None
+) -> None:
     """Whether a capture may write a gradient store at ``path``, before any model is loaded.
 
     Parameters

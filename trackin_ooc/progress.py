@@ -12,8 +12,14 @@ import sys
 from tqdm.auto import tqdm
 
 # Short unit names callers use → the plural word a bar shows.
-UNIT_NAMES = {"ex": "examples", "example": "examples", "task": "tasks", "part": "arrays", "block": "blocks",
-              "it": "items"}
+UNIT_NAMES = {
+    "ex": "examples",
+    "example": "examples",
+    "task": "tasks",
+    "part": "arrays",
+    "block": "blocks",
+    "it": "items",
+}
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{unit} [{elapsed}<{remaining}, {rate_fmt}]"
 
 
@@ -74,5 +80,13 @@ def progress_bar(*, total: int, desc: str, unit: str = "it", enabled: bool | Non
         Use as a context manager and call ``update(n)``.
     """
     word = unit_name(unit)
-    return tqdm(total=int(total), desc=desc, unit=f" {word}", unit_scale=False, bar_format=BAR_FORMAT,
-                disable=not progress_enabled(enabled), dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=int(total),
+        desc=desc,
+        unit=f" {word}",
+        unit_scale=False,
+        bar_format=BAR_FORMAT,
+        disable=not progress_enabled(enabled),
+        dynamic_ncols=True,
+        leave=False,
+    )

@@ -34,8 +34,11 @@ def label_top_k(ds: xr.Dataset, test, train) -> xr.Dataset:
         dtype = train.label_dtype
         for side in ("proponent", "opponent"):
             index = ds[f"{side}_index"].data
-            picked = (index.map_blocks(_pick, labels, dtype=dtype, meta=np.empty((0, 0), dtype=dtype))
-                      if lazy else labels[index])
+            picked = (
+                index.map_blocks(_pick, labels, dtype=dtype, meta=np.empty((0, 0), dtype=dtype))
+                if lazy
+                else labels[index]
+            )
             ds[f"{side}_label"] = (("test", "rank"), picked)
     if test.has_labels:
         ds = ds.assign_coords(test_label=("test", test.labels()))

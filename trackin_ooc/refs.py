@@ -107,8 +107,7 @@ def call(ref: str, what: str = "object") -> Any:
     except TypeError as e:
         if "argument" in str(e):
             raise LoadError(
-                f"calling {ref!r} failed ({_describe(e)}); it must be callable with no arguments and "
-                f"return the {what}"
+                f"calling {ref!r} failed ({_describe(e)}); it must be callable with no arguments and return the {what}"
             ) from e
         raise LoadError(f"{ref!r} raised {_describe(e)} while making the {what}") from e
     except TrackinError:

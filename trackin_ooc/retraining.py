@@ -78,15 +78,21 @@ def as_losses(result, index: int) -> np.ndarray:
     try:
         losses = np.asarray(result, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ArgumentError(f"train_fn returned a {type(result).__name__} for retraining {index}; return the "
-                            "test losses as a 1-D array (one per test example)") from None
+        raise ArgumentError(
+            f"train_fn returned a {type(result).__name__} for retraining {index}; return the "
+            "test losses as a 1-D array (one per test example)"
+        ) from None
     if losses.ndim != 1 or losses.size == 0:
-        raise ArgumentError(f"train_fn returned shape {losses.shape} for retraining {index}; return the test "
-                            "losses as a 1-D array (one per test example)")
+        raise ArgumentError(
+            f"train_fn returned shape {losses.shape} for retraining {index}; return the test "
+            "losses as a 1-D array (one per test example)"
+        )
     if not np.isfinite(losses).all():
         bad = int(np.flatnonzero(~np.isfinite(losses))[0])
-        raise ArgumentError(f"train_fn returned a non-finite loss (test example {bad}) for retraining {index}; "
-                            "check the training recipe (learning rate, clipping) before measuring with it")
+        raise ArgumentError(
+            f"train_fn returned a non-finite loss (test example {bad}) for retraining {index}; "
+            "check the training recipe (learning rate, clipping) before measuring with it"
+        )
     return losses
 
 
@@ -107,8 +113,9 @@ def _fn_name(fn) -> str:
 
 def _check_args(train_fn, n_train, n_subsets, fraction, seed) -> None:
     if not callable(train_fn):
-        raise ArgumentError("train_fn must be a callable (indices, seed) -> test losses, got "
-                            f"{type(train_fn).__name__}")
+        raise ArgumentError(
+            f"train_fn must be a callable (indices, seed) -> test losses, got {type(train_fn).__name__}"
+        )
     for name, value, low in (("n_train", n_train, 2), ("n_subsets", n_subsets, 2)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ArgumentError(f"{name} must be an integer of at least {low}, got {value!r}")
@@ -118,8 +125,9 @@ def _check_args(train_fn, n_train, n_subsets, fraction, seed) -> None:
         raise ArgumentError(f"seed must be a non-negative integer, got {seed!r}")
 
 
-def _open_or_create(out, job: dict, masks, seeds, name: str, overwrite: bool,
-                    storage_options: StorageOptions) -> RunsStore:
+def _open_or_create(
+    out, job: dict, masks, seeds, name: str, overwrite: bool, storage_options: StorageOptions
+) -> RunsStore:
     """The store to write into: an earlier, unfinished (or finished) one of the same job, else a new one.
 
     A retraining output of another job is refused unless ``overwrite``; anything that is not a retraining
@@ -135,13 +143,15 @@ def _open_or_create(out, job: dict, masks, seeds, name: str, overwrite: bool,
                 "resume it, overwrite=True (--overwrite) to start over, or choose another path"
             )
         return store
-    return RunsStore.create(out, job=job, subsets=masks, seeds=seeds, train_fn=name, overwrite=overwrite,
-                            storage_options=storage_options)
+    return RunsStore.create(
+        out, job=job, subsets=masks, seeds=seeds, train_fn=name, overwrite=overwrite, storage_options=storage_options
+    )
 
 
 def _dataset(masks: np.ndarray, seeds: np.ndarray, outputs: np.ndarray, attrs: dict) -> xr.Dataset:
-    ds = xr.Dataset({SUBSET: ((SUBSET, TRAIN), masks), OUTPUT: ((SUBSET, TEST), outputs), SEED: ((SUBSET,), seeds)},
-                    attrs=attrs)
+    ds = xr.Dataset(
+        {SUBSET: ((SUBSET, TRAIN), masks), OUTPUT: ((SUBSET, TEST), outputs), SEED: ((SUBSET,), seeds)}, attrs=attrs
+    )
     ds[OUTPUT].attrs["description"] = "test losses of the model retrained on that subset"
     return ds
 
@@ -224,8 +234,13 @@ def retrain(
         store = _open_or_create(out, job, masks, seeds, name, overwrite, storage_options)
         todo = [int(s) for s in np.flatnonzero(~store.done())]
         if len(todo) < n_subsets:
-            log.info("retrain: %d of %d retrainings already in %s; running the other %d",
-                     n_subsets - len(todo), n_subsets, store.path, len(todo))
+            log.info(
+                "retrain: %d of %d retrainings already in %s; running the other %d",
+                n_subsets - len(todo),
+                n_subsets,
+                store.path,
+                len(todo),
+            )
         if todo:
             _run(train_fn, job, todo, client, progress, on_result=store.write_output)
         store.mark_complete()
@@ -241,8 +256,10 @@ def _run(train_fn: TrainFn, job: dict, todo: list[int], client, progress, on_res
 
     def take(index: int, losses: np.ndarray) -> None:
         if n_test and len(losses) != n_test[0]:
-            raise ArgumentError(f"retraining {index} returned {len(losses)} test losses and an earlier one "
-                                f"{n_test[0]}; train_fn must return one loss per test example, the same test set")
+            raise ArgumentError(
+                f"retraining {index} returned {len(losses)} test losses and an earlier one "
+                f"{n_test[0]}; train_fn must return one loss per test example, the same test set"
+            )
         n_test.append(len(losses))
         if on_result is not None:
             on_result(index, losses)
@@ -264,10 +281,13 @@ def _run_distributed(client, train_fn, args, todo, take) -> None:
     token = uuid.uuid4().hex
     # train_fn (and whatever it closes over) reaches the workers once, as the result of a task. cloudpickle,
     # so that a function registered to be pickled by value (a file the CLI loaded) is.
-    shared = client.submit(cloudpickle.loads, cloudpickle.dumps(train_fn), key=f"trackin-retrain-fn-{token}",
-                           pure=False)
-    futures = [client.submit(retrain_one, shared, *args, s, key=f"trackin-retrain-{s}-{token}", pure=False,
-                             retries=1) for s in todo]
+    shared = client.submit(
+        cloudpickle.loads, cloudpickle.dumps(train_fn), key=f"trackin-retrain-fn-{token}", pure=False
+    )
+    futures = [
+        client.submit(retrain_one, shared, *args, s, key=f"trackin-retrain-{s}-{token}", pure=False, retries=1)
+        for s in todo
+    ]
     try:
         for future in as_completed(futures):
             take(*future.result())

@@ -29,7 +29,9 @@ def _open(store: StoreLike, storage_options: StorageOptions = None) -> GradientS
     if st.n_nonfinite:
         warnings.warn(
             f"{st.path}: {st.n_nonfinite} example(s) had NaN/inf gradients or losses and are stored as zeros "
-            "(their scores are 0); see GradientStore.nonfinite_examples()", NonFiniteWarning, stacklevel=3,
+            "(their scores are 0); see GradientStore.nonfinite_examples()",
+            NonFiniteWarning,
+            stacklevel=3,
         )
     return st
 
@@ -60,10 +62,17 @@ def plan_for(
     from .store.layout import itemsize
 
     return planning.plan_blocks(
-        n_test=test.n_examples, n_train=train.n_examples, n_checkpoints=train.n_checkpoints,
-        feature_dim=max(test.row_width, train.row_width), itemsize=itemsize(train.dtype),
-        memory_limit=res.memory_limit, threads=res.threads, k=k, train_align=train.chunk_rows,
-        test_align=test.chunk_rows, scratch=factor_kernels.scratch() if train.has_factors else planning.NO_SCRATCH,
+        n_test=test.n_examples,
+        n_train=train.n_examples,
+        n_checkpoints=train.n_checkpoints,
+        feature_dim=max(test.row_width, train.row_width),
+        itemsize=itemsize(train.dtype),
+        memory_limit=res.memory_limit,
+        threads=res.threads,
+        k=k,
+        train_align=train.chunk_rows,
+        test_align=test.chunk_rows,
+        scratch=factor_kernels.scratch() if train.has_factors else planning.NO_SCRATCH,
     )
 
 
@@ -121,8 +130,13 @@ def self_influence(
     coords: dict[str, Any] = {"example": st.example_ids()}
     if st.has_labels:
         coords["label"] = ("example", st.labels())
-    arr = xr.DataArray(data, dims=("example",), coords=coords, name="self_influence",
-                       attrs={"store": st.path, "fingerprint": st.fingerprint, "exact_norms": bool(exact_norms)})
+    arr = xr.DataArray(
+        data,
+        dims=("example",),
+        coords=coords,
+        name="self_influence",
+        attrs={"store": st.path, "fingerprint": st.fingerprint, "exact_norms": bool(exact_norms)},
+    )
     if compute_now:
         (values,) = compute(arr.data, desc="self-influence", progress=progress, client=client)
         arr = arr.copy(data=values)
@@ -187,25 +201,31 @@ def influence(
     """
     checked = None
     if out is not None:  # the output rule, once, before any work
-        checked = check_output_location(out, (test, train), kind="influence", overwrite=overwrite, resumable=True,
-                                        storage_options=storage_options)
+        checked = check_output_location(
+            out, (test, train), kind="influence", overwrite=overwrite, resumable=True, storage_options=storage_options
+        )
     te, tr = _open(test, storage_options), _open(train, storage_options)
     check_compatible(te, tr)
     backend = resolve_backend(device).name
     plan = plan_for(te, tr, memory_limit=memory_limit, client=client)
     attrs = {
         "normalize": bool(normalize),
-        "test_store": te.path, "train_store": tr.path,
-        "test_fingerprint": te.fingerprint, "train_fingerprint": tr.fingerprint,
-        "test_store_id": te.store_id, "train_store_id": tr.store_id,
+        "test_store": te.path,
+        "train_store": tr.path,
+        "test_fingerprint": te.fingerprint,
+        "train_fingerprint": tr.fingerprint,
+        "test_store_id": te.store_id,
+        "train_store_id": tr.store_id,
         "learning_rates": [float(x) for x in tr.learning_rates],
     }
     if out is None:
         data = graphs.influence_array(te, tr, plan, normalize, backend)
         return xr.DataArray(
-            data, dims=("test", "train"),
+            data,
+            dims=("test", "train"),
             coords={"test": te.example_ids(), "train": tr.example_ids()},
-            name="influence", attrs=attrs,
+            name="influence",
+            attrs=attrs,
         )
     # An unfinished output of this very job (an interrupted run, or an interrupted overwrite) is
     # resumed; anything else at ``out`` is replaced only with ``overwrite``.
@@ -217,13 +237,22 @@ def influence(
         skip = target.tasks_done()
     else:
         target = InfluenceStore.create(
-            out, test_ids=te.example_ids(), train_ids=tr.example_ids(),
+            out,
+            test_ids=te.example_ids(),
+            train_ids=tr.example_ids(),
             chunks=(plan.test_rows, plan.train_rows),
             n_tasks=(len(plan.test_blocks(te.n_examples)), len(plan.train_blocks(tr.n_examples))),
-            attrs=attrs, overwrite=overwrite, storage_options=storage_options, checked=checked,
+            attrs=attrs,
+            overwrite=overwrite,
+            storage_options=storage_options,
+            checked=checked,
         )
-    compute(graphs.influence_write_graph(te, tr, plan, normalize, backend, target, skip=skip),
-            desc="influence", progress=progress, client=client)
+    compute(
+        graphs.influence_write_graph(te, tr, plan, normalize, backend, target, skip=skip),
+        desc="influence",
+        progress=progress,
+        client=client,
+    )
     target.mark_complete()
     opened: xr.DataArray = open_influence(out, storage_options=storage_options)
     return opened
@@ -309,8 +338,19 @@ def top_k(
     if index is not None and index is not False:
         from .indexing import index_top_k
 
-        return index_top_k(te, tr, index, k=int(k), n_probe=n_probe, normalize=normalize, device=device,
-                           memory_limit=memory_limit, compute_now=compute_now, progress=progress, client=client)
+        return index_top_k(
+            te,
+            tr,
+            index,
+            k=int(k),
+            n_probe=n_probe,
+            normalize=normalize,
+            device=device,
+            memory_limit=memory_limit,
+            compute_now=compute_now,
+            progress=progress,
+            client=client,
+        )
     if n_probe is not None:
         raise ArgumentError("n_probe needs an index: pass index=build_index(train) (or index=True)")
     backend = resolve_backend(device).name
@@ -325,8 +365,15 @@ def top_k(
             "opponent_score": (dims, os_),
         },
         coords={"test": te.example_ids(), "rank": rank_coordinate(k)},
-        attrs={"k": int(k), "normalize": bool(normalize), "test_store": te.path, "train_store": tr.path,
-               "test_fingerprint": te.fingerprint, "train_fingerprint": tr.fingerprint, "approximate": False},
+        attrs={
+            "k": int(k),
+            "normalize": bool(normalize),
+            "test_store": te.path,
+            "train_store": tr.path,
+            "test_fingerprint": te.fingerprint,
+            "train_fingerprint": tr.fingerprint,
+            "approximate": False,
+        },
     )
     if compute_now:
         names = list(ds.data_vars)

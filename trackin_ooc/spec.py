@@ -106,19 +106,29 @@ class ProjectionSpec:
             "generator": GENERATOR if self.kind in PROJECTION_KINDS else None,
             "layers": [{"name": n, "shape": list(s)} for n, s in self.layers],
             "extra": {k: v for k, v in self.extra},
-            **({"preconditioner": {
-                "kind": self.preconditioner, "version": PRECONDITIONER_VERSION,
-                "adafactor_layers": [{"kind": k, "module": m, "params": list(p)}
-                                     for k, m, p in self.preconditioner_layers],
-            }} if self.preconditioner != "none" else {}),
+            **(
+                {
+                    "preconditioner": {
+                        "kind": self.preconditioner,
+                        "version": PRECONDITIONER_VERSION,
+                        "adafactor_layers": [
+                            {"kind": k, "module": m, "params": list(p)} for k, m, p in self.preconditioner_layers
+                        ],
+                    }
+                }
+                if self.preconditioner != "none"
+                else {}
+            ),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ProjectionSpec:
         pre = d.get("preconditioner") or {}
         if pre and pre.get("version") != PRECONDITIONER_VERSION:
-            raise ValueError(f"preconditioner record version {pre.get('version')} is not the one this trackin-ooc "
-                             f"reads (version {PRECONDITIONER_VERSION}); re-capture with this version")
+            raise ValueError(
+                f"preconditioner record version {pre.get('version')} is not the one this trackin-ooc "
+                f"reads (version {PRECONDITIONER_VERSION}); re-capture with this version"
+            )
         return cls(
             kind=d["kind"],
             dim=int(d["dim"]),
@@ -126,8 +136,9 @@ class ProjectionSpec:
             layers=tuple((x["name"], tuple(int(v) for v in x["shape"])) for x in d.get("layers", [])),
             extra=tuple(sorted((d.get("extra") or {}).items())),
             preconditioner=str(pre.get("kind", "none")),
-            preconditioner_layers=tuple((str(x["kind"]), str(x["module"]), tuple(x["params"]))
-                                        for x in pre.get("adafactor_layers", [])),
+            preconditioner_layers=tuple(
+                (str(x["kind"]), str(x["module"]), tuple(x["params"])) for x in pre.get("adafactor_layers", [])
+            ),
         )
 
     @property
@@ -140,8 +151,9 @@ class ProjectionSpec:
         if self.preconditioner == "none":
             return what
         n = len(self.preconditioner_layers)
-        rank1 = f", {n} layer{'' if n == 1 else 's'} in the Adafactor form" if n and self.preconditioner == "adam" \
-            else ""
+        rank1 = (
+            f", {n} layer{'' if n == 1 else 's'} in the Adafactor form" if n and self.preconditioner == "adam" else ""
+        )
         return f"{what}, {self.preconditioner}-preconditioned{rank1}"
 
     def describe_preconditioner(self) -> str:
@@ -151,13 +163,16 @@ class ProjectionSpec:
         n = len(self.preconditioner_layers)
         if self.preconditioner == "kfac":
             fit = dict(self.extra).get("kfac") or {}
-            return (f"kfac (features of P^1/2 g, P = (F + damping)^-1 from the EK-FAC curvature fitted at each "
-                    f"checkpoint, {len(fit.get('layers', []))} layers; fit {str(fit.get('sha256', '?'))[:12]})")
+            return (
+                f"kfac (features of P^1/2 g, P = (F + damping)^-1 from the EK-FAC curvature fitted at each "
+                f"checkpoint, {len(fit.get('layers', []))} layers; fit {str(fit.get('sha256', '?'))[:12]})"
+            )
         if self.preconditioner == "adam":
             rank1 = f"; {n} layer{'' if n == 1 else 's'} in the Adafactor form" if n else ""
             return f"adam (features of P^1/2 g, P = 1/(sqrt(v_hat) + eps) per checkpoint{rank1})"
-        return (f"adafactor (features of P^1/2 g, v_hat of {n} layer{'' if n == 1 else 's'} in its rank-1 "
-                "Adafactor form)")
+        return (
+            f"adafactor (features of P^1/2 g, v_hat of {n} layer{'' if n == 1 else 's'} in its rank-1 Adafactor form)"
+        )
 
     def _describe_projection(self) -> str:
         if self.kind == "exact":
@@ -167,8 +182,10 @@ class ProjectionSpec:
         if self.kind == "factors":
             plan = dict(self.extra).get("factors") or {}
             n_layers = sum(1 for x in plan.get("layers", []) if x.get("store") == "factors")
-            return (f"exact gradients ({self.dim} parameters; {n_layers} layer{'' if n_layers == 1 else 's'} "
-                    "stored as factors)")
+            return (
+                f"exact gradients ({self.dim} parameters; {n_layers} layer{'' if n_layers == 1 else 's'} "
+                "stored as factors)"
+            )
         what = f"{self.kind} projection to {self.dim} dims (seed {self.seed}, {self.n_parameters} parameters"
         if self.kind == "factored":
             plan = dict(self.extra).get("factored") or {}

@@ -20,8 +20,7 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
-def store_info(store: GradientStore | str | os.PathLike, *, storage_options: StorageOptions = None
-               ) -> dict[str, Any]:
+def store_info(store: GradientStore | str | os.PathLike, *, storage_options: StorageOptions = None) -> dict[str, Any]:
     """A JSON-ready summary of a gradient store, or of an influence output made by ``influence(out=)``.
 
     Complete or not, the store is opened without reading any gradients.
@@ -101,18 +100,32 @@ def factor_choices(st: GradientStore) -> dict[str, Any]:
         kind, module, d_in, d_out = x["kind"], x["module"], int(x["d_in"]), int(x["d_out"])
         t = arrays[module].positions if module in arrays else int(positions.get(module, 0))
         side = 1 + d_out if kind == "embedding" else d_in + d_out
-        layers.append({
-            "module": module, "kind": kind, "params": list(x["params"]), "d_in": d_in, "d_out": d_out,
-            "positions": t, "store": x["store"], "flat_values": d_in * d_out, "factor_values": t * side,
-            "array": arrays[module].name if module in arrays else None,
-        })
+        layers.append(
+            {
+                "module": module,
+                "kind": kind,
+                "params": list(x["params"]),
+                "d_in": d_in,
+                "d_out": d_out,
+                "positions": t,
+                "store": x["store"],
+                "flat_values": d_in * d_out,
+                "factor_values": t * side,
+                "array": arrays[module].name if module in arrays else None,
+            }
+        )
     flat = list(plan.get("flat", []))
-    return {"layers": layers, "flat_parameters": flat,
-            "flat_values": int(sum(math.prod(shapes[n]) for n in flat)), "row_width": st.row_width}
+    return {
+        "layers": layers,
+        "flat_parameters": flat,
+        "flat_values": int(sum(math.prod(shapes[n]) for n in flat)),
+        "row_width": st.row_width,
+    }
 
 
-def open_gradient_store(path: GradientStore | str | os.PathLike, *, storage_options: StorageOptions = None
-                        ) -> GradientStore:
+def open_gradient_store(
+    path: GradientStore | str | os.PathLike, *, storage_options: StorageOptions = None
+) -> GradientStore:
     """``open_store``, refusing an influence output (which is a Zarr group with trackin-ooc attributes too)."""
     if not isinstance(path, GradientStore) and store_kind(path, storage_options=storage_options) == "influence":
         raise StoreError(
@@ -164,8 +177,10 @@ def format_info(info: dict[str, Any]) -> str:
     if info["complete"]:
         state = "complete"
     else:
-        state = (f"INCOMPLETE ({info['row_blocks_written']} of {info['row_blocks']} row blocks written); "
-                 "scoring refuses it until the capture is rerun")
+        state = (
+            f"INCOMPLETE ({info['row_blocks_written']} of {info['row_blocks']} row blocks written); "
+            "scoring refuses it until the capture is rerun"
+        )
     ckpts = info["checkpoints"]
     labels = "none"
     if info["labels"]:
@@ -211,8 +226,10 @@ def format_info(info: dict[str, Any]) -> str:
 
 def _factor_lines(factors: dict[str, Any]) -> list[str]:
     """``info``'s per-layer table of a factor store: each layer's choice and both costs."""
-    lines = [f"  per layer       {factors['row_width']:,} values stored per example and checkpoint "
-             "(factors where cheaper than the flat gradient)"]
+    lines = [
+        f"  per layer       {factors['row_width']:,} values stored per example and checkpoint "
+        "(factors where cheaper than the flat gradient)"
+    ]
     width = max([len(x["module"]) for x in factors["layers"]] + [6])
     for x in factors["layers"]:
         t = x["positions"]
@@ -220,10 +237,15 @@ def _factor_lines(factors: dict[str, Any]) -> list[str]:
             what = f"factors  {x['factor_values']:,} values (flat would be {x['flat_values']:,})"
         else:
             what = f"flat     {x['flat_values']:,} values (factors would be {x['factor_values']:,})"
-        lines.append(f"    {x['module']:<{width}}  {x['kind']:<9} {x['d_in']:>7,} × {x['d_out']:<7,} "
-                     f"{t:>5,} position{'' if t == 1 else 's'}  {what}")
-    rest = [n for n in factors["flat_parameters"]
-            if not any(n in x["params"] for x in factors["layers"] if x["store"] == "flat")]
+        lines.append(
+            f"    {x['module']:<{width}}  {x['kind']:<9} {x['d_in']:>7,} × {x['d_out']:<7,} "
+            f"{t:>5,} position{'' if t == 1 else 's'}  {what}"
+        )
+    rest = [
+        n
+        for n in factors["flat_parameters"]
+        if not any(n in x["params"] for x in factors["layers"] if x["store"] == "flat")
+    ]
     if rest:
         shown = ", ".join(rest[:4]) + (" ..." if len(rest) > 4 else "")
         lines.append(f"    other parameters flat: {shown}")

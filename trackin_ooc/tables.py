@@ -194,8 +194,10 @@ def net_influence_dataset(net: xr.DataArray) -> xr.Dataset:
     order = np.argsort(-values, axis=-1, kind="stable")
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(1, values.shape[-1] + 1), axis=-1)
-    ds = xr.Dataset({"net_influence": net.copy(data=values), "rank": (net.dims, rank)},
-                    attrs={k: v for k, v in net.attrs.items() if isinstance(v, (str, int, float, bool))})
+    ds = xr.Dataset(
+        {"net_influence": net.copy(data=values), "rank": (net.dims, rank)},
+        attrs={k: v for k, v in net.attrs.items() if isinstance(v, (str, int, float, bool))},
+    )
     ds["rank"].attrs["description"] = "1 = most helpful (highest net influence); the last ranks hurt most"
     return ds
 
@@ -239,8 +241,7 @@ def _check_table(path: str | os.PathLike[str], overwrite: bool, inputs: Sequence
     return fmt
 
 
-def _write_checked(obj: pd.DataFrame | xr.Dataset, path: str | os.PathLike[str], fmt: str, *,
-                   overwrite: bool) -> str:
+def _write_checked(obj: pd.DataFrame | xr.Dataset, path: str | os.PathLike[str], fmt: str, *, overwrite: bool) -> str:
     """Write ``obj`` where :func:`check_output` allowed it (the output rule is not applied again)."""
     if is_remote(path):
         if overwrite and _exists(path):
@@ -277,7 +278,11 @@ def write_self_influence(si: xr.DataArray, path: str | os.PathLike[str], *, over
 
 
 def write_top_k(
-    result: xr.Dataset, path: str | os.PathLike[str], *, test: Any = None, train: Any = None,
+    result: xr.Dataset,
+    path: str | os.PathLike[str],
+    *,
+    test: Any = None,
+    train: Any = None,
     overwrite: bool = False,
 ) -> str:
     """``to.top_k`` result → ``path``, with example ids and labels from the ``test``/``train`` stores."""

@@ -278,8 +278,7 @@ def _check_side(
     own = np.take_along_axis(scores, idx, axis=1)
     off = np.abs(val - own) > tol
     assert not off.any(), (
-        f"{name}_score differs from the reference score of its index at {_at(off)}: "
-        f"{val[off][0]} vs {own[off][0]}"
+        f"{name}_score differs from the reference score of its index at {_at(off)}: {val[off][0]} vs {own[off][0]}"
     )
     off = np.abs(val - ref_val) > tol
     assert not off.any(), (
@@ -321,8 +320,14 @@ def assert_top_k_equal(
             assert da_.shape == (scores.shape[0], k), f"{da_.name} shape {da_.shape} != {(scores.shape[0], k)}"
         ref_val = ref[f"{side}_score"].values
         _check_side(
-            side, np.asarray(idx_da.values), np.asarray(val_da.values, dtype=np.float64), scores,
-            ref[f"{side}_index"].values, ref_val, base + rtol * np.abs(ref_val), descending,
+            side,
+            np.asarray(idx_da.values),
+            np.asarray(val_da.values, dtype=np.float64),
+            scores,
+            ref[f"{side}_index"].values,
+            ref_val,
+            base + rtol * np.abs(ref_val),
+            descending,
         )
 
 

@@ -89,18 +89,20 @@ def top_level_page() -> str:
 
 def module_page(module: str, summary: str) -> str:
     importlib.import_module(module)  # a module that moved or vanished fails the build here, by name
-    return "\n".join([
-        f"# `{module}`",
-        "",
-        summary,
-        "",
-        f"::: {module}",
-        "    options:",
-        "      show_root_heading: false",
-        "      show_root_toc_entry: false",
-        "      show_submodules: false",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# `{module}`",
+            "",
+            summary,
+            "",
+            f"::: {module}",
+            "    options:",
+            "      show_root_heading: false",
+            "      show_root_toc_entry: false",
+            "      show_submodules: false",
+            "",
+        ]
+    )
 
 
 def reference() -> None:

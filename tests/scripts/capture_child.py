@@ -61,8 +61,9 @@ def main() -> None:
     if os.environ.get("CHILD_HOLD_LAST_WRITE"):
         hold_last_write(Path(os.environ["CHILD_HOLD_LAST_WRITE"]))
     data = Paused(digits_train_small(), None if at is None else int(at))
-    to.capture(digits_mlp_model(), ckpts, data, out, projection_dim=24, chunk_rows=CHUNK_ROWS, batch_size=BATCH,
-               progress=False)
+    to.capture(
+        digits_mlp_model(), ckpts, data, out, projection_dim=24, chunk_rows=CHUNK_ROWS, batch_size=BATCH, progress=False
+    )
 
 
 if __name__ == "__main__":

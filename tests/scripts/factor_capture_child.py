@@ -44,8 +44,16 @@ def main() -> None:
     if os.environ.get("CHILD_HOLD_LAST_WRITE"):
         capture_child.hold_last_write(Path(os.environ["CHILD_HOLD_LAST_WRITE"]))
     data = PausedAfterProbe(digits_train_small(), None if at is None else int(at))
-    to.capture(digits_mlp_model(), ckpts, data, out, projection="factors", chunk_rows=capture_child.CHUNK_ROWS,
-               batch_size=capture_child.BATCH, progress=False)
+    to.capture(
+        digits_mlp_model(),
+        ckpts,
+        data,
+        out,
+        projection="factors",
+        chunk_rows=capture_child.CHUNK_ROWS,
+        batch_size=capture_child.BATCH,
+        progress=False,
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,15 @@ from ..errors import ClusterError, JobqueueError
 from . import jobqueue
 from .local import dashboard_link, local_client, worker_infos
 
-__all__ = ["ClusterSpec", "cluster_client", "ClusterError", "JobqueueError", "dashboard_link", "worker_infos",
-           "jobqueue"]
+__all__ = [
+    "ClusterSpec",
+    "cluster_client",
+    "ClusterError",
+    "JobqueueError",
+    "dashboard_link",
+    "worker_infos",
+    "jobqueue",
+]
 
 
 @dataclass(frozen=True)
@@ -66,9 +73,16 @@ class ClusterSpec:
     wait: int | None = None
 
     def __post_init__(self) -> None:
-        given = [n for n, v in (("scheduler_address", self.scheduler_address),
-                                ("scheduler_file", self.scheduler_file),
-                                ("workers", self.workers), ("batch", self.batch)) if v is not None]
+        given = [
+            n
+            for n, v in (
+                ("scheduler_address", self.scheduler_address),
+                ("scheduler_file", self.scheduler_file),
+                ("workers", self.workers),
+                ("batch", self.batch),
+            )
+            if v is not None
+        ]
         if len(given) > 1:
             raise ClusterError(f"give only one of {', '.join(given)}")
         if self.workers is not None and int(self.workers) < 1:
@@ -76,8 +90,12 @@ class ClusterSpec:
 
     @property
     def in_process(self) -> bool:
-        return (self.scheduler_address is None and self.scheduler_file is None and self.workers is None
-                and self.batch is None)
+        return (
+            self.scheduler_address is None
+            and self.scheduler_file is None
+            and self.workers is None
+            and self.batch is None
+        )
 
     def describe(self) -> str:
         if self.scheduler_address:
@@ -115,9 +133,16 @@ def cluster_client(
     if spec.in_process:
         yield None
     elif spec.batch is not None:
-        with jobqueue.batch_client(spec.batch, config=spec.batch_config, jobs=spec.jobs, minimum=spec.minimum_jobs,
-                                   maximum=spec.maximum_jobs, wait=spec.wait, timeout=timeout,
-                                   **dict(spec.job_options or {})) as client:
+        with jobqueue.batch_client(
+            spec.batch,
+            config=spec.batch_config,
+            jobs=spec.jobs,
+            minimum=spec.minimum_jobs,
+            maximum=spec.maximum_jobs,
+            wait=spec.wait,
+            timeout=timeout,
+            **dict(spec.job_options or {}),
+        ) as client:
             yield client
     else:
         with local_client(spec, timeout=timeout) as client:

@@ -41,11 +41,28 @@ SUBMIT_TIMEOUT = 60.0
 # Options that belong to the cluster (its scheduler), not to each job.
 _CLUSTER_ONLY = {"scheduler_options", "shared_temp_directory", "silence_logs"}
 # Old dask-jobqueue names (still read from config files) and the names that replaced them.
-_RENAMED = {"extra": "worker_extra_args", "env_extra": "job_script_prologue",
-            "job_extra": "job_extra_directives", "header_skip": "job_directives_skip"}
+_RENAMED = {
+    "extra": "worker_extra_args",
+    "env_extra": "job_script_prologue",
+    "job_extra": "job_extra_directives",
+    "header_skip": "job_directives_skip",
+}
 # Handled by this module (scaling, the YAML file) or by dask-jobqueue itself: never user options.
-_NOT_OPTIONS = {"self", "scheduler", "name", "config_name", "base_class_kwargs", "job_kwargs", "job_cls",
-                "n_workers", "loop", "asynchronous", "scheduler_cls", "host", "dashboard_address"}
+_NOT_OPTIONS = {
+    "self",
+    "scheduler",
+    "name",
+    "config_name",
+    "base_class_kwargs",
+    "job_kwargs",
+    "job_cls",
+    "n_workers",
+    "loop",
+    "asynchronous",
+    "scheduler_cls",
+    "host",
+    "dashboard_address",
+}
 
 
 def _dask_jobqueue() -> Any:
@@ -90,8 +107,10 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, Any] | None) -> di
             with open(path) as f:
                 data = yaml.safe_load(f)
         except FileNotFoundError:
-            raise JobqueueError(f"jobqueue config {path} does not exist; give a YAML file with a "
-                                "jobqueue: section (see docs/jobs/jobqueue.yaml)") from None
+            raise JobqueueError(
+                f"jobqueue config {path} does not exist; give a YAML file with a "
+                "jobqueue: section (see docs/jobs/jobqueue.yaml)"
+            ) from None
         except yaml.YAMLError as e:
             raise JobqueueError(f"jobqueue config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         where = path
@@ -110,8 +129,9 @@ def _accepted(kind: str) -> set[str]:
     cls = cluster_class(kind)
     names: set[str] = set()
     for fn in (cls.__init__, cls.job_cls.__init__, dj.core.Job.__init__, dj.core.JobQueueCluster.__init__):
-        names |= {p.name for p in inspect.signature(fn).parameters.values()
-                  if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        names |= {
+            p.name for p in inspect.signature(fn).parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        }
     return (names - _NOT_OPTIONS) | {"job_name"}
 
 
@@ -162,8 +182,10 @@ def options(kind: str, *, config: Any = None, **overrides: Any) -> dict[str, Any
     unknown = sorted((set(file_opts) | set(overrides)) - accepted)
     if unknown:
         current = accepted - set(_RENAMED) - ({"project"} if kind != "lsf" else set())
-        raise JobqueueError(f"unknown {kind} option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-                            f"known: {', '.join(sorted(current))}")
+        raise JobqueueError(
+            f"unknown {kind} option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(current))}"
+        )
     opts = {k: v for k, v in _modernise(kind, base).items() if k in accepted}
     for layer in (file_opts, overrides):  # later layers win; scheduler options merge key by key
         for key, value in layer.items():
@@ -182,8 +204,7 @@ def options(kind: str, *, config: Any = None, **overrides: Any) -> dict[str, Any
     return opts
 
 
-def job_script(kind: str, *, config: Any = None, scheduler_address: str = PLACEHOLDER_ADDRESS,
-               **overrides: Any) -> str:
+def job_script(kind: str, *, config: Any = None, scheduler_address: str = PLACEHOLDER_ADDRESS, **overrides: Any) -> str:
     """The batch script each worker job of a ``kind`` cluster would run (nothing is started).
 
     ``scheduler_address`` is written into the worker command; a running cluster's own
@@ -237,8 +258,9 @@ def _recording(job_cls: Any, record: _Submissions) -> Any:
             raise
         record.job_ids.append(self.job_id)
 
-    return type(job_cls.__name__, (job_cls,), {"start": start, "__module__": job_cls.__module__,
-                                               "__doc__": job_cls.__doc__})
+    return type(
+        job_cls.__name__, (job_cls,), {"start": start, "__module__": job_cls.__module__, "__doc__": job_cls.__doc__}
+    )
 
 
 def _refusal(e: BaseException) -> str:
@@ -265,15 +287,25 @@ def _await_submission(cluster: Any, kind: str, record: _Submissions, expected: i
     deadline = time.monotonic() + timeout
     while True:
         if record.failures:
-            raise JobqueueError(f"{submit} refused the {kind} worker job: {_refusal(record.failures[0])}; "
-                                "check the queue/partition, account, walltime and resources")
+            raise JobqueueError(
+                f"{submit} refused the {kind} worker job: {_refusal(record.failures[0])}; "
+                "check the queue/partition, account, walltime and resources"
+            )
         if len(record.job_ids) >= expected or time.monotonic() >= deadline:
             return
         time.sleep(0.05)
 
 
-def make_cluster(kind: str, *, config: Any = None, jobs: int | None = None, minimum: int | None = None,
-                 maximum: int | None = None, submit_timeout: float = SUBMIT_TIMEOUT, **overrides: Any) -> Any:
+def make_cluster(
+    kind: str,
+    *,
+    config: Any = None,
+    jobs: int | None = None,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    submit_timeout: float = SUBMIT_TIMEOUT,
+    **overrides: Any,
+) -> Any:
     """Start a dask-jobqueue cluster (its scheduler runs in this process) and ask for worker jobs.
 
     ``jobs=N`` submits N jobs; ``minimum``/``maximum`` adapt the number of jobs to the load within
@@ -313,9 +345,17 @@ def make_cluster(kind: str, *, config: Any = None, jobs: int | None = None, mini
 
 
 @contextlib.contextmanager
-def batch_client(kind: str, *, config: Any = None, jobs: int | None = None, minimum: int | None = None,
-                 maximum: int | None = None, wait: int | None = None, timeout: float | str | None = None,
-                 **overrides: Any) -> Iterator[Any]:
+def batch_client(
+    kind: str,
+    *,
+    config: Any = None,
+    jobs: int | None = None,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    wait: int | None = None,
+    timeout: float | str | None = None,
+    **overrides: Any,
+) -> Iterator[Any]:
     """Yield a ``distributed.Client`` (the default one) on a new ``kind`` cluster; close both on exit.
 
     :func:`trackin_ooc.cluster.cluster_client` calls this for a spec with ``batch=kind``.

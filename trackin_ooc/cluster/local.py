@@ -58,8 +58,11 @@ def local_client(spec: ClusterSpec, *, timeout: float | str | None = None) -> It
         elif spec.workers is not None:
             threads = spec.threads_per_worker or max(1, (os.cpu_count() or 1) // int(spec.workers))
             cluster = LocalCluster(
-                n_workers=int(spec.workers), threads_per_worker=threads, processes=True,
-                host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                n_workers=int(spec.workers),
+                threads_per_worker=threads,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address="127.0.0.1:0",
                 memory_limit=spec.memory_limit if spec.memory_limit is not None else "auto",
             )
             client = Client(cluster, timeout=timeout)
@@ -104,8 +107,12 @@ def _local_cuda_cluster(spec: ClusterSpec) -> Any:
 
     n_gpus = cupy.cuda.runtime.getDeviceCount()
     visible = ",".join(str(i) for i in range(min(n_gpus, int(spec.workers or 1))))
-    return LocalCUDACluster(CUDA_VISIBLE_DEVICES=visible, ip="127.0.0.1", dashboard_address="127.0.0.1:0",
-                            memory_limit=spec.memory_limit if spec.memory_limit is not None else "auto")
+    return LocalCUDACluster(
+        CUDA_VISIBLE_DEVICES=visible,
+        ip="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+        memory_limit=spec.memory_limit if spec.memory_limit is not None else "auto",
+    )
 
 
 def dashboard_link(client: Any) -> str | None:

@@ -49,8 +49,13 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """3×3 stem conv + BatchNorm, stages of BasicBlocks (stride 2 between stages), global pool, Linear."""
 
-    def __init__(self, widths: Sequence[int] = (16, 32, 64), blocks: Sequence[int] | int = 1, classes: int = 10,
-                 in_channels: int = 3):
+    def __init__(
+        self,
+        widths: Sequence[int] = (16, 32, 64),
+        blocks: Sequence[int] | int = 1,
+        classes: int = 10,
+        in_channels: int = 3,
+    ):
         super().__init__()
         blocks = [blocks] * len(widths) if isinstance(blocks, int) else list(blocks)
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
@@ -71,8 +76,9 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def cifar_resnet(widths: Sequence[int] = (16, 32, 64), blocks: Sequence[int] | int = 1, classes: int = 10, *,
-                 seed: int = 0) -> CifarResNet:
+def cifar_resnet(
+    widths: Sequence[int] = (16, 32, 64), blocks: Sequence[int] | int = 1, classes: int = 10, *, seed: int = 0
+) -> CifarResNet:
     """A CIFAR-style ResNet with BatchNorm (16-32-64 channels, one block per stage by default)."""
     torch.manual_seed(seed)
     return CifarResNet(widths, blocks, classes)
@@ -89,31 +95,65 @@ PAD_ID, CLS_ID, FIRST_PIXEL_ID = 0, 1, 2
 TOKEN_VOCAB = FIRST_PIXEL_ID + DIGIT_LEVELS
 
 
-def tiny_bert(classes: int = 10, *, vocab: int = TOKEN_VOCAB, hidden: int = 32, layers: int = 2, heads: int = 2,
-              max_positions: int = 80, seed: int = 0) -> nn.Module:
+def tiny_bert(
+    classes: int = 10,
+    *,
+    vocab: int = TOKEN_VOCAB,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    max_positions: int = 80,
+    seed: int = 0,
+) -> nn.Module:
     """``BertForSequenceClassification`` from a small ``BertConfig`` (eager attention, no dropout)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
     # num_labels and attn_implementation are PretrainedConfig keywords, outside BertConfig's typed signature.
     options: dict[str, Any] = dict(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=2 * hidden, max_position_embeddings=max_positions, num_labels=classes,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=PAD_ID, attn_implementation="eager")
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=max_positions,
+        num_labels=classes,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=PAD_ID,
+        attn_implementation="eager",
+    )
     config = BertConfig(**options)
     return BertForSequenceClassification(config)
 
 
-def tiny_gpt2(*, vocab: int = TOKEN_VOCAB, hidden: int = 32, layers: int = 2, heads: int = 2, max_positions: int = 80,
-              seed: int = 0) -> nn.Module:
+def tiny_gpt2(
+    *,
+    vocab: int = TOKEN_VOCAB,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    max_positions: int = 80,
+    seed: int = 0,
+) -> nn.Module:
     """``GPT2LMHeadModel`` from a small ``GPT2Config`` (lm_head tied to wte; eager attention, no dropout)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     options: dict[str, Any] = dict(
-        vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions, resid_pdrop=0.0,
-        embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=PAD_ID, bos_token_id=CLS_ID, eos_token_id=CLS_ID,
-        attn_implementation="eager")
+        vocab_size=vocab,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=heads,
+        n_positions=max_positions,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        pad_token_id=PAD_ID,
+        bos_token_id=CLS_ID,
+        eos_token_id=CLS_ID,
+        attn_implementation="eager",
+    )
     config = GPT2Config(**options)
     return GPT2LMHeadModel(config)
 
@@ -177,13 +217,29 @@ def pad_collate(examples: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, tor
 
 
 def train_dict_batches(
-    model: nn.Module, dataset: Dataset, checkpoint_dir: str | os.PathLike, *, epochs: int = 6, lr: float = 0.05,
-    batch_size: int = 32, checkpoint_every: int = 2, seed: int = 0,
+    model: nn.Module,
+    dataset: Dataset,
+    checkpoint_dir: str | os.PathLike,
+    *,
+    epochs: int = 6,
+    lr: float = 0.05,
+    batch_size: int = 32,
+    checkpoint_every: int = 2,
+    seed: int = 0,
 ) -> list[Path]:
     """SGD on padded dict batches (``model(**batch)`` computes the loss from ``labels``), saving TracIn
     checkpoints every few epochs (:func:`~.training.train_with_checkpoints` with :func:`pad_collate`)."""
-    return train_with_checkpoints(model, dataset, checkpoint_dir, epochs=epochs, lr=lr, batch_size=batch_size,
-                                  checkpoint_every=checkpoint_every, seed=seed, collate_fn=pad_collate)
+    return train_with_checkpoints(
+        model,
+        dataset,
+        checkpoint_dir,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+        collate_fn=pad_collate,
+    )
 
 
 def accuracy(model: nn.Module, dataset: Dataset) -> float:
@@ -191,8 +247,9 @@ def accuracy(model: nn.Module, dataset: Dataset) -> float:
     model.eval()
     hits, n = 0, 0
     with torch.no_grad():
-        for item in DataLoader(dataset, batch_size=256, collate_fn=pad_collate if isinstance(dataset, DigitTokens)
-                               else None):
+        for item in DataLoader(
+            dataset, batch_size=256, collate_fn=pad_collate if isinstance(dataset, DigitTokens) else None
+        ):
             if isinstance(item, Mapping):
                 logits, y = model(**{k: v for k, v in item.items() if k != "labels"}).logits, item["labels"]
             else:
@@ -203,6 +260,17 @@ def accuracy(model: nn.Module, dataset: Dataset) -> float:
 
 
 __all__ = [
-    "BasicBlock", "CifarResNet", "cifar_resnet", "resnet18_cifar", "tiny_bert", "tiny_gpt2", "digits_rgb32",
-    "DigitTokens", "digit_token_dicts", "pad_collate", "train_dict_batches", "accuracy", "TOKEN_VOCAB",
+    "BasicBlock",
+    "CifarResNet",
+    "cifar_resnet",
+    "resnet18_cifar",
+    "tiny_bert",
+    "tiny_gpt2",
+    "digits_rgb32",
+    "DigitTokens",
+    "digit_token_dicts",
+    "pad_collate",
+    "train_dict_batches",
+    "accuracy",
+    "TOKEN_VOCAB",
 ]

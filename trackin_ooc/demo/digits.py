@@ -25,16 +25,12 @@ def _load_sklearn_digits():
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError(
-            "the digits examples need scikit-learn: pip install 'trackin-ooc[demo]'"
-        ) from e
+        raise ImportError("the digits examples need scikit-learn: pip install 'trackin-ooc[demo]'") from e
     d = load_digits()
     return d.images.astype(np.float32) / 16.0, d.target.astype(np.int64)
 
 
-def load_digits_split(
-    *, n_train: int = 1500, flip_fraction: float = 0.0, seed: int = 0
-) -> DigitsSplit:
+def load_digits_split(*, n_train: int = 1500, flip_fraction: float = 0.0, seed: int = 0) -> DigitsSplit:
     """Shuffle digits with ``seed``, take ``n_train`` for training and the rest for test.
 
     ``flip_fraction`` of the training labels are replaced by a different, random class (the

@@ -67,8 +67,9 @@ def digits_mlp_recipe():
     """The recipe :func:`digits_retrain_small` retrains with: the 64-32-10 MLP, plain SGD."""
     from .recipes import Recipe
 
-    return Recipe(make_model=functools.partial(digits_mlp, (32,)), optimizer="sgd", lr=0.1,
-                  epochs=RETRAIN_EPOCHS, n_checkpoints=2)
+    return Recipe(
+        make_model=functools.partial(digits_mlp, (32,)), optimizer="sgd", lr=0.1, epochs=RETRAIN_EPOCHS, n_checkpoints=2
+    )
 
 
 def digits_retrain_small(indices, seed):

@@ -13,8 +13,9 @@ from torch.utils.data import TensorDataset
 from .digits import DigitsSplit
 
 
-def load_mnist1d_split(*, n_train: int = 2000, n_test: int = 100, flip_fraction: float = 0.0, seed: int = 0,
-                       channel: bool = False) -> DigitsSplit:
+def load_mnist1d_split(
+    *, n_train: int = 2000, n_test: int = 100, flip_fraction: float = 0.0, seed: int = 0, channel: bool = False
+) -> DigitsSplit:
     """``n_train`` training and ``n_test`` test signals; ``flip_fraction`` of the training labels replaced
     by a different, random class. ``channel``: inputs (n, 1, 40) for Conv1d models, else (n, 40)."""
     try:
@@ -42,5 +43,6 @@ def load_mnist1d_split(*, n_train: int = 2000, n_test: int = 100, flip_fraction:
     def ds(a, b):
         return TensorDataset(torch.from_numpy(a.reshape(len(a), *shape)).contiguous(), torch.from_numpy(b))
 
-    return DigitsSplit(train=ds(x, noisy), test=ds(xt, yt), flipped=flipped, true_train_labels=y,
-                       train_images=x, test_images=xt)
+    return DigitsSplit(
+        train=ds(x, noisy), test=ds(xt, yt), flipped=flipped, true_train_labels=y, train_images=x, test_images=xt
+    )

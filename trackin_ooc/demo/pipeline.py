@@ -72,8 +72,10 @@ class DemoResult:
         for name, rec in self.recall.items():
             lines.append(f"  {name:<24}" + "".join(f"{rec[f]:>9.1%}" for f in FRACTIONS))
         if self.fitted is not None:
-            lines.append(f"  (the CNN fits {self.fitted:.0%} of the flipped labels: their loss stays high, so the loss "
-                         "finds them about as well as self-influence)")
+            lines.append(
+                f"  (the CNN fits {self.fitted:.0%} of the flipped labels: their loss stays high, so the loss "
+                "finds them about as well as self-influence)"
+            )
         if self.memorised is not None:
             m = self.memorised
             lines += [
@@ -145,16 +147,47 @@ def run_demo(
     if torch_threads:
         torch.set_num_threads(int(torch_threads))
     try:
-        return _run(out, n_train=n_train, flip_fraction=flip_fraction, epochs=epochs,
-                    checkpoint_every=checkpoint_every, lr=lr, projection_dim=projection_dim, k=k,
-                    normalize=normalize, n_show=n_show, seed=seed, device=device, overwrite=overwrite,
-                    progress=progress, say=say, memorised_epochs=memorised_epochs)
+        return _run(
+            out,
+            n_train=n_train,
+            flip_fraction=flip_fraction,
+            epochs=epochs,
+            checkpoint_every=checkpoint_every,
+            lr=lr,
+            projection_dim=projection_dim,
+            k=k,
+            normalize=normalize,
+            n_show=n_show,
+            seed=seed,
+            device=device,
+            overwrite=overwrite,
+            progress=progress,
+            say=say,
+            memorised_epochs=memorised_epochs,
+        )
     finally:
         torch.set_num_threads(previous)
 
 
-def _run(out, *, n_train, flip_fraction, epochs, checkpoint_every, lr, projection_dim, k, normalize, n_show,
-         seed, device, overwrite, progress, say, memorised_epochs) -> DemoResult:
+def _run(
+    out,
+    *,
+    n_train,
+    flip_fraction,
+    epochs,
+    checkpoint_every,
+    lr,
+    projection_dim,
+    k,
+    normalize,
+    n_show,
+    seed,
+    device,
+    overwrite,
+    progress,
+    say,
+    memorised_epochs,
+) -> DemoResult:
     import torch
 
     import trackin_ooc as to
@@ -178,11 +211,18 @@ def _run(out, *, n_train, flip_fraction, epochs, checkpoint_every, lr, projectio
     t0 = time.perf_counter()
     split = load_digits_split(n_train=n_train, flip_fraction=flip_fraction, seed=seed)
     model = digits_cnn(seed=seed)
-    say(f"training a small CNN on {n_train:,} digits ({int(split.flipped.sum())} labels flipped), "
-        f"{epochs} epochs of SGD, a checkpoint every {checkpoint_every}")
+    say(
+        f"training a small CNN on {n_train:,} digits ({int(split.flipped.sum())} labels flipped), "
+        f"{epochs} epochs of SGD, a checkpoint every {checkpoint_every}"
+    )
     checkpoints = train_with_checkpoints(
-        model, split.train, out / "checkpoints", epochs=epochs, lr=lr,
-        checkpoint_every=checkpoint_every, seed=seed,
+        model,
+        split.train,
+        out / "checkpoints",
+        epochs=epochs,
+        lr=lr,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
     )
     with torch.no_grad():
         x, y = split.test.tensors
@@ -214,10 +254,19 @@ def _run(out, *, n_train, flip_fraction, epochs, checkpoint_every, lr, projectio
     memorised = None
     if memorised_epochs:
         t0 = time.perf_counter()
-        say(f"training an MLP {'-'.join(map(str, (64, *MEMORISED_HIDDEN, 10)))} with AdamW for {memorised_epochs} "
-            "epochs: it memorises the flipped labels")
-        memorised = _memorised(split, out / "checkpoints_memorised", stores / "memorised.zarr",
-                               epochs=memorised_epochs, seed=seed, device=device, progress=progress)
+        say(
+            f"training an MLP {'-'.join(map(str, (64, *MEMORISED_HIDDEN, 10)))} with AdamW for {memorised_epochs} "
+            "epochs: it memorises the flipped labels"
+        )
+        memorised = _memorised(
+            split,
+            out / "checkpoints_memorised",
+            stores / "memorised.zarr",
+            epochs=memorised_epochs,
+            seed=seed,
+            device=device,
+            progress=progress,
+        )
         step("memorised", t0)
 
     t0 = time.perf_counter()
@@ -229,12 +278,17 @@ def _run(out, *, n_train, flip_fraction, epochs, checkpoint_every, lr, projectio
     }
     panels = [("SGD-trained CNN", methods)]
     if memorised is not None:
-        panels.append((f"AdamW MLP, {memorised['fitted']:.0%} of the flipped labels memorised",
-                       {**memorised.pop("scores"), "random": random_scores}))
+        panels.append(
+            (
+                f"AdamW MLP, {memorised['fitted']:.0%} of the flipped labels memorised",
+                {**memorised.pop("scores"), "random": random_scores},
+            )
+        )
     _plot_mislabels(files["mislabels"], panels, split.flipped)
     files["proponents"].unlink(missing_ok=True)  # the demo's own folder (MARKER): its files are replaced
-    to.show(best, split.train, split.test, n=n_show, k=min(3, k), labels=split.true_train_labels,
-            invert=True).save(files["proponents"])
+    to.show(best, split.train, split.test, n=n_show, k=min(3, k), labels=split.true_train_labels, invert=True).save(
+        files["proponents"]
+    )
     frame = tables.self_influence_frame(si)
     rows = frame["example"].to_numpy()
     frame["true_label"] = split.true_train_labels[rows]
@@ -246,9 +300,17 @@ def _run(out, *, n_train, flip_fraction, epochs, checkpoint_every, lr, projectio
     step("write", t0)
 
     return DemoResult(
-        out=out, files=files, recall=recall, n_train=n_train, n_test=len(split.test),
-        n_flipped=int(split.flipped.sum()), test_accuracy=accuracy,
-        seconds=time.perf_counter() - t_start, timings=timings, memorised=memorised, fitted=fitted,
+        out=out,
+        files=files,
+        recall=recall,
+        n_train=n_train,
+        n_test=len(split.test),
+        n_flipped=int(split.flipped.sum()),
+        test_accuracy=accuracy,
+        seconds=time.perf_counter() - t_start,
+        timings=timings,
+        memorised=memorised,
+        fitted=fitted,
     )
 
 
@@ -263,8 +325,14 @@ def _memorised(split, checkpoint_dir: Path, store_path: Path, *, epochs: int, se
     from .models import digits_mlp
     from .recipes import Recipe, train_run
 
-    recipe = Recipe(make_model=functools.partial(digits_mlp, MEMORISED_HIDDEN), optimizer="adamw", lr=3e-3,
-                    epochs=epochs, batch_size=64, n_checkpoints=6)
+    recipe = Recipe(
+        make_model=functools.partial(digits_mlp, MEMORISED_HIDDEN),
+        optimizer="adamw",
+        lr=3e-3,
+        epochs=epochs,
+        batch_size=64,
+        n_checkpoints=6,
+    )
     x, y = split.train.tensors
     model, checkpoints = train_run(recipe, x, y, checkpoint_dir, seed=seed)
     with torch.no_grad():
@@ -272,14 +340,31 @@ def _memorised(split, checkpoint_dir: Path, store_path: Path, *, epochs: int, se
         xt, yt = split.test.tensors
         accuracy = float((model(xt).argmax(1) == yt).float().mean())
     # A tiny factored store suffices: self-influence from the exact gradient norms every capture records.
-    store = to.capture(model, checkpoints, split.train, store_path, projection_dim=64, projection="factored",
-                       seed=seed, overwrite=True, device=device, progress=progress)
+    store = to.capture(
+        model,
+        checkpoints,
+        split.train,
+        store_path,
+        projection_dim=64,
+        projection="factored",
+        seed=seed,
+        overwrite=True,
+        device=device,
+        progress=progress,
+    )
     si = to.self_influence(store, exact_norms=True, device=device, progress=progress)
-    scores = {"TracIn self-influence": np.asarray(si.values),
-              "last-checkpoint loss": np.asarray(store.read_losses()[-1])}
+    scores = {
+        "TracIn self-influence": np.asarray(si.values),
+        "last-checkpoint loss": np.asarray(store.read_losses()[-1]),
+    }
     recall = {name: {f: recall_at(v, split.flipped, f) for f in FRACTIONS} for name, v in scores.items()}
-    return {"recall": recall, "fitted": fitted, "test_accuracy": accuracy, "scores": scores,
-            "preconditioner": store.spec.describe()}
+    return {
+        "recall": recall,
+        "fitted": fitted,
+        "test_accuracy": accuracy,
+        "scores": scores,
+        "preconditioner": store.spec.describe(),
+    }
 
 
 # ---- plots -------------------------------------------------------------------------------------

@@ -49,8 +49,9 @@ class Recipe:
         return sorted({int(round(self.epochs * (i + 1) / n)) for i in range(n)})
 
 
-def train_run(recipe: Recipe, x: torch.Tensor, y: torch.Tensor, checkpoint_dir: str | os.PathLike | None = None,
-              *, seed: int = 0) -> tuple[nn.Module, list[Path]]:
+def train_run(
+    recipe: Recipe, x: torch.Tensor, y: torch.Tensor, checkpoint_dir: str | os.PathLike | None = None, *, seed: int = 0
+) -> tuple[nn.Module, list[Path]]:
     """Train ``recipe`` on (x, y) from ``seed``; save checkpoints to ``checkpoint_dir`` if given.
 
     Deterministic on the CPU for a given seed (initialisation and batch order both follow it).
@@ -70,14 +71,21 @@ def train_run(recipe: Recipe, x: torch.Tensor, y: torch.Tensor, checkpoint_dir: 
         model.train()
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, recipe.batch_size):
-            idx = order[start:start + recipe.batch_size]
+            idx = order[start : start + recipe.batch_size]
             opt.zero_grad()
             loss_fn(model(x[idx]), y[idx]).backward()
             opt.step()
         if out is not None and epoch in save_at:
             path = out / f"epoch_{epoch:03d}.pt"
-            torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
-                        "learning_rate": recipe.lr, "epoch": epoch}, path)
+            torch.save(
+                {
+                    "model_state_dict": model.state_dict(),
+                    "optimizer_state_dict": opt.state_dict(),
+                    "learning_rate": recipe.lr,
+                    "epoch": epoch,
+                },
+                path,
+            )
             paths.append(path)
     model.eval()
     return model, paths
@@ -95,8 +103,16 @@ class RetrainFn:
     ``indices``, returning the test losses. Picklable (runs on cluster workers); torch held to
     ``torch_threads`` threads while it trains (small models gain nothing from more)."""
 
-    def __init__(self, recipe: Recipe, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-                 *, torch_threads: int | None = 1):
+    def __init__(
+        self,
+        recipe: Recipe,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        x_test: torch.Tensor,
+        y_test: torch.Tensor,
+        *,
+        torch_threads: int | None = 1,
+    ):
         self.recipe, self.x, self.y, self.x_test, self.y_test = recipe, x, y, x_test, y_test
         self.torch_threads = torch_threads
 

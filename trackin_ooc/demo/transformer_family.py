@@ -71,8 +71,9 @@ def sample_configs(n: int, seed: int = 0) -> list[TransformerConfig]:
         else:
             task = str(rng.choice(["classify", "mlm"]))
             tied = task == "mlm" and bool(rng.integers(2))
-        out.append(TransformerConfig(family, task, hidden, layers, heads, vocab, length, tied,
-                                     int(rng.integers(0, 2**31 - 1))))
+        out.append(
+            TransformerConfig(family, task, hidden, layers, heads, vocab, length, tied, int(rng.integers(0, 2**31 - 1)))
+        )
     return out
 
 
@@ -83,30 +84,58 @@ def build_model(cfg: TransformerConfig) -> nn.Module:
 
     torch.manual_seed(cfg.seed)
     # PretrainedConfig keywords (num_labels, attn_implementation) lie outside the typed signatures.
-    common: dict[str, Any] = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                  attn_implementation="eager")
+    common: dict[str, Any] = dict(
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager"
+    )
     labelled: dict[str, Any] = {"num_labels": CLASSES}
     digit_classes: dict[str, Any] = {"num_labels": 10}  # ViT reads digits as patches
     eager: dict[str, Any] = {"attn_implementation": "eager"}
     config: Any
     if cfg.family == "gpt2":
-        config = hf.GPT2Config(vocab_size=cfg.vocab, n_embd=cfg.hidden, n_layer=cfg.layers, n_head=cfg.heads,
-                               n_positions=cfg.length, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                               tie_word_embeddings=cfg.tied, **eager)
+        config = hf.GPT2Config(
+            vocab_size=cfg.vocab,
+            n_embd=cfg.hidden,
+            n_layer=cfg.layers,
+            n_head=cfg.heads,
+            n_positions=cfg.length,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=cfg.tied,
+            **eager,
+        )
         return hf.GPT2LMHeadModel(config)
     if cfg.family == "vit":
-        config = hf.ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=cfg.hidden,
-                              num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                              intermediate_size=2 * cfg.hidden, **common, **digit_classes)
+        config = hf.ViTConfig(
+            image_size=8,
+            patch_size=2,
+            num_channels=1,
+            hidden_size=cfg.hidden,
+            num_hidden_layers=cfg.layers,
+            num_attention_heads=cfg.heads,
+            intermediate_size=2 * cfg.hidden,
+            **common,
+            **digit_classes,
+        )
         return hf.ViTForImageClassification(config)
-    kind = {"bert": (hf.BertConfig, hf.BertForSequenceClassification, hf.BertForMaskedLM),
-            "roberta": (hf.RobertaConfig, hf.RobertaForSequenceClassification, hf.RobertaForMaskedLM)}[cfg.family]
+    kind = {
+        "bert": (hf.BertConfig, hf.BertForSequenceClassification, hf.BertForMaskedLM),
+        "roberta": (hf.RobertaConfig, hf.RobertaForSequenceClassification, hf.RobertaForMaskedLM),
+    }[cfg.family]
     extra: dict[str, Any] = dict(max_position_embeddings=cfg.length + 2 + (2 if cfg.family == "roberta" else 0))
     if cfg.family == "roberta":
         extra.update(pad_token_id=1, bos_token_id=0, eos_token_id=2)
-    config = kind[0](vocab_size=cfg.vocab, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
-                     num_attention_heads=cfg.heads, intermediate_size=2 * cfg.hidden,
-                     tie_word_embeddings=cfg.tied, **extra, **common, **labelled)
+    config = kind[0](
+        vocab_size=cfg.vocab,
+        hidden_size=cfg.hidden,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        intermediate_size=2 * cfg.hidden,
+        tie_word_embeddings=cfg.tied,
+        **extra,
+        **common,
+        **labelled,
+    )
     return (kind[1] if cfg.task == "classify" else kind[2])(config)
 
 
@@ -158,8 +187,13 @@ def make_data(cfg: TransformerConfig, n: int, seed: int) -> DictExamples:
         for i in range(n):
             ids[i, pick[i]] = rng.choice(favoured[labels[i]], int(pick[i].sum()))
         ids[:, 0] = 2
-        return DictExamples({"input_ids": torch.from_numpy(ids), "attention_mask": torch.ones(n, cfg.length,
-                             dtype=torch.int64), "labels": torch.from_numpy(labels)})
+        return DictExamples(
+            {
+                "input_ids": torch.from_numpy(ids),
+                "attention_mask": torch.ones(n, cfg.length, dtype=torch.int64),
+                "labels": torch.from_numpy(labels),
+            }
+        )
     successors = structure.integers(low, cfg.vocab, (cfg.vocab, 3))
     ids = np.empty((n, cfg.length), dtype=np.int64)
     ids[:, 0] = rng.integers(low, cfg.vocab, n)
@@ -173,8 +207,13 @@ def make_data(cfg: TransformerConfig, n: int, seed: int) -> DictExamples:
     masked = torch.from_numpy(rng.random((n, cfg.length)) < 0.2)
     masked[:, 0] |= ~masked.any(1)  # at least one masked position per example
     targets = torch.where(masked, ids_t, torch.full_like(ids_t, IGNORE))
-    return DictExamples({"input_ids": torch.where(masked, torch.full_like(ids_t, low - 1), ids_t),
-                         "attention_mask": mask, "labels": targets})
+    return DictExamples(
+        {
+            "input_ids": torch.where(masked, torch.full_like(ids_t, low - 1), ids_t),
+            "attention_mask": mask,
+            "labels": targets,
+        }
+    )
 
 
 def collate(examples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -207,8 +246,16 @@ def per_example_loss(cfg: TransformerConfig, model: nn.Module, batch: dict[str, 
     return (loss_for(cfg) or default_loss)(out, batch["labels"])
 
 
-def build_case(cfg: TransformerConfig, n_train: int = 120, n_test: int = 20, *, steps: int = 30,
-               checkpoints: int = 2, lr: float = 2e-3, batch_size: int = 16) -> Case:
+def build_case(
+    cfg: TransformerConfig,
+    n_train: int = 120,
+    n_test: int = 20,
+    *,
+    steps: int = 30,
+    checkpoints: int = 2,
+    lr: float = 2e-3,
+    batch_size: int = 16,
+) -> Case:
     """Train ``cfg``'s model ``steps`` AdamW steps on ``n_train`` synthetic examples, keeping ``checkpoints``
     evenly spaced state dicts (the last one after the last step)."""
     train, test = make_data(cfg, n_train, seed=cfg.seed + 1), make_data(cfg, n_test, seed=cfg.seed + 2)
@@ -243,8 +290,9 @@ def exact_gradients(case: Case, data: DictExamples, state: dict[str, torch.Tenso
     for i in range(len(data)):
         loss = per_example_loss(case.cfg, model, collate([data[i]]))[0]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                               for g, p in zip(grads, params)]))
+        rows.append(
+            torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+        )
     return torch.stack(rows)
 
 
@@ -253,14 +301,16 @@ def exact_influence(case: Case) -> tuple[np.ndarray, np.ndarray, list[torch.Tens
     stacked checkpoint by checkpoint ((C·N) × (C·N)), and those gradients: per checkpoint (N, D), test rows
     first)."""
     n_test = len(case.test)
-    rows = [torch.cat([exact_gradients(case, case.test, s), exact_gradients(case, case.train, s)])
-            for s in case.checkpoints]
+    rows = [
+        torch.cat([exact_gradients(case, case.test, s), exact_gradients(case, case.train, s)]) for s in case.checkpoints
+    ]
     x = torch.cat(rows).to(torch.float64)
     gram = (x @ x.T).numpy()
     del x
     n = len(rows[0])
-    scores = sum(lr * gram[c * n: c * n + n_test, c * n + n_test: (c + 1) * n]
-                 for c, lr in enumerate(case.learning_rates))
+    scores = sum(
+        lr * gram[c * n : c * n + n_test, c * n + n_test : (c + 1) * n] for c, lr in enumerate(case.learning_rates)
+    )
     return np.asarray(scores), gram, rows
 
 
@@ -278,7 +328,7 @@ def factored_map_scores(case: Case, grads: Sequence[torch.Tensor], dim: int, see
         parts, start = {}, 0
         for name, shape in shapes:
             size = int(np.prod(shape))
-            parts[name] = g[:, start:start + size].reshape(len(g), *shape)
+            parts[name] = g[:, start : start + size].reshape(len(g), *shape)
             start += size
         f = project_gradients(spec, parts).to(torch.float64)
         scores = scores + lr * (f[:n_test] @ f[n_test:].T).numpy()
@@ -295,8 +345,9 @@ def gaussian_scores(gram: np.ndarray, lrs: Sequence[float], n_test: int, dim: in
     keep = vals > vals.max() * 1e-12
     z = (vecs[:, keep] * np.sqrt(vals[keep])) @ (rng.standard_normal((int(keep.sum()), dim)) / np.sqrt(dim))
     n = len(gram) // len(lrs)
-    return np.asarray(sum(lr * z[c * n: c * n + n_test] @ z[c * n + n_test: (c + 1) * n].T
-                          for c, lr in enumerate(lrs)))
+    return np.asarray(
+        sum(lr * z[c * n : c * n + n_test] @ z[c * n + n_test : (c + 1) * n].T for c, lr in enumerate(lrs))
+    )
 
 
 def mean_row_spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -312,10 +363,20 @@ def factored_scores(case: Case, dim: int, seed: int) -> tuple[np.ndarray, np.nda
     ``trackin_ooc.capture``), the train store's features, and the train store."""
     import trackin_ooc as to
 
-    kw: dict[str, Any] = dict(learning_rates=case.learning_rates, projection="factored", projection_dim=dim, seed=seed,
-              loss_fn=case.loss_fn, device="cpu", batch_size=32, progress=False)
-    train = to.capture(case.make(), case.checkpoints, DataLoader(case.train, batch_size=32, collate_fn=collate),
-                       None, **kw)
-    test = to.capture(case.make(), case.checkpoints, DataLoader(case.test, batch_size=32, collate_fn=collate),
-                      None, **kw)
+    kw: dict[str, Any] = dict(
+        learning_rates=case.learning_rates,
+        projection="factored",
+        projection_dim=dim,
+        seed=seed,
+        loss_fn=case.loss_fn,
+        device="cpu",
+        batch_size=32,
+        progress=False,
+    )
+    train = to.capture(
+        case.make(), case.checkpoints, DataLoader(case.train, batch_size=32, collate_fn=collate), None, **kw
+    )
+    test = to.capture(
+        case.make(), case.checkpoints, DataLoader(case.test, batch_size=32, collate_fn=collate), None, **kw
+    )
     return np.asarray(to.influence(test, train).values), np.asarray(train.read_grads()), train

@@ -22,34 +22,41 @@ from .tasks import StoreRef
 class BlockTasks(Protocol):
     """Task functions over row blocks [start, stop) of a store reopened from ``ref`` inside the task."""
 
-    def read_test_block(self, ref: StoreRef, start: int, stop: int, weights: Sequence[float],
-                        normalize: bool) -> Any:
+    def read_test_block(self, ref: StoreRef, start: int, stop: int, weights: Sequence[float], normalize: bool) -> Any:
         """Test rows scaled by η_c (and normalised with ``normalize``), on the host."""
         ...
 
-    def score_block(self, test: Any, ref: StoreRef, start: int, stop: int, normalize: bool,
-                    backend: str) -> np.ndarray:
+    def score_block(self, test: Any, ref: StoreRef, start: int, stop: int, normalize: bool, backend: str) -> np.ndarray:
         """One (test block × train block) influence block on the host."""
         ...
 
-    def topk_block(self, test: Any, ref: StoreRef, start: int, stop: int, k: int, normalize: bool,
-                   backend: str) -> Any:
+    def topk_block(self, test: Any, ref: StoreRef, start: int, stop: int, k: int, normalize: bool, backend: str) -> Any:
         """The k best and worst of one score block (which never leaves the task)."""
         ...
 
-    def write_influence_block(self, test: Any, ref: StoreRef, start: int, stop: int, normalize: bool,
-                              backend: str, out_path: str, out_options: str, task: tuple[int, int],
-                              row0: int) -> int:
+    def write_influence_block(
+        self,
+        test: Any,
+        ref: StoreRef,
+        start: int,
+        stop: int,
+        normalize: bool,
+        backend: str,
+        out_path: str,
+        out_options: str,
+        task: tuple[int, int],
+        row0: int,
+    ) -> int:
         """Score one block, write it as whole chunks of the output; rows × cols written."""
         ...
 
-    def self_influence_block(self, ref: StoreRef, start: int, stop: int, weights: Sequence[float],
-                             backend: str) -> np.ndarray:
+    def self_influence_block(
+        self, ref: StoreRef, start: int, stop: int, weights: Sequence[float], backend: str
+    ) -> np.ndarray:
         """Σ_c η_c ‖g_c‖² of rows [start, stop)."""
         ...
 
-    def exact_self_influence_block(self, ref: StoreRef, start: int, stop: int,
-                                   weights: Sequence[float]) -> np.ndarray:
+    def exact_self_influence_block(self, ref: StoreRef, start: int, stop: int, weights: Sequence[float]) -> np.ndarray:
         """The same from the exact squared norms a capture stored."""
         ...
 
@@ -67,5 +74,14 @@ class BlockTasks(Protocol):
 
 
 #: The names every block-task module defines.
-TASK_NAMES = ("read_test_block", "score_block", "topk_block", "write_influence_block", "self_influence_block",
-              "exact_self_influence_block", "merge_topk", "done", "getitem")
+TASK_NAMES = (
+    "read_test_block",
+    "score_block",
+    "topk_block",
+    "write_influence_block",
+    "self_influence_block",
+    "exact_self_influence_block",
+    "merge_topk",
+    "done",
+    "getitem",
+)

@@ -44,8 +44,9 @@ class LayerRows(NamedTuple):
         return int(self.d.shape[2])
 
     def rows(self, i: int, j: int) -> LayerRows:
-        return LayerRows(None if self.a is None else self.a[:, i:j], None if self.ids is None else self.ids[i:j],
-                         self.d[:, i:j])
+        return LayerRows(
+            None if self.a is None else self.a[:, i:j], None if self.ids is None else self.ids[i:j], self.d[:, i:j]
+        )
 
 
 class FactorRows(NamedTuple):
@@ -63,6 +64,7 @@ class FactorRows(NamedTuple):
 
     def to(self, asarray) -> FactorRows:
         """The same block through ``asarray`` (host → device)."""
+
         def move(x):
             return None if x is None else asarray(x)
 
@@ -247,8 +249,9 @@ def self_influence(block: FactorRows, weights, xp):
         for c in range(n_ckpt):
             d = x.d[c]
             if x.ids is None and t == 1:
-                sq[c] += (xp.einsum("rk,rk->r", x.a[c, :, 0], x.a[c, :, 0], dtype=xp.float64)
-                          * xp.einsum("rk,rk->r", d[:, 0], d[:, 0], dtype=xp.float64))
+                sq[c] += xp.einsum("rk,rk->r", x.a[c, :, 0], x.a[c, :, 0], dtype=xp.float64) * xp.einsum(
+                    "rk,rk->r", d[:, 0], d[:, 0], dtype=xp.float64
+                )
                 continue
             step = max(1, PAIR_ELEMENTS // (t * t))
             for i in range(0, rows, step):

@@ -16,8 +16,15 @@ from .kernels import topk_to_host
 from .tasks import StoreRef, _open_output, done, exact_self_influence_block, getitem, merge_topk
 
 __all__ = [
-    "read_test_block", "score_block", "topk_block", "write_influence_block", "self_influence_block",
-    "exact_self_influence_block", "merge_topk", "done", "getitem",
+    "read_test_block",
+    "score_block",
+    "topk_block",
+    "write_influence_block",
+    "self_influence_block",
+    "exact_self_influence_block",
+    "merge_topk",
+    "done",
+    "getitem",
 ]
 
 
@@ -92,8 +99,16 @@ def topk_block(test, ref: StoreRef, start: int, stop: int, k: int, normalize: bo
 
 
 def write_influence_block(
-    test, ref: StoreRef, start: int, stop: int, normalize: bool, backend: str,
-    out_path: str, out_options: str, task: tuple[int, int], row0: int,
+    test,
+    ref: StoreRef,
+    start: int,
+    stop: int,
+    normalize: bool,
+    backend: str,
+    out_path: str,
+    out_options: str,
+    task: tuple[int, int],
+    row0: int,
 ) -> int:
     """Score one block and write it as whole chunks of the output; returns rows × cols written."""
     block = score_block(test, ref, start, stop, normalize, backend)

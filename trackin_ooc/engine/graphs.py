@@ -40,8 +40,9 @@ def _test_block_tasks(test: GradientStore, plan: BlockPlan, weights, normalize: 
     return dsk, name, ranges
 
 
-def self_influence_array(store: GradientStore, backend: str, rows: int | None = None,
-                         exact_norms: bool = False) -> da.Array:
+def self_influence_array(
+    store: GradientStore, backend: str, rows: int | None = None, exact_norms: bool = False
+) -> da.Array:
     """(n_examples,) float64, one task per ``rows`` (default: the store's chunk rows).
 
     ``exact_norms``: from the exact squared gradient norms the capture stored, not the features.
@@ -54,14 +55,17 @@ def self_influence_array(store: GradientStore, backend: str, rows: int | None = 
     if exact_norms:
         dsk = {(name, i): (tasks.exact_self_influence_block, ref, s, e, weights) for i, (s, e) in enumerate(ranges)}
     else:
-        dsk = {(name, i): (block_tasks(store).self_influence_block, ref, s, e, weights, backend)
-               for i, (s, e) in enumerate(ranges)}
+        dsk = {
+            (name, i): (block_tasks(store).self_influence_block, ref, s, e, weights, backend)
+            for i, (s, e) in enumerate(ranges)
+        }
     chunks = (tuple(e - s for s, e in ranges),)
     return da.Array(dsk, name, chunks=chunks, dtype=np.float64, meta=np.empty((0,), np.float64))
 
 
-def influence_array(test: GradientStore, train: GradientStore, plan: BlockPlan, normalize: bool,
-                    backend: str) -> da.Array:
+def influence_array(
+    test: GradientStore, train: GradientStore, plan: BlockPlan, normalize: bool, backend: str
+) -> da.Array:
     """Lazy (n_test, n_train) float32 matrix, one chunk per (test block, train block) task."""
     token = tokenize(StoreRef.of(test), StoreRef.of(train), plan, normalize, backend)
     dsk, tname, test_ranges = _test_block_tasks(test, plan, train.learning_rates, normalize, token)
@@ -75,8 +79,15 @@ def influence_array(test: GradientStore, train: GradientStore, plan: BlockPlan, 
     return da.Array(dsk, name, chunks=chunks, dtype=np.float32, meta=np.empty((0, 0), np.float32))
 
 
-def influence_write_graph(test: GradientStore, train: GradientStore, plan: BlockPlan, normalize: bool,
-                          backend: str, out, skip: np.ndarray | None = None) -> Delayed:
+def influence_write_graph(
+    test: GradientStore,
+    train: GradientStore,
+    plan: BlockPlan,
+    normalize: bool,
+    backend: str,
+    out,
+    skip: np.ndarray | None = None,
+) -> Delayed:
     """A Delayed that writes every not-yet-written (test block, train block) chunk of ``out``."""
     token = tokenize(StoreRef.of(test), StoreRef.of(train), plan, normalize, backend, out.path)
     dsk, tname, test_ranges = _test_block_tasks(test, plan, train.learning_rates, normalize, token)
@@ -91,8 +102,19 @@ def influence_write_graph(test: GradientStore, train: GradientStore, plan: Block
             if skip is not None and skip[i, j]:
                 continue
             key = (name, i, j)
-            dsk[key] = (block_tasks(train).write_influence_block, (tname, i), ref, s, e, normalize, backend,
-                        out.path, out_opts, (i, j), row0)
+            dsk[key] = (
+                block_tasks(train).write_influence_block,
+                (tname, i),
+                ref,
+                s,
+                e,
+                normalize,
+                backend,
+                out.path,
+                out_opts,
+                (i, j),
+                row0,
+            )
             keys.append(key)
             needed_test.add(i)
     for i in range(len(test_ranges)):
@@ -103,8 +125,9 @@ def influence_write_graph(test: GradientStore, train: GradientStore, plan: Block
     return Delayed(final, dsk)
 
 
-def topk_arrays(test: GradientStore, train: GradientStore, plan: BlockPlan, k: int, normalize: bool,
-                backend: str) -> tuple[da.Array, da.Array, da.Array, da.Array]:
+def topk_arrays(
+    test: GradientStore, train: GradientStore, plan: BlockPlan, k: int, normalize: bool, backend: str
+) -> tuple[da.Array, da.Array, da.Array, da.Array]:
     """Lazy (n_test, k) arrays: proponent index/score, opponent index/score.
 
     One task per (test block, train block) keeps only the block's k best and worst; a tree of merge
@@ -139,8 +162,9 @@ def merge_tree(dsk: dict, parts: list, k: int, prefix: str, token: str, i: int):
     return level[0]
 
 
-def topk_fields(dsk: dict, final: str, test_ranges, k: int, prefix: str,
-                token: str) -> tuple[da.Array, da.Array, da.Array, da.Array]:
+def topk_fields(
+    dsk: dict, final: str, test_ranges, k: int, prefix: str, token: str
+) -> tuple[da.Array, da.Array, da.Array, da.Array]:
     """(proponent index, proponent score, opponent index, opponent score) as lazy (n_test, k) arrays
     from the per-test-block results under ``(final, i)``."""
     chunks = (tuple(e - s for s, e in test_ranges), (k,))

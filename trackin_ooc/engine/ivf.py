@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ArgumentError
+from ..store.index_records import Bands, EndRule, Quantizer
 from .kernels import fold_checkpoints
 
 BOUND_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0)  # λ values the calibration tries (1.0: the true bound)
@@ -69,19 +70,6 @@ def sample_size(n_rows: int, n_lists: int, width: int, memory_limit: int) -> int
     """Rows to train the quantizer on: SAMPLE_PER_LIST per list, at most a quarter of the budget."""
     budget_rows = max(1, memory_limit // (4 * width * 4))
     return int(min(n_rows, SAMPLE_PER_LIST * n_lists, max(budget_rows, min(n_rows, 4 * n_lists))))
-
-
-@dataclass(frozen=True)
-class Bands:
-    """Norm bands: a row of norm ‖x‖ belongs to band ``searchsorted(edges, ‖x‖, "right")`` and goes to the
-    nearest centroid of its band's lists (``of_list``). No edges: one band, plain nearest centroid."""
-
-    edges: np.ndarray
-    of_list: np.ndarray
-
-    def band_of(self, rows: np.ndarray) -> np.ndarray:
-        norms = np.sqrt(np.einsum("rw,rw->r", rows, rows, dtype=np.float32))
-        return np.searchsorted(self.edges, norms, side="right")
 
 
 def norm_bands(sample: np.ndarray, n_lists: int) -> np.ndarray:
@@ -141,8 +129,7 @@ def _fit(sample: np.ndarray, n_lists: int, seed: int) -> np.ndarray:
     return balance_lists(sample, np.ascontiguousarray(km.cluster_centers_, dtype=np.float32), seed)
 
 
-def balance_lists(sample: np.ndarray, centroids: np.ndarray, seed: int = 0,
-                  balance: float = BALANCE) -> np.ndarray:
+def balance_lists(sample: np.ndarray, centroids: np.ndarray, seed: int = 0, balance: float = BALANCE) -> np.ndarray:
     """The same number of centroids, no cell holding more than ``balance`` × the mean of the sample.
 
     k-means cells follow the data's clusters, whose sizes can differ a hundredfold, and a query that
@@ -160,8 +147,7 @@ def balance_lists(sample: np.ndarray, centroids: np.ndarray, seed: int = 0,
     cap = balance * mean
     for r in range(BALANCE_ROUNDS):
         half_sq = 0.5 * np.einsum("lw,lw->l", centroids, centroids, dtype=np.float32)
-        labels = np.concatenate([assign(sample[s:s + 65536], centroids, half_sq)[0]
-                                 for s in range(0, n, 65536)])
+        labels = np.concatenate([assign(sample[s : s + 65536], centroids, half_sq)[0] for s in range(0, n, 65536)])
         counts = np.bincount(labels, minlength=n_lists)
         big = np.flatnonzero(counts > cap)
         if not len(big):
@@ -201,8 +187,9 @@ def balance_lists(sample: np.ndarray, centroids: np.ndarray, seed: int = 0,
     return centroids
 
 
-def list_samples(sample: np.ndarray, centroids: np.ndarray, bands: Bands, seed: int = 0,
-                 max_bytes: int = LIST_SAMPLE_BYTES) -> tuple[np.ndarray, np.ndarray]:
+def list_samples(
+    sample: np.ndarray, centroids: np.ndarray, bands: Bands, seed: int = 0, max_bytes: int = LIST_SAMPLE_BYTES
+) -> tuple[np.ndarray, np.ndarray]:
     """Sampled rows grouped by their list (at most ``max_bytes`` of them) and the (lists + 1,) offsets."""
     n_lists, width = centroids.shape
     keep = min(len(sample), max(n_lists, max_bytes // max(1, 4 * width)))
@@ -210,8 +197,9 @@ def list_samples(sample: np.ndarray, centroids: np.ndarray, bands: Bands, seed: 
     if keep < len(sample):
         rows = sample[np.sort(np.random.default_rng([seed, 1]).choice(len(sample), size=keep, replace=False))]
     half_sq = 0.5 * np.einsum("lw,lw->l", centroids, centroids, dtype=np.float32)
-    labels = np.concatenate([assign(rows[s:s + 65536], centroids, half_sq, bands)[0]
-                             for s in range(0, len(rows), 65536)])
+    labels = np.concatenate(
+        [assign(rows[s : s + 65536], centroids, half_sq, bands)[0] for s in range(0, len(rows), 65536)]
+    )
     order = np.argsort(labels, kind="stable")
     offsets = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=n_lists))]).astype(np.int64)
     return np.ascontiguousarray(rows[order], dtype=np.float32), offsets
@@ -232,8 +220,9 @@ def order_lists(centroids: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.lexsort((-norms, groups))
 
 
-def assign(rows: np.ndarray, centroids: np.ndarray, half_sq: np.ndarray,
-           bands: Bands | None = None) -> tuple[np.ndarray, np.ndarray]:
+def assign(
+    rows: np.ndarray, centroids: np.ndarray, half_sq: np.ndarray, bands: Bands | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid of each row (argmax ⟨x, c⟩ − ‖c‖²/2; among its norm band's, with ``bands``) and the
     row's distance to it."""
     scores = rows @ centroids.T
@@ -244,39 +233,6 @@ def assign(rows: np.ndarray, centroids: np.ndarray, half_sq: np.ndarray,
     best = np.take_along_axis(scores, lists[:, None], axis=1)[:, 0]
     sq = np.einsum("rw,rw->r", rows, rows, dtype=np.float32) - 2.0 * best  # ‖x‖² − 2⟨x,c⟩ + ‖c‖²
     return lists.astype(np.int32), np.sqrt(np.maximum(sq, 0.0))
-
-
-@dataclass(frozen=True)
-class Quantizer:
-    """What ranking lists for a query needs: centroids, radii, sizes, and the sampled rows of each list
-    (``samples[sample_offsets[L]:sample_offsets[L+1]]`` lie in list L)."""
-
-    centroids: np.ndarray
-    radius: np.ndarray
-    sizes: np.ndarray
-    samples: np.ndarray
-    sample_offsets: np.ndarray
-
-    @property
-    def n_lists(self) -> int:
-        return int(self.centroids.shape[0])
-
-
-@dataclass(frozen=True)
-class EndRule:
-    """How one end (proponents or opponents) ranks lists, and how many it reads by default.
-
-    ``ranking``: "centroid" ranks list L by ⟨q, c_L⟩, "sample" by the best ⟨q, s⟩ over the sampled rows s
-    of L (a list holding several clusters is ranked by the one nearest q, not by their mean); both then
-    ± ``bound_weight``·‖q‖·r_L.
-    """
-
-    ranking: str
-    bound_weight: float
-    n_probe: int
-
-    def as_dict(self) -> dict:
-        return {"ranking": self.ranking, "bound_weight": float(self.bound_weight), "n_probe": int(self.n_probe)}
 
 
 RANKINGS = ("centroid", "sample")
@@ -297,15 +253,16 @@ def list_keys(queries: np.ndarray, qz: Quantizer, ranking: str, bound_weight: fl
     return keys
 
 
-def probe(queries: np.ndarray, qz: Quantizer, rules: tuple[EndRule, EndRule], k: int,
-          n_probe: int | None = None) -> np.ndarray:
+def probe(
+    queries: np.ndarray, qz: Quantizer, rules: tuple[EndRule, EndRule], k: int, n_probe: int | None = None
+) -> np.ndarray:
     """Sorted ids of the lists to read for a block of queries: for each query and end, its best lists
     by that end's rule (``n_probe`` lists, or the rule's own default; more where needed to hold at least
     ``k`` rows)."""
     n_lists = qz.n_lists
     chosen = np.zeros(n_lists, dtype=bool)
     for t in range(0, len(queries), QUERY_TILE):
-        block = queries[t:t + QUERY_TILE]
+        block = queries[t : t + QUERY_TILE]
         for opponents, rule in enumerate(rules):
             p = min(n_lists, rule.n_probe if n_probe is None else n_probe)
             if p >= n_lists:
@@ -355,19 +312,22 @@ def verdict(cal: Calibration, target: float) -> str:
     reach = f"recall@{CALIBRATION_K} {cal.recall:.3f} (target {target:.2f} + {CALIBRATION_MARGIN:.2f})"
     probes = f"n_probe {cal.proponents.n_probe} (proponents) and {cal.opponents.n_probe} (opponents)"
     if cal.structured:
-        return (f"{probes} reach {reach} on held-out queries reading {100 * cal.fraction_read:.2f} % of rows per "
-                "test example")
-    return (f"no structure an index can use: {reach} on held-out queries needs {probes}, "
-            f"{100 * cal.fraction_read:.0f} % of rows per test example (more than "
-            f"{100 * MAX_USEFUL_FRACTION:.0f} %); top_k(index=...) streams exact top-k instead")
+        return (
+            f"{probes} reach {reach} on held-out queries reading {100 * cal.fraction_read:.2f} % of rows per "
+            "test example"
+        )
+    return (
+        f"no structure an index can use: {reach} on held-out queries needs {probes}, "
+        f"{100 * cal.fraction_read:.0f} % of rows per test example (more than "
+        f"{100 * MAX_USEFUL_FRACTION:.0f} %); top_k(index=...) streams exact top-k instead"
+    )
 
 
 def true_top(parts: dict[str, np.ndarray], query_rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k (train positions) of each calibration query from the per-block partials, itself excluded."""
     from .kernels import TopK, merge_topk
 
-    names = ("calibration_best_score", "calibration_best_index", "calibration_worst_score",
-             "calibration_worst_index")
+    names = ("calibration_best_score", "calibration_best_index", "calibration_worst_score", "calibration_worst_index")
     blocks = [TopK(*(parts[n][b] for n in names)) for b in range(parts[names[0]].shape[0])]
     merged = merge_topk(blocks, parts[names[0]].shape[2])
 
@@ -381,8 +341,9 @@ def true_top(parts: dict[str, np.ndarray], query_rows: np.ndarray, k: int) -> tu
     return drop_self(merged.best_index), drop_self(merged.worst_index)
 
 
-def calibrate(queries: np.ndarray, best_lists: np.ndarray, worst_lists: np.ndarray, qz: Quantizer,
-              target: float = TARGET_RECALL) -> Calibration:
+def calibrate(
+    queries: np.ndarray, best_lists: np.ndarray, worst_lists: np.ndarray, qz: Quantizer, target: float = TARGET_RECALL
+) -> Calibration:
     """Per end, the ranking, λ and smallest ``n_probe`` whose recall@k on held-out queries reaches
     ``target`` (plus CALIBRATION_MARGIN), chosen to read the fewest rows. ``best_lists``/``worst_lists``:
     the lists of the queries' exact top-k rows at each end.
@@ -416,8 +377,9 @@ def calibrate(queries: np.ndarray, best_lists: np.ndarray, worst_lists: np.ndarr
         rules.append(EndRule(ranking, lam, _smallest_probe(found, target)))
         ranks.append((keys, found))
     (hi, found_hi), (lo, found_lo) = ranks
-    probes = sorted(set((2 ** np.arange(0, int(np.log2(max(1, n_lists))) + 1)).tolist()) | {n_lists}
-                    | {r.n_probe for r in rules})
+    probes = sorted(
+        set((2 ** np.arange(0, int(np.log2(max(1, n_lists))) + 1)).tolist()) | {n_lists} | {r.n_probe for r in rules}
+    )
     table = {}
     for p in probes:
         table[str(p)] = {
@@ -427,8 +389,7 @@ def calibrate(queries: np.ndarray, best_lists: np.ndarray, worst_lists: np.ndarr
         }
     read = _mean_rows_read([hi, lo], qz.sizes, [r.n_probe for r in rules]) / n_rows
     reached = min(float((found_hi < rules[0].n_probe).mean()), float((found_lo < rules[1].n_probe).mean()))
-    return Calibration(proponents=rules[0], opponents=rules[1], table=table, fraction_read=float(read),
-                       recall=reached)
+    return Calibration(proponents=rules[0], opponents=rules[1], table=table, fraction_read=float(read), recall=reached)
 
 
 def _found_ranks(keys: np.ndarray, true_lists: np.ndarray) -> np.ndarray:

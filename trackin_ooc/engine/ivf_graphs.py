@@ -77,30 +77,50 @@ def gather_graph(index: TopKIndex, counts: np.ndarray, offsets: np.ndarray, done
         first = int(np.searchsorted(offsets, s, side="right") - 1)
         last = int(np.searchsorted(offsets, e - 1, side="right") - 1)
         cols = slice(first, last + 1)
-        dsk[(name, w)] = (ivf_tasks.gather_window, iref, w, s, e, offsets[first:last + 2], counts[:, cols],
-                          dest_prefix[:, cols], within[:, cols], block_starts)
+        dsk[(name, w)] = (
+            ivf_tasks.gather_window,
+            iref,
+            w,
+            s,
+            e,
+            offsets[first : last + 2],
+            counts[:, cols],
+            dest_prefix[:, cols],
+            within[:, cols],
+            block_starts,
+        )
     final = f"trackin-index-gathered-{token}"
     dsk[final] = (tasks.done, *list(dsk))
     return Delayed(final, dsk)
 
 
-def probe_graph(test: GradientStore, index: TopKIndex, plan: BlockPlan, normalize: bool, n_probe: int | None,
-                k: int) -> Delayed:
+def probe_graph(
+    test: GradientStore, index: TopKIndex, plan: BlockPlan, normalize: bool, n_probe: int | None, k: int
+) -> Delayed:
     """A Delayed list, per test block, of the sorted ids of the lists to read."""
     ref, iref = StoreRef.of(test), IndexRef.of(index)
     lrs = [float(x) for x in index.attrs["learning_rates"]]
     rules = index.rules()
     token = tokenize(ref, iref, plan, normalize, [r.as_dict() for r in rules], n_probe, k)
     name = f"trackin-index-probe-{token}"
-    dsk: dict[Any, Any] = {(name, i): (ivf_tasks.probe_block, ref, iref, s, e, lrs, normalize, rules, n_probe, k)
-           for i, (s, e) in enumerate(plan.test_blocks(test.n_examples))}
+    dsk: dict[Any, Any] = {
+        (name, i): (ivf_tasks.probe_block, ref, iref, s, e, lrs, normalize, rules, n_probe, k)
+        for i, (s, e) in enumerate(plan.test_blocks(test.n_examples))
+    }
     final = f"trackin-index-probes-{token}"
     dsk[final] = (list, list(dsk))
     return Delayed(final, dsk)
 
 
-def search_arrays(test: GradientStore, index: TopKIndex, plan: BlockPlan, rows: list[np.ndarray], k: int,
-                  normalize: bool, backend: str) -> tuple[da.Array, da.Array, da.Array, da.Array]:
+def search_arrays(
+    test: GradientStore,
+    index: TopKIndex,
+    plan: BlockPlan,
+    rows: list[np.ndarray],
+    k: int,
+    normalize: bool,
+    backend: str,
+) -> tuple[da.Array, da.Array, da.Array, da.Array]:
     """Lazy (n_test, k) arrays (proponent index/score, opponent index/score) from the probed ``rows`` of
     each test block, cut into pieces of at most ``plan.train_rows`` rows, merged in a tree."""
     iref = IndexRef.of(index)
@@ -114,7 +134,7 @@ def search_arrays(test: GradientStore, index: TopKIndex, plan: BlockPlan, rows: 
     ref = StoreRef.of(test)
     for i, (s, e) in enumerate(test_ranges):
         dsk[(tname, i)] = (tasks.read_test_block, ref, s, e, weights, normalize)
-        pieces = [rows[i][j:j + plan.train_rows] for j in range(0, len(rows[i]), plan.train_rows)]
+        pieces = [rows[i][j : j + plan.train_rows] for j in range(0, len(rows[i]), plan.train_rows)]
         level = []
         for j, piece in enumerate(pieces):
             dsk[(part, i, j)] = (ivf_tasks.search_block, (tname, i), iref, piece, k, normalize, backend)

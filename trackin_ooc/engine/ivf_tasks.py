@@ -38,8 +38,9 @@ class IndexRef(tuple):
 
 
 # ---- build ---------------------------------------------------------------------------------------
-def sample_block(ref: StoreRef, start: int, stop: int, n_take: int, seed: int, block: int, learning_rates,
-                 normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+def sample_block(
+    ref: StoreRef, start: int, stop: int, n_take: int, seed: int, block: int, learning_rates, normalize: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """``n_take`` random rows of [start, stop) in the index space, with their train positions."""
     rng = np.random.default_rng([seed, block])
     pick = np.sort(rng.choice(stop - start, size=min(n_take, stop - start), replace=False))
@@ -55,8 +56,9 @@ def _quantizer(ref: IndexRef):
     return centroids, half_sq, idx.bands(), idx.calibration_data()["queries"]
 
 
-def assign_block(train: StoreRef, index: IndexRef, block: int, start: int, stop: int, learning_rates,
-                 normalize: bool) -> int:
+def assign_block(
+    train: StoreRef, index: IndexRef, block: int, start: int, stop: int, learning_rates, normalize: bool
+) -> int:
     """Pass 1 of a build for one source block: the list of every row, list counts and radii, the
     calibration queries' top-k among these rows, and the rows sorted by list into the staging arrays."""
     idx = index.open()
@@ -79,8 +81,14 @@ def assign_block(train: StoreRef, index: IndexRef, block: int, start: int, stop:
     calibration = _padded(kernels.merge_topk(parts, kc), len(queries), kc)
     order = np.argsort(lists, kind="stable")
     idx.write_source_block(
-        block, start, assignment=lists, counts=np.bincount(lists, minlength=n_lists), radius=radius,
-        calibration=calibration, sorted_grads=grads[:, order], sorted_rows=start + order.astype(np.int64),
+        block,
+        start,
+        assignment=lists,
+        counts=np.bincount(lists, minlength=n_lists),
+        radius=radius,
+        calibration=calibration,
+        sorted_grads=grads[:, order],
+        sorted_rows=start + order.astype(np.int64),
     )
     return n
 
@@ -97,8 +105,17 @@ def _padded(t: kernels.TopK | None, n_queries: int, k: int) -> tuple:
     return tuple(out)
 
 
-def gather_window(index: IndexRef, window: int, start: int, stop: int, offsets: np.ndarray, counts: np.ndarray,
-                  dest_prefix: np.ndarray, within: np.ndarray, block_starts: np.ndarray) -> int:
+def gather_window(
+    index: IndexRef,
+    window: int,
+    start: int,
+    stop: int,
+    offsets: np.ndarray,
+    counts: np.ndarray,
+    dest_prefix: np.ndarray,
+    within: np.ndarray,
+    block_starts: np.ndarray,
+) -> int:
     """Pass 2 for one window [start, stop) of the re-ordered rows: from every source block's sorted
     staging run, the rows whose destination falls in the window; written as whole chunks.
 
@@ -131,8 +148,10 @@ def gather_window(index: IndexRef, window: int, start: int, stop: int, offsets: 
         buf[:, target] = raw
         rows[target] = ids
     if buf is None or (rows < 0).any():
-        raise RuntimeError(f"index {idx.path}: window {window} could not be filled from the staging rows; "
-                           "rebuild the index with overwrite=True")
+        raise RuntimeError(
+            f"index {idx.path}: window {window} could not be filled from the staging rows; "
+            "rebuild the index with overwrite=True"
+        )
     idx.write_window(window, start, buf, rows)
     return stop - start
 
@@ -148,8 +167,17 @@ def _query_side(ref: IndexRef) -> ivf.Quantizer:
     return idx.quantizer()
 
 
-def probe_block(test: StoreRef, index: IndexRef, start: int, stop: int, learning_rates, normalize: bool,
-                rules: tuple, n_probe: int | None, k: int) -> np.ndarray:
+def probe_block(
+    test: StoreRef,
+    index: IndexRef,
+    start: int,
+    stop: int,
+    learning_rates,
+    normalize: bool,
+    rules: tuple,
+    n_probe: int | None,
+    k: int,
+) -> np.ndarray:
     """Sorted ids of the lists to read for test rows [start, stop): per end, ``rules`` (the calibrated
     :class:`ivf.EndRule`) with their own n_probe, or ``n_probe`` lists where given."""
     qz = _query_side(index)

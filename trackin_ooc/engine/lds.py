@@ -45,8 +45,7 @@ class MaskSource:
         return (self.path, self.options)
 
     def __dask_tokenize__(self):
-        return (self.path, tuple(sorted(self.options.items())),
-                None if self.array is None else tokenize(self.array))
+        return (self.path, tuple(sorted(self.options.items())), None if self.array is None else tokenize(self.array))
 
 
 def _mask(source, start: int, stop: int) -> np.ndarray:
@@ -69,8 +68,9 @@ def predict_block(sums: np.ndarray, ref: StoreRef, start: int, stop: int, weight
     return test.astype(np.float64) @ sums.T
 
 
-def subset_predictions_array(test: GradientStore, train: GradientStore, masks: MaskSource, n_subsets: int,
-                             normalize: bool, train_rows: int) -> da.Array:
+def subset_predictions_array(
+    test: GradientStore, train: GradientStore, masks: MaskSource, n_subsets: int, normalize: bool, train_rows: int
+) -> da.Array:
     """Lazy (n_test, n_subsets) float64: subset sums reduced in a tree, then one task per test block."""
     tref, ref = StoreRef.of(test), StoreRef.of(train)
     weights = [float(x) for x in train.learning_rates]
@@ -95,8 +95,15 @@ def mask_block(mask_source, start: int, stop: int) -> np.ndarray:
     return np.ascontiguousarray(_mask(mask_source, start, stop).T, dtype=np.float32)
 
 
-def factor_predictions_array(test: GradientStore, train: GradientStore, masks: MaskSource, n_subsets: int,
-                             normalize: bool, plan: BlockPlan, backend: str) -> da.Array:
+def factor_predictions_array(
+    test: GradientStore,
+    train: GradientStore,
+    masks: MaskSource,
+    n_subsets: int,
+    normalize: bool,
+    plan: BlockPlan,
+    backend: str,
+) -> da.Array:
     """Lazy (n_test, n_subsets) float64 for stores of per-layer factors: exact influence blocks times the mask,
     summed over train blocks by dask's blocked matmul (a tree of partial sums)."""
     from .graphs import influence_array
@@ -106,8 +113,13 @@ def factor_predictions_array(test: GradientStore, train: GradientStore, masks: M
     token = tokenize(masks, n_subsets, plan)
     name = f"trackin-lds-mask-{token}"
     dsk = {(name, j, 0): (mask_block, masks.task_arg(s, e), s, e) for j, (s, e) in enumerate(ranges)}
-    mask_t = da.Array(dsk, name, chunks=(tuple(e - s for s, e in ranges), (n_subsets,)), dtype=np.float32,
-                      meta=np.empty((0, 0), np.float32))
+    mask_t = da.Array(
+        dsk,
+        name,
+        chunks=(tuple(e - s for s, e in ranges), (n_subsets,)),
+        dtype=np.float32,
+        meta=np.empty((0, 0), np.float32),
+    )
     return da.matmul(scores, mask_t).astype(np.float64)
 
 

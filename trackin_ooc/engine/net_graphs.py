@@ -23,8 +23,9 @@ from .tasks import StoreRef
 SPLIT_EVERY = 8
 
 
-def group_sums_block(ref: StoreRef, start: int, stop: int, weights, normalize: bool, codes: np.ndarray,
-                     n_groups: int) -> np.ndarray:
+def group_sums_block(
+    ref: StoreRef, start: int, stop: int, weights, normalize: bool, codes: np.ndarray, n_groups: int
+) -> np.ndarray:
     """(groups, C·F) float64: the folded, η-weighted test rows [start, stop) summed per group."""
     rows = kernels.fold_checkpoints(ref.open().read_grads(start, stop), np, weights=weights, normalize=normalize)
     onehot = np.zeros((n_groups, len(codes)), dtype=np.float64)
@@ -48,7 +49,7 @@ def sum_tree(dsk: dict, level: list, prefix: str):
         merged = []
         for g in range(0, len(level), SPLIT_EVERY):
             key = (f"{prefix}-{depth}", g // SPLIT_EVERY)
-            dsk[key] = (add, *level[g:g + SPLIT_EVERY])
+            dsk[key] = (add, *level[g : g + SPLIT_EVERY])
             merged.append(key)
         level = merged
     return level[0]
@@ -61,8 +62,9 @@ def net_block(sums: np.ndarray, ref: StoreRef, start: int, stop: int, normalize:
     return (train @ sums.T.astype(np.float32)).T
 
 
-def net_influence_array(test: GradientStore, train: GradientStore, codes: np.ndarray, n_groups: int,
-                        normalize: bool, train_rows: int) -> da.Array:
+def net_influence_array(
+    test: GradientStore, train: GradientStore, codes: np.ndarray, n_groups: int, normalize: bool, train_rows: int
+) -> da.Array:
     """Lazy (groups, n_train) float32: test sums reduced in a tree, then one task per train block."""
     tref, ref = StoreRef.of(test), StoreRef.of(train)
     weights = [float(x) for x in train.learning_rates]

@@ -56,8 +56,9 @@ class Scratch:
 NO_SCRATCH = Scratch()
 
 
-def task_bytes(test_rows: int, train_rows: int, width: int, itemsize: int, k: int = 0,
-               scratch: Scratch = NO_SCRATCH) -> int:
+def task_bytes(
+    test_rows: int, train_rows: int, width: int, itemsize: int, k: int = 0, scratch: Scratch = NO_SCRATCH
+) -> int:
     """Peak bytes one scoring task holds: the train block as read and folded, the score block,
     its partition copy and candidate mask, the top-k partials and the kernel's ``scratch``."""
     train = train_rows * width * (itemsize + 4)
@@ -67,8 +68,9 @@ def task_bytes(test_rows: int, train_rows: int, width: int, itemsize: int, k: in
     return train + score + select + partial + scratch.bytes(train_rows)
 
 
-def worker_bytes(test_rows: int, train_rows: int, width: int, itemsize: int, threads: int, k: int = 0,
-                 scratch: Scratch = NO_SCRATCH) -> int:
+def worker_bytes(
+    test_rows: int, train_rows: int, width: int, itemsize: int, threads: int, k: int = 0, scratch: Scratch = NO_SCRATCH
+) -> int:
     """Peak bytes per worker: the folded test block (and its raw read) plus ``threads`` tasks."""
     test = test_rows * width * (4 + 4)
     return test + threads * task_bytes(test_rows, train_rows, width, itemsize, k, scratch)
@@ -125,12 +127,12 @@ def plan_blocks(
 
     def max_test_rows(b: int) -> int:
         fixed = threads * task_bytes(0, b, width, itemsize, 0, scratch)
-        per_row = (worker_bytes(1, b, width, itemsize, threads, k, scratch)
-                   - worker_bytes(0, b, width, itemsize, threads, 0, scratch))
+        per_row = worker_bytes(1, b, width, itemsize, threads, k, scratch) - worker_bytes(
+            0, b, width, itemsize, threads, 0, scratch
+        )
         return (memory_limit - fixed) // per_row if memory_limit > fixed else 0
 
-    b = min(n_train, _round_down(TARGET_TRAIN_ROWS, train_align) if train_align <= TARGET_TRAIN_ROWS
-            else train_align)
+    b = min(n_train, _round_down(TARGET_TRAIN_ROWS, train_align) if train_align <= TARGET_TRAIN_ROWS else train_align)
     floor = min(n_train, max(1, min(MIN_TRAIN_ROWS, b)))
     if train_align <= floor < n_train:
         floor = _round_down(floor, train_align)
@@ -152,5 +154,11 @@ def plan_blocks(
         a = _round_down(a, test_align)
     b = _balance(b, floor, n_train, -(-n_test // a), threads, train_align)
     est = worker_bytes(a, b, width, itemsize, threads, k, scratch)
-    return BlockPlan(test_rows=int(a), train_rows=int(b), width=width, threads=threads,
-                     memory_limit=int(memory_limit), estimated_bytes=int(est))
+    return BlockPlan(
+        test_rows=int(a),
+        train_rows=int(b),
+        width=width,
+        threads=threads,
+        memory_limit=int(memory_limit),
+        estimated_bytes=int(est),
+    )

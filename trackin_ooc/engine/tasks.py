@@ -88,8 +88,16 @@ def merge_topk(parts, k: int):
 
 
 def write_influence_block(
-    test, ref: StoreRef, start: int, stop: int, normalize: bool, backend: str,
-    out_path: str, out_options: str, task: tuple[int, int], row0: int,
+    test,
+    ref: StoreRef,
+    start: int,
+    stop: int,
+    normalize: bool,
+    backend: str,
+    out_path: str,
+    out_options: str,
+    task: tuple[int, int],
+    row0: int,
 ) -> int:
     """Score one block and write it as whole chunks of the output; returns rows × cols written."""
     block = score_block(test, ref, start, stop, normalize, backend)

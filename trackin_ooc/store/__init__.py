@@ -6,5 +6,15 @@ from .gradient_store import GradientStore, StoreLike, is_unfinished, open_store,
 from .guard import prepare_output
 from .rows import RowBlock
 
-__all__ = ["GradientStore", "StoreLike", "RowBlock", "from_arrays", "open_store", "prepare_output", "store_kind",
-           "is_unfinished", "is_remote", "normalize_path"]
+__all__ = [
+    "GradientStore",
+    "StoreLike",
+    "RowBlock",
+    "from_arrays",
+    "open_store",
+    "prepare_output",
+    "store_kind",
+    "is_unfinished",
+    "is_remote",
+    "normalize_path",
+]

@@ -21,7 +21,7 @@ def is_remote(path: str | os.PathLike[str]) -> bool:
 
 def local_path(path: str | os.PathLike[str]) -> str:
     s = os.fspath(path)
-    return s[len("file://"):] if s.startswith("file://") else s
+    return s[len("file://") :] if s.startswith("file://") else s
 
 
 def normalize_path(path: str | os.PathLike[str]) -> str:
@@ -31,13 +31,12 @@ def normalize_path(path: str | os.PathLike[str]) -> str:
     return os.path.abspath(os.path.expanduser(local_path(path)))
 
 
-def zarr_store(path: str | os.PathLike[str], *, storage_options: StorageOptions = None,
-               read_only: bool = False) -> FsspecStore | LocalStore:
+def zarr_store(
+    path: str | os.PathLike[str], *, storage_options: StorageOptions = None, read_only: bool = False
+) -> FsspecStore | LocalStore:
     """A zarr v3 store object for ``path``."""
     if is_remote(path):
-        return FsspecStore.from_url(
-            os.fspath(path), storage_options=dict(storage_options or {}), read_only=read_only
-        )
+        return FsspecStore.from_url(os.fspath(path), storage_options=dict(storage_options or {}), read_only=read_only)
     return LocalStore(normalize_path(path), read_only=read_only)
 
 

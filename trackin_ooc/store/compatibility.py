@@ -26,8 +26,10 @@ def check_compatible(test: GradientStore, train: GradientStore) -> None:
         problems.append(f"only the {which} store keeps per-layer factors (projection='factors')")
     elif test.spec.preconditioner != train.spec.preconditioner:
         a, b = test.spec.preconditioner, train.spec.preconditioner
-        problems.append(f"they were captured with different preconditioners (test {a!r}, train {b!r}): capture the "
-                        f"test store with preconditioner={b!r} (--preconditioner {b}) from the train checkpoints")
+        problems.append(
+            f"they were captured with different preconditioners (test {a!r}, train {b!r}): capture the "
+            f"test store with preconditioner={b!r} (--preconditioner {b}) from the train checkpoints"
+        )
     elif test.fingerprint != train.fingerprint:
         diff = test.spec.difference(train.spec) or "fingerprints differ"
         problems.append(f"projection spec differs ({diff})")

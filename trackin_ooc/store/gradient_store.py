@@ -47,8 +47,9 @@ class GradientStore(ZarrGroup):
 
     _open_errors = (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError)
 
-    def __init__(self, path: str | os.PathLike[str], *, storage_options: StorageOptions = None,
-                 _group: zarr.Group | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, storage_options: StorageOptions = None, _group: zarr.Group | None = None
+    ) -> None:
         super().__init__(path, storage_options=storage_options, group=_group)
 
     def _missing(self, error: BaseException) -> str:
@@ -128,25 +129,47 @@ class GradientStore(ZarrGroup):
         group = create_group(path, storage_options)
         codecs = layout.checksum_codecs()
 
-        def make(name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dt: Any, fill: Any = 0,
-                 dims: Sequence[str] | None = None) -> zarr.Array[Any]:
+        def make(
+            name: str,
+            shape: tuple[int, ...],
+            chunks: tuple[int, ...],
+            dt: Any,
+            fill: Any = 0,
+            dims: Sequence[str] | None = None,
+        ) -> zarr.Array[Any]:
             return group.create_array(
-                name, shape=shape, chunks=chunks, dtype=dt, compressors=codecs,
-                dimension_names=list(dims or layout.DIMS[name]), fill_value=fill,
+                name,
+                shape=shape,
+                chunks=chunks,
+                dtype=dt,
+                compressors=codecs,
+                dimension_names=list(dims or layout.DIMS[name]),
+                fill_value=fill,
             )
 
         grads = make(layout.GRADS, (n_checkpoints, n_examples, feature_dim), (1, rows, max(1, feature_dim)), on_disk)
         if dtype == "bfloat16":
             grads.attrs["trackin_ooc_dtype"] = "bfloat16"  # raw bits; GradientStore decodes to float32
         for f in factors:  # chunked like grads: one (checkpoint, row block) chunk holds all positions
-            arr = make(f.name, (n_checkpoints, n_examples, f.positions, f.width), (1, rows, f.positions, f.width),
-                       on_disk, dims=f.dims)
+            arr = make(
+                f.name,
+                (n_checkpoints, n_examples, f.positions, f.width),
+                (1, rows, f.positions, f.width),
+                on_disk,
+                dims=f.dims,
+            )
             arr.attrs.update({"module": f.module, "layer_kind": f.kind, "d_in": f.d_in, "d_out": f.d_out})
             if dtype == "bfloat16":
                 arr.attrs["trackin_ooc_dtype"] = "bfloat16"
             if f.tokens_name is not None:
-                ids = make(f.tokens_name, (n_examples, f.positions), (rows, f.positions), "int64",
-                           fill=layout.NO_TOKEN, dims=f.token_dims)
+                ids = make(
+                    f.tokens_name,
+                    (n_examples, f.positions),
+                    (rows, f.positions),
+                    "int64",
+                    fill=layout.NO_TOKEN,
+                    dims=f.token_dims,
+                )
                 ids.attrs.update({"module": f.module, "layer_kind": f.kind})
         make(layout.LOSS, (n_checkpoints, n_examples), (1, rows), "float32", fill=np.nan)
         lr = make(layout.LEARNING_RATE, (n_checkpoints,), (n_checkpoints,), "float64")
@@ -245,8 +268,9 @@ class GradientStore(ZarrGroup):
     @property
     def nbytes(self) -> int:
         """Bytes of the gradient matrix as stored (uncompressed; with its factor arrays, if any)."""
-        return layout.gradient_bytes(self.n_checkpoints, self.n_examples, self.feature_dim, self.factor_arrays,
-                                     self.dtype)
+        return layout.gradient_bytes(
+            self.n_checkpoints, self.n_examples, self.feature_dim, self.factor_arrays, self.dtype
+        )
 
     @property
     def factor_arrays(self) -> list[layout.FactorArray]:
@@ -304,8 +328,9 @@ class GradientStore(ZarrGroup):
         """Exact ‖g_c‖² of rows [start, stop) before projection: (checkpoint, rows) float32."""
         self.require_exact_norms()
         sel = (slice(None), slice(start, stop))
-        return np.asarray(checked_read(self._array(layout.GRAD_SQ_NORM), layout.GRAD_SQ_NORM, sel, self.path),
-                          dtype=np.float32)
+        return np.asarray(
+            checked_read(self._array(layout.GRAD_SQ_NORM), layout.GRAD_SQ_NORM, sel, self.path), dtype=np.float32
+        )
 
     def row_blocks(self) -> list[tuple[int, int]]:
         """The stored row blocks, [start, stop), one chunk of rows each."""
@@ -355,8 +380,9 @@ class GradientStore(ZarrGroup):
         sel = (slice(None) if checkpoint is None else checkpoint, slice(start, stop), slice(None))
         return layout.decode(checked_read(arr, layout.GRADS, sel, self.path), self.dtype)
 
-    def read_factors(self, start: int = 0, stop: int | None = None
-                     ) -> list[tuple[layout.FactorArray, np.ndarray, np.ndarray | None]]:
+    def read_factors(
+        self, start: int = 0, stop: int | None = None
+    ) -> list[tuple[layout.FactorArray, np.ndarray, np.ndarray | None]]:
         """Per factor layer of rows [start, stop): (layout, float32 values (checkpoint, rows, positions,
         width), int64 token ids (rows, positions) for an Embedding or None)."""
         stop = self.n_examples if stop is None else stop
@@ -366,8 +392,12 @@ class GradientStore(ZarrGroup):
             values = layout.decode(checked_read(self._array(f.name), f.name, sel, self.path), self.dtype)
             ids = None
             if f.tokens_name is not None:
-                ids = np.asarray(checked_read(self._array(f.tokens_name), f.tokens_name,
-                                              (slice(start, stop), slice(None)), self.path), dtype=np.int64)
+                ids = np.asarray(
+                    checked_read(
+                        self._array(f.tokens_name), f.tokens_name, (slice(start, stop), slice(None)), self.path
+                    ),
+                    dtype=np.int64,
+                )
             out.append((f, values, ids))
         return out
 
@@ -424,9 +454,7 @@ class GradientStore(ZarrGroup):
         blocks = self.row_blocks()
         index = start // self.chunk_rows
         if start % self.chunk_rows or index >= len(blocks) or blocks[index][1] - start != grads.shape[1]:
-            raise StoreError(
-                f"row block at {start} with {grads.shape[1]} rows is not one of the store's row blocks"
-            )
+            raise StoreError(f"row block at {start} with {grads.shape[1]} rows is not one of the store's row blocks")
         if grads.shape[0] != self.n_checkpoints or grads.shape[2] != self.feature_dim:
             raise StoreError(
                 f"block of shape {grads.shape} does not fit a store of "
@@ -493,7 +521,6 @@ class GradientStore(ZarrGroup):
         from ..views.reprs import store_html
 
         return store_html(self)
-
 
 
 def store_kind(path: str | os.PathLike[str], *, storage_options: StorageOptions = None) -> str | None:

@@ -28,14 +28,14 @@ def open_group(path: str | os.PathLike[str], storage_options: StorageOptions = N
     metadata, which a writer elsewhere may have made stale."""
     return zarr.open_group(
         store=backends.zarr_store(path, storage_options=storage_options, read_only=read_only),
-        mode="r" if read_only else "r+", use_consolidated=False,
+        mode="r" if read_only else "r+",
+        use_consolidated=False,
     )
 
 
 def create_group(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> zarr.Group:
     """A new, empty Zarr v3 group at ``path`` (whatever was there is gone: the output rule ran first)."""
-    return zarr.open_group(store=backends.zarr_store(path, storage_options=storage_options), mode="w",
-                           zarr_format=3)
+    return zarr.open_group(store=backends.zarr_store(path, storage_options=storage_options), mode="w", zarr_format=3)
 
 
 def consolidate(group: zarr.Group) -> None:
@@ -79,8 +79,14 @@ class ZarrGroup(ABC):
     #: Exceptions from opening that mean "nothing of this kind here" (reported as a StoreError).
     _open_errors: ClassVar[tuple[type[BaseException], ...]] = (Exception,)
 
-    def __init__(self, path: str | os.PathLike[str], *, storage_options: StorageOptions = None,
-                 group: zarr.Group | None = None, read_only: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        storage_options: StorageOptions = None,
+        group: zarr.Group | None = None,
+        read_only: bool = True,
+    ) -> None:
         self.path = backends.normalize_path(path)
         self.storage_options: dict[str, Any] = dict(storage_options or {})
         if group is None:

@@ -138,7 +138,8 @@ def output_meta(path: str | os.PathLike[str], storage_options: StorageOptions = 
     try:
         group = zarr.open_group(
             store=backends.zarr_store(path, storage_options=storage_options, read_only=True),
-            mode="r", use_consolidated=False,
+            mode="r",
+            use_consolidated=False,
         )
         meta = dict(group.attrs).get(layout.ATTRS_KEY)
     except Exception:
@@ -189,7 +190,10 @@ def _remove_hint(path: str | os.PathLike[str], existing: Existing) -> str:
 
 # ---- the rule ----------------------------------------------------------------------------------
 def check_location(
-    out: str | os.PathLike[str], inputs: Iterable[Any] = (), *, input_what: str = "input store",
+    out: str | os.PathLike[str],
+    inputs: Iterable[Any] = (),
+    *,
+    input_what: str = "input store",
     inside_inputs_ok: bool = False,
 ) -> None:
     """The rule's first half, about the place alone: writable (``backends.check_writable``) and never on,

@@ -45,6 +45,7 @@ from . import backends, layout
 from .backends import StorageOptions
 from .gradient_store import GradientStore
 from .group import ZarrGroup, open_group, short
+from .index_records import Bands, EndRule, Quantizer
 from .integrity import checked_read
 
 INDEX_FORMAT_VERSION = 2
@@ -69,8 +70,7 @@ LIST_SAMPLES = "list_samples"
 LIST_SAMPLE_OFFSETS = "list_sample_offsets"
 CALIB_ROWS = "calibration_rows"
 CALIB_QUERIES = "calibration_queries"
-CALIB_PARTS = ("calibration_best_score", "calibration_best_index", "calibration_worst_score",
-               "calibration_worst_index")
+CALIB_PARTS = ("calibration_best_score", "calibration_best_index", "calibration_worst_score", "calibration_worst_index")
 
 
 def default_index_path(store: GradientStore, normalize: bool = False) -> str:
@@ -111,21 +111,25 @@ class TopKIndex(ZarrGroup):
         Nothing is at ``path``, it is not an index, or its format version is not this one's.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, storage_options: StorageOptions = None,
-                 _group: zarr.Group | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, storage_options: StorageOptions = None, _group: zarr.Group | None = None
+    ) -> None:
         super().__init__(path, storage_options=storage_options, group=_group)
 
     def _missing(self, error: BaseException) -> str:
-        return (f"no index at {self.path}: {short(error)}; build one with trackin_ooc.build_index "
-                "(trackin-ooc index STORE)")
+        return (
+            f"no index at {self.path}: {short(error)}; build one with trackin_ooc.build_index (trackin-ooc index STORE)"
+        )
 
     def _check_meta(self, meta: dict[str, Any] | None) -> dict[str, Any]:
         if meta is None or meta.get("kind") != KIND:
             raise StoreError(f"{self.path} is not a trackin-ooc index; build one with trackin_ooc.build_index")
         if meta.get("format_version") != INDEX_FORMAT_VERSION:
-            raise StoreError(f"index {self.path} has format version {meta.get('format_version')}; this trackin-ooc "
-                             f"reads version {INDEX_FORMAT_VERSION}: rebuild it with build_index(train, "
-                             f"overwrite=True) (trackin-ooc index TRAIN --overwrite)")
+            raise StoreError(
+                f"index {self.path} has format version {meta.get('format_version')}; this trackin-ooc "
+                f"reads version {INDEX_FORMAT_VERSION}: rebuild it with build_index(train, "
+                f"overwrite=True) (trackin-ooc index TRAIN --overwrite)"
+            )
         return meta
 
     # ---- creation -------------------------------------------------------------------------------
@@ -139,7 +143,7 @@ class TopKIndex(ZarrGroup):
         centroids: np.ndarray,
         calibration_rows: np.ndarray,
         calibration_queries: np.ndarray,
-        bands: Any,  # engine.ivf.Bands (the store does not import the engine)
+        bands: Any,  # store.index_records.Bands (the store does not import the engine)
         list_samples: np.ndarray,
         list_sample_offsets: np.ndarray,
         calibration_k: int,
@@ -156,8 +160,9 @@ class TopKIndex(ZarrGroup):
         n_windows = len(layout.row_blocks(n, window_rows))
         on_disk = layout.on_disk_dtype(train.dtype)
         n_q, kc = calibration_queries.shape[0], calibration_k
-        group = zarr.open_group(store=backends.zarr_store(path, storage_options=storage_options), mode="w",
-                                zarr_format=3)
+        group = zarr.open_group(
+            store=backends.zarr_store(path, storage_options=storage_options), mode="w", zarr_format=3
+        )
         # The attributes first: a build killed while laying out leaves a recognisable (unfinished) index.
         group.attrs[layout.ATTRS_KEY] = {
             "kind": KIND,
@@ -184,13 +189,27 @@ class TopKIndex(ZarrGroup):
         }
         codecs = layout.checksum_codecs()
 
-        def make(g: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any,
-                 dims: tuple[str, ...], fill: Any = 0) -> zarr.Array[Any]:
+        def make(
+            g: zarr.Group,
+            name: str,
+            shape: tuple[int, ...],
+            chunks: tuple[int, ...],
+            dtype: Any,
+            dims: tuple[str, ...],
+            fill: Any = 0,
+        ) -> zarr.Array[Any]:
             # Chunk files side by side ("c.0.12.0"), not one folder per chunk row: removing thousands of
             # folders costs seconds on some file systems, and the staging copy is removed at the end.
-            return g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=codecs,
-                                  dimension_names=list(dims), fill_value=fill,
-                                  chunk_key_encoding={"name": "default", "separator": "."})
+            return g.create_array(
+                name,
+                shape=shape,
+                chunks=chunks,
+                dtype=dtype,
+                compressors=codecs,
+                dimension_names=list(dims),
+                fill_value=fill,
+                chunk_key_encoding={"name": "default", "separator": "."},
+            )
 
         # Chunks hold every checkpoint of their rows: a query reads all of them, in half the chunk reads.
         make(group, GRADS, (c, n, f), (c, chunk_rows, f), on_disk, ("checkpoint", "row", "feature"))
@@ -203,30 +222,44 @@ class TopKIndex(ZarrGroup):
         make(group, BAND_EDGES, (n_e,), (max(1, n_e),), "float32", ("band_edge",))[:] = bands.edges
         make(group, LIST_BAND, (k_lists,), (k_lists,), "int32", ("list",))[:] = bands.of_list
         n_s = max(1, list_samples.shape[0])
-        make(group, LIST_SAMPLES, (list_samples.shape[0], width), (n_s, width), "float32",
-             ("sample", "width"))[:] = list_samples
-        make(group, LIST_SAMPLE_OFFSETS, (k_lists + 1,), (k_lists + 1,), "int64", ("list_edge",))[:] = \
+        make(group, LIST_SAMPLES, (list_samples.shape[0], width), (n_s, width), "float32", ("sample", "width"))[:] = (
+            list_samples
+        )
+        make(group, LIST_SAMPLE_OFFSETS, (k_lists + 1,), (k_lists + 1,), "int64", ("list_edge",))[:] = (
             list_sample_offsets
+        )
         make(group, WINDOW_COMPLETE, (n_windows,), (1,), "uint8", ("window",))
         make(group, ASSIGNMENT, (n,), (block_rows,), "int32", ("example",), fill=-1)
         make(group, BLOCK_COUNTS, (n_blocks, k_lists), (1, k_lists), "int64", ("block", "list"))
         make(group, BLOCK_RADIUS, (n_blocks, k_lists), (1, k_lists), "float32", ("block", "list"))
         make(group, BLOCK_COMPLETE, (n_blocks,), (1,), "uint8", ("block",))
         make(group, CALIB_ROWS, (n_q,), (max(1, n_q),), "int64", ("query",))[:] = calibration_rows
-        make(group, CALIB_QUERIES, calibration_queries.shape, calibration_queries.shape, "float32",
-             ("query", "width"))[:] = calibration_queries
+        make(group, CALIB_QUERIES, calibration_queries.shape, calibration_queries.shape, "float32", ("query", "width"))[
+            :
+        ] = calibration_queries
         for name in CALIB_PARTS:
             dtype = "float32" if name.endswith("score") else "int64"
             make(group, name, (n_blocks, n_q, kc), (1, n_q, kc), dtype, ("block", "query", "rank"))
         staging = group.create_group(STAGING)
-        make(staging, GRADS, (c, n, f), (c, _staging_chunk_rows(block_rows, chunk_rows), f), on_disk,
-             ("checkpoint", "row", "feature"))
+        make(
+            staging,
+            GRADS,
+            (c, n, f),
+            (c, _staging_chunk_rows(block_rows, chunk_rows), f),
+            on_disk,
+            ("checkpoint", "row", "feature"),
+        )
         make(staging, TRAIN_INDEX, (n,), (_staging_chunk_rows(block_rows, chunk_rows),), "int64", ("row",))
         return cls(path, storage_options=storage_options, _group=group)
 
     @classmethod
-    def resumable(cls, path: str | os.PathLike[str], train: GradientStore, params: dict[str, Any],
-                  storage_options: StorageOptions = None) -> TopKIndex | None:
+    def resumable(
+        cls,
+        path: str | os.PathLike[str],
+        train: GradientStore,
+        params: dict[str, Any],
+        storage_options: StorageOptions = None,
+    ) -> TopKIndex | None:
         """The unfinished index at ``path`` if a killed build of this very job left it, else None."""
         meta = index_meta(path, storage_options)
         if meta is None or meta.get("complete") or meta.get("format_version") != INDEX_FORMAT_VERSION:
@@ -238,8 +271,20 @@ class TopKIndex(ZarrGroup):
             idx.blocks_done(), idx.centroids(), idx._read(CALIB_QUERIES), idx._read(CALIB_ROWS)
             if not idx.windows_done().all():
                 idx._array(f"{STAGING}/{GRADS}"), idx._array(f"{STAGING}/{TRAIN_INDEX}")
-            for name in (GRADS, TRAIN_INDEX, LIST_OFFSETS, LIST_RADIUS, ASSIGNMENT, BLOCK_COUNTS, BLOCK_RADIUS,
-                         LIST_SAMPLES, LIST_SAMPLE_OFFSETS, BAND_EDGES, LIST_BAND, *CALIB_PARTS):
+            for name in (
+                GRADS,
+                TRAIN_INDEX,
+                LIST_OFFSETS,
+                LIST_RADIUS,
+                ASSIGNMENT,
+                BLOCK_COUNTS,
+                BLOCK_RADIUS,
+                LIST_SAMPLES,
+                LIST_SAMPLE_OFFSETS,
+                BAND_EDGES,
+                LIST_BAND,
+                *CALIB_PARTS,
+            ):
                 idx._array(name)
         except (KeyError, FileNotFoundError, StoreError, ValueError):
             return None
@@ -281,31 +326,32 @@ class TopKIndex(ZarrGroup):
         build time for the target recall)."""
         return int(self._meta.get("n_probe") or self.n_lists)
 
-    def rules(self) -> tuple[Any, ...]:
-        """The calibrated (proponent, opponent) :class:`~trackin_ooc.engine.ivf.EndRule`: ranking, λ, n_probe."""
-        from ..engine.ivf import EndRule
-
+    def rules(self) -> tuple[EndRule, ...]:
+        """The calibrated (proponent, opponent) rules (:class:`~trackin_ooc.store.index_records.EndRule`):
+        ranking, λ, n_probe."""
         probe = self._meta.get("probe") or {}
-        return tuple(EndRule(**probe[end]) if end in probe else EndRule("centroid", 0.0, self.n_lists)
-                     for end in ("proponent", "opponent"))
+        return tuple(
+            EndRule(**probe[end]) if end in probe else EndRule("centroid", 0.0, self.n_lists)
+            for end in ("proponent", "opponent")
+        )
 
-    def bands(self) -> Any:
-        """The norm bands of the lists (:class:`~trackin_ooc.engine.ivf.Bands`; no edges: one band)."""
-        from ..engine.ivf import Bands
-
+    def bands(self) -> Bands:
+        """The norm bands of the lists (:class:`~trackin_ooc.store.index_records.Bands`; no edges: one band)."""
         return Bands(self._read(BAND_EDGES).astype(np.float32), self._read(LIST_BAND))
 
-    def quantizer(self) -> Any:
-        """What a query ranks lists with (:class:`~trackin_ooc.engine.ivf.Quantizer`), read once."""
+    def quantizer(self) -> Quantizer:
+        """What a query ranks lists with (:class:`~trackin_ooc.store.index_records.Quantizer`), read once."""
         return self._quantizer
 
     @functools.cached_property
-    def _quantizer(self) -> Any:
-        from ..engine.ivf import Quantizer
-
-        return Quantizer(centroids=self.centroids(), radius=self.list_radius(), sizes=self.list_sizes(),
-                         samples=self._read(LIST_SAMPLES).astype(np.float32, copy=False),
-                         sample_offsets=self._read(LIST_SAMPLE_OFFSETS))
+    def _quantizer(self) -> Quantizer:
+        return Quantizer(
+            centroids=self.centroids(),
+            radius=self.list_radius(),
+            sizes=self.list_sizes(),
+            samples=self._read(LIST_SAMPLES).astype(np.float32, copy=False),
+            sample_offsets=self._read(LIST_SAMPLE_OFFSETS),
+        )
 
     @property
     def structured(self) -> bool:
@@ -375,8 +421,11 @@ class TopKIndex(ZarrGroup):
                 f"or is another one); rebuild it: build_index(train, overwrite=True) (trackin-ooc index "
                 f"{train.path} --overwrite)"
             )
-        if (self._meta.get("train_fingerprint") != train.fingerprint or self.n_examples != train.n_examples
-                or self.feature_dim != train.feature_dim):
+        if (
+            self._meta.get("train_fingerprint") != train.fingerprint
+            or self.n_examples != train.n_examples
+            or self.feature_dim != train.feature_dim
+        ):
             raise StaleIndexError(
                 f"index {self.path} does not fit the train store {train.path} (fingerprint, examples or features "
                 "differ); rebuild it with build_index(train, overwrite=True)"
@@ -386,10 +435,10 @@ class TopKIndex(ZarrGroup):
     def __repr__(self) -> str:
         state = "complete" if self.complete else "INCOMPLETE"
         kind = "cosine" if self.normalize else "dot-product"
-        probe = (f"n_probe={self.n_probe} by default" if self.structured or not self.complete
-                 else "no structure: streams")
-        return (f"<TopKIndex {self.path!r}: {self.n_lists} lists over {self.n_examples} rows, {kind}, "
-                f"{probe}, {state}>")
+        probe = (
+            f"n_probe={self.n_probe} by default" if self.structured or not self.complete else "no structure: streams"
+        )
+        return f"<TopKIndex {self.path!r}: {self.n_lists} lists over {self.n_examples} rows, {kind}, {probe}, {state}>"
 
     def _repr_html_(self) -> str:
         """A table of the index and its calibration, for Jupyter (trackin_ooc.views.reprs)."""
@@ -525,9 +574,18 @@ class TopKIndex(ZarrGroup):
         return self._oindex(ASSIGNMENT, np.asarray(rows, dtype=np.int64), 1)
 
     # ---- writing (the build) --------------------------------------------------------------------
-    def write_source_block(self, block: int, start: int, *, assignment: np.ndarray, counts: np.ndarray,
-                           radius: np.ndarray, calibration: tuple[np.ndarray, ...], sorted_grads: np.ndarray,
-                           sorted_rows: np.ndarray) -> None:
+    def write_source_block(
+        self,
+        block: int,
+        start: int,
+        *,
+        assignment: np.ndarray,
+        counts: np.ndarray,
+        radius: np.ndarray,
+        calibration: tuple[np.ndarray, ...],
+        sorted_grads: np.ndarray,
+        sorted_rows: np.ndarray,
+    ) -> None:
         """Pass 1 for one source block: its lists, counts and radii, calibration partials, and its rows sorted
         by list into the staging arrays (this block's own chunks only); then flag the block."""
         self._writable()
@@ -568,21 +626,30 @@ class TopKIndex(ZarrGroup):
     def drop_staging(self) -> None:
         """Remove the temporary staging copy (every window is written)."""
         if self._has(STAGING):
-            backends.remove(f"{self.path}/{STAGING}" if backends.is_remote(self.path)
-                            else os.path.join(self.path, STAGING), self.storage_options)
+            backends.remove(
+                f"{self.path}/{STAGING}" if backends.is_remote(self.path) else os.path.join(self.path, STAGING),
+                self.storage_options,
+            )
             self._group = _open_group(self.path, self.storage_options, False)
             self._arrays.clear()
 
-    def mark_complete(self, *, rules: tuple[Any, ...], calibration: dict[str, Any], structured: bool,
-                      verdict: str) -> TopKIndex:
+    def mark_complete(
+        self, *, rules: tuple[Any, ...], calibration: dict[str, Any], structured: bool, verdict: str
+    ) -> TopKIndex:
         """Seal the index: every window written, staging removed, the calibrated defaults recorded."""
         done = self.windows_done()
         if not done.all():
             raise IncompleteStoreError(
-                f"cannot mark index {self.path} complete: {int((~done).sum())} windows unwritten")
+                f"cannot mark index {self.path} complete: {int((~done).sum())} windows unwritten"
+            )
         probe = {end: rule.as_dict() for end, rule in zip(("proponent", "opponent"), rules)}
-        self._seal(n_probe=max(r.n_probe for r in rules), probe=probe,
-                   calibration=json.loads(json.dumps(calibration)), structured=bool(structured), verdict=verdict)
+        self._seal(
+            n_probe=max(r.n_probe for r in rules),
+            probe=probe,
+            calibration=json.loads(json.dumps(calibration)),
+            structured=bool(structured),
+            verdict=verdict,
+        )
         return self
 
 
@@ -598,8 +665,10 @@ def _staging_chunk_rows(block_rows: int, chunk_rows: int) -> int:
 def open_index(path: str | os.PathLike[str], *, storage_options: StorageOptions = None) -> TopKIndex:
     """Open the index at ``path`` (a folder a build wrote)."""
     if not backends.is_remote(path) and not os.path.exists(backends.normalize_path(path)):
-        raise StoreError(f"no index at {backends.normalize_path(path)}: the path does not exist; build one with "
-                         "trackin_ooc.build_index (trackin-ooc index STORE)")
+        raise StoreError(
+            f"no index at {backends.normalize_path(path)}: the path does not exist; build one with "
+            "trackin_ooc.build_index (trackin-ooc index STORE)"
+        )
     return TopKIndex(path, storage_options=storage_options)
 
 

@@ -30,8 +30,9 @@ class InfluenceStore(ZarrGroup):
 
     _open_errors = ()  # opened only where a writer just laid one out or found one to resume
 
-    def __init__(self, path: str | os.PathLike[str], *, storage_options: StorageOptions = None,
-                 group: zarr.Group | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, storage_options: StorageOptions = None, group: zarr.Group | None = None
+    ) -> None:
         super().__init__(path, storage_options=storage_options, group=group, read_only=False)
 
     def _check_meta(self, meta: dict[str, Any] | None) -> dict[str, Any]:
@@ -59,18 +60,25 @@ class InfluenceStore(ZarrGroup):
         layout in one rename, so a kill at any point leaves the old output or the new, resumable one.
         """
         if checked is None:
-            checked = guard.check_output_location(path, inputs, kind="influence", overwrite=overwrite,
-                                                  storage_options=storage_options)
+            checked = guard.check_output_location(
+                path, inputs, kind="influence", overwrite=overwrite, storage_options=storage_options
+            )
         else:  # checked with resumable=True, but the caller resumes nothing here: another job's output
             guard.require_resumed(path, checked, kind="influence", overwrite=overwrite)
         group = guard.lay_out_output(
-            path, checked, functools.partial(_lay_out, test_ids=test_ids, train_ids=train_ids, chunks=chunks,
-                                             n_tasks=n_tasks, attrs=attrs), storage_options)
+            path,
+            checked,
+            functools.partial(
+                _lay_out, test_ids=test_ids, train_ids=train_ids, chunks=chunks, n_tasks=n_tasks, attrs=attrs
+            ),
+            storage_options,
+        )
         return cls(path, storage_options=storage_options, group=group)
 
     @classmethod
-    def resumable(cls, path: str | os.PathLike[str], attrs: dict[str, Any],
-                  storage_options: StorageOptions = None) -> InfluenceStore | None:
+    def resumable(
+        cls, path: str | os.PathLike[str], attrs: dict[str, Any], storage_options: StorageOptions = None
+    ) -> InfluenceStore | None:
         """The unfinished output at ``path`` if it was started for the same job (same ``attrs``), else None."""
         if not backends.exists(path, storage_options):
             return None
@@ -107,21 +115,48 @@ class InfluenceStore(ZarrGroup):
         self._seal()
 
 
-def _lay_out(path: str | os.PathLike[str], storage_options: StorageOptions, *, test_ids: np.ndarray,
-             train_ids: np.ndarray, chunks: tuple[int, int], n_tasks: tuple[int, int],
-             attrs: dict[str, Any]) -> zarr.Group:
+def _lay_out(
+    path: str | os.PathLike[str],
+    storage_options: StorageOptions,
+    *,
+    test_ids: np.ndarray,
+    train_ids: np.ndarray,
+    chunks: tuple[int, int],
+    n_tasks: tuple[int, int],
+    attrs: dict[str, Any],
+) -> zarr.Group:
     """The empty output's arrays and attributes (``complete`` false until every task is flagged)."""
     group = create_group(path, storage_options)
     codecs = layout.checksum_codecs()
     n_test, n_train = len(test_ids), len(train_ids)
-    group.create_array(INFLUENCE, shape=(n_test, n_train), chunks=chunks, dtype="float32",
-                       compressors=codecs, dimension_names=[TEST, TRAIN], fill_value=np.nan)
+    group.create_array(
+        INFLUENCE,
+        shape=(n_test, n_train),
+        chunks=chunks,
+        dtype="float32",
+        compressors=codecs,
+        dimension_names=[TEST, TRAIN],
+        fill_value=np.nan,
+    )
     for name, ids in ((TEST, test_ids), (TRAIN, train_ids)):
-        arr = group.create_array(name, shape=(len(ids),), chunks=(max(1, len(ids)),), dtype="int64",
-                                 compressors=codecs, dimension_names=[name])
+        arr = group.create_array(
+            name,
+            shape=(len(ids),),
+            chunks=(max(1, len(ids)),),
+            dtype="int64",
+            compressors=codecs,
+            dimension_names=[name],
+        )
         arr[:] = ids
-    group.create_array(TASK_COMPLETE, shape=n_tasks, chunks=(1, 1), dtype="uint8",
-                       compressors=codecs, dimension_names=["test_block", "train_block"], fill_value=0)
+    group.create_array(
+        TASK_COMPLETE,
+        shape=n_tasks,
+        chunks=(1, 1),
+        dtype="uint8",
+        compressors=codecs,
+        dimension_names=["test_block", "train_block"],
+        fill_value=0,
+    )
     group.attrs[layout.ATTRS_KEY] = {
         "kind": "influence",
         "format_version": layout.FORMAT_VERSION,

@@ -30,11 +30,11 @@ def _chunk_ranges(arr: zarr.Array[Any], region: tuple[slice, ...] | None) -> Ite
     grid = [range((n + c - 1) // c) for n, c in zip(arr.shape, arr.chunks)]
     if region is not None:
         grid = [
-            range(s.start // c if s.start else 0,
-                  ((s.stop if s.stop is not None else n) + c - 1) // c)
-            if isinstance(s, slice) else range(s // c, s // c + 1)
+            range(s.start // c if s.start else 0, ((s.stop if s.stop is not None else n) + c - 1) // c)
+            if isinstance(s, slice)
+            else range(s // c, s // c + 1)
             for s, n, c in zip(region, arr.shape, arr.chunks)
-        ] + grid[len(region):]
+        ] + grid[len(region) :]
     return itertools.product(*grid)
 
 

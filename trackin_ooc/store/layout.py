@@ -98,14 +98,27 @@ class FactorArray:
         return self.positions * self.width + (self.positions if self.tokens else 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "module": self.module, "kind": self.kind, "positions": self.positions,
-                "d_in": self.d_in, "d_out": self.d_out, "tokens": self.tokens}
+        return {
+            "index": self.index,
+            "module": self.module,
+            "kind": self.kind,
+            "positions": self.positions,
+            "d_in": self.d_in,
+            "d_out": self.d_out,
+            "tokens": self.tokens,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FactorArray:
-        return cls(index=int(d["index"]), module=str(d["module"]), kind=str(d["kind"]),
-                   positions=int(d["positions"]), d_in=int(d["d_in"]), d_out=int(d["d_out"]),
-                   tokens=bool(d.get("tokens", False)))
+        return cls(
+            index=int(d["index"]),
+            module=str(d["module"]),
+            kind=str(d["kind"]),
+            positions=int(d["positions"]),
+            d_in=int(d["d_in"]),
+            d_out=int(d["d_out"]),
+            tokens=bool(d.get("tokens", False)),
+        )
 
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
@@ -151,8 +164,9 @@ def decode(raw: np.ndarray, storage_dtype: str) -> np.ndarray:
     return np.asarray(raw, dtype=np.float32)
 
 
-def gradient_bytes(n_checkpoints: int, n_examples: int, feature_dim: int, factors: Sequence[FactorArray],
-                   storage_dtype: str) -> int:
+def gradient_bytes(
+    n_checkpoints: int, n_examples: int, feature_dim: int, factors: Sequence[FactorArray], storage_dtype: str
+) -> int:
     """Bytes of a store's gradients as laid out (uncompressed): ``grads`` plus every factor array and its
     token ids. What a capture announces before it starts and ``GradientStore.nbytes`` reports after."""
     size = itemsize(storage_dtype)

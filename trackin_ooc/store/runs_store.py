@@ -53,8 +53,14 @@ def job_difference(have: dict[str, Any], want: dict[str, Any]) -> str:
 class RunsStore(ZarrGroup):
     """A retraining output on disk: laid out once, then one ``output`` row per finished retraining."""
 
-    def __init__(self, path: str | os.PathLike[str], *, storage_options: StorageOptions = None,
-                 group: zarr.Group | None = None, read_only: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        storage_options: StorageOptions = None,
+        group: zarr.Group | None = None,
+        read_only: bool = False,
+    ) -> None:
         super().__init__(path, storage_options=storage_options, group=group, read_only=read_only)
 
     def _missing(self, error: BaseException) -> str:
@@ -68,15 +74,28 @@ class RunsStore(ZarrGroup):
 
     # ---- making one ------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike[str], *, job: dict[str, Any], subsets: np.ndarray, seeds: np.ndarray,
-               train_fn: str, overwrite: bool = False, storage_options: StorageOptions = None) -> RunsStore:
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        job: dict[str, Any],
+        subsets: np.ndarray,
+        seeds: np.ndarray,
+        train_fn: str,
+        overwrite: bool = False,
+        storage_options: StorageOptions = None,
+    ) -> RunsStore:
         """Lay out an empty, unfinished output at ``path`` (the output rule applies; with ``overwrite`` an
         earlier retraining output is replaced, locally by exchanging it with the new layout in one rename)."""
-        existing = guard.check_output_location(path, (), kind=KIND, overwrite=overwrite,
-                                               storage_options=storage_options)
+        existing = guard.check_output_location(
+            path, (), kind=KIND, overwrite=overwrite, storage_options=storage_options
+        )
         group = guard.lay_out_output(
-            path, existing, functools.partial(_lay_out, job=job, subsets=subsets, seeds=seeds, train_fn=train_fn),
-            storage_options)
+            path,
+            existing,
+            functools.partial(_lay_out, job=job, subsets=subsets, seeds=seeds, train_fn=train_fn),
+            storage_options,
+        )
         return cls(path, storage_options=storage_options, group=group)
 
     # ---- reading ---------------------------------------------------------------------------------
@@ -123,8 +142,9 @@ class RunsStore(ZarrGroup):
         """float64 (subset, test); NaN rows for retrainings not yet done (empty before the first is)."""
         if OUTPUT not in self._array_names():
             return np.full((self.n_subsets, 0), np.nan)
-        return np.asarray(checked_read(self._array(OUTPUT), OUTPUT, (slice(None), slice(None)), self.path),
-                          dtype=np.float64)
+        return np.asarray(
+            checked_read(self._array(OUTPUT), OUTPUT, (slice(None), slice(None)), self.path), dtype=np.float64
+        )
 
     def require_complete(self) -> RunsStore:
         if not self.complete:
@@ -142,8 +162,11 @@ class RunsStore(ZarrGroup):
         meta = self.meta
         outputs = self.outputs()
         ds = xr.Dataset(
-            {SUBSET: ((SUBSET, TRAIN), self.subsets()), OUTPUT: ((SUBSET, TEST), outputs),
-             SEED: ((SUBSET,), self.seeds())},
+            {
+                SUBSET: ((SUBSET, TRAIN), self.subsets()),
+                OUTPUT: ((SUBSET, TEST), outputs),
+                SEED: ((SUBSET,), self.seeds()),
+            },
             attrs={k: v for k, v in meta.items() if k != "kind" and isinstance(v, (str, int, float, bool))},
         )
         ds.attrs["path"] = self.path
@@ -156,9 +179,15 @@ class RunsStore(ZarrGroup):
         losses = np.asarray(losses, dtype=np.float64)
         n_test = self.n_test
         if n_test is None:
-            self._group.create_array(OUTPUT, shape=(self.n_subsets, len(losses)), chunks=(1, max(1, len(losses))),
-                                     dtype="float64", compressors=layout.checksum_codecs(),
-                                     dimension_names=[SUBSET, TEST], fill_value=np.nan)
+            self._group.create_array(
+                OUTPUT,
+                shape=(self.n_subsets, len(losses)),
+                chunks=(1, max(1, len(losses))),
+                dtype="float64",
+                compressors=layout.checksum_codecs(),
+                dimension_names=[SUBSET, TEST],
+                fill_value=np.nan,
+            )
             self._set_meta(n_test=len(losses))
         elif n_test != len(losses):
             raise StoreError(
@@ -178,19 +207,44 @@ class RunsStore(ZarrGroup):
         return self
 
 
-def _lay_out(path: str | os.PathLike[str], storage_options: StorageOptions, *, job: dict[str, Any],
-             subsets: np.ndarray, seeds: np.ndarray,
-             train_fn: str) -> zarr.Group:
+def _lay_out(
+    path: str | os.PathLike[str],
+    storage_options: StorageOptions,
+    *,
+    job: dict[str, Any],
+    subsets: np.ndarray,
+    seeds: np.ndarray,
+    train_fn: str,
+) -> zarr.Group:
     group = create_group(path, storage_options)
     codecs = layout.checksum_codecs()
     n_subsets, n_train = subsets.shape
     columns = max(1, min(n_train, SUBSET_CHUNK_COLUMNS))
-    group.create_array(SUBSET, shape=subsets.shape, chunks=(max(1, n_subsets), columns), dtype="bool",
-                       compressors=codecs, dimension_names=[SUBSET, TRAIN])[:] = subsets
-    group.create_array(SEED, shape=(n_subsets,), chunks=(max(1, n_subsets),), dtype="int64",
-                       compressors=codecs, dimension_names=[SUBSET])[:] = seeds
-    group.create_array(SUBSET_COMPLETE, shape=(n_subsets,), chunks=(1,), dtype="uint8", compressors=codecs,
-                       dimension_names=[SUBSET], fill_value=0)
+    group.create_array(
+        SUBSET,
+        shape=subsets.shape,
+        chunks=(max(1, n_subsets), columns),
+        dtype="bool",
+        compressors=codecs,
+        dimension_names=[SUBSET, TRAIN],
+    )[:] = subsets
+    group.create_array(
+        SEED,
+        shape=(n_subsets,),
+        chunks=(max(1, n_subsets),),
+        dtype="int64",
+        compressors=codecs,
+        dimension_names=[SUBSET],
+    )[:] = seeds
+    group.create_array(
+        SUBSET_COMPLETE,
+        shape=(n_subsets,),
+        chunks=(1,),
+        dtype="uint8",
+        compressors=codecs,
+        dimension_names=[SUBSET],
+        fill_value=0,
+    )
     group.attrs[layout.ATTRS_KEY] = {
         "kind": KIND,
         "format_version": FORMAT_VERSION,
@@ -204,8 +258,9 @@ def _lay_out(path: str | os.PathLike[str], storage_options: StorageOptions, *, j
     return group
 
 
-def open_runs_store(path: str | os.PathLike[str], *, storage_options: StorageOptions = None,
-                    read_only: bool = True) -> RunsStore:
+def open_runs_store(
+    path: str | os.PathLike[str], *, storage_options: StorageOptions = None, read_only: bool = True
+) -> RunsStore:
     """The retraining output at ``path`` (a one-line StoreError when there is none)."""
     if not backends.is_remote(path) and not os.path.exists(backends.normalize_path(path)):
         raise StoreError(f"no retraining output at {backends.normalize_path(path)}: the path does not exist")

@@ -18,5 +18,13 @@ from .influence_view import InfluenceView, show
 from .reprs import plan_table_html
 from .saliency import token_gradient_mass
 
-__all__ = ["show", "report", "InfluenceView", "ViewError", "Renderer", "kind_of", "plan_table_html",
-           "token_gradient_mass"]
+__all__ = [
+    "show",
+    "report",
+    "InfluenceView",
+    "ViewError",
+    "Renderer",
+    "kind_of",
+    "plan_table_html",
+    "token_gradient_mass",
+]

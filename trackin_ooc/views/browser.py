@@ -17,13 +17,27 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-default-apps", "--disable-extensions", "--mute-audio", "--hide-scrollbars",
-         "--metrics-recording-only", "--no-default-browser-check", "--no-pings",
-         "--disable-features=NetworkTimeServiceQuerying,OptimizationHints,Translate,MediaRouter",
-         # Nothing leaves the machine: requests go to a proxy on a closed loopback port, names do not resolve.
-         "--proxy-server=http://127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--mute-audio",
+    "--hide-scrollbars",
+    "--metrics-recording-only",
+    "--no-default-browser-check",
+    "--no-pings",
+    "--disable-features=NetworkTimeServiceQuerying,OptimizationHints,Translate,MediaRouter",
+    # Nothing leaves the machine: requests go to a proxy on a closed loopback port, names do not resolve.
+    "--proxy-server=http://127.0.0.1:9",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+)
 
 
 def find_chromium() -> str | None:
@@ -54,8 +68,9 @@ def _url(path: str | os.PathLike) -> str:
     return Path(path).resolve().as_uri()
 
 
-def screenshot(page: str | os.PathLike, out: str | os.PathLike, *, width: int = 1280, height: int = 2400,
-               timeout: float = 120.0) -> Path:
+def screenshot(
+    page: str | os.PathLike, out: str | os.PathLike, *, width: int = 1280, height: int = 2400, timeout: float = 120.0
+) -> Path:
     """Save a PNG screenshot of the local HTML file ``page`` at ``out`` (``width`` × ``height`` pixels)."""
     out = Path(out).resolve()
     done = _run([f"--screenshot={out}", f"--window-size={width},{height}", _url(page)], timeout)
@@ -69,13 +84,17 @@ def visit(page: str | os.PathLike, *, timeout: float = 120.0) -> Visit:
     connections tried meanwhile (from Chromium's ``--log-net-log``)."""
     with tempfile.TemporaryDirectory(prefix="trackin-netlog-") as tmp:
         log = os.path.join(tmp, "net.json")
-        done = _run([f"--log-net-log={log}", "--net-log-capture-mode=Everything", "--dump-dom", _url(page)],
-                    timeout)
+        done = _run([f"--log-net-log={log}", "--net-log-capture-mode=Everything", "--dump-dom", _url(page)], timeout)
         events = _events(log) if os.path.exists(log) else []
     if not done.stdout.strip():
         raise RuntimeError(f"chromium printed no DOM (exit {done.returncode}): {done.stderr.strip()[-300:]}")
-    requests = sorted({p["url"] for t, p in events if t == "URL_REQUEST_START_JOB" and "url" in p
-                       and p.get("initiator") != "not an origin"})  # Chromium's own requests have no origin
+    requests = sorted(
+        {
+            p["url"]
+            for t, p in events
+            if t == "URL_REQUEST_START_JOB" and "url" in p and p.get("initiator") != "not an origin"
+        }
+    )  # Chromium's own requests have no origin
     connections = sorted({str(p["address"]) for t, p in events if t == "TCP_CONNECT_ATTEMPT" and "address" in p})
     return Visit(dom=done.stdout, page_requests=requests, connections=connections)
 

@@ -67,8 +67,7 @@ class Card:
         if self.score is not None:
             cap.append(h.text(self.score))
         caption = h.tag("div", "<br>".join(cap), class_="tko-cap")
-        return h.tag("div", body + caption, class_=f"tko-card {css}" + (" wide" if wide else ""),
-                     data_role=self.role)
+        return h.tag("div", body + caption, class_=f"tko-card {css}" + (" wide" if wide else ""), data_role=self.role)
 
 
 @dataclass
@@ -116,8 +115,9 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("saving a view as .png needs matplotlib: pip install 'trackin-ooc[demo]' "
-                          "(or save it as .html)") from None
+        raise ImportError(
+            "saving a view as .png needs matplotlib: pip install 'trackin-ooc[demo]' (or save it as .html)"
+        ) from None
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
@@ -133,14 +133,13 @@ def _png_lines(rows: Sequence[Row]) -> list[list[list[Card]]]:
     for row in rows:
         if len(row.groups) == 1 and len(row.groups[0]) > MAX_PNG_COLUMNS:
             cards = row.groups[0]
-            lines += [[cards[i:i + MAX_PNG_COLUMNS]] for i in range(0, len(cards), MAX_PNG_COLUMNS)]
+            lines += [[cards[i : i + MAX_PNG_COLUMNS]] for i in range(0, len(cards), MAX_PNG_COLUMNS)]
         else:
             lines.append(list(row.groups))
     return lines
 
 
-def save_png(path: str | os.PathLike, title: str, rows: Sequence[Row], *, invert: bool = False,
-             dpi: int = 110) -> None:
+def save_png(path: str | os.PathLike, title: str, rows: Sequence[Row], *, invert: bool = False, dpi: int = 110) -> None:
     """Draw ``rows`` as a grid of small pictures (or text boxes) with captions, one line per row, a narrow
     gap between groups (the test example | its proponents | its opponents)."""
     plt = _pyplot()
@@ -156,8 +155,14 @@ def save_png(path: str | os.PathLike, title: str, rows: Sequence[Row], *, invert
         ratios += [1.0] * len(group)
     wide = any(c.drawing is not None and c.drawing.wide for groups in lines for g in groups for c in g)
     cell_w, cell_h = (2.3, 2.1) if wide else (1.3, 1.75)
-    fig, axes = plt.subplots(len(lines), len(ratios), figsize=(cell_w * sum(ratios), cell_h * len(lines) + 0.4),
-                             dpi=dpi, squeeze=False, gridspec_kw={"width_ratios": ratios})
+    fig, axes = plt.subplots(
+        len(lines),
+        len(ratios),
+        figsize=(cell_w * sum(ratios), cell_h * len(lines) + 0.4),
+        dpi=dpi,
+        squeeze=False,
+        gridspec_kw={"width_ratios": ratios},
+    )
     for ax in axes.ravel():
         ax.set_axis_off()
     for r, groups in enumerate(lines):
@@ -198,7 +203,16 @@ def _draw_cell(ax, card: Card, *, invert: bool) -> None:
     else:
         words = d.lines if d is not None else "(no data given)"
         wrapped = "\n".join(textwrap.fill(line, 28) for line in words.splitlines()[:10])
-        ax.text(0.03, 0.97, wrapped, va="top", ha="left", fontsize=6, family="monospace", transform=ax.transAxes,
-                clip_on=True)
+        ax.text(
+            0.03,
+            0.97,
+            wrapped,
+            va="top",
+            ha="left",
+            fontsize=6,
+            family="monospace",
+            transform=ax.transAxes,
+            clip_on=True,
+        )
     lines = card.caption_lines()
     ax.set_title("\n".join(lines), fontsize=6.5, color=colour)

@@ -73,8 +73,11 @@ def _numpy(x: Any) -> Any:
         return x.get()
     if hasattr(x, "__array__") and not isinstance(x, (str, bytes, Mapping)) and not _is_pil(x):
         return np.asarray(x)
-    if isinstance(x, (list, tuple)) and x and all(isinstance(v, (int, float, np.number)) or
-                                                  isinstance(v, (list, tuple)) for v in x):
+    if (
+        isinstance(x, (list, tuple))
+        and x
+        and all(isinstance(v, (int, float, np.number)) or isinstance(v, (list, tuple)) for v in x)
+    ):
         try:  # a Hugging Face dataset's columns come as lists
             a = np.asarray(x)
         except ValueError:
@@ -187,7 +190,7 @@ def image_array(x: Any) -> np.ndarray | None:
 
 
 def kind_of(x: Any, *, tokenizer: Any = None) -> str:
-    """"image", "tokens", "text", "table" or "other" (see the module docs)."""
+    """ "image", "tokens", "text", "table" or "other" (see the module docs)."""
     if isinstance(x, str):
         return "text"
     if _is_pil(x):
@@ -270,14 +273,18 @@ class Renderer:
         try:
             out = self.render(example.input)
         except Exception as e:
-            raise ViewError(f"render raised {type(e).__name__}: {e} on example {example.position}; fix render "
-                            "(it receives the example's input and returns a str, a PIL image or an array)") from e
+            raise ViewError(
+                f"render raised {type(e).__name__}: {e} on example {example.position}; fix render "
+                "(it receives the example's input and returns a str, a PIL image or an array)"
+            ) from e
         if isinstance(out, str):
             return _draw_text(out)
         if _is_pil(out) or image_array(out) is not None:
             return self._draw_image(out)
-        raise ViewError(f"render returned a {type(out).__name__} for example {example.position}; return a str, "
-                        "a PIL image or an image array")
+        raise ViewError(
+            f"render returned a {type(out).__name__} for example {example.position}; return a str, "
+            "a PIL image or an image array"
+        )
 
     def _draw_image(self, x: Any) -> Drawing:
         if _is_pil(x):
@@ -288,8 +295,10 @@ class Renderer:
         a = image_array(x)
         if a is None:
             a = _numpy(x)
-            raise ViewError(f"an input of shape {getattr(a, 'shape', '?')} is not a picture; give (C, H, W), "
-                            "(H, W, C) or (H, W) arrays, or kind='table'")
+            raise ViewError(
+                f"an input of shape {getattr(a, 'shape', '?')} is not a picture; give (C, H, W), "
+                "(H, W, C) or (H, W) arrays, or kind='table'"
+            )
         png = image_png(a, invert=self.invert)
         pixels = a[:, :, 0] if a.ndim == 3 and a.shape[2] == 1 else a
         return Drawing(h.img(png, "example"), "image", pixels=pixels)
@@ -314,8 +323,7 @@ class Renderer:
         for i, piece in zip(positions, _pieces(self.tokenizer, [int(ids[i]) for i in positions])):
             alpha = max(0.0, float(w[i]) / top)
             style = f"background:rgba(255,140,0,{alpha:.2f})"
-            spans.append(h.tag("span", h.text(piece), class_="tko-tok", style=style,
-                               title=f"gradient mass {w[i]:.3g}"))
+            spans.append(h.tag("span", h.text(piece), class_="tko-tok", style=style, title=f"gradient mass {w[i]:.3g}"))
         body = h.tag("p", "".join(spans), class_="tko-text")
         return Drawing(body, "tokens", lines=_clip(plain), wide=True)
 
@@ -379,7 +387,7 @@ def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:
     for i in range(len(ids)):
         now = _decode(tokenizer, ids[: i + 1])
         if now.startswith(before):
-            pieces.append(now[len(before):])
+            pieces.append(now[len(before) :])
         else:  # a tokenizer that rewrites earlier text as it goes: fall back to the token alone
             pieces.append((" " if pieces else "") + _decode(tokenizer, [ids[i]]))
         before = now

@@ -70,12 +70,18 @@ def data_uri(payload: bytes, mime: str = "image/png") -> str:
 def img(png: bytes, alt: str, *, width: int | None = None) -> str:
     """An ``<img>`` whose picture is embedded (no file, no request)."""
     style = None if width is None else f"width:{int(width)}px"
-    return f'<img class="tko-img" src="{data_uri(png)}" alt="{text(alt)}"' + (
-        f' style="{style}"' if style else "") + ">"
+    return (
+        f'<img class="tko-img" src="{data_uri(png)}" alt="{text(alt)}"' + (f' style="{style}"' if style else "") + ">"
+    )
 
 
-def table(rows: Iterable[Iterable[object]], header: Iterable[object] | None = None, *,
-          numeric: Iterable[int] = (), raw: bool = False) -> str:
+def table(
+    rows: Iterable[Iterable[object]],
+    header: Iterable[object] | None = None,
+    *,
+    numeric: Iterable[int] = (),
+    raw: bool = False,
+) -> str:
     """A plain table. Cells are escaped unless ``raw`` (then they are HTML already); columns listed in
     ``numeric`` are right-aligned."""
     num = set(numeric)
@@ -92,9 +98,7 @@ def table(rows: Iterable[Iterable[object]], header: Iterable[object] | None = No
 def key_values(pairs: Mapping[str, object] | Iterable[tuple[str, object]], *, raw_values: bool = False) -> str:
     """A two-column table of names and values (values escaped unless ``raw_values``)."""
     items = pairs.items() if isinstance(pairs, Mapping) else pairs
-    body = "".join(
-        f"<tr><th>{text(k)}</th><td>{v if raw_values else text(v)}</td></tr>" for k, v in items
-    )
+    body = "".join(f"<tr><th>{text(k)}</th><td>{v if raw_values else text(v)}</td></tr>" for k, v in items)
     return f'<table class="tko-t">{body}</table>'
 
 
@@ -110,7 +114,7 @@ def page(title: str, body: str, *, kind: str = "view") -> str:
     a page this package wrote.
     """
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         f'<meta name="generator" content="{GENERATOR} {text(kind)}">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'

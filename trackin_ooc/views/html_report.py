@@ -77,15 +77,18 @@ def _stores_table(te, tr) -> str:
         row("features", lambda i: f"{i['feature_dim']:,} per example and checkpoint"),
         row("dtype", lambda i: i["dtype"]),
         row("loss", lambda i: i["loss"] or "unknown"),
-        row("labels", lambda i: ("yes" + (f" ({i['n_classes']} classes)" if i["n_classes"] else "")) if i["labels"]
-            else "none"),
+        row(
+            "labels",
+            lambda i: ("yes" + (f" ({i['n_classes']} classes)" if i["n_classes"] else "")) if i["labels"] else "none",
+        ),
         row("size on disk", lambda i: human_bytes(i["size_on_disk"])),
         row("fingerprint", lambda i: i["fingerprint"][:16]),
         row("created", lambda i: i.get("created") or ""),
     ]
     same = "the same projection (the stores combine)" if te.fingerprint == tr.fingerprint else "DIFFERENT projections"
-    return h.table(rows, ["", "train store", "test store"]) + h.tag("p", h.text(f"Both stores use {same}."),
-                                                                   class_="tko-note")
+    return h.table(rows, ["", "train store", "test store"]) + h.tag(
+        "p", h.text(f"Both stores use {same}."), class_="tko-note"
+    )
 
 
 # ---- scores ------------------------------------------------------------------------------------
@@ -102,8 +105,12 @@ def top_k_rows(rows: np.ndarray, k: int, te, tr, normalize: bool) -> xr.Dataset:
     oi, os_ = _top(rows, k, largest=False)
     dims = ("test", "rank")
     return xr.Dataset(
-        {"proponent_index": (dims, pi), "proponent_score": (dims, ps), "opponent_index": (dims, oi),
-         "opponent_score": (dims, os_)},
+        {
+            "proponent_index": (dims, pi),
+            "proponent_score": (dims, ps),
+            "opponent_index": (dims, oi),
+            "opponent_score": (dims, os_),
+        },
         coords={"test": te.example_ids()[: len(rows)], "rank": rank_coordinate(k)},
         attrs={"k": k, "normalize": normalize, "test_store": te.path, "train_store": tr.path, "approximate": False},
     )
@@ -243,8 +250,9 @@ def report(
     final = check_file_output(path, what="report", overwrite=overwrite, inputs=[test, train])
     te, tr = to.open_store(test).require_complete(), to.open_store(train).require_complete()
     k = min(int(k), tr.n_examples)
-    show_kw = dict(render=render, tokenizer=tokenizer, labels=labels, class_names=class_names, target_key=target_key,
-                   invert=invert)
+    show_kw = dict(
+        render=render, tokenizer=tokenizer, labels=labels, class_names=class_names, target_key=target_key, invert=invert
+    )
 
     scores = to.influence(te, tr, normalize=normalize)  # lazy; checks the stores combine
     n_shown = min(int(n_test), te.n_examples)
@@ -256,8 +264,10 @@ def report(
     slab = np.asarray(slab)
     best = top_k_rows(slab[:n_shown].astype(np.float64), k, te, tr, normalize)
 
-    sections = [_section("how-to-read", "How to read this", HOW_TO_READ),
-                _section("stores", "Stores", _stores_table(te, tr))]
+    sections = [
+        _section("how-to-read", "How to read this", HOW_TO_READ),
+        _section("stores", "Stores", _stores_table(te, tr)),
+    ]
 
     suspects = show(si, train_data, n=min(int(n_suspects), tr.n_examples), **show_kw)
     sections.append(_section("suspects", "Suspects: the most self-influential training examples", suspects.body()))
@@ -271,23 +281,35 @@ def report(
     shares = checkpoint_shares(te, tr, pairs, normalize=normalize)
     sections.append(_section("checkpoints", "Each checkpoint's share of the scores", _shares_body(tr, shares)))
 
-    sections.append(_section("distribution", "Score distribution",
-                             _distribution_body(si, slab, normalize)))
+    sections.append(_section("distribution", "Score distribution", _distribution_body(si, slab, normalize)))
 
     when = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    head = (h.tag("h1", h.text(title or "trackin-ooc report"))
-            + h.tag("div", h.text(f"{tr.n_examples:,} training and {te.n_examples:,} test examples · "
-                                  f"{tr.n_checkpoints} checkpoints · written {when} by trackin-ooc {__version__}"),
-                    class_="tko-note")
-            + _contents())
+    head = (
+        h.tag("h1", h.text(title or "trackin-ooc report"))
+        + h.tag(
+            "div",
+            h.text(
+                f"{tr.n_examples:,} training and {te.n_examples:,} test examples · "
+                f"{tr.n_checkpoints} checkpoints · written {when} by trackin-ooc {__version__}"
+            ),
+            class_="tko-note",
+        )
+        + _contents()
+    )
     page = h.page(title or "trackin-ooc report", head + "".join(sections), kind="report")
     return write_text_output(final, page, kind="report", overwrite=overwrite, inputs=[te, tr])
 
 
 def _contents() -> str:
-    links = [("how-to-read", "How to read this"), ("stores", "Stores"), ("suspects", "Suspects"),
-             ("proponents", "Proponents and opponents"), ("net", "Most helpful and harmful"),
-             ("checkpoints", "Checkpoints"), ("distribution", "Score distribution")]
+    links = [
+        ("how-to-read", "How to read this"),
+        ("stores", "Stores"),
+        ("suspects", "Suspects"),
+        ("proponents", "Proponents and opponents"),
+        ("net", "Most helpful and harmful"),
+        ("checkpoints", "Checkpoints"),
+        ("distribution", "Score distribution"),
+    ]
     return h.tag("nav", " · ".join(h.tag("a", h.text(t), href=f"#{i}") for i, t in links), class_="tko-note")
 
 
@@ -310,16 +332,31 @@ def _shares_body(tr, shares: dict[str, np.ndarray | None]) -> str:
     rows = []
     for c, (name, lr) in enumerate(zip(names, lrs)):
         rows.append([c, name, f"{lr:g}", "" if si is None else f"{si[c]:.1%}", "" if pro is None else f"{pro[c]:.1%}"])
-    body = h.table(rows, ["", "checkpoint", "η", "share of self-influence", "share of the proponents' scores"],
-                   numeric=(0, 2, 3, 4))
+    body = h.table(
+        rows,
+        ["", "checkpoint", "η", "share of self-influence", "share of the proponents' scores"],
+        numeric=(0, 2, 3, 4),
+    )
     if si is not None:
-        body += bars_svg(names, si, title="share of the training set's self-influence by checkpoint",
-                         xlabel="checkpoint", ylabel="share")
+        body += bars_svg(
+            names,
+            si,
+            title="share of the training set's self-influence by checkpoint",
+            xlabel="checkpoint",
+            ylabel="share",
+        )
     if pro is None:
-        body += h.tag("p", h.text("The proponents' shares need flat gradient features (not a factor store)."),
-                      class_="tko-note")
-    body += h.tag("p", h.text("A checkpoint's share is its term η_c·⟨g_c, g′_c⟩ (or η_c‖g_c‖²) summed over the "
-                              "examples, divided by the sum over all checkpoints."), class_="tko-note")
+        body += h.tag(
+            "p", h.text("The proponents' shares need flat gradient features (not a factor store)."), class_="tko-note"
+        )
+    body += h.tag(
+        "p",
+        h.text(
+            "A checkpoint's share is its term η_c·⟨g_c, g′_c⟩ (or η_c‖g_c‖²) summed over the "
+            "examples, divided by the sum over all checkpoints."
+        ),
+        class_="tko-note",
+    )
     return body
 
 
@@ -327,12 +364,30 @@ def _distribution_body(si: xr.DataArray, slab: np.ndarray, normalize: bool) -> s
     si_counts, si_edges = _histogram(si.values)
     inf_counts, inf_edges = _histogram(slab)
     what = "cosine TracIn" if normalize else "influence"
-    body = histogram_svg(si_counts, si_edges, title="self-influence of every training example", xlabel="self-influence",
-                         log=True, color="#9a6700")
-    body += histogram_svg(inf_counts, inf_edges, title=f"{what} of the first {len(slab):,} test examples on every "
-                          "training example", xlabel=what, log=True, unit="pairs")
+    body = histogram_svg(
+        si_counts,
+        si_edges,
+        title="self-influence of every training example",
+        xlabel="self-influence",
+        log=True,
+        color="#9a6700",
+    )
+    body += histogram_svg(
+        inf_counts,
+        inf_edges,
+        title=f"{what} of the first {len(slab):,} test examples on every training example",
+        xlabel=what,
+        log=True,
+        unit="pairs",
+    )
     positive = float((slab > 0).mean()) if slab.size else 0.0
-    body += h.tag("p", h.text(f"Counts on a log scale; the dashed line is 0. {positive:.0%} of the {what} scores are "
-                              "positive. The few examples far out on either side carry most of the influence: they "
-                              "are the proponents and opponents above."), class_="tko-note")
+    body += h.tag(
+        "p",
+        h.text(
+            f"Counts on a log scale; the dashed line is 0. {positive:.0%} of the {what} scores are "
+            "positive. The few examples far out on either side carry most of the influence: they "
+            "are the proponents and opponents above."
+        ),
+        class_="tko-note",
+    )
     return body

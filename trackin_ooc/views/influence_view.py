@@ -40,8 +40,7 @@ class InfluenceView:
         Paths of the stores behind the result; :meth:`save` never writes over them.
     """
 
-    def __init__(self, title: str, note: str, rows: list[c.Row], *, invert: bool = False,
-                 inputs: Sequence[Any] = ()):
+    def __init__(self, title: str, note: str, rows: list[c.Row], *, invert: bool = False, inputs: Sequence[Any] = ()):
         self.title = title
         self.note = note
         self.rows = rows
@@ -139,8 +138,9 @@ class _Labels:
 class _Side:
     """One dataset (train or test) with its renderer, labels and example ids."""
 
-    def __init__(self, name: str, data: Any, renderer: Renderer, labels: _Labels, ids: np.ndarray | None,
-                 target_key: str):
+    def __init__(
+        self, name: str, data: Any, renderer: Renderer, labels: _Labels, ids: np.ndarray | None, target_key: str
+    ):
         self.name = name
         self.data = dataset_of(data)
         self.renderer = renderer
@@ -154,8 +154,14 @@ class _Side:
             ex = read_example(self.data, row, target_key=self.target_key)
             drawing, target = self.renderer.draw(ex, side=self.name), ex.target
         ident = self.ids[row] if self.ids is not None and row < len(self.ids) else row
-        return c.Card(role=role, heading=heading.format(id=ident), drawing=drawing,
-                      label=self.labels.stored_at(row, target), true_label=self.labels.true_at(row), score=score)
+        return c.Card(
+            role=role,
+            heading=heading.format(id=ident),
+            drawing=drawing,
+            label=self.labels.stored_at(row, target),
+            true_label=self.labels.true_at(row),
+            score=score,
+        )
 
 
 def _as_renderer(render: Any, tokenizer: Any, **kw: Any) -> Renderer:
@@ -167,7 +173,7 @@ def _as_renderer(render: Any, tokenizer: Any, **kw: Any) -> Renderer:
 
 
 def result_kind(result: Any) -> str:
-    """"top_k", "self_influence" or "net_influence" for a result of those functions (else a ViewError)."""
+    """ "top_k", "self_influence" or "net_influence" for a result of those functions (else a ViewError)."""
     if isinstance(result, xr.Dataset) and "proponent_score" in result:
         return "top_k"
     if isinstance(result, xr.DataArray):
@@ -254,13 +260,23 @@ def show(
         A result of another kind, an example that is not in the data, or arguments that do not fit.
     """
     n = _count(n, "n")
-    renderer = _as_renderer(render, tokenizer, columns=columns, kind=kind, invert=invert,
-                            token_weights=token_weights)
+    renderer = _as_renderer(render, tokenizer, columns=columns, kind=kind, invert=invert, token_weights=token_weights)
     what = result_kind(result)
     inputs = [result.attrs.get(key) for key in ("store", "train_store", "test_store")]
     if what == "top_k":
-        view = _show_top_k(result, train_data, test_data, n=n, k=k, renderer=renderer, labels=labels,
-                           test_labels=test_labels, class_names=class_names, target_key=target_key, invert=invert)
+        view = _show_top_k(
+            result,
+            train_data,
+            test_data,
+            n=n,
+            k=k,
+            renderer=renderer,
+            labels=labels,
+            test_labels=test_labels,
+            class_names=class_names,
+            target_key=target_key,
+            invert=invert,
+        )
         view.inputs = [p for p in inputs if p is not None]
         return view
     if what == "self_influence":
@@ -269,20 +285,35 @@ def show(
         train = _Side("train", train_data, renderer, _Labels(stored, labels, class_names), ids, target_key)
         values = np.asarray(result.values, dtype=np.float64)
         order = np.argsort(-values, kind="stable")[:n]
-        group = [train.card("suspect", f"{i + 1}. #{{id}}", int(r), f"self-influence {h.score(values[r])}")
-                 for i, r in enumerate(order)]
-        note = (f"The {len(order)} training examples of highest self-influence Σ_c η_c‖g_c(z)‖² (of "
-                f"{len(values):,}): check their labels first.")
-        return InfluenceView("Most self-influential training examples", note, [c.Row("", [group])],
-                             invert=invert, inputs=inputs)
-    view = _show_net(result, train_data, n=n, k=k, renderer=renderer, labels=labels, class_names=class_names,
-                     target_key=target_key, invert=invert)
+        group = [
+            train.card("suspect", f"{i + 1}. #{{id}}", int(r), f"self-influence {h.score(values[r])}")
+            for i, r in enumerate(order)
+        ]
+        note = (
+            f"The {len(order)} training examples of highest self-influence Σ_c η_c‖g_c(z)‖² (of "
+            f"{len(values):,}): check their labels first."
+        )
+        return InfluenceView(
+            "Most self-influential training examples", note, [c.Row("", [group])], invert=invert, inputs=inputs
+        )
+    view = _show_net(
+        result,
+        train_data,
+        n=n,
+        k=k,
+        renderer=renderer,
+        labels=labels,
+        class_names=class_names,
+        target_key=target_key,
+        invert=invert,
+    )
     view.inputs = [p for p in inputs if p is not None]
     return view
 
 
-def _show_top_k(result, train_data, test_data, *, n, k, renderer, labels, test_labels, class_names, target_key,
-                invert) -> InfluenceView:
+def _show_top_k(
+    result, train_data, test_data, *, n, k, renderer, labels, test_labels, class_names, target_key, invert
+) -> InfluenceView:
     n_rank = int(result.sizes["rank"])
     k = min(n_rank, 5) if k is None else min(_count(k, "k"), n_rank)
     tr_labels, tr_ids = _store_labels(result.attrs.get("train_store"))
@@ -296,15 +327,19 @@ def _show_top_k(result, train_data, test_data, *, n, k, renderer, labels, test_l
     rows = []
     for t in range(min(n, int(result.sizes["test"]))):
         head = [test.card("test", "test #{id}", t, None)]
-        pro = [train.card("proponent", f"+{j + 1} #{{id}}", int(pi[t, j]), f"score {h.score(ps[t, j])}")
-               for j in range(k)]
-        opp = [train.card("opponent", f"−{j + 1} #{{id}}", int(oi[t, j]), f"score {h.score(os_[t, j])}")
-               for j in range(k)]
+        pro = [
+            train.card("proponent", f"+{j + 1} #{{id}}", int(pi[t, j]), f"score {h.score(ps[t, j])}") for j in range(k)
+        ]
+        opp = [
+            train.card("opponent", f"−{j + 1} #{{id}}", int(oi[t, j]), f"score {h.score(os_[t, j])}") for j in range(k)
+        ]
         rows.append(c.Row(f"test example #{te_ids[t]}", [head, pro, opp]))
     how = "cosine TracIn (normalize=True)" if result.attrs.get("normalize") else "TracIn Σ_c η_c⟨g_c(z′), g_c(z)⟩"
     approx = " (from an index: exact scores, approximate membership)" if result.attrs.get("approximate") else ""
-    note = (f"Each test example, its {k} strongest proponents (+: training examples that lowered its loss most) "
-            f"and opponents (−: raised it most), by {how}{approx}.")
+    note = (
+        f"Each test example, its {k} strongest proponents (+: training examples that lowered its loss most) "
+        f"and opponents (−: raised it most), by {how}{approx}."
+    )
     title = "Proponents and opponents" + (" (cosine TracIn)" if result.attrs.get("normalize") else " (TracIn)")
     return InfluenceView(title, note, rows, invert=invert)
 
@@ -318,21 +353,24 @@ def _show_net(result, train_data, *, n, k, renderer, labels, class_names, target
     def sides(v: np.ndarray, m: int) -> list[list[c.Card]]:
         order = np.argsort(-v, kind="stable")
         best, worst = order[:m], order[::-1][:m]
-        return [[train.card("helpful", f"{i + 1}. #{{id}}", int(r), f"net {h.score(v[r])}")
-                 for i, r in enumerate(best)],
-                [train.card("harmful", f"{i + 1}. #{{id}}", int(r), f"net {h.score(v[r])}")
-                 for i, r in enumerate(worst)]]
+        return [
+            [train.card("helpful", f"{i + 1}. #{{id}}", int(r), f"net {h.score(v[r])}") for i, r in enumerate(best)],
+            [train.card("harmful", f"{i + 1}. #{{id}}", int(r), f"net {h.score(v[r])}") for i, r in enumerate(worst)],
+        ]
 
     n_test = result.attrs.get("n_test")
     test_words = f"{n_test:,} test examples" if isinstance(n_test, (int, np.integer)) else "the test set"
     if values.ndim == 1:
         rows = [c.Row("most helpful | most harmful", sides(values, n))]
-        note = (f"Influence summed over {test_words}: positive examples lowered the test loss (helped), "
-                "negative ones raised it (hurt).")
+        note = (
+            f"Influence summed over {test_words}: positive examples lowered the test loss (helped), "
+            "negative ones raised it (hurt)."
+        )
     else:
         m = 5 if k is None else _count(k, "k")
         groups = result.coords["group"].values
-        rows = [c.Row(f"test group {g}: most helpful | most harmful", sides(values[i], m))
-                for i, g in enumerate(groups[:n])]
+        rows = [
+            c.Row(f"test group {g}: most helpful | most harmful", sides(values[i], m)) for i, g in enumerate(groups[:n])
+        ]
         note = "Influence summed over each group of test examples: the most helpful and most harmful per group."
     return InfluenceView("Most helpful and most harmful training examples", note, rows, invert=invert)

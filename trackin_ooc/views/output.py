@@ -42,8 +42,9 @@ def check_file_output(path: str | os.PathLike, *, what: str, overwrite: bool, in
     ``OutputKindError`` (exists and is not an earlier output of this package, or is a folder).
     """
     if is_remote(path):
-        raise OutputKindError(f"{os.fspath(path)}: the {what} is written to a local file; give a local path "
-                              "and copy it afterwards")
+        raise OutputKindError(
+            f"{os.fspath(path)}: the {what} is written to a local file; give a local path and copy it afterwards"
+        )
     final = os.path.abspath(os.path.expanduser(os.fspath(path)))
     check_not_an_input(final, inputs)
     if not os.path.lexists(final):
@@ -54,16 +55,25 @@ def check_file_output(path: str | os.PathLike, *, what: str, overwrite: bool, in
     if os.path.isdir(final):
         raise OutputKindError(f"{final} is a folder; the {what} is one file: give a file name (say report.html)")
     if not overwrite:
-        raise StoreExistsError(f"{what} {final} already exists; pass overwrite=True (--overwrite) to replace it, "
-                               "or choose another path")
+        raise StoreExistsError(
+            f"{what} {final} already exists; pass overwrite=True (--overwrite) to replace it, or choose another path"
+        )
     if not written_here(final):
-        raise OutputKindError(f"{final} already exists and was not written by trackin-ooc; overwrite replaces only "
-                              f"an earlier {what}: remove it deliberately first (rm {final}) or choose another path")
+        raise OutputKindError(
+            f"{final} already exists and was not written by trackin-ooc; overwrite replaces only "
+            f"an earlier {what}: remove it deliberately first (rm {final}) or choose another path"
+        )
     return final
 
 
-def write_text_output(path: str | os.PathLike, content: str | Callable[[str], None], *, kind: str,
-                      overwrite: bool = False, inputs: Iterable[Any] = ()) -> str:
+def write_text_output(
+    path: str | os.PathLike,
+    content: str | Callable[[str], None],
+    *,
+    kind: str,
+    overwrite: bool = False,
+    inputs: Iterable[Any] = (),
+) -> str:
     """Write ``content`` (text, or a function that writes the file at the path it is given) to ``path``."""
     what = "report" if kind == "report" else "view"
     final = check_file_output(path, what=what, overwrite=overwrite, inputs=inputs)

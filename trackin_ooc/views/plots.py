@@ -29,8 +29,16 @@ def _frame(title: str, body: str, xlabel: str, ylabel: str) -> str:
     )
 
 
-def histogram_svg(bin_counts: ArrayLike, bin_edges: ArrayLike, *, title: str, xlabel: str,
-                  log: bool = False, color: str = "#0969da", unit: str = "examples") -> str:
+def histogram_svg(
+    bin_counts: ArrayLike,
+    bin_edges: ArrayLike,
+    *,
+    title: str,
+    xlabel: str,
+    log: bool = False,
+    color: str = "#0969da",
+    unit: str = "examples",
+) -> str:
     """An SVG histogram of ``bin_counts`` over bins ``bin_edges`` (one more); ``log`` scales the counts."""
     counts = np.asarray(bin_counts, dtype=np.float64)
     edges = np.asarray(bin_edges, dtype=np.float64)
@@ -43,8 +51,10 @@ def histogram_svg(bin_counts: ArrayLike, bin_edges: ArrayLike, *, title: str, xl
         bh = plot_h * s / top
         x, y = LEFT + i * bar_w, H - BOTTOM - bh
         tip = h.text(f"{edges[i]:.3g} to {edges[i + 1]:.3g}: {int(c):,}")
-        bars.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{max(bar_w - 1, 0.5):.1f}" height="{bh:.1f}" '
-                    f'fill="{color}"><title>{tip}</title></rect>')
+        bars.append(
+            f'<rect x="{x:.1f}" y="{y:.1f}" width="{max(bar_w - 1, 0.5):.1f}" height="{bh:.1f}" '
+            f'fill="{color}"><title>{tip}</title></rect>'
+        )
     ticks = []
     for frac in (0.0, 0.5, 1.0):
         value = edges[0] + frac * (edges[-1] - edges[0])
@@ -52,8 +62,9 @@ def histogram_svg(bin_counts: ArrayLike, bin_edges: ArrayLike, *, title: str, xl
         ticks.append(f'<text x="{x:.1f}" y="{H - BOTTOM + 14}" text-anchor="middle">{h.text(h.score(value))}</text>')
     if edges[0] < 0 < edges[-1]:
         x0 = LEFT + plot_w * (0 - edges[0]) / (edges[-1] - edges[0])
-        ticks.append(f'<line x1="{x0:.1f}" y1="{TOP}" x2="{x0:.1f}" y2="{H - BOTTOM}" stroke="#cf222e" '
-                     'stroke-dasharray="3,3"/>')
+        ticks.append(
+            f'<line x1="{x0:.1f}" y1="{TOP}" x2="{x0:.1f}" y2="{H - BOTTOM}" stroke="#cf222e" stroke-dasharray="3,3"/>'
+        )
     peak = int(counts.max()) if counts.size else 0
     ticks.append(f'<text x="{LEFT - 4}" y="{TOP + 4}" text-anchor="end">{peak:,}</text>')
     ticks.append(f'<text x="{LEFT - 4}" y="{H - BOTTOM}" text-anchor="end">0</text>')
@@ -61,8 +72,16 @@ def histogram_svg(bin_counts: ArrayLike, bin_edges: ArrayLike, *, title: str, xl
     return _frame(title, "".join(bars) + "".join(ticks), xlabel, ylabel)
 
 
-def bars_svg(names: Sequence[str], bar_values: ArrayLike, *, title: str, xlabel: str, ylabel: str,
-             color: str = "#1a7f37", fmt: str = "{:.0%}") -> str:
+def bars_svg(
+    names: Sequence[str],
+    bar_values: ArrayLike,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    color: str = "#1a7f37",
+    fmt: str = "{:.0%}",
+) -> str:
     """An SVG bar chart: one bar per name, its value written above it."""
     values = np.asarray(bar_values, dtype=np.float64)
     top = float(np.nanmax(np.abs(values))) if values.size and np.nanmax(np.abs(values)) > 0 else 1.0
@@ -72,10 +91,13 @@ def bars_svg(names: Sequence[str], bar_values: ArrayLike, *, title: str, xlabel:
     for i, (name, v) in enumerate(zip(names, values)):
         bh = 0.85 * plot_h * abs(v) / top  # room above the tallest bar for its value
         x, y = LEFT + i * bar_w, H - BOTTOM - bh
-        parts.append(f'<rect x="{x + 0.15 * bar_w:.1f}" y="{y:.1f}" width="{0.7 * bar_w:.1f}" height="{bh:.1f}" '
-                     f'fill="{color}"><title>{h.text(f"{name}: {fmt.format(v)}")}</title></rect>')
-        parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{y - 3:.1f}" text-anchor="middle">'
-                     f'{h.text(fmt.format(v))}</text>')
+        parts.append(
+            f'<rect x="{x + 0.15 * bar_w:.1f}" y="{y:.1f}" width="{0.7 * bar_w:.1f}" height="{bh:.1f}" '
+            f'fill="{color}"><title>{h.text(f"{name}: {fmt.format(v)}")}</title></rect>'
+        )
+        parts.append(
+            f'<text x="{x + bar_w / 2:.1f}" y="{y - 3:.1f}" text-anchor="middle">{h.text(fmt.format(v))}</text>'
+        )
         label = name if len(name) <= 14 else name[:13] + "…"
         parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{H - BOTTOM + 14}" text-anchor="middle">{h.text(label)}</text>')
     return _frame(title, "".join(parts), xlabel, ylabel)

@@ -32,8 +32,9 @@ def encode_png(pixels: np.ndarray) -> bytes:
         raise ValueError("cannot write an empty picture")
     raw = b"".join(b"\x00" + a[y].tobytes() for y in range(h))  # filter type 0 on every line
     header = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 6)) + _chunk(
-        b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 6)) + _chunk(b"IEND", b"")
+    )
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

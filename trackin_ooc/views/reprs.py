@@ -83,16 +83,27 @@ def _factored_rows(layers: list[dict]) -> tuple[list[str], list[list[Any]], tupl
             rows.append([name, "pad", "", "", "", "", f"{int(x['width']):,}", _factored_how(x)])
             continue
         d_in, d_out = int(x["d_in"]), int(x["d_out"])
-        rows.append([name, x["kind"], f"{d_in:,} × {d_out:,} = {d_in * d_out:,}", f"{d_in:,} → {int(x['k_in']):,}",
-                     f"{d_out:,} → {int(x['k_out']):,}", int(x.get("blocks", 1)), f"{int(x['width']):,}",
-                     _factored_how(x)])
+        rows.append(
+            [
+                name,
+                x["kind"],
+                f"{d_in:,} × {d_out:,} = {d_in * d_out:,}",
+                f"{d_in:,} → {int(x['k_in']):,}",
+                f"{d_out:,} → {int(x['k_out']):,}",
+                int(x.get("blocks", 1)),
+                f"{int(x['width']):,}",
+                _factored_how(x),
+            ]
+        )
     return header, rows, (2, 5, 6)
 
 
 def _factors_rows(layers: list[dict]) -> tuple[list[str], list[list[Any]], tuple[int, ...]]:
     header = ["layer", "kind", "exact size", "stored as"]
-    rows = [[x.get("module", ""), x.get("kind", ""), f"{int(x['d_in']):,} × {int(x['d_out']):,}",
-             x.get("store", "")] for x in layers]
+    rows = [
+        [x.get("module", ""), x.get("kind", ""), f"{int(x['d_in']):,} × {int(x['d_out']):,}", x.get("store", "")]
+        for x in layers
+    ]
     return header, rows, (2,)
 
 
@@ -116,8 +127,9 @@ def _plain(v: Any) -> str:
 
 
 def _param_rows(params: list[dict]) -> tuple[list[str], list[list[Any]], tuple[int, ...]]:
-    rows = [[p["name"], " × ".join(str(s) for s in p["shape"]) or "scalar", f"{math.prod(p['shape']):,}"]
-            for p in params]
+    rows = [
+        [p["name"], " × ".join(str(s) for s in p["shape"]) or "scalar", f"{math.prod(p['shape']):,}"] for p in params
+    ]
     return ["parameter", "shape", "values"], rows, (2,)
 
 
@@ -153,8 +165,10 @@ def plan_body(spec_or_plan: Any) -> str:
     elif isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
         header, rows, num = _rows_for(_layer_dicts(obj))
     else:
-        raise TypeError(f"plan_table_html takes a ProjectionSpec, its dict, a plan dict with 'layers' or a list of "
-                        f"layer dicts, not a {type(obj).__name__}")
+        raise TypeError(
+            f"plan_table_html takes a ProjectionSpec, its dict, a plan dict with 'layers' or a list of "
+            f"layer dicts, not a {type(obj).__name__}"
+        )
     head = h.key_values(summary) if summary else ""
     return head + _clipped(header, rows, num)
 
@@ -222,9 +236,12 @@ def store_html(store: Any) -> str:
         pairs.append(("non-finite", f"{store.n_nonfinite:,} example(s) stored as zeros"))
     ckpt_rows = [[i, name, f"{lr:g}"] for i, (name, lr) in enumerate(zip(store.checkpoint_names, store.learning_rates))]
     checkpoints = h.table(ckpt_rows, ["", "checkpoint", "η"], numeric=(0, 2))
-    body = (h.tag("b", h.text("GradientStore")) + h.key_values(pairs)
-            + _details(f"checkpoints ({store.n_checkpoints})", checkpoints)
-            + _details(f"layers and projection plan ({len(store.spec.layers)} parameters)", plan_body(store.spec)))
+    body = (
+        h.tag("b", h.text("GradientStore"))
+        + h.key_values(pairs)
+        + _details(f"checkpoints ({store.n_checkpoints})", checkpoints)
+        + _details(f"layers and projection plan ({len(store.spec.layers)} parameters)", plan_body(store.spec))
+    )
     return h.fragment(body)
 
 

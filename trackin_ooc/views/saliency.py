@@ -35,8 +35,9 @@ def _embedding_module(model: Any, name: str | None):
     found = [(n, m) for n, m in modules.items() if isinstance(m, nn.Embedding)]
     if len(found) != 1:
         names = ", ".join(n for n, _ in found) or "none"
-        raise ViewError(f"the model has {len(found)} nn.Embedding modules ({names}); name the token embedding "
-                        "with embedding='...'")
+        raise ViewError(
+            f"the model has {len(found)} nn.Embedding modules ({names}); name the token embedding with embedding='...'"
+        )
     return found[0][1]
 
 
@@ -106,8 +107,10 @@ def token_gradient_mass(
                 seen.clear()
                 out = call_model(model, to_device(inputs, device))
                 if len(seen) != 1:
-                    raise ViewError(f"the embedding ran {len(seen)} times in one forward; name the token embedding "
-                                    "with embedding='...'")
+                    raise ViewError(
+                        f"the embedding ran {len(seen)} times in one forward; name the token embedding "
+                        "with embedding='...'"
+                    )
                 loss = loss_of(out, targets.to(device)).sum()
                 (grad,) = torch.autograd.grad(loss, seen[0])
                 m = ckpt.learning_rate * grad.detach().double().pow(2).sum(-1).reshape(-1).cpu().numpy()

@@ -9,6 +9,15 @@ from .loading import Checkpoint, load_checkpoints
 from .moments import FoundMoments, Moments, ParamMoments, read_moments
 
 __all__ = [
-    "Checkpoint", "FoundMoments", "Moments", "ParamMoments", "check_fits", "drop_tied_duplicates", "expand_checkpoints",
-    "fit_state_dict", "load_checkpoints", "read_moments", "state_dict_sha256",
+    "Checkpoint",
+    "FoundMoments",
+    "Moments",
+    "ParamMoments",
+    "check_fits",
+    "drop_tied_duplicates",
+    "expand_checkpoints",
+    "fit_state_dict",
+    "load_checkpoints",
+    "read_moments",
+    "state_dict_sha256",
 ]

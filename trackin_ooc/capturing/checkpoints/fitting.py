@@ -79,14 +79,17 @@ def misfit(model: nn.Module, sd: Mapping[str, Any]) -> Misfit:
     twins = _twins(model)
     ignored = _ignored_unexpected(model, expected)
     missing = [
-        k for k in expected
+        k
+        for k in expected
         if k not in sd and not any(t in sd for t in twins.get(k, ())) and not k.endswith(BATCHNORM_COUNTER)
     ]
     unexpected = [k for k in sd if k not in expected and not ignored(k)]
     shapes = [
         f"{k} {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()
-        if k in sd and isinstance(sd[k], torch.Tensor) and isinstance(v, torch.Tensor)
+        if k in sd
+        and isinstance(sd[k], torch.Tensor)
+        and isinstance(v, torch.Tensor)
         and tuple(sd[k].shape) != tuple(v.shape)
     ]
     return Misfit(missing, unexpected, shapes)
@@ -122,7 +125,7 @@ def strip_prefix(model: nn.Module, sd: Mapping[str, Any], where: str) -> dict[st
     keys = list(sd)
     fitting = []
     for prefix in _prefix_candidates(keys, len(model.state_dict()) // 2):
-        stripped = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        stripped = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
         if not misfit(model, stripped):
             fitting.append((prefix, stripped))
     if not fitting:
@@ -161,8 +164,13 @@ def fit_state_dict(model: nn.Module, tensors: Mapping[str, Any], where: str) -> 
         else:
             twin = next((t for t in twins.get(k, ()) if t in sd), None)
             v = sd[twin] if twin is not None else want.detach().clone()  # a twin, else the BatchNorm counter
-        if (isinstance(v, torch.Tensor) and isinstance(want, torch.Tensor) and v.dtype != want.dtype
-                and v.is_floating_point() and want.is_floating_point()):
+        if (
+            isinstance(v, torch.Tensor)
+            and isinstance(want, torch.Tensor)
+            and v.dtype != want.dtype
+            and v.is_floating_point()
+            and want.is_floating_point()
+        ):
             v = v.to(want.dtype)
         out[k] = v
     return out

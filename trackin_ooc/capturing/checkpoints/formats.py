@@ -155,8 +155,13 @@ def _read_folder(folder: str) -> RawCheckpoint:
             "pass the folder a Trainer or save_pretrained wrote, or the weights file itself"
         )
     optimizer = os.path.join(folder, TRAINER_OPTIMIZER)
-    return RawCheckpoint(checkpoint_name(folder), folder, tensors, from_trainer_state(folder),
-                         optimizer_file=optimizer if os.path.isfile(optimizer) else None)
+    return RawCheckpoint(
+        checkpoint_name(folder),
+        folder,
+        tensors,
+        from_trainer_state(folder),
+        optimizer_file=optimizer if os.path.isfile(optimizer) else None,
+    )
 
 
 def _read_sharded(index_path: str, read) -> dict[str, Any]:
@@ -167,8 +172,10 @@ def _read_sharded(index_path: str, read) -> dict[str, Any]:
             weight_map = json.load(f)["weight_map"]
         shards = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"cannot read the shard index {index_path} ({type(e).__name__}: {e}); "
-                              "it must be JSON with a weight_map of tensor name → shard file") from None
+        raise CheckpointError(
+            f"cannot read the shard index {index_path} ({type(e).__name__}: {e}); "
+            "it must be JSON with a weight_map of tensor name → shard file"
+        ) from None
     tensors: dict[str, Any] = {}
     for shard in shards:
         path = os.path.join(folder, shard)
@@ -177,8 +184,10 @@ def _read_sharded(index_path: str, read) -> dict[str, Any]:
         tensors.update(read(path))
     missing = sorted(set(weight_map) - set(tensors))
     if missing:
-        raise CheckpointError(f"the shards of {index_path} lack {', '.join(missing[:4])}"
-                              f"{' ...' if len(missing) > 4 else ''}; the checkpoint is incomplete")
+        raise CheckpointError(
+            f"the shards of {index_path} lack {', '.join(missing[:4])}"
+            f"{' ...' if len(missing) > 4 else ''}; the checkpoint is incomplete"
+        )
     return tensors
 
 
@@ -189,8 +198,9 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(path, device="cpu")
     except Exception as e:  # SafetensorError, OSError, ...: a corrupt or truncated file
-        raise CheckpointError(f"cannot read safetensors file {path}: {_first_line(e)}; "
-                              "the file is damaged or not in safetensors format") from None
+        raise CheckpointError(
+            f"cannot read safetensors file {path}: {_first_line(e)}; the file is damaged or not in safetensors format"
+        ) from None
 
 
 def torch_load(path: str) -> Any:

@@ -72,8 +72,10 @@ def from_optimizer_state(state: Mapping[str, Any], where: str) -> FoundRate:
         return FoundRate(problem=f"the optimizer state in {where} has no numeric learning rate in param_groups")
     if len(set(rates)) > 1:
         shown = ", ".join(f"{r:g}" for r in rates[:6]) + (" ..." if len(rates) > 6 else "")
-        return FoundRate(problem=f"the optimizer in {where} has parameter groups with different learning rates "
-                                 f"({shown}), so no one rate applies to the checkpoint")
+        return FoundRate(
+            problem=f"the optimizer in {where} has parameter groups with different learning rates "
+            f"({shown}), so no one rate applies to the checkpoint"
+        )
     return FoundRate(rates[0])
 
 
@@ -91,13 +93,17 @@ def from_trainer_state(folder: str) -> FoundRate:
         first = str(e).splitlines()[0] if str(e) else ""
         return FoundRate(problem=f"{path} cannot be read ({type(e).__name__}: {first})")
     logged = [
-        e for e in history
-        if isinstance(e, Mapping) and "learning_rate" in e and _as_float(e.get("step", math.inf)) is not None
+        e
+        for e in history
+        if isinstance(e, Mapping)
+        and "learning_rate" in e
+        and _as_float(e.get("step", math.inf)) is not None
         and float(e["step"]) <= step
     ]
     if not logged:
-        return FoundRate(problem=f"{path} logs no learning_rate at or before global_step {step} "
-                                 "(logging_steps longer than the run?)")
+        return FoundRate(
+            problem=f"{path} logs no learning_rate at or before global_step {step} (logging_steps longer than the run?)"
+        )
     value = _as_float(logged[-1]["learning_rate"])
     if value is None:
         return FoundRate(problem=f"{path} logs learning_rate={logged[-1]['learning_rate']!r}, not a number")

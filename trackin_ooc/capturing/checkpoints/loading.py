@@ -102,6 +102,9 @@ def load_checkpoints(
             )
         found = None if moments_for is None else read_moments(model, raw, moments_for)
         # Hash the fitted tensors, not the file: every format of the same weights hashes alike.
-        loaded.append(Checkpoint(name=raw.name, sha256=state_dict_sha256(sd), state_dict=sd, learning_rate=float(lr),
-                                 moments=found))
+        loaded.append(
+            Checkpoint(
+                name=raw.name, sha256=state_dict_sha256(sd), state_dict=sd, learning_rate=float(lr), moments=found
+            )
+        )
     return loaded

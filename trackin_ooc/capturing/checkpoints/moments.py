@@ -46,8 +46,10 @@ AMSGRAD_MOMENT = "max_exp_avg_sq"
 # What the Trainer (transformers ≥ 4.46) excludes from weight decay besides LayerNorm modules; matched
 # against the lower-cased parameter name (Trainer.get_decay_parameter_names).
 TRAINER_NO_DECAY = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
-FIX_NAMES = ("save the state of an optimizer built over this model's parameters (model.parameters() in order, or "
-             "model.named_parameters(), which records their names)")
+FIX_NAMES = (
+    "save the state of an optimizer built over this model's parameters (model.parameters() in order, or "
+    "model.named_parameters(), which records their names)"
+)
 FIX_SGD = "or pass preconditioner=None (--preconditioner none) for the SGD form"
 
 
@@ -70,8 +72,12 @@ class Moments:
     @cached_property
     def sha256(self) -> str:
         """Content hash of what the preconditioner uses (every v̂ and ε, by parameter name)."""
-        return state_dict_sha256({**{f"{n}#v_hat": m.v_hat for n, m in self.params.items()},
-                                  **{f"{n}#eps": float(m.eps) for n, m in self.params.items()}})
+        return state_dict_sha256(
+            {
+                **{f"{n}#v_hat": m.v_hat for n, m in self.params.items()},
+                **{f"{n}#eps": float(m.eps) for n, m in self.params.items()},
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -93,8 +99,10 @@ def optimizer_state(raw: RawCheckpoint) -> tuple[str, Mapping[str, Any]] | None:
         return None
     state = torch_load(raw.optimizer_file)
     if not isinstance(state, Mapping) or "param_groups" not in state or "state" not in state:
-        raise CheckpointError(f"{raw.optimizer_file} holds no optimizer state dict (state, param_groups); "
-                              f"save optimizer.state_dict() there, {FIX_SGD}")
+        raise CheckpointError(
+            f"{raw.optimizer_file} holds no optimizer state dict (state, param_groups); "
+            f"save optimizer.state_dict() there, {FIX_SGD}"
+        )
     return raw.optimizer_file, state
 
 
@@ -108,8 +116,7 @@ def _absent_reason(raw: RawCheckpoint) -> str:
 
 def _has_adam_moments(state: Mapping[str, Any]) -> bool:
     entries = state.get("state") or {}
-    return isinstance(entries, Mapping) and any(
-        isinstance(e, Mapping) and SECOND_MOMENT in e for e in entries.values())
+    return isinstance(entries, Mapping) and any(isinstance(e, Mapping) and SECOND_MOMENT in e for e in entries.values())
 
 
 # ---- parameter ids → names --------------------------------------------------------------------------
@@ -120,8 +127,12 @@ def decay_parameter_names(model: nn.Module, legacy: bool = False) -> set[str]:
     lower-cased name matches none of :data:`TRAINER_NO_DECAY`. ``legacy``: the rule of transformers before
     4.46 (outside ``nn.LayerNorm`` modules, "bias" not in the name).
     """
-    in_norm = {f"{m}.{n}" for m, mod in model.named_modules() if m and isinstance(mod, nn.LayerNorm)
-               for n, _ in mod.named_parameters()}
+    in_norm = {
+        f"{m}.{n}"
+        for m, mod in model.named_modules()
+        if m and isinstance(mod, nn.LayerNorm)
+        for n, _ in mod.named_parameters()
+    }
     patterns = [re.compile(p) for p in TRAINER_NO_DECAY]
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)} - in_norm
     if legacy:
@@ -142,8 +153,10 @@ def _group_ids(state: Mapping[str, Any], where: str) -> list[list[int]]:
     try:
         return [[int(i) for i in g["params"]] for g in groups]
     except (TypeError, KeyError, ValueError):
-        raise CheckpointError(f"the optimizer state in {where} has malformed param_groups (each needs a 'params' "
-                              f"list of ids); {FIX_NAMES}, {FIX_SGD}") from None
+        raise CheckpointError(
+            f"the optimizer state in {where} has malformed param_groups (each needs a 'params' "
+            f"list of ids); {FIX_NAMES}, {FIX_SGD}"
+        ) from None
 
 
 def _by_recorded_names(model: nn.Module, state: Mapping[str, Any], where: str) -> dict[int, str] | None:
@@ -156,12 +169,14 @@ def _by_recorded_names(model: nn.Module, state: Mapping[str, Any], where: str) -
     if all(n in params for _, n in pairs):
         return dict(pairs)
     for prefix in _prefixes([n for _, n in pairs]):
-        stripped = {i: n[len(prefix):] for i, n in pairs if n.startswith(prefix)}
+        stripped = {i: n[len(prefix) :] for i, n in pairs if n.startswith(prefix)}
         if stripped and all(n in params for n in stripped.values()):
             return stripped  # names outside the prefix: parameters outside the model (a LightningModule's own)
     first = next(n for _, n in pairs if n not in params)
-    raise CheckpointError(f"the optimizer state in {where} names parameter {first!r}, which the model does not "
-                          f"have (nor after stripping a prefix); pass the model the optimizer trained, {FIX_SGD}")
+    raise CheckpointError(
+        f"the optimizer state in {where} names parameter {first!r}, which the model does not "
+        f"have (nor after stripping a prefix); pass the model the optimizer trained, {FIX_SGD}"
+    )
 
 
 def _prefixes(names: Sequence[str]) -> list[str]:
@@ -230,12 +245,15 @@ def map_parameter_ids(model: nn.Module, state: Mapping[str, Any], where: str, tr
             first_problem = problem
     if not fitting:
         how = "the Trainer's parameter groups" if trainer else "the model's parameters"
-        raise CheckpointError(f"the optimizer state in {where} does not fit {how}: {first_problem}; "
-                              f"{FIX_NAMES}, {FIX_SGD}")
+        raise CheckpointError(
+            f"the optimizer state in {where} does not fit {how}: {first_problem}; {FIX_NAMES}, {FIX_SGD}"
+        )
     if len(fitting) > 1 and not trainer:
-        raise CheckpointError(f"the optimizer state in {where} fits the model's parameters in more than one order "
-                              "(its parameter groups may follow the model or the Trainer's decay grouping); "
-                              f"{FIX_NAMES}, {FIX_SGD}")
+        raise CheckpointError(
+            f"the optimizer state in {where} fits the model's parameters in more than one order "
+            "(its parameter groups may follow the model or the Trainer's decay grouping); "
+            f"{FIX_NAMES}, {FIX_SGD}"
+        )
     return fitting[0]
 
 
@@ -280,8 +298,10 @@ def read_moments(model: nn.Module, raw: RawCheckpoint, names: Sequence[str]) -> 
         return FoundMoments(absent=_absent_reason(raw))
     where, state = found
     if not _has_adam_moments(state):
-        return FoundMoments(absent=f"the optimizer state in {where} holds no Adam second moments ({SECOND_MOMENT}): "
-                                   "not an Adam-family optimizer")
+        return FoundMoments(
+            absent=f"the optimizer state in {where} holds no Adam second moments ({SECOND_MOMENT}): "
+            "not an Adam-family optimizer"
+        )
     try:
         ids = map_parameter_ids(model, state, where, trainer=raw.from_trainer)
     except CheckpointError as e:
@@ -296,19 +316,25 @@ def read_moments(model: nn.Module, raw: RawCheckpoint, names: Sequence[str]) -> 
         i = by_name.get(n)
         if i is None or i not in entries:
             why = "is not among its parameters" if i is None else f"(param id {i}) has no state there (never updated)"
-            return FoundMoments(error=f"the optimizer state in {where} has no Adam moments for parameter {n}: it "
-                                      f"{why}; leave {n} out of layers, {FIX_SGD}")
+            return FoundMoments(
+                error=f"the optimizer state in {where} has no Adam moments for parameter {n}: it "
+                f"{why}; leave {n} out of layers, {FIX_SGD}"
+            )
         group = group_of[i]
         v_hat = bias_corrected(entries[i], group)
         eps = _number(group.get("eps"))
         if v_hat is None or eps is None:
-            return FoundMoments(error=f"the optimizer state in {where} lacks {SECOND_MOMENT}, step, betas or eps for "
-                                      f"parameter {n} (param id {i}); save the state of an Adam-family optimizer, "
-                                      f"{FIX_SGD}")
+            return FoundMoments(
+                error=f"the optimizer state in {where} lacks {SECOND_MOMENT}, step, betas or eps for "
+                f"parameter {n} (param id {i}); save the state of an Adam-family optimizer, "
+                f"{FIX_SGD}"
+            )
         if tuple(v_hat.shape) != tuple(params[n].shape):
-            return FoundMoments(error=f"the optimizer state in {where} holds {SECOND_MOMENT} of shape "
-                                      f"{tuple(v_hat.shape)} for parameter {n} of shape {tuple(params[n].shape)}; "
-                                      f"{FIX_NAMES}, {FIX_SGD}")
+            return FoundMoments(
+                error=f"the optimizer state in {where} holds {SECOND_MOMENT} of shape "
+                f"{tuple(v_hat.shape)} for parameter {n} of shape {tuple(params[n].shape)}; "
+                f"{FIX_NAMES}, {FIX_SGD}"
+            )
         amsgrad = amsgrad or bool(group.get("amsgrad", False))
         out[n] = ParamMoments(v_hat, eps)
     return FoundMoments(Moments(where, out, amsgrad))

@@ -197,13 +197,22 @@ def capture(
     if dtype not in STORAGE_DTYPES:
         raise CaptureError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
     if projection not in CAPTURE_PROJECTIONS:  # also without projection_dim: a typo never means exact
-        raise CaptureError(f"unknown projection {projection!r}; use one of {', '.join(CAPTURE_PROJECTIONS)} "
-                           "(projection_dim=None with the default 'gaussian' keeps gradients exact)")
+        raise CaptureError(
+            f"unknown projection {projection!r}; use one of {', '.join(CAPTURE_PROJECTIONS)} "
+            "(projection_dim=None with the default 'gaussian' keeps gradients exact)"
+        )
     dev = resolve_device(device) if client is None else None
     # The output rule, once: never on or around a checkpoint; overwrite replaces only an earlier gradient store.
-    checked = check_output_location(path, checkpoints_as_given(checkpoints), kind="gradients", overwrite=overwrite,
-                                    resumable=True, input_what="checkpoint", inside_inputs_ok=True,
-                                    storage_options=storage_options)
+    checked = check_output_location(
+        path,
+        checkpoints_as_given(checkpoints),
+        kind="gradients",
+        overwrite=overwrite,
+        resumable=True,
+        input_what="checkpoint",
+        inside_inputs_ok=True,
+        storage_options=storage_options,
+    )
     if not overwrite:  # refuse early; with overwrite the old store is removed only once inputs check out
         existing_store(path, storage_options)
     preconditioner = check_preconditioner(preconditioner)
@@ -211,15 +220,18 @@ def capture(
         log.info("preconditioner='auto': kfac (a fitted curvature was given)")
         preconditioner = "kfac"
     names = select_parameters(model, layers)
-    ckpts = load_checkpoints(model, checkpoints, learning_rates,
-                             moments_for=names if needs_moments(preconditioner) else None)
+    ckpts = load_checkpoints(
+        model, checkpoints, learning_rates, moments_for=names if needs_moments(preconditioner) else None
+    )
     if preconditioner == "kfac" and curvature is not None:
         from .curvature import as_curvature
 
         curvature = as_curvature(curvature)
     elif curvature is not None:
-        raise CaptureError(f"curvature= is for preconditioner='kfac', not {preconditioner!r}; pass "
-                           "preconditioner='kfac' or leave curvature out")
+        raise CaptureError(
+            f"curvature= is for preconditioner='kfac', not {preconditioner!r}; pass "
+            "preconditioner='kfac' or leave curvature out"
+        )
     params = dict(model.named_parameters())
     loader = as_loader(data, batch_size)
     n = dataset_length(loader)
@@ -239,32 +251,58 @@ def capture(
     settings = loader_settings(loader)
     label_dtype = probe_labels(loader.dataset, settings["collate_fn"], target_key)
     job = CaptureJob(
-        model=model, checkpoints=checkpoints_as_given(checkpoints),
-        learning_rates=[ck.learning_rate for ck in ckpts], checkpoint_hashes=recorded_hashes(ckpts, kind),
-        spec=spec, dataset=loader.dataset, loss_fn=loss_fn, nonfinite=nonfinite, target_key=target_key,
-        device=str(dev) if dev is not None else ("auto" if device is None else str(device)), **settings,
+        model=model,
+        checkpoints=checkpoints_as_given(checkpoints),
+        learning_rates=[ck.learning_rate for ck in ckpts],
+        checkpoint_hashes=recorded_hashes(ckpts, kind),
+        spec=spec,
+        dataset=loader.dataset,
+        loss_fn=loss_fn,
+        nonfinite=nonfinite,
+        target_key=target_key,
+        device=str(dev) if dev is not None else ("auto" if device is None else str(device)),
+        **settings,
         curvature=curvature if kind == "kfac" else None,
     )
     job.per_example_methods = choose_per_example_methods(job, ckpts[0], dev)
     wanted = StoreSettings(
-        n_checkpoints=len(ckpts), n_examples=n, feature_dim=layout.feature_dim, fingerprint=spec.fingerprint,
-        learning_rates=tuple(job.learning_rates), checkpoint_hashes=tuple(job.checkpoint_hashes), dtype=dtype,
-        loss_name=_loss_name(loss_fn), label_dtype=None if label_dtype is None else str(label_dtype),
-        chunk_rows=None if chunk_rows is None else max(1, min(int(chunk_rows), n)), factors=layout.factors,
+        n_checkpoints=len(ckpts),
+        n_examples=n,
+        feature_dim=layout.feature_dim,
+        fingerprint=spec.fingerprint,
+        learning_rates=tuple(job.learning_rates),
+        checkpoint_hashes=tuple(job.checkpoint_hashes),
+        dtype=dtype,
+        loss_name=_loss_name(loss_fn),
+        label_dtype=None if label_dtype is None else str(label_dtype),
+        chunk_rows=None if chunk_rows is None else max(1, min(int(chunk_rows), n)),
+        factors=layout.factors,
         preconditioner=spec.preconditioner,
     )
     t0 = time.perf_counter()
     lock = StoreLock(path, storage_options)  # one writer per store; released even on failure
     lock.acquire()
     try:
-        store, blocks = _open_or_create(path, wanted, spec, ckpts, overwrite=overwrite, checked=checked,
-                                        storage_options=storage_options,
-                                        extra_attrs={"per_example_methods": job.per_example_methods,
-                                                     **_like_attrs(job), **layout.store_attrs,
-                                                     **moments_attrs(ckpts, kind, curvature)})
+        store, blocks = _open_or_create(
+            path,
+            wanted,
+            spec,
+            ckpts,
+            overwrite=overwrite,
+            checked=checked,
+            storage_options=storage_options,
+            extra_attrs={
+                "per_example_methods": job.per_example_methods,
+                **_like_attrs(job),
+                **layout.store_attrs,
+                **moments_attrs(ckpts, kind, curvature),
+            },
+        )
         if blocks:
-            announce(estimate_line(n, len(ckpts), layout.feature_dim, layout.factors, dtype,
-                                   None if in_memory else path), progress)
+            announce(
+                estimate_line(n, len(ckpts), layout.feature_dim, layout.factors, dtype, None if in_memory else path),
+                progress,
+            )
         if blocks and client is not None:
             from .scale_out import run_on_cluster
 
@@ -283,7 +321,13 @@ def capture(
         lock.release()
     log.info(
         "captured %d examples × %d checkpoints (%s) into %s in %.1f s (%d of %d row blocks this run)",
-        n, len(ckpts), spec.describe(), store.path, time.perf_counter() - t0, len(blocks), len(store.row_blocks()),
+        n,
+        len(ckpts),
+        spec.describe(),
+        store.path,
+        time.perf_counter() - t0,
+        len(blocks),
+        len(store.row_blocks()),
     )
     if in_memory:
         backends.release_with(store, store.path)
@@ -293,15 +337,24 @@ def capture(
 def _like_attrs(job: CaptureJob) -> dict[str, Any]:
     """What ``capture_like`` needs beyond the spec: where the checkpoints were read (absolute paths; None for
     a state dict given in memory) and the target key of Mapping batches."""
-    paths = [None if isinstance(c, Mapping) else (os.fspath(c) if "://" in os.fspath(c) else os.path.abspath(c))
-             for c in job.checkpoints]
+    paths = [
+        None if isinstance(c, Mapping) else (os.fspath(c) if "://" in os.fspath(c) else os.path.abspath(c))
+        for c in job.checkpoints
+    ]
     return {"checkpoint_paths": paths, "target_key": job.target_key}
 
 
-def _open_or_create(path: str | os.PathLike[str], wanted: StoreSettings, spec: ProjectionSpec,
-                    ckpts: Sequence[Checkpoint], *, overwrite: bool, checked: Existing,
-                    storage_options: StorageOptions, extra_attrs: dict[str, Any] | None = None,
-                    ) -> tuple[GradientStore, list[tuple[int, int]]]:
+def _open_or_create(
+    path: str | os.PathLike[str],
+    wanted: StoreSettings,
+    spec: ProjectionSpec,
+    ckpts: Sequence[Checkpoint],
+    *,
+    overwrite: bool,
+    checked: Existing,
+    storage_options: StorageOptions,
+    extra_attrs: dict[str, Any] | None = None,
+) -> tuple[GradientStore, list[tuple[int, int]]]:
     """(store, row blocks to write): a resumed store's missing blocks, or every block of a new one (laid out
     where ``checked``, what the output rule found, allows: with overwrite the earlier store is removed)."""
     if not overwrite:
@@ -310,8 +363,9 @@ def _open_or_create(path: str | os.PathLike[str], wanted: StoreSettings, spec: P
             blocks = check_resumable(store, wanted)
             log.info("resuming %s: %d of %d row blocks left", store.path, len(blocks), len(store.row_blocks()))
             return store, blocks
-    rows = wanted.chunk_rows or default_chunk_rows(wanted.row_width, wanted.n_checkpoints, wanted.dtype,
-                                                   wanted.n_examples)
+    rows = wanted.chunk_rows or default_chunk_rows(
+        wanted.row_width, wanted.n_checkpoints, wanted.dtype, wanted.n_examples
+    )
     store = GradientStore.create(
         path,
         n_checkpoints=wanted.n_checkpoints,

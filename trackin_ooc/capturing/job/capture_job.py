@@ -78,8 +78,9 @@ class CaptureJob:
 
     def loader(self, blocks: Sequence[Block]) -> DataLoader:
         """Batches of ``blocks`` (in order), through the user's collate function and loader workers."""
-        kwargs: dict[str, Any] = dict(collate_fn=self.collate_fn, num_workers=self.num_workers,
-                                      pin_memory=self.pin_memory)
+        kwargs: dict[str, Any] = dict(
+            collate_fn=self.collate_fn, num_workers=self.num_workers, pin_memory=self.pin_memory
+        )
         if self.collate_fn is None:
             kwargs.pop("collate_fn")
         return DataLoader(self.dataset, batch_sampler=BlockBatches(blocks, self.batch_size), **kwargs)
@@ -110,8 +111,10 @@ class CaptureJob:
         preconditioned = self.spec.preconditioner in ("adam", "adafactor")  # from the checkpoints' moments
         kfac = self.spec.preconditioner == "kfac"
         if kfac and (self.curvature is None or self.curvature.sha256 != dict(self.spec.extra)["kfac"]["sha256"]):
-            raise CaptureError("this store was captured with another fitted curvature than the one given; pass the "
-                               "curvature it was captured with (curvature=), or overwrite=True to start over")
+            raise CaptureError(
+                "this store was captured with another fitted curvature than the one given; pass the "
+                "curvature it was captured with (curvature=), or overwrite=True to start over"
+            )
         if loaded is None:
             names = [n for n, _ in self.spec.layers] if preconditioned else None
             loaded = load_checkpoints(self.model, self.checkpoints, self.learning_rates, moments_for=names)
@@ -119,8 +122,10 @@ class CaptureJob:
         bad = next((ck for ck in ckpts if preconditioned and (ck.moments is None or ck.moments.value is None)), None)
         if bad is not None:
             why = bad.moments.error or bad.moments.absent if bad.moments is not None else "they were not read"
-            raise CaptureError(f"the Adam moments of checkpoint {bad.name} changed while the capture ran ({why}); "
-                               "rerun the capture once the checkpoints are final")
+            raise CaptureError(
+                f"the Adam moments of checkpoint {bad.name} changed while the capture ran ({why}); "
+                "rerun the capture once the checkpoints are final"
+            )
         changed = [ck.name for ck, h in zip(ckpts, self.checkpoint_hashes) if ck.recorded_sha256(preconditioned) != h]
         if changed:
             raise CaptureError(
@@ -134,21 +139,30 @@ class CaptureJob:
         try:
             # Every checkpoint is loaded (and moved to the device) once, outside the batch loop.
             states = [
-                featurize.prepare({k: v.to(dev) for k, v in drop_tied_duplicates(model, ck.state_dict).items()},
-                                  kfac_scales(self.curvature, i, dev) if kfac else
-                                  preconditioner_scales(self.spec, ck.read_moments, dev) if preconditioned else None)
+                featurize.prepare(
+                    {k: v.to(dev) for k, v in drop_tied_duplicates(model, ck.state_dict).items()},
+                    kfac_scales(self.curvature, i, dev)
+                    if kfac
+                    else preconditioner_scales(self.spec, ck.read_moments, dev)
+                    if preconditioned
+                    else None,
+                )
                 for i, ck in enumerate(ckpts)
             ]
             writer = BlockWriter(store, blocks, with_labels=store.has_labels)
             loader = self.loader(blocks)
-            for index, (inputs, targets) in zip(BlockBatches(blocks, self.batch_size),
-                                                 batches(loader, dev, self.target_key)):
+            for index, (inputs, targets) in zip(
+                BlockBatches(blocks, self.batch_size), batches(loader, dev, self.target_key)
+            ):
                 b, start = targets.shape[0], index[0]
                 if b != len(index):
-                    raise CaptureError(f"a batch of {len(index)} examples came back with {b} targets; "
-                                       "the collate function must keep one target per example")
-                rows = check_finite(featurize.rows(states, inputs, targets), start, self.nonfinite,
-                                    store.checkpoint_names)
+                    raise CaptureError(
+                        f"a batch of {len(index)} examples came back with {b} targets; "
+                        "the collate function must keep one target per example"
+                    )
+                rows = check_finite(
+                    featurize.rows(states, inputs, targets), start, self.nonfinite, store.checkpoint_names
+                )
                 rows.labels = targets.detach().cpu().numpy() if store.has_labels else None
                 writer.add(rows)
                 if on_rows is not None:

@@ -95,13 +95,23 @@ class Curvature:
         return [p for layer in self.layers[0].values() for p in layer.params] if self.layers else []
 
     def _payload(self) -> dict:
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "damping": self.damping, "n_examples": self.n_examples,
-                "checkpoint_hashes": self.checkpoint_hashes,
-                "layers": [{"module": x.module, "kind": x.kind, "params": list(x.params)}
-                           for x in (self.layers[0].values() if self.layers else [])]}
-        tensors = {f"{c}/{m}/{part}": getattr(x, part).contiguous()
-                   for c, layers in enumerate(self.layers) for m, x in layers.items()
-                   for part in ("q_out", "q_in", "eigenvalues")}
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "damping": self.damping,
+            "n_examples": self.n_examples,
+            "checkpoint_hashes": self.checkpoint_hashes,
+            "layers": [
+                {"module": x.module, "kind": x.kind, "params": list(x.params)}
+                for x in (self.layers[0].values() if self.layers else [])
+            ],
+        }
+        tensors = {
+            f"{c}/{m}/{part}": getattr(x, part).contiguous()
+            for c, layers in enumerate(self.layers)
+            for m, x in layers.items()
+            for part in ("q_out", "q_in", "eigenvalues")
+        }
         return {"meta": json.dumps(meta, sort_keys=True), "tensors": tensors}
 
     @cached_property
@@ -125,8 +135,10 @@ class Curvature:
         self.path = str(path)
 
     def describe(self) -> str:
-        return (f"K-FAC curvature of {len(self.layers[0]) if self.layers else 0} layers at {len(self.layers)} "
-                f"checkpoints, fitted on {self.n_examples:,} examples, damping {self.damping:g} × mean eigenvalue")
+        return (
+            f"K-FAC curvature of {len(self.layers[0]) if self.layers else 0} layers at {len(self.layers)} "
+            f"checkpoints, fitted on {self.n_examples:,} examples, damping {self.damping:g} × mean eigenvalue"
+        )
 
 
 def load_curvature(path: str | os.PathLike) -> Curvature:
@@ -150,11 +162,15 @@ def load_curvature(path: str | os.PathLike) -> Curvature:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CaptureError(f"no curvature file at {path}; fit one with to.fit_curvature(model, checkpoints, "
-                           "train_data, path) (trackin-ooc fit-curvature)") from None
+        raise CaptureError(
+            f"no curvature file at {path}; fit one with to.fit_curvature(model, checkpoints, "
+            "train_data, path) (trackin-ooc fit-curvature)"
+        ) from None
     except Exception as e:
-        raise CaptureError(f"{path} is not a curvature file torch can read ({type(e).__name__}); fit one with "
-                           "to.fit_curvature (trackin-ooc fit-curvature)") from None
+        raise CaptureError(
+            f"{path} is not a curvature file torch can read ({type(e).__name__}); fit one with "
+            "to.fit_curvature (trackin-ooc fit-curvature)"
+        ) from None
     try:
         meta = json.loads(payload["meta"])
         tensors = payload["tensors"]
@@ -164,13 +180,25 @@ def load_curvature(path: str | os.PathLike) -> Curvature:
     if not ok:
         raise CaptureError(f"{path} is not a trackin-ooc curvature file; fit one with to.fit_curvature")
     if meta.get("version") != FORMAT_VERSION:
-        raise CaptureError(f"{path} is a curvature file of version {meta.get('version')}, this trackin-ooc reads "
-                           f"version {FORMAT_VERSION}; fit it again")
-    layers = [{x["module"]: KronLayer(x["module"], x["kind"], tuple(x["params"]),
-                                      *(tensors[f"{c}/{x['module']}/{p}"] for p in ("q_out", "q_in", "eigenvalues")))
-               for x in meta["layers"]} for c in range(len(meta["checkpoint_hashes"]))]
-    return Curvature(list(meta["checkpoint_hashes"]), layers, float(meta["damping"]), int(meta["n_examples"]),
-                     str(path))
+        raise CaptureError(
+            f"{path} is a curvature file of version {meta.get('version')}, this trackin-ooc reads "
+            f"version {FORMAT_VERSION}; fit it again"
+        )
+    layers = [
+        {
+            x["module"]: KronLayer(
+                x["module"],
+                x["kind"],
+                tuple(x["params"]),
+                *(tensors[f"{c}/{x['module']}/{p}"] for p in ("q_out", "q_in", "eigenvalues")),
+            )
+            for x in meta["layers"]
+        }
+        for c in range(len(meta["checkpoint_hashes"]))
+    ]
+    return Curvature(
+        list(meta["checkpoint_hashes"]), layers, float(meta["damping"]), int(meta["n_examples"]), str(path)
+    )
 
 
 def as_curvature(curvature) -> Curvature:
@@ -179,8 +207,9 @@ def as_curvature(curvature) -> Curvature:
         return curvature
     if isinstance(curvature, (str, os.PathLike)):
         return load_curvature(curvature)
-    raise CaptureError(f"curvature must be what to.fit_curvature returned or its file's path, got "
-                       f"{type(curvature).__name__}")
+    raise CaptureError(
+        f"curvature must be what to.fit_curvature returned or its file's path, got {type(curvature).__name__}"
+    )
 
 
 # ---- which layers ------------------------------------------------------------------------------------
@@ -202,8 +231,9 @@ def kfac_layers(model: nn.Module, names: Sequence[str]) -> list[tuple[str, str, 
         why = None
         if kind is None:
             why = f"is in a {type(module).__name__}, which K-FAC does not cover"
-        elif kind != "linear" and (module.groups != 1 or module.padding_mode != "zeros"
-                                   or isinstance(module.padding, str)):
+        elif kind != "linear" and (
+            module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
+        ):
             why = "is in a convolution with groups, non-zero or string padding, which K-FAC here does not cover"
         elif (f"{mname}.weight" if mname else "weight") not in chosen:
             why = "is a bias selected without its layer's weight"
@@ -222,8 +252,12 @@ def _unfold(kind: str, module: Any, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], -1, x.shape[-1])
     if kind == "conv1d":
         x = x.unsqueeze(2)
-        k, s, p, d = ((1, module.kernel_size[0]), (1, module.stride[0]), (0, module.padding[0]),
-                      (1, module.dilation[0]))
+        k, s, p, d = (
+            (1, module.kernel_size[0]),
+            (1, module.stride[0]),
+            (0, module.padding[0]),
+            (1, module.dilation[0]),
+        )
     else:
         k, s, p, d = module.kernel_size, module.stride, module.padding, module.dilation
     return F.unfold(x, k, dilation=d, padding=p, stride=s).transpose(1, 2)
@@ -244,8 +278,9 @@ class _Taps:
         self.layers = layers
         self.inputs: dict[str, torch.Tensor] = {}
         self.deltas: dict[str, torch.Tensor] = {}
-        self.handles = [modules[m].register_forward_hook(self._hook(kind, m, len(params) == 2))
-                        for kind, m, params in layers]
+        self.handles = [
+            modules[m].register_forward_hook(self._hook(kind, m, len(params) == 2)) for kind, m, params in layers
+        ]
 
     def _hook(self, kind, name, bias):
         def hook(module, args, output):
@@ -255,6 +290,7 @@ class _Taps:
             self.inputs[name] = a
             if output.requires_grad:
                 output.register_hook(lambda g: self.deltas.__setitem__(name, _positions(kind, g.to(torch.float64))))
+
         return hook
 
     def close(self):
@@ -274,8 +310,10 @@ def _batch_pass(model, state, taps: _Taps, inputs, targets, loss_fn) -> int:
 
 
 def _fit_checkpoint(model, ck: Checkpoint, layers, loader, device, target_key, loss_fn) -> dict[str, KronLayer]:
-    state = {k: (v.to(device).detach().requires_grad_(True) if v.is_floating_point() else v.to(device))
-             for k, v in drop_tied_duplicates(model, ck.state_dict).items()}
+    state = {
+        k: (v.to(device).detach().requires_grad_(True) if v.is_floating_point() else v.to(device))
+        for k, v in drop_tied_duplicates(model, ck.state_dict).items()
+    }
     taps = _Taps(model, layers)
     try:
         cov_in: dict[str, torch.Tensor] = {}
@@ -289,8 +327,10 @@ def _fit_checkpoint(model, ck: Checkpoint, layers, loader, device, target_key, l
                 cov_out[m] = cov_out.get(m, 0) + torch.einsum("bti,btj->ij", d, d)
             for v in state.values():
                 v.grad = None
-        bases = {m: (torch.linalg.eigh(cov_out[m] / n).eigenvectors, torch.linalg.eigh(cov_in[m] / n).eigenvectors)
-                 for _, m, _ in layers}
+        bases = {
+            m: (torch.linalg.eigh(cov_out[m] / n).eigenvectors, torch.linalg.eigh(cov_in[m] / n).eigenvectors)
+            for _, m, _ in layers
+        }
         lam: dict[str, torch.Tensor] = {}
         for inputs, targets in batches(loader, device, target_key):
             _batch_pass(model, state, taps, inputs, targets, loss_fn)
@@ -300,14 +340,16 @@ def _fit_checkpoint(model, ck: Checkpoint, layers, loader, device, target_key, l
                 rows = max(1, FIT_ELEMENTS // (qs.shape[0] * qa.shape[0]))
                 for s in range(0, a.shape[0], rows):
                     # Q_Sᵀ G Q_A per example, G = Σ_t δ_t ãᵀ_t, without forming G.
-                    rotated = torch.einsum("bto,bti->boi", d[s:s + rows] @ qs, a[s:s + rows] @ qa)
-                    lam[m] = lam.get(m, 0) + (rotated ** 2).sum(0)
+                    rotated = torch.einsum("bto,bti->boi", d[s : s + rows] @ qs, a[s : s + rows] @ qa)
+                    lam[m] = lam.get(m, 0) + (rotated**2).sum(0)
             for v in state.values():
                 v.grad = None
     finally:
         taps.close()
-    return {m: KronLayer(m, kind, params, bases[m][0].cpu(), bases[m][1].cpu(), (lam[m] / n).cpu())
-            for kind, m, params in layers}
+    return {
+        m: KronLayer(m, kind, params, bases[m][0].cpu(), bases[m][1].cpu(), (lam[m] / n).cpu())
+        for kind, m, params in layers
+    }
 
 
 def fit_curvature(
@@ -358,8 +400,9 @@ def fit_curvature(
         A selected parameter outside a Linear/Conv layer, a non-positive damping, or ``out`` existing.
     """
     if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping > 0):
-        raise CaptureError(f"damping must be a positive number (a multiple of each layer's mean eigenvalue), got "
-                           f"{damping!r}")
+        raise CaptureError(
+            f"damping must be a positive number (a multiple of each layer's mean eigenvalue), got {damping!r}"
+        )
     if out is not None and Path(out).exists() and not overwrite:
         raise CaptureError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     names = select_parameters(model, layers)
@@ -387,12 +430,16 @@ def check_curvature(curvature: Curvature, checkpoints: Sequence[Checkpoint], nam
     the selected parameters ``names``."""
     where = curvature.path or "the curvature given"
     if len(curvature.checkpoint_hashes) != len(checkpoints):
-        raise CaptureError(f"{where} was fitted at {len(curvature.checkpoint_hashes)} checkpoints, the capture has "
-                           f"{len(checkpoints)}; fit it on the same checkpoints (to.fit_curvature)")
+        raise CaptureError(
+            f"{where} was fitted at {len(curvature.checkpoint_hashes)} checkpoints, the capture has "
+            f"{len(checkpoints)}; fit it on the same checkpoints (to.fit_curvature)"
+        )
     for ck, h in zip(checkpoints, curvature.checkpoint_hashes):
         if ck.sha256 != h:
-            raise CaptureError(f"{where} was fitted at other weights than checkpoint {ck.name}; fit it again on "
-                               "these checkpoints (to.fit_curvature)")
+            raise CaptureError(
+                f"{where} was fitted at other weights than checkpoint {ck.name}; fit it again on "
+                "these checkpoints (to.fit_curvature)"
+            )
     have = curvature.parameters
     if set(have) != set(names):
         missing = next((n for n in names if n not in have), None)

@@ -33,16 +33,15 @@ def dataset_length(loader: DataLoader) -> int:
     try:
         n = len(loader.dataset)  # type: ignore[arg-type]  # a Dataset without __len__ raises TypeError
     except TypeError:
-        raise CaptureError(
-            "the dataset has no length; trackin-ooc needs len(dataset) to lay out the store"
-        ) from None
+        raise CaptureError("the dataset has no length; trackin-ooc needs len(dataset) to lay out the store") from None
     if n == 0:
         raise EmptyDatasetError("the dataset is empty; give a dataset with at least one example")
     return n
 
 
-def batches(loader: DataLoader, device: torch.device,
-            target_key: str = "labels") -> Iterator[tuple[Inputs, torch.Tensor]]:
+def batches(
+    loader: DataLoader, device: torch.device, target_key: str = "labels"
+) -> Iterator[tuple[Inputs, torch.Tensor]]:
     """(inputs, targets) on ``device``: inputs a tensor, a tuple of tensors, or a dict of keyword
     arguments (a Mapping batch without its ``target_key`` entry, which holds the targets)."""
     for item in loader:

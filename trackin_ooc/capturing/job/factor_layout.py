@@ -53,8 +53,9 @@ def _is_default_collate(fn) -> bool:
     return getattr(fn, "__name__", "") == "default_collate" and getattr(fn, "__module__", "").startswith("torch.")
 
 
-def _probe_batches(model: nn.Module, loader: DataLoader, device: torch.device, everything: bool, target_key: str
-                   ) -> Iterator[tuple[Inputs, int]]:
+def _probe_batches(
+    model: nn.Module, loader: DataLoader, device: torch.device, everything: bool, target_key: str
+) -> Iterator[tuple[Inputs, int]]:
     """Model inputs (on ``device``) and batch sizes of the first or every batch; the model in eval mode
     meanwhile (as capture runs it: no dropout, no update of normalisation statistics)."""
     training = model.training
@@ -76,8 +77,15 @@ def _model_device(model: nn.Module, device: torch.device | None) -> torch.device
     return p.device if p is not None else torch.device("cpu")
 
 
-def store_layout(spec: ProjectionSpec, projection: str, model: nn.Module, names: Sequence[str], loader: DataLoader,
-                 device: torch.device | None, target_key: str = "labels") -> StoreLayout:
+def store_layout(
+    spec: ProjectionSpec,
+    projection: str,
+    model: nn.Module,
+    names: Sequence[str],
+    loader: DataLoader,
+    device: torch.device | None,
+    target_key: str = "labels",
+) -> StoreLayout:
     """The layout of a capture's store: for ``projection="factors"`` the factors spec (replacing the exact
     ``spec``) and its factor arrays; otherwise ``spec`` as it is (an exact one may log a hint)."""
     if projection == "factors":
@@ -101,8 +109,10 @@ def store_layout(spec: ProjectionSpec, projection: str, model: nn.Module, names:
 def describe_choices(spec: ProjectionSpec, positions) -> str:
     """One phrase per candidate layer: ``fc: factors (1 position)``, ``conv1: flat (36 positions)``."""
     plan = factors.plan_from_spec(spec)
-    parts = [f"{x.module}: {x.store} ({positions.get(x.module, 0)} position"
-             f"{'' if positions.get(x.module, 0) == 1 else 's'})" for x in plan.layers]
+    parts = [
+        f"{x.module}: {x.store} ({positions.get(x.module, 0)} position{'' if positions.get(x.module, 0) == 1 else 's'})"
+        for x in plan.layers
+    ]
     if plan.flat:
         parts.append(f"{len(plan.flat)} parameter(s) flat")
     return "; ".join(parts) or "no layer with a factored form; every parameter flat"

@@ -24,14 +24,18 @@ def check_finite(block: RowBlock, start: int, policy: str, checkpoint_names: Seq
     ``"flag"`` zeroes the bad examples' features (and squared norms) at every checkpoint in place (their losses
     keep the NaN/inf) and sets ``block.nonfinite`` to their flags. Returns ``block``.
     """
-    block.nonfinite = _flags(block.grads, block.losses, start, policy, checkpoint_names, block.sq_norms,
-                             block.factors)
+    block.nonfinite = _flags(block.grads, block.losses, start, policy, checkpoint_names, block.sq_norms, block.factors)
     return block
 
 
 def _flags(
-    feats: np.ndarray, losses: np.ndarray | None, start: int, policy: str, checkpoint_names: Sequence[str],
-    sq_norms: np.ndarray | None, factors: dict[str, np.ndarray] | None,
+    feats: np.ndarray,
+    losses: np.ndarray | None,
+    start: int,
+    policy: str,
+    checkpoint_names: Sequence[str],
+    sq_norms: np.ndarray | None,
+    factors: dict[str, np.ndarray] | None,
 ) -> np.ndarray | None:
     """Per-example flags (None when all finite); the bad rows zeroed in place under ``"flag"``."""
     bad_grad = ~np.isfinite(feats).all(axis=2)  # (C, b)

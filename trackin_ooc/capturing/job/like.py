@@ -54,8 +54,10 @@ def like_options(train: GradientStore | str | os.PathLike) -> dict[str, Any]:
     train = open_store(train)
     spec = train.spec
     if spec.kind == "external":
-        raise CaptureError(f"{train.path} holds features made by from_arrays, not by capture: there are no capture "
-                           "options to repeat; capture the test set with the same featurizer instead")
+        raise CaptureError(
+            f"{train.path} holds features made by from_arrays, not by capture: there are no capture "
+            "options to repeat; capture the test set with the same featurizer instead"
+        )
     if spec.kind == "exact":
         projection, dim = "gaussian", None
     elif spec.kind == "factors":
@@ -104,8 +106,12 @@ def check_same_checkpoints(train: GradientStore, model: nn.Module, checkpoints: 
     checkpoints = expand_checkpoints(checkpoints)
     with_moments = _preconditioner(train) in FROM_MOMENTS  # "kfac" stores hash the weights alone
     try:
-        loaded = load_checkpoints(model, checkpoints, list(train.learning_rates),
-                                  moments_for=[n for n, _ in train.spec.layers] if with_moments else None)
+        loaded = load_checkpoints(
+            model,
+            checkpoints,
+            list(train.learning_rates),
+            moments_for=[n for n, _ in train.spec.layers] if with_moments else None,
+        )
     except CheckpointNotFoundError as e:
         raise CheckpointNotFoundError(
             f"{e}; {train.path} was captured from {', '.join(p for p in recorded if p) or 'other paths'}: if the "
@@ -189,15 +195,19 @@ def capture_like(
             "loss or another differentiable metric of the examples"
         )
     check_same_checkpoints(train, model, checkpoints)
-    kwargs = {k: options[k] for k in ("learning_rates", "layers", "projection", "projection_dim", "seed", "dtype",
-                                      "target_key")}
+    kwargs = {
+        k: options[k]
+        for k in ("learning_rates", "layers", "projection", "projection_dim", "seed", "dtype", "target_key")
+    }
     if "preconditioner" in inspect.signature(capture).parameters:
         # Always given: capture's own default ("auto") could pick another form than the train store's.
         kwargs["preconditioner"] = None if options["preconditioner"] == "none" else options["preconditioner"]
         if options["preconditioner"] == "kfac" and "curvature" not in overrides:
             kwargs["curvature"] = train.attrs.get(CURVATURE_ATTR)  # the file the train store was captured with
     elif options["preconditioner"] != "none":
-        raise CaptureError(f"{train.path} was captured with the {options['preconditioner']!r} preconditioner, "
-                           "which this trackin-ooc cannot apply; use the version that made it")
+        raise CaptureError(
+            f"{train.path} was captured with the {options['preconditioner']!r} preconditioner, "
+            "which this trackin-ooc cannot apply; use the version that made it"
+        )
     kwargs.update(overrides)
     return capture(model, checkpoints, data, path, **kwargs)

@@ -54,7 +54,6 @@ def choose_per_example_methods(job, checkpoint: Checkpoint, device: torch.device
     dev = torch.device("cpu") if device is None else torch.device(device)
     model = job.model.to(dev).eval()
     state = {k: v.to(dev) for k, v in drop_tied_duplicates(model, checkpoint.state_dict).items()}
-    inputs, targets = probe_batch(job.dataset, job.collate_fn, job.target_key, min(PROBE_EXAMPLES, job.batch_size),
-                                  dev)
+    inputs, targets = probe_batch(job.dataset, job.collate_fn, job.target_key, min(PROBE_EXAMPLES, job.batch_size), dev)
     chosen = PerExampleGradients(model, names, job.loss_fn).choose(state, inputs, targets)
     return {n: methods.get(n) or chosen[n] for n in (n for n, _ in spec.layers)}

@@ -40,18 +40,27 @@ plan_log = logging.getLogger("trackin_ooc.plan")
 _NOT_PLANNED = ("loss_fn", "overwrite", "chunk_rows", "storage_options", "progress", "nonfinite", "client")
 
 
-def estimate_line(n_examples: int, n_checkpoints: int, feature_dim: int, factors: Sequence[FactorArray],
-                  dtype: str, path: str | os.PathLike | None = None) -> str:
+def estimate_line(
+    n_examples: int,
+    n_checkpoints: int,
+    feature_dim: int,
+    factors: Sequence[FactorArray],
+    dtype: str,
+    path: str | os.PathLike | None = None,
+) -> str:
     """One line: the bytes a capture of this shape writes, and the product they come from."""
     nbytes = gradient_bytes(n_checkpoints, n_examples, feature_dim, factors, dtype)
     width = f"{feature_dim:,} features"
     if factors:
         values = feature_dim + sum(f.row_values for f in factors)
-        width = (f"{values:,} values ({feature_dim:,} flat + {len(factors)} factor "
-                 f"layer{'' if len(factors) == 1 else 's'})")
+        width = (
+            f"{values:,} values ({feature_dim:,} flat + {len(factors)} factor layer{'' if len(factors) == 1 else 's'})"
+        )
     where = f" into {os.fspath(path)}" if path is not None else ""
-    return (f"capture: about {human_bytes(nbytes)} of gradients to write{where} "
-            f"({n_examples:,} examples × {n_checkpoints:,} checkpoints × {width}, {dtype})")
+    return (
+        f"capture: about {human_bytes(nbytes)} of gradients to write{where} "
+        f"({n_examples:,} examples × {n_checkpoints:,} checkpoints × {width}, {dtype})"
+    )
 
 
 def announce(line: str, progress: bool | None = None) -> None:
@@ -128,13 +137,23 @@ class CapturePlan:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: every field, and the estimate."""
         return {
-            "n_examples": self.n_examples, "n_checkpoints": self.n_checkpoints,
-            "checkpoints": list(self.checkpoints), "learning_rates": list(self.learning_rates),
-            "projection": self.projection, "projection_dim": self.projection_dim, "seed": self.seed,
-            "preconditioner": self.preconditioner, "dtype": self.dtype, "feature_dim": self.feature_dim,
-            "n_parameters": self.n_parameters, "nbytes": self.nbytes, "size": human_bytes(self.nbytes),
-            "layers": [{"name": x.name, "shape": list(x.shape), "parameters": x.n_parameters,
-                        "stored_as": x.stored_as} for x in self.layers],
+            "n_examples": self.n_examples,
+            "n_checkpoints": self.n_checkpoints,
+            "checkpoints": list(self.checkpoints),
+            "learning_rates": list(self.learning_rates),
+            "projection": self.projection,
+            "projection_dim": self.projection_dim,
+            "seed": self.seed,
+            "preconditioner": self.preconditioner,
+            "dtype": self.dtype,
+            "feature_dim": self.feature_dim,
+            "n_parameters": self.n_parameters,
+            "nbytes": self.nbytes,
+            "size": human_bytes(self.nbytes),
+            "layers": [
+                {"name": x.name, "shape": list(x.shape), "parameters": x.n_parameters, "stored_as": x.stored_as}
+                for x in self.layers
+            ],
             "factors": [f.to_dict() for f in self.factors],
         }
 
@@ -150,9 +169,15 @@ class CapturePlan:
             ("checkpoints", ", ".join(f"{c} (lr {lr:g})" for c, lr in zip(self.checkpoints, self.learning_rates))),
             ("projection", how),
             ("preconditioner", self.preconditioner),
-            ("features", f"{self.feature_dim:,} per example and checkpoint"
-                         + (f" + {len(self.factors)} factor layer{'' if len(self.factors) == 1 else 's'}"
-                            if self.factors else "")),
+            (
+                "features",
+                f"{self.feature_dim:,} per example and checkpoint"
+                + (
+                    f" + {len(self.factors)} factor layer{'' if len(self.factors) == 1 else 's'}"
+                    if self.factors
+                    else ""
+                ),
+            ),
             ("dtype", self.dtype),
             ("parameters", f"{self.n_parameters:,} in {len(self.layers)} tensors"),
         ]
@@ -176,14 +201,20 @@ class CapturePlan:
 def plan_html(plan: CapturePlan) -> str:
     """A plain HTML table of a plan (every value escaped)."""
     e = html.escape
-    head = "".join(f"<tr><th style='text-align:left'>{e(k)}</th><td style='text-align:left'>{e(v)}</td></tr>"
-                   for k, v in plan._rows())
-    layers = "".join(f"<tr><td>{e(x.name)}</td><td>{e('×'.join(map(str, x.shape)))}</td>"
-                     f"<td style='text-align:right'>{x.n_parameters:,}</td><td>{e(x.stored_as)}</td></tr>"
-                     for x in plan.layers)
-    return (f"<div><b>CapturePlan</b>: {e(plan.describe())}<table>{head}</table>"
-            "<table><tr><th>parameter</th><th>shape</th><th>values</th><th>stored as</th></tr>"
-            f"{layers}</table></div>")
+    head = "".join(
+        f"<tr><th style='text-align:left'>{e(k)}</th><td style='text-align:left'>{e(v)}</td></tr>"
+        for k, v in plan._rows()
+    )
+    layers = "".join(
+        f"<tr><td>{e(x.name)}</td><td>{e('×'.join(map(str, x.shape)))}</td>"
+        f"<td style='text-align:right'>{x.n_parameters:,}</td><td>{e(x.stored_as)}</td></tr>"
+        for x in plan.layers
+    )
+    return (
+        f"<div><b>CapturePlan</b>: {e(plan.describe())}<table>{head}</table>"
+        "<table><tr><th>parameter</th><th>shape</th><th>values</th><th>stored as</th></tr>"
+        f"{layers}</table></div>"
+    )
 
 
 def _stored_as(spec: ProjectionSpec, projection_dim: int | None) -> dict[str, str]:
@@ -193,11 +224,16 @@ def _stored_as(spec: ProjectionSpec, projection_dim: int | None) -> dict[str, st
     if spec.kind == "factored":
         out = {}
         for layer in (extra.get("factored") or {}).get("layers", []):
-            what = (f"factored ({layer['kind']}, width {layer['width']})" if layer.get("kind") != "dense"
-                    else f"dense projection (width {layer.get('width')})")
+            what = (
+                f"factored ({layer['kind']}, width {layer['width']})"
+                if layer.get("kind") != "dense"
+                else f"dense projection (width {layer.get('width')})"
+            )
             if layer.get("mix"):  # plan version 2: every layer maps into the shared dims
-                what = (f"factored ({layer['kind']}, {'dense map' if layer.get('method') == 'formed' else 'hashed'} "
-                        f"into {layer['mix']})")
+                what = (
+                    f"factored ({layer['kind']}, {'dense map' if layer.get('method') == 'formed' else 'hashed'} "
+                    f"into {layer['mix']})"
+                )
             out.update({p: what for p in layer.get("params", [])})
         return {n: out.get(n, "dense projection") for n in names}
     if spec.kind == "factors":
@@ -263,16 +299,16 @@ def plan_capture(
     """
     unknown = sorted(set(options) - set(_NOT_PLANNED))
     if unknown:
-        raise ArgumentError(f"plan_capture() got unknown option(s) {', '.join(unknown)}; it takes capture()'s "
-                            "options")
+        raise ArgumentError(f"plan_capture() got unknown option(s) {', '.join(unknown)}; it takes capture()'s options")
     if dtype not in STORAGE_DTYPES:
         raise CaptureError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
     if projection == "factors" and projection_dim is not None:
         raise CaptureError("projection='factors' keeps gradients exact: leave projection_dim out (None)")
     preconditioner = check_preconditioner(preconditioner)
     names = select_parameters(model, layers)
-    ckpts = load_checkpoints(model, checkpoints, learning_rates,
-                             moments_for=None if preconditioner == "none" else names)
+    ckpts = load_checkpoints(
+        model, checkpoints, learning_rates, moments_for=None if preconditioner == "none" else names
+    )
     params = dict(model.named_parameters())
     loader = as_loader(data, batch_size)
     n = dataset_length(loader)
@@ -287,10 +323,16 @@ def plan_capture(
     spec = with_preconditioner(layout.spec, kind, model)
     how = _stored_as(spec, projection_dim)
     return CapturePlan(
-        n_examples=n, checkpoints=tuple(ck.name for ck in ckpts),
+        n_examples=n,
+        checkpoints=tuple(ck.name for ck in ckpts),
         learning_rates=tuple(float(ck.learning_rate) for ck in ckpts),
-        projection=projection, projection_dim=projection_dim,
-        seed=None if projection_dim is None else int(seed), dtype=dtype, feature_dim=layout.feature_dim,
+        projection=projection,
+        projection_dim=projection_dim,
+        seed=None if projection_dim is None else int(seed),
+        dtype=dtype,
+        feature_dim=layout.feature_dim,
         layers=tuple(LayerPlan(nm, tuple(shape), how[nm]) for nm, shape in spec.layers),
-        factors=tuple(layout.factors), preconditioner=kind, spec=spec,
+        factors=tuple(layout.factors),
+        preconditioner=kind,
+        spec=spec,
     )

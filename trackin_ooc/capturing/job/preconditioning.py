@@ -43,8 +43,9 @@ def check_preconditioner(value: str | None) -> str:
     """``value`` as one of PRECONDITIONER_CHOICES (None → "none"); a CaptureError for anything else."""
     value = "none" if value is None else value
     if value not in PRECONDITIONER_CHOICES:
-        raise CaptureError(f"unknown preconditioner {value!r}; use one of {', '.join(PRECONDITIONER_CHOICES)} "
-                           "(None: the SGD form)")
+        raise CaptureError(
+            f"unknown preconditioner {value!r}; use one of {', '.join(PRECONDITIONER_CHOICES)} (None: the SGD form)"
+        )
     return value
 
 
@@ -53,7 +54,7 @@ def _short(names: Sequence[str], n: int = 3) -> str:
 
 
 def resolve_preconditioner(value: str, checkpoints: Sequence[Checkpoint], names: Sequence[str]) -> str:
-    """"none", "adam" or "adafactor" for ``value`` (checked), given checkpoints loaded with their moments
+    """ "none", "adam" or "adafactor" for ``value`` (checked), given checkpoints loaded with their moments
     (``moments_for=names``) unless ``value`` is "none"."""
     if value in ("none", "kfac"):
         return value
@@ -61,17 +62,28 @@ def resolve_preconditioner(value: str, checkpoints: Sequence[Checkpoint], names:
     absent = [ck for ck in checkpoints if ck.moments is None or ck.moments.absent]
     if value == "auto":
         if not errors and not absent:
-            log.info("preconditioner='auto': adam (every checkpoint carries Adam moments for the %d selected "
-                     "parameters, read from %s); pass preconditioner=None for the SGD form", len(names),
-                     _short([ck.read_moments.where for ck in checkpoints]))
+            log.info(
+                "preconditioner='auto': adam (every checkpoint carries Adam moments for the %d selected "
+                "parameters, read from %s); pass preconditioner=None for the SGD form",
+                len(names),
+                _short([ck.read_moments.where for ck in checkpoints]),
+            )
             return "adam"
         if errors:
-            log.warning("preconditioner='auto': the SGD form (plain gradients), since checkpoint %s carries moments "
-                        "that do not fit: %s", errors[0].name, errors[0].moments_error)
+            log.warning(
+                "preconditioner='auto': the SGD form (plain gradients), since checkpoint %s carries moments "
+                "that do not fit: %s",
+                errors[0].name,
+                errors[0].moments_error,
+            )
         else:
             why = absent[0].moments.absent if absent[0].moments is not None else "its moments were not read"
-            log.info("preconditioner='auto': the SGD form (plain gradients), since checkpoint %s carries no Adam "
-                     "moments (%s)", absent[0].name, why)
+            log.info(
+                "preconditioner='auto': the SGD form (plain gradients), since checkpoint %s carries no Adam "
+                "moments (%s)",
+                absent[0].name,
+                why,
+            )
         return "none"
     if errors:
         raise CheckpointError(errors[0].moments_error)
@@ -89,20 +101,28 @@ def resolve_preconditioner(value: str, checkpoints: Sequence[Checkpoint], names:
 def kfac_record(curvature) -> dict:
     """What a "kfac" spec records of its fitted curvature (part of the fingerprint): hash, damping, layers."""
     layers = curvature.layers[0].values() if curvature.layers else []
-    return {"sha256": curvature.sha256, "damping": curvature.damping, "n_examples": curvature.n_examples,
-            "layers": [{"kind": x.kind, "module": x.module, "params": list(x.params)} for x in layers]}
+    return {
+        "sha256": curvature.sha256,
+        "damping": curvature.damping,
+        "n_examples": curvature.n_examples,
+        "layers": [{"kind": x.kind, "module": x.module, "params": list(x.params)} for x in layers],
+    }
 
 
 def check_kfac(spec: ProjectionSpec, curvature, checkpoints: Sequence[Checkpoint], names: Sequence[str]) -> None:
     """A one-line CaptureError unless preconditioner="kfac" can run: a curvature given, fitted at these
     checkpoints for these parameters, and a projection that forms per-example gradients."""
     if curvature is None:
-        raise CaptureError("preconditioner='kfac' needs curvature=: fit it on the train data with "
-                           "to.fit_curvature(model, checkpoints, train_data, 'curvature.pt') (trackin-ooc "
-                           "fit-curvature) and pass it, or its path, to every capture")
+        raise CaptureError(
+            "preconditioner='kfac' needs curvature=: fit it on the train data with "
+            "to.fit_curvature(model, checkpoints, train_data, 'curvature.pt') (trackin-ooc "
+            "fit-curvature) and pass it, or its path, to every capture"
+        )
     if spec.kind in ("factored", "factors"):
-        raise CaptureError(f"preconditioner='kfac' works with exact gradients and the gaussian or rademacher "
-                           f"projection, not projection={spec.kind!r}; use one of those, or preconditioner='adam'")
+        raise CaptureError(
+            f"preconditioner='kfac' works with exact gradients and the gaussian or rademacher "
+            f"projection, not projection={spec.kind!r}; use one of those, or preconditioner='adam'"
+        )
     from .curvature import check_curvature
 
     check_curvature(curvature, checkpoints, names)
@@ -122,9 +142,14 @@ def with_preconditioner(spec: ProjectionSpec, kind: str, model: nn.Module, curva
     spec = dataclasses.replace(spec, preconditioner=kind, preconditioner_layers=layers)
     if kind == "adam" and layers:
         modules = [m for k, m, _ in layers if k != MATRIX]
-        log.info("preconditioner='adam': %d layer%s of the %s projection (%s) use the Adafactor (rank-1) form of "
-                 "the moments, which keeps their factored structure; the other parameters the elementwise form",
-                 len(modules), "" if len(modules) == 1 else "s", spec.kind, _short(modules))
+        log.info(
+            "preconditioner='adam': %d layer%s of the %s projection (%s) use the Adafactor (rank-1) form of "
+            "the moments, which keeps their factored structure; the other parameters the elementwise form",
+            len(modules),
+            "" if len(modules) == 1 else "s",
+            spec.kind,
+            _short(modules),
+        )
     return spec
 
 

@@ -42,11 +42,18 @@ class StoreSettings:
     def of(cls, store: GradientStore) -> StoreSettings:
         label = store.label_dtype
         return cls(
-            n_checkpoints=store.n_checkpoints, n_examples=store.n_examples, feature_dim=store.feature_dim,
-            fingerprint=store.fingerprint, learning_rates=tuple(float(x) for x in store.learning_rates),
-            checkpoint_hashes=tuple(str(h) for h in store.checkpoint_hashes), dtype=store.dtype,
-            loss_name=store.loss_name, label_dtype=None if label is None else str(np.dtype(label)),
-            chunk_rows=store.chunk_rows, factors=tuple(store.factor_arrays), preconditioner=store.spec.preconditioner,
+            n_checkpoints=store.n_checkpoints,
+            n_examples=store.n_examples,
+            feature_dim=store.feature_dim,
+            fingerprint=store.fingerprint,
+            learning_rates=tuple(float(x) for x in store.learning_rates),
+            checkpoint_hashes=tuple(str(h) for h in store.checkpoint_hashes),
+            dtype=store.dtype,
+            loss_name=store.loss_name,
+            label_dtype=None if label is None else str(np.dtype(label)),
+            chunk_rows=store.chunk_rows,
+            factors=tuple(store.factor_arrays),
+            preconditioner=store.spec.preconditioner,
         )
 
 

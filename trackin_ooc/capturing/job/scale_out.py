@@ -42,8 +42,15 @@ def _run_task(job: CaptureJob, path: str, blocks: list[Block], storage_options) 
     return job.run(path, blocks, storage_options=storage_options, skip_written=True)
 
 
-def run_on_cluster(client, job: CaptureJob, path: str, blocks: Sequence[Block], *,
-                   storage_options: StorageOptions = None, progress: bool | None = None) -> int:
+def run_on_cluster(
+    client,
+    job: CaptureJob,
+    path: str,
+    blocks: Sequence[Block],
+    *,
+    storage_options: StorageOptions = None,
+    progress: bool | None = None,
+) -> int:
     """Run ``blocks`` as Dask tasks on ``client``'s workers; return the blocks written."""
     from distributed import as_completed
 
@@ -58,8 +65,16 @@ def run_on_cluster(client, job: CaptureJob, path: str, blocks: Sequence[Block], 
     # workers get a share only by stealing, which short tasks may never trigger.
     client.replicate([shared_job])
     futures = [
-        client.submit(_run_task, shared_job, path, r, storage_options,
-                      key=f"trackin-capture-{r[0][0]}-{r[-1][1]}-{os.getpid()}", retries=1, pure=False)
+        client.submit(
+            _run_task,
+            shared_job,
+            path,
+            r,
+            storage_options,
+            key=f"trackin-capture-{r[0][0]}-{r[-1][1]}-{os.getpid()}",
+            retries=1,
+            pure=False,
+        )
         for r in ranges
     ]
     rows = {f.key: sum(stop - start for start, stop in r) for f, r in zip(futures, ranges)}

@@ -81,8 +81,9 @@ class BlockWriter:
     def add(self, block: RowBlock) -> None:
         """Append a batch's rows (factor arrays padded here to the store's positions); whole store row blocks
         are sent to the writer as they fill."""
-        block = dataclasses.replace(block, factors=self._padded(block.factors),
-                                    labels=block.labels if self.with_labels else None)
+        block = dataclasses.replace(
+            block, factors=self._padded(block.factors), labels=block.labels if self.with_labels else None
+        )
         b, done = block.n_rows, 0
         while done < b:
             if self._index >= len(self.blocks):

@@ -7,6 +7,13 @@ from .layers import select_parameters
 from .losses import LossFn, cross_entropy, default_loss, model_output_logits
 
 __all__ = [
-    "LossFn", "PerExampleGradients", "call_functional", "call_model", "cross_entropy", "default_loss",
-    "model_output_logits", "select_parameters", "split_batch",
+    "LossFn",
+    "PerExampleGradients",
+    "call_functional",
+    "call_model",
+    "cross_entropy",
+    "default_loss",
+    "model_output_logits",
+    "select_parameters",
+    "split_batch",
 ]

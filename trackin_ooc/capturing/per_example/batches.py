@@ -64,8 +64,10 @@ def split_batch(item, target_key: str = "labels") -> tuple[Inputs, torch.Tensor]
 def to_device(inputs: Inputs, device: torch.device | str, non_blocking: bool = False) -> Inputs:
     """The tensors of ``inputs`` on ``device`` (other values of a Mapping unchanged)."""
     if isinstance(inputs, Mapping):
-        return {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
-                for k, v in inputs.items()}
+        return {
+            k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
+            for k, v in inputs.items()
+        }
     if isinstance(inputs, (tuple, list)):
         return tuple(t.to(device, non_blocking=non_blocking) if isinstance(t, torch.Tensor) else t for t in inputs)
     return inputs.to(device, non_blocking=non_blocking)
@@ -113,6 +115,12 @@ def join_batched_and_shared(batched: Inputs, shared: Inputs, positional: bool) -
 
 
 __all__ = [
-    "Inputs", "call_model", "call_functional", "split_batch", "to_device", "slice_inputs",
-    "batched_and_shared", "join_batched_and_shared",
+    "Inputs",
+    "call_model",
+    "call_functional",
+    "split_batch",
+    "to_device",
+    "slice_inputs",
+    "batched_and_shared",
+    "join_batched_and_shared",
 ]

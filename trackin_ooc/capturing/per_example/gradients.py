@@ -62,8 +62,15 @@ class PerExampleGradients:
     without it the plan is chosen on the first call. ``prefer``: see :data:`PREFERENCES`.
     """
 
-    def __init__(self, model: nn.Module, param_names: Sequence[str], loss_fn: LossFn | None = None, *,
-                 methods: Mapping[str, str] | None = None, prefer: str = DEFAULT_PREFERENCE):
+    def __init__(
+        self,
+        model: nn.Module,
+        param_names: Sequence[str],
+        loss_fn: LossFn | None = None,
+        *,
+        methods: Mapping[str, str] | None = None,
+        prefer: str = DEFAULT_PREFERENCE,
+    ):
         if prefer not in PREFERENCES:
             raise ValueError(f"prefer must be one of {', '.join(PREFERENCES)}, got {prefer!r}")
         self.model = model
@@ -146,8 +153,10 @@ class PerExampleGradients:
                 g, losses, failed = {}, None, dict.fromkeys(hooked, f"the hooked pass failed: {_first_line(e)}")
             if failed:
                 first = next(iter(failed.values()))
-                _warn_once(f"per-example gradients: {len(failed)} parameters are not computed by hooks "
-                           f"({_short(failed)}; {first}); using vmap for them")
+                _warn_once(
+                    f"per-example gradients: {len(failed)} parameters are not computed by hooks "
+                    f"({_short(failed)}; {first}); using vmap for them"
+                )
             grads = {n: v for n, v in g.items() if n not in failed}
         plan = dict.fromkeys(grads, "hooks")
         rest = [n for n in names if n not in plan]
@@ -167,8 +176,10 @@ class PerExampleGradients:
     def _loop_rest(self, state, inputs, targets, rest, grads, plan, losses, error):
         why = {n: self.hooked.refused.get(n, "") for n in rest}
         layers = _short([f"{n} ({w})" if w else n for n, w in why.items()])
-        _warn_once(f"per-example gradients: vmap failed ({_first_line(error)}); {len(rest)} parameters not "
-                   f"covered by hooks use the per-example loop (slow): {layers}")
+        _warn_once(
+            f"per-example gradients: vmap failed ({_first_line(error)}); {len(rest)} parameters not "
+            f"covered by hooks use the per-example loop (slow): {layers}"
+        )
         g, loss = loop_gradients(self.model, self.loss_fn, state, rest, inputs, targets)
         grads = {**grads, **g}
         plan = {**plan, **dict.fromkeys(rest, "loop")}

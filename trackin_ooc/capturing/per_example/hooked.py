@@ -107,8 +107,7 @@ class LayerTap:
         self.batch = batch
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.problem: str | None = None
-        self.handles = [use.module.register_forward_pre_hook(self._pre),
-                        use.module.register_forward_hook(self._post)]
+        self.handles = [use.module.register_forward_pre_hook(self._pre), use.module.register_forward_hook(self._post)]
 
     def _pre(self, module, args):
         if not args or not isinstance(args[0], torch.Tensor):
@@ -168,8 +167,18 @@ def _conv_weight_gradients(module: Any, x: torch.Tensor, delta: torch.Tensor) ->
 
     def one(xi: torch.Tensor, di: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten.convolution_backward(
-            di.unsqueeze(0), xi.unsqueeze(0), weight, None, stride, padding, dilation, False, zeros,
-            module.groups, [False, True, False])[1]
+            di.unsqueeze(0),
+            xi.unsqueeze(0),
+            weight,
+            None,
+            stride,
+            padding,
+            dilation,
+            False,
+            zeros,
+            module.groups,
+            [False, True, False],
+        )[1]
 
     return torch.vmap(one)(x.to(delta.dtype), delta)
 
@@ -241,8 +250,13 @@ class HookedGradients:
         self.uses, self.refused = parameter_uses(model, param_names)
 
     def __call__(
-        self, state: Mapping[str, torch.Tensor], inputs: Inputs, targets: torch.Tensor, names: Sequence[str],
-        *, check: bool = False,
+        self,
+        state: Mapping[str, torch.Tensor],
+        inputs: Inputs,
+        targets: torch.Tensor,
+        names: Sequence[str],
+        *,
+        check: bool = False,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, str]]:
         """({name: (B, *shape)}, losses (B,), {name: why its hooked gradient cannot be trusted})."""
         batch = targets.shape[0]
@@ -270,7 +284,7 @@ class HookedGradients:
         deltas = iter([next(live_deltas) if o.requires_grad else None for o in outputs])
         grads = gradients_from_taps(taps, deltas, leaves, batch)
         if check:
-            for n, batch_grad in zip(leaves, got[len(live):]):
+            for n, batch_grad in zip(leaves, got[len(live) :]):
                 if n not in failed:
                     why = gradient_mismatch(grads[n].sum(0), batch_grad)
                     if why:
@@ -287,8 +301,9 @@ def open_taps(uses: Mapping[str, Sequence[_Use]], names: Sequence[str], batch: i
     return [LayerTap(use, batch) for use in modules.values()]
 
 
-def gradients_from_taps(taps: Sequence[LayerTap], deltas, params: Mapping[str, torch.Tensor],
-                        batch: int) -> dict[str, torch.Tensor]:
+def gradients_from_taps(
+    taps: Sequence[LayerTap], deltas, params: Mapping[str, torch.Tensor], batch: int
+) -> dict[str, torch.Tensor]:
     """{name: (B, *shape)} for every parameter in ``params`` from the taps' calls and their output gradients
     ``deltas`` (one per call, in the taps' order; None for a call that contributes nothing). A parameter used
     by several calls sums them; one no call reached is zero. Clears the taps' calls."""
@@ -316,8 +331,10 @@ def gradient_mismatch(summed: torch.Tensor, batch_grad: torch.Tensor | None) -> 
     err = (summed - want).abs().max().item()
     scale = want.abs().max().item()
     if err > CHECK_RTOL * scale + 1e-7:
-        return (f"its batch gradient differs from the sum of the hooked per-example gradients by {err:.3g} "
-                f"(scale {scale:.3g}): it is used outside the hooked modules' forward")
+        return (
+            f"its batch gradient differs from the sum of the hooked per-example gradients by {err:.3g} "
+            f"(scale {scale:.3g}): it is used outside the hooked modules' forward"
+        )
     return None
 
 

@@ -51,5 +51,7 @@ def _suggest(name: str, model: nn.Module, n: int = 3) -> str:
         return f"did you mean {', '.join(repr(c) for c in close)}?"
     top = [m for m, _ in model.named_children() if m in with_params]
     shown = ", ".join(top[:8]) + (", ..." if len(top) > 8 else "")
-    return (f"its top-level modules with parameters are {shown} ({len(candidates)} module and parameter names in "
-            "all: model.named_modules() and model.named_parameters() list them)")
+    return (
+        f"its top-level modules with parameters are {shown} ({len(candidates)} module and parameter names in "
+        "all: model.named_modules() and model.named_parameters() list them)"
+    )

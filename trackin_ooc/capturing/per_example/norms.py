@@ -31,8 +31,9 @@ def dense_sq_norms(grads: Mapping[str, torch.Tensor], batch: int) -> torch.Tenso
     return total
 
 
-def factored_sq_norms(inputs: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor], *, bias: bool,
-                      embedding: bool) -> torch.Tensor:
+def factored_sq_norms(
+    inputs: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor], *, bias: bool, embedding: bool
+) -> torch.Tensor:
     """‖Σ_t δ_t a_tᵀ‖² per example for one layer, over all of its calls in the forward pass.
 
     ``inputs``: per call, (B, T, d_in) layer inputs without the bias row, or (B, T) token ids for an

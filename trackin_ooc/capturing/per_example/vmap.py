@@ -22,7 +22,11 @@ def _split(state: Mapping[str, torch.Tensor], names: Sequence[str]):
 
 
 def vmap_gradients(
-    model: nn.Module, loss_fn: LossFn, state: Mapping[str, torch.Tensor], names: Sequence[str], inputs: Inputs,
+    model: nn.Module,
+    loss_fn: LossFn,
+    state: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+    inputs: Inputs,
     targets: torch.Tensor,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """({name: (B, *shape)}, losses (B,)) by ``vmap(grad(loss of one example))``; raises what vmap raises."""
@@ -30,8 +34,11 @@ def vmap_gradients(
     batched, shared = batched_and_shared(inputs, targets.shape[0])
 
     def one_loss(selected, rest, example, y):
-        one = (tuple(None if v is None else v.unsqueeze(0) for v in example) if positional
-               else {k: v.unsqueeze(0) for k, v in example.items()})
+        one = (
+            tuple(None if v is None else v.unsqueeze(0) for v in example)
+            if positional
+            else {k: v.unsqueeze(0) for k, v in example.items()}
+        )
         out = call_functional(model, (selected, rest), join_batched_and_shared(one, shared, positional))
         loss = check_losses(loss_fn(out, y.unsqueeze(0)), 1).sum()
         return loss, loss.detach()
@@ -41,7 +48,11 @@ def vmap_gradients(
 
 
 def loop_gradients(
-    model: nn.Module, loss_fn: LossFn, state: Mapping[str, torch.Tensor], names: Sequence[str], inputs: Inputs,
+    model: nn.Module,
+    loss_fn: LossFn,
+    state: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+    inputs: Inputs,
     targets: torch.Tensor,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The same as :func:`vmap_gradients`, one example at a time with autograd."""

@@ -83,8 +83,14 @@ class ConvCall:
     """A Conv2d call: input (B, C, H, W) (padded here when the module pads other than with zeros) and
     output gradients (B, O, H', W')."""
 
-    def __init__(self, layer: FactorLayer, module: nn.Conv2d, x: torch.Tensor, delta_map: torch.Tensor,
-                 scale: LayerScale | None = None):
+    def __init__(
+        self,
+        layer: FactorLayer,
+        module: nn.Conv2d,
+        x: torch.Tensor,
+        delta_map: torch.Tensor,
+        scale: LayerScale | None = None,
+    ):
         self.in_scale = None  # per patch column (C·kh·kw,), with a preconditioner
         if scale is not None:
             delta_map = delta_map.to(torch.float32) * scale.outputs.reshape(1, -1, 1, 1)
@@ -133,8 +139,9 @@ class ConvCall:
         m = self.module
         x, d = self.x.to(torch.float32), self.delta_map.to(torch.float32)
         shape = x.new_empty(()).expand(d.shape[1], x.shape[1], *m.kernel_size)
-        g = torch.ops.aten.convolution_backward(d, x, shape, None, m.stride, self.padding, m.dilation, False,
-                                                (0, 0), 1, (False, True, False))[1]
+        g = torch.ops.aten.convolution_backward(
+            d, x, shape, None, m.stride, self.padding, m.dilation, False, (0, 0), 1, (False, True, False)
+        )[1]
         return g if self.in_scale is None else g * self.in_scale.reshape(1, *g.shape[1:])
 
     def formed(self, start: int, stop: int) -> torch.Tensor:
@@ -147,8 +154,17 @@ class ConvCall:
         o = d.shape[1]
         shape = x.new_empty(()).expand(b * o, c, *m.kernel_size)  # only its shape is read
         gw = torch.ops.aten.convolution_backward(
-            d.reshape(1, b * o, *d.shape[2:]), x.reshape(1, b * c, *x.shape[2:]), shape, None,
-            m.stride, self.padding, m.dilation, False, (0, 0), b, (False, True, False),
+            d.reshape(1, b * o, *d.shape[2:]),
+            x.reshape(1, b * c, *x.shape[2:]),
+            shape,
+            None,
+            m.stride,
+            self.padding,
+            m.dilation,
+            False,
+            (0, 0),
+            b,
+            (False, True, False),
         )[1]
         g = gw.reshape(b, o, -1).transpose(1, 2)  # (b, C·kh·kw, O)
         if self.in_scale is not None:

@@ -22,8 +22,17 @@ import math
 INFINITE = math.inf
 
 
-def per_position_cost(kind: str, d_in: int, d_out: int, n_in: int, n_out: int, products: int,
-                      in_identity: bool, out_identity: bool, positions: int) -> float:
+def per_position_cost(
+    kind: str,
+    d_in: int,
+    d_out: int,
+    n_in: int,
+    n_out: int,
+    products: int,
+    in_identity: bool,
+    out_identity: bool,
+    positions: int,
+) -> float:
     """Projecting each position's input and output gradient, then the ``products`` stored per position."""
     per = products
     if not in_identity and kind != "embedding":  # an embedding's input factor is a row gather
@@ -33,8 +42,17 @@ def per_position_cost(kind: str, d_in: int, d_out: int, n_in: int, n_out: int, p
     return float(positions) * per
 
 
-def formed_cost(kind: str, d_in: int, d_out: int, n_out: int, products: int, in_identity: bool,
-                out_identity: bool, positions: int, dense_width: int = 0) -> float:
+def formed_cost(
+    kind: str,
+    d_in: int,
+    d_out: int,
+    n_out: int,
+    products: int,
+    in_identity: bool,
+    out_identity: bool,
+    positions: int,
+    dense_width: int = 0,
+) -> float:
     """Forming G (T·D), then the factor map (or a dense map of ``dense_width`` columns) applied to it."""
     d = d_in * d_out
     # forming G and writing it (an embedding's: zeroing V·E rows, then adding δ_t to its token's row)

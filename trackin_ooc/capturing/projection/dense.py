@@ -98,7 +98,12 @@ def rows_per_block(dim: int) -> int:
 
 
 def projection_matrix(
-    kind: str, seed: int, name: str, n_rows: int, dim: int, device: torch.device | str = "cpu",
+    kind: str,
+    seed: int,
+    name: str,
+    n_rows: int,
+    dim: int,
+    device: torch.device | str = "cpu",
     cache: _BlockCache | None = None,
 ) -> torch.Tensor:
     """The whole ``n_rows × dim`` matrix a dense projection uses for a parameter called ``name``.
@@ -134,9 +139,7 @@ class Projector:
         key = (self.spec.kind, self.spec.dim, self.spec.seed, name, block, rows, str(self.device))
         return self.cache.get(
             key,
-            lambda: generate_block(self.spec.kind, seed, name, block, rows, self.spec.dim).to(
-                self.device
-            ),
+            lambda: generate_block(self.spec.kind, seed, name, block, rows, self.spec.dim).to(self.device),
         )
 
     def __call__(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -42,9 +42,25 @@ from .factored_plan import (
 )
 
 __all__ = [
-    "FACTOR_KIND", "HOOKED_KINDS", "PLAN_VERSION", "SPEC_KEY", "FactorLayer", "Factors", "combine", "conv_positions",
-    "dense_features", "describe_plan", "factor_kind", "factored_spec", "features_from_formed", "layer_groups",
-    "plan_from_spec", "plan_layers", "project_gradients", "project_input", "project_output",
+    "FACTOR_KIND",
+    "HOOKED_KINDS",
+    "PLAN_VERSION",
+    "SPEC_KEY",
+    "FactorLayer",
+    "Factors",
+    "combine",
+    "conv_positions",
+    "dense_features",
+    "describe_plan",
+    "factor_kind",
+    "factored_spec",
+    "features_from_formed",
+    "layer_groups",
+    "plan_from_spec",
+    "plan_layers",
+    "project_gradients",
+    "project_input",
+    "project_output",
 ]
 
 
@@ -130,9 +146,11 @@ def conv_positions(model: nn.Module, inputs: Inputs) -> dict[str, int]:
     handles = []
     for name, mod in model.named_modules():
         if factor_kind(mod) == "conv2d":
+
             def hook(m, args, out, name=name):
                 if isinstance(out, torch.Tensor) and out.ndim == 4:
                     found[name] = max(found.get(name, 0), int(out.shape[2] * out.shape[3]))
+
             handles.append(mod.register_forward_hook(hook))
     if not handles:
         return found
@@ -150,20 +168,30 @@ def conv_positions(model: nn.Module, inputs: Inputs) -> dict[str, int]:
 
 
 # ---- spec ---------------------------------------------------------------------------------------
-def plan_layers(model: nn.Module, names: Sequence[str], dim: int,
-                positions: Mapping[str, int] | None = None) -> list[FactorLayer]:
+def plan_layers(
+    model: nn.Module, names: Sequence[str], dim: int, positions: Mapping[str, int] | None = None
+) -> list[FactorLayer]:
     """The factored plan (version 2) for the selected parameters of ``model`` at ``dim`` stored values.
 
     ``positions``: output positions per example by module name (:func:`conv_positions`); 1 for the rest.
     """
     positions = positions or {}
-    groups = [LayerGroup(k, m, p, d_in, d_out, int(positions.get(m, 1)) if k != "dense" else 1)
-              for k, m, p, d_in, d_out in layer_groups(model, names)]
+    groups = [
+        LayerGroup(k, m, p, d_in, d_out, int(positions.get(m, 1)) if k != "dense" else 1)
+        for k, m, p, d_in, d_out in layer_groups(model, names)
+    ]
     return plan_groups(groups, int(dim))
 
 
-def factored_spec(model: nn.Module, names: Sequence[str], dim: int, seed: int, *,
-                  positions: Mapping[str, int] | None = None, example: Inputs | None = None) -> ProjectionSpec:
+def factored_spec(
+    model: nn.Module,
+    names: Sequence[str],
+    dim: int,
+    seed: int,
+    *,
+    positions: Mapping[str, int] | None = None,
+    example: Inputs | None = None,
+) -> ProjectionSpec:
     """A ``factored`` spec whose ``extra`` records the per-layer plan (so the fingerprint covers it).
 
     ``example``: the model inputs of one batch (a tensor, a tuple or a dict), run once to count each
@@ -177,8 +205,13 @@ def factored_spec(model: nn.Module, names: Sequence[str], dim: int, seed: int, *
     params = dict(model.named_parameters())
     layers = tuple((n, tuple(int(v) for v in params[n].shape)) for n in names)
     plan = plan_layers(model, names, int(dim), positions)
-    return ProjectionSpec(kind="factored", dim=stored_dim(plan), seed=int(seed), layers=layers,
-                          extra=((SPEC_KEY, plan_extra(plan, int(dim))),))
+    return ProjectionSpec(
+        kind="factored",
+        dim=stored_dim(plan),
+        seed=int(seed),
+        layers=layers,
+        extra=((SPEC_KEY, plan_extra(plan, int(dim))),),
+    )
 
 
 def plan_from_spec(spec: ProjectionSpec) -> list[FactorLayer]:
@@ -207,9 +240,16 @@ class Factors:
         vec(G), G as d_in × d_out).
         """
         if side == "formed":
-            return projection_matrix(FACTOR_KIND, self.seed, f"{layer.weight}#formed", layer.exact_width,
-                                     layer.width, self.device, self.cache)
-        if (layer.in_identity if side == "in" else layer.out_identity):
+            return projection_matrix(
+                FACTOR_KIND,
+                self.seed,
+                f"{layer.weight}#formed",
+                layer.exact_width,
+                layer.width,
+                self.device,
+                self.cache,
+            )
+        if layer.in_identity if side == "in" else layer.out_identity:
             return None
         d, k = (layer.d_in, layer.n_in) if side == "in" else (layer.d_out, layer.n_out)
         return projection_matrix(FACTOR_KIND, self.seed, f"{layer.weight}#{side}", d, k, self.device, self.cache)
@@ -228,7 +268,8 @@ class Factors:
                 parts = []
                 for block, start in enumerate(range(0, width, BLOCK_ELEMENTS)):
                     gen = torch.Generator(device="cpu").manual_seed(
-                        block_seed(self.seed, f"{layer.weight}#mix{r}", block))
+                        block_seed(self.seed, f"{layer.weight}#mix{r}", block)
+                    )
                     parts.append(torch.randint(0, 2 * mix, (min(BLOCK_ELEMENTS, width - start),), generator=gen))
                 rows.append(torch.cat(parts))
             return torch.stack(rows).to(self.device)
@@ -238,7 +279,7 @@ class Factors:
 
 def _signed(layer: FactorLayer, out: torch.Tensor) -> torch.Tensor:
     """(B, mix) from the (B, 2·mix) sums at positive and negative buckets."""
-    return (out[:, : layer.mix] - out[:, layer.mix:]).mul_(1.0 / math.sqrt(SPARSITY))
+    return (out[:, : layer.mix] - out[:, layer.mix :]).mul_(1.0 / math.sqrt(SPARSITY))
 
 
 def hash_values(layer: FactorLayer, wide: torch.Tensor, factors: Factors) -> torch.Tensor:
@@ -289,8 +330,9 @@ def project_output(layer: FactorLayer, delta: torch.Tensor, factors: Factors) ->
     return delta if p is None else torch.matmul(delta, p)
 
 
-def combine(layer: FactorLayer, a_proj: torch.Tensor, d_proj: torch.Tensor,
-            factors: Factors | None = None) -> torch.Tensor:
+def combine(
+    layer: FactorLayer, a_proj: torch.Tensor, d_proj: torch.Tensor, factors: Factors | None = None
+) -> torch.Tensor:
     """Σ_t vec(a_t d_tᵀ) per example and block, the first ``width`` values, scaled: (B, width); for a
     hashed layer, those values hashed into the shared dims (B, mix)."""
     if layer.mix and layer.kind == "embedding" and layer.hashed_whole:
@@ -345,8 +387,9 @@ def features_from_formed(layer: FactorLayer, g: torch.Tensor, factors: Factors) 
     return _mixed(layer, f, factors)
 
 
-def assemble(plan: Sequence[FactorLayer], parts: Sequence[torch.Tensor | None], batch: int,
-             device: torch.device | str) -> torch.Tensor:
+def assemble(
+    plan: Sequence[FactorLayer], parts: Sequence[torch.Tensor | None], batch: int, device: torch.device | str
+) -> torch.Tensor:
     """The stored features (B, dim) from each plan entry's part (None: zeros): layers of their own
     concatenated in plan order, then the shared dims (the sum of every hashed layer's part)."""
     own, shared = [], None
@@ -381,7 +424,9 @@ def gradient_matrix(layer: FactorLayer, grads: Mapping[str, torch.Tensor]) -> to
 
 
 def project_gradients(
-    spec: ProjectionSpec, grads: Mapping[str, torch.Tensor], device: torch.device | str | None = None,
+    spec: ProjectionSpec,
+    grads: Mapping[str, torch.Tensor],
+    device: torch.device | str | None = None,
     cache: _BlockCache | None = None,
 ) -> torch.Tensor:
     """Factored features from exact per-example gradients {name: (B, *shape)}: (B, spec.dim).
@@ -415,7 +460,10 @@ def dense_spec(spec: ProjectionSpec, layer: FactorLayer) -> ProjectionSpec:
 
 
 def dense_features(
-    spec: ProjectionSpec, layer: FactorLayer, grads: Mapping[str, torch.Tensor], device: torch.device,
+    spec: ProjectionSpec,
+    layer: FactorLayer,
+    grads: Mapping[str, torch.Tensor],
+    device: torch.device,
     factors: Factors | None = None,
 ) -> torch.Tensor:
     """The dense group's features: its per-example gradients (concatenated in plan order) projected by its

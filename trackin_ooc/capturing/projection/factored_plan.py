@@ -163,18 +163,45 @@ class FactorLayer:
         if self.hashed_whole:
             return hashed_costs(self.kind, self.d_in, self.d_out, positions)
         products = self.k_in * self.k_out * self.blocks
-        per = math.inf if self.method == "formed" else per_position_cost(
-            self.kind, self.d_in, self.d_out, self.n_in, self.n_out, products, self.in_identity,
-            self.out_identity, positions)
-        formed = formed_cost(self.kind, self.d_in, self.d_out, self.n_out, products, self.in_identity,
-                             self.out_identity, positions, self.width if self.method == "formed" else 0)
+        per = (
+            math.inf
+            if self.method == "formed"
+            else per_position_cost(
+                self.kind,
+                self.d_in,
+                self.d_out,
+                self.n_in,
+                self.n_out,
+                products,
+                self.in_identity,
+                self.out_identity,
+                positions,
+            )
+        )
+        formed = formed_cost(
+            self.kind,
+            self.d_in,
+            self.d_out,
+            self.n_out,
+            products,
+            self.in_identity,
+            self.out_identity,
+            positions,
+            self.width if self.method == "formed" else 0,
+        )
         return per, formed
 
     def to_dict(self) -> dict:
         d = {
-            "kind": self.kind, "module": self.module, "params": list(self.params),
-            "d_in": self.d_in, "d_out": self.d_out, "k_in": self.k_in, "k_out": self.k_out,
-            "width": self.width, "blocks": self.blocks,
+            "kind": self.kind,
+            "module": self.module,
+            "params": list(self.params),
+            "d_in": self.d_in,
+            "d_out": self.d_out,
+            "k_in": self.k_in,
+            "k_out": self.k_out,
+            "width": self.width,
+            "blocks": self.blocks,
         }
         if self.method != "factors":  # version-1 plans without formed layers keep their fingerprint
             d["method"] = self.method
@@ -186,12 +213,22 @@ class FactorLayer:
     def from_dict(cls, d: Mapping) -> FactorLayer:
         method = str(d.get("method", "factors"))
         if method not in METHODS:
-            raise CaptureError(f"factored plan layer {d.get('module')!r} has an unknown method {method!r}; "
-                               "re-capture with this version of trackin-ooc")
+            raise CaptureError(
+                f"factored plan layer {d.get('module')!r} has an unknown method {method!r}; "
+                "re-capture with this version of trackin-ooc"
+            )
         return cls(
-            kind=str(d["kind"]), module=str(d["module"]), params=tuple(d["params"]),
-            d_in=int(d["d_in"]), d_out=int(d["d_out"]), k_in=int(d["k_in"]), k_out=int(d["k_out"]),
-            width=int(d["width"]), blocks=int(d.get("blocks", 1)), method=method, mix=int(d.get("mix", 0)),
+            kind=str(d["kind"]),
+            module=str(d["module"]),
+            params=tuple(d["params"]),
+            d_in=int(d["d_in"]),
+            d_out=int(d["d_out"]),
+            k_in=int(d["k_in"]),
+            k_out=int(d["k_out"]),
+            width=int(d["width"]),
+            blocks=int(d.get("blocks", 1)),
+            method=method,
+            mix=int(d.get("mix", 0)),
         )
 
 
@@ -279,8 +316,9 @@ def plan_groups(groups: Sequence[LayerGroup], dim: int) -> list[FactorLayer]:
         raise CaptureError("the factored projection needs at least one selected parameter")
     total = sum(g.d_in * g.d_out for g in groups)
     if total <= dim:
-        return [FactorLayer(g.kind, g.module, g.params, g.d_in, g.d_out, g.d_in, g.d_out, g.d_in * g.d_out)
-                for g in groups]
+        return [
+            FactorLayer(g.kind, g.module, g.params, g.d_in, g.d_out, g.d_in, g.d_out, g.d_in * g.d_out) for g in groups
+        ]
     direct = set(dense_mapped([g.d_in * g.d_out for g in groups], int(dim)))
     return [direct_layer(g, int(dim)) if i in direct else plan_layer(g, int(dim)) for i, g in enumerate(groups)]
 
@@ -302,8 +340,7 @@ def direct_layer(group: LayerGroup, dim: int) -> FactorLayer:
     dims (``method="formed"``, ``width = mix = dim``)."""
     g = group
     if g.kind == "dense":
-        return FactorLayer(g.kind, g.module, g.params, 1, g.d_out, 1, int(dim), int(dim), method="formed",
-                           mix=int(dim))
+        return FactorLayer(g.kind, g.module, g.params, 1, g.d_out, 1, int(dim), int(dim), method="formed", mix=int(dim))
     return FactorLayer(g.kind, g.module, g.params, g.d_in, g.d_out, 1, 1, int(dim), int(dim), "formed", int(dim))
 
 
@@ -317,8 +354,14 @@ def stored_dim(plan: Sequence[FactorLayer]) -> int:
 
 def plan_extra(plan: Sequence[FactorLayer], requested_dim: int) -> dict:
     """What the spec records of a version-2 plan (``extra["factored"]``, covered by the fingerprint)."""
-    return {"version": PLAN_VERSION, "factor": FACTOR_KIND, "mix": MIX_KIND, "sparsity": SPARSITY,
-            "requested_dim": int(requested_dim), "layers": [x.to_dict() for x in plan]}
+    return {
+        "version": PLAN_VERSION,
+        "factor": FACTOR_KIND,
+        "mix": MIX_KIND,
+        "sparsity": SPARSITY,
+        "requested_dim": int(requested_dim),
+        "layers": [x.to_dict() for x in plan],
+    }
 
 
 def plan_from_extra(extra: Mapping | None, what: str = "this spec") -> list[FactorLayer]:
@@ -326,8 +369,11 @@ def plan_from_extra(extra: Mapping | None, what: str = "this spec") -> list[Fact
     if not extra:
         raise CaptureError(f"{what} is not a factored spec with a layer plan")
     version = extra.get("version")
-    if version not in READ_VERSIONS or extra.get("factor") != FACTOR_KIND or (
-            version >= 2 and (extra.get("mix"), extra.get("sparsity")) != (MIX_KIND, SPARSITY)):
+    if (
+        version not in READ_VERSIONS
+        or extra.get("factor") != FACTOR_KIND
+        or (version >= 2 and (extra.get("mix"), extra.get("sparsity")) != (MIX_KIND, SPARSITY))
+    ):
         raise CaptureError(
             f"factored plan version {version} ({extra.get('factor')}) is not one this trackin-ooc reads "
             f"(versions {', '.join(map(str, READ_VERSIONS))}, {FACTOR_KIND}); re-capture with this version"

@@ -77,17 +77,25 @@ class LayerChoice:
 
     def tap_layer(self) -> FactorLayer:
         """The layer as the hooks see it (identity factors: nothing is projected)."""
-        return FactorLayer(self.kind, self.module, self.params, self.d_in, self.d_out, self.d_in, self.d_out,
-                           self.d_in * self.d_out)
+        return FactorLayer(
+            self.kind, self.module, self.params, self.d_in, self.d_out, self.d_in, self.d_out, self.d_in * self.d_out
+        )
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "module": self.module, "params": list(self.params), "d_in": self.d_in,
-                "d_out": self.d_out, "store": self.store}
+        return {
+            "kind": self.kind,
+            "module": self.module,
+            "params": list(self.params),
+            "d_in": self.d_in,
+            "d_out": self.d_out,
+            "store": self.store,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping) -> LayerChoice:
-        return cls(str(d["kind"]), str(d["module"]), tuple(d["params"]), int(d["d_in"]), int(d["d_out"]),
-                   str(d["store"]))
+        return cls(
+            str(d["kind"]), str(d["module"]), tuple(d["params"]), int(d["d_in"]), int(d["d_out"]), str(d["store"])
+        )
 
 
 @dataclass(frozen=True)
@@ -110,8 +118,9 @@ def candidate_layers(model: nn.Module, names: Sequence[str]) -> list[tuple[str, 
 
 
 # ---- positions per layer (a forward pass with the hooks on) ---------------------------------------
-def probe_positions(model: nn.Module, candidates: Sequence[tuple], inputs: Iterable[tuple[Inputs, int]]
-                    ) -> dict[str, int]:
+def probe_positions(
+    model: nn.Module, candidates: Sequence[tuple], inputs: Iterable[tuple[Inputs, int]]
+) -> dict[str, int]:
     """The most positions any example has at each candidate layer (summed over the layer's calls), from
     forward passes (no gradients) over ``inputs``: (model inputs, batch size) pairs."""
     modules = dict(model.named_modules())
@@ -151,8 +160,9 @@ def factors_spec(model: nn.Module, names: Sequence[str], positions: Mapping[str,
     factored = {p for c in choices if c.store == STORE_FACTORS for p in c.params}
     flat = [n for n in names if n not in factored]
     extra = {"version": PLAN_VERSION, "layers": [c.to_dict() for c in choices], "flat": flat}
-    return ProjectionSpec(kind="factors", dim=sum(math.prod(s) for _, s in layers), layers=layers,
-                          extra=((SPEC_KEY, extra),))
+    return ProjectionSpec(
+        kind="factors", dim=sum(math.prod(s) for _, s in layers), layers=layers, extra=((SPEC_KEY, extra),)
+    )
 
 
 def plan_from_spec(spec: ProjectionSpec) -> FactorsPlan:
@@ -160,8 +170,10 @@ def plan_from_spec(spec: ProjectionSpec) -> FactorsPlan:
     if spec.kind != "factors" or not extra:
         raise CaptureError(f"{spec.describe()} is not a factors spec with per-layer choices")
     if extra.get("version") != PLAN_VERSION:
-        raise CaptureError(f"factors plan version {extra.get('version')} is not the one this trackin-ooc makes "
-                           f"(version {PLAN_VERSION}); re-capture with this version")
+        raise CaptureError(
+            f"factors plan version {extra.get('version')} is not the one this trackin-ooc makes "
+            f"(version {PLAN_VERSION}); re-capture with this version"
+        )
     return FactorsPlan(tuple(LayerChoice.from_dict(d) for d in extra["layers"]), tuple(extra["flat"]))
 
 
@@ -174,8 +186,15 @@ def flat_width(spec: ProjectionSpec) -> int:
 def factor_arrays(spec: ProjectionSpec, positions: Mapping[str, int]) -> list[FactorArray]:
     """The store layout of a ``factors`` spec: one factor array per layer stored as factors."""
     return [
-        FactorArray(index=i, module=x.module, kind=x.kind, positions=int(positions[x.module]), d_in=x.d_in,
-                    d_out=x.d_out, tokens=x.kind == "embedding")
+        FactorArray(
+            index=i,
+            module=x.module,
+            kind=x.kind,
+            positions=int(positions[x.module]),
+            d_in=x.d_in,
+            d_out=x.d_out,
+            tokens=x.kind == "embedding",
+        )
         for i, x in enumerate(plan_from_spec(spec).factored)
     ]
 
@@ -192,9 +211,11 @@ def factors_hint(model: nn.Module, names: Sequence[str], positions: Mapping[str,
     if min(smaller, cheaper) < HINT_RATIO:
         return None
     n = len(plan_from_spec(spec).factored)
-    return (f"exact capture: storing {n} of its layers as per-layer factors would make the store {smaller:.0f}x "
-            f"smaller ({total:,} → {store:,} values per example and checkpoint) and scoring {cheaper:.0f}x cheaper, "
-            "with the same exact scores: pass projection='factors' (--projection factors)")
+    return (
+        f"exact capture: storing {n} of its layers as per-layer factors would make the store {smaller:.0f}x "
+        f"smaller ({total:,} → {store:,} values per example and checkpoint) and scoring {cheaper:.0f}x cheaper, "
+        "with the same exact scores: pass projection='factors' (--projection factors)"
+    )
 
 
 # ---- the featurizer ------------------------------------------------------------------------------
@@ -226,8 +247,14 @@ class FactorsFeatures(HookedFeaturizer):
 
     method = "factor hooks"
 
-    def __init__(self, model: nn.Module, spec: ProjectionSpec, loss_fn: LossFn | None = None,
-                 device: torch.device | str = "cpu", methods: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: ProjectionSpec,
+        loss_fn: LossFn | None = None,
+        device: torch.device | str = "cpu",
+        methods: Mapping[str, str] | None = None,
+    ):
         super().__init__(model, spec, loss_fn, device)
         self.plan = plan_from_spec(spec)
         modules = dict(model.named_modules())
@@ -266,8 +293,16 @@ class FactorsFeatures(HookedFeaturizer):
                 sq += torch.einsum("cbk,cbk->cb", a, a) * torch.einsum("cbk,cbk->cb", d, d)
         return feats, losses, sq
 
-    def one(self, prepared, inputs, targets: torch.Tensor, c: int, n_checkpoints: int, feats: FactorFeatures,
-            sq: torch.Tensor) -> torch.Tensor:
+    def one(
+        self,
+        prepared,
+        inputs,
+        targets: torch.Tensor,
+        c: int,
+        n_checkpoints: int,
+        feats: FactorFeatures,
+        sq: torch.Tensor,
+    ) -> torch.Tensor:
         """Checkpoint ``c``: one batched forward and backward (plus the flat part's per-example gradients)
         written into ``feats`` (its arrays made at the first checkpoint) and the squared norms into ``sq``
         (B,); returns the losses (B,)."""
@@ -289,7 +324,7 @@ class FactorsFeatures(HookedFeaturizer):
         wrt = outputs + ([state[w] for w in self._weights] if check else [])
         grads = torch.autograd.grad(losses.sum(), wrt, allow_unused=True) if wrt else ()
         if check:
-            self._check_hooks(grads[: len(outputs)], grads[len(outputs):])
+            self._check_hooks(grads[: len(outputs)], grads[len(outputs) :])
         self._checked = True
         deltas = iter(grads[: len(outputs)])
         for i, (t, x) in enumerate(zip(self.taps, self.choices)):
@@ -304,8 +339,11 @@ class FactorsFeatures(HookedFeaturizer):
                 if x.has_bias:
                     feats.values[name][..., x.d_in - 1] = 1.0
                 if x.kind == "embedding":
-                    feats.tokens[f"tokens_{i}"] = torch.cat(ins, 1).to(torch.int64) if ins else \
-                        torch.zeros(batch, 0, dtype=torch.int64, device=self.device)
+                    feats.tokens[f"tokens_{i}"] = (
+                        torch.cat(ins, 1).to(torch.int64)
+                        if ins
+                        else torch.zeros(batch, 0, dtype=torch.int64, device=self.device)
+                    )
             v = feats.values[name][c]
             start = 0
             for a, d in zip(ins, outs):  # each call's positions in turn: [a | 1 | δ] (δ alone for an Embedding)
@@ -314,7 +352,7 @@ class FactorsFeatures(HookedFeaturizer):
                     v[:, start:stop] = d
                 else:
                     v[:, start:stop, : a.shape[-1]] = a
-                    v[:, start:stop, x.d_in:] = d
+                    v[:, start:stop, x.d_in :] = d
                 start = stop
             if ins and (x.kind == "embedding" or v.shape[1] != 1):  # one position: in __call__
                 sq += factored_sq_norms(ins, outs, bias=x.has_bias, embedding=x.kind == "embedding")
@@ -361,14 +399,17 @@ class FactorsFeatures(HookedFeaturizer):
                 want = None if wg is None else _out_in(t.module, wg, x.d_out)
             want = torch.zeros_like(have) if want is None else want.to(torch.float32).reshape(have.shape)
             self._require_batch_gradient(
-                have, want,
+                have,
+                want,
                 f"projection='factors' does not see all of {x.params[0]!r}'s gradient (the weight is used "
                 "outside its module's forward, or the layer's batch dimension is not first); leave it out "
-                "of layers, or capture flat exact gradients (projection_dim=None without projection=)")
+                "of layers, or capture flat exact gradients (projection_dim=None without projection=)",
+            )
 
 
-def _call_parts(t: FactorTap, x: torch.Tensor, delta: torch.Tensor, batch: int,
-                scale: LayerScale | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _call_parts(
+    t: FactorTap, x: torch.Tensor, delta: torch.Tensor, batch: int, scale: LayerScale | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One hooked call as (input rows (B, T, d_in without bias) or token ids (B, T), δ (B, T, d_out))."""
     c = t.call(x, delta, batch, scale)
     return c.rows(), c.delta

@@ -59,8 +59,15 @@ class DenseFeatures(FeaturizerBase):
     before the capture; None: chosen on the first batch (:class:`PerExampleGradients`).
     """
 
-    def __init__(self, model: nn.Module, spec: ProjectionSpec, loss_fn: LossFn | None,
-                 device: torch.device, memory_budget: int | None = None, methods: dict[str, str] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: ProjectionSpec,
+        loss_fn: LossFn | None,
+        device: torch.device,
+        memory_budget: int | None = None,
+        methods: dict[str, str] | None = None,
+    ):
         self.spec = spec
         self.per_example = PerExampleGradients(model, [n for n, _ in spec.layers], loss_fn, methods=methods)
         self.projector = Projector(spec, device=device)
@@ -75,8 +82,9 @@ class DenseFeatures(FeaturizerBase):
         """{parameter: "hooks" | "vmap" | "loop"} once chosen."""
         return self.per_example.methods
 
-    def prepare(self, state: dict[str, torch.Tensor], scales: Scales | None = None
-                ) -> tuple[dict[str, torch.Tensor], Scales | None]:
+    def prepare(
+        self, state: dict[str, torch.Tensor], scales: Scales | None = None
+    ) -> tuple[dict[str, torch.Tensor], Scales | None]:
         return state, scales
 
     def _gradients(self, prepared, inputs, targets: torch.Tensor):
@@ -106,8 +114,13 @@ class DenseFeatures(FeaturizerBase):
         return torch.cat(feats, dim=1), torch.cat(losses, dim=1), torch.cat(norms, dim=1)
 
 
-def make_featurizer(model: nn.Module, spec: ProjectionSpec, loss_fn: LossFn | None, device: torch.device,
-                    methods: dict[str, str] | None = None) -> Featurizer:
+def make_featurizer(
+    model: nn.Module,
+    spec: ProjectionSpec,
+    loss_fn: LossFn | None,
+    device: torch.device,
+    methods: dict[str, str] | None = None,
+) -> Featurizer:
     """The featurizer for a spec: factored hooks for ``factored``, per-layer factors (exact) for
     ``factors``, per-example gradients otherwise."""
     if spec.kind == "factors":

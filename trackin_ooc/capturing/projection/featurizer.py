@@ -55,8 +55,9 @@ def host(x: torch.Tensor) -> np.ndarray:
 class FeaturizerBase:
     """:meth:`rows` from ``__call__`` (features, losses (C, B), squared norms (C, B) as device tensors)."""
 
-    def __call__(self, states: Sequence[Any], inputs: Any, targets: torch.Tensor) -> tuple[Any, torch.Tensor,
-                                                                                            torch.Tensor]:
+    def __call__(
+        self, states: Sequence[Any], inputs: Any, targets: torch.Tensor
+    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def to_host(self, features: Any) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
@@ -83,8 +84,9 @@ class HookedFeaturizer(FeaturizerBase):
 
     method: ClassVar[str]
 
-    def __init__(self, model: nn.Module, spec: ProjectionSpec, loss_fn: LossFn | None,
-                 device: torch.device | str) -> None:
+    def __init__(
+        self, model: nn.Module, spec: ProjectionSpec, loss_fn: LossFn | None, device: torch.device | str
+    ) -> None:
         self.model = model
         self.spec = spec
         self.loss_fn = loss_fn or default_loss

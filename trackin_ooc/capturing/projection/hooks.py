@@ -88,8 +88,9 @@ class FactorTap:
         # gradient is δ.
         return output.clone()
 
-    def call(self, x: torch.Tensor, delta: torch.Tensor, batch: int, scale: LayerScale | None = None
-             ) -> RowsCall | ConvCall:
+    def call(
+        self, x: torch.Tensor, delta: torch.Tensor, batch: int, scale: LayerScale | None = None
+    ) -> RowsCall | ConvCall:
         """One call's input and output gradient, per example (a shared input expanded to the batch); with
         ``scale``, those of the preconditioned layer."""
         x = _per_example(self.layer, x, batch)
@@ -122,8 +123,9 @@ def _batch_error(layer: FactorLayer, shape) -> CaptureError:
     )
 
 
-def layer_features(layer: FactorLayer, calls: Sequence[RowsCall | ConvCall], factors: Factors,
-                   batch: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+def layer_features(
+    layer: FactorLayer, calls: Sequence[RowsCall | ConvCall], factors: Factors, batch: int
+) -> tuple[torch.Tensor, torch.Tensor, str]:
     """One layer's features (B, width), exact squared gradient norms (B,) and the way they were computed
     ("per position" or "formed"), from its calls in the forward pass.
 
@@ -143,15 +145,22 @@ def layer_features(layer: FactorLayer, calls: Sequence[RowsCall | ConvCall], fac
     f = None
     p_in = factors.matrix(layer, "in")
     for c in calls:
-        a_proj = project_input(layer, c.rows(), factors) if p_in is None or layer.kind == "embedding" \
+        a_proj = (
+            project_input(layer, c.rows(), factors)
+            if p_in is None or layer.kind == "embedding"
             else c.project_input(p_in)
+        )
         part = combine(layer, a_proj, project_output(layer, c.delta, factors), factors)
         f = part if f is None else f.add_(part)
     if norm_how == "formed":
         sq = torch.cat([g.pow(2).sum((1, 2)) for g in _formed_chunks(layer, calls, batch)])
     else:
-        sq = factored_sq_norms([c.rows() for c in calls], [c.delta for c in calls], bias=layer.has_bias,
-                               embedding=layer.kind == "embedding")
+        sq = factored_sq_norms(
+            [c.rows() for c in calls],
+            [c.delta for c in calls],
+            bias=layer.has_bias,
+            embedding=layer.kind == "embedding",
+        )
     assert f is not None  # a layer runs at least once per batch
     return f, sq, "per position"
 
@@ -159,8 +168,7 @@ def layer_features(layer: FactorLayer, calls: Sequence[RowsCall | ConvCall], fac
 def _gradients(total: torch.Tensor, wrt: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
     """d total / d each of ``wrt``; None for a tensor outside the graph (a call made under no_grad)."""
     live = [i for i, t in enumerate(wrt) if t.requires_grad]
-    got = torch.autograd.grad(total, [wrt[i] for i in live], allow_unused=True) \
-        if live and total.requires_grad else ()
+    got = torch.autograd.grad(total, [wrt[i] for i in live], allow_unused=True) if live and total.requires_grad else ()
     out: list[torch.Tensor | None] = [None] * len(wrt)
     for i, g in zip(live, got):
         out[i] = g
@@ -202,8 +210,11 @@ class _DenseGroup:
         self.taps: list[LayerTap] = []
 
     def _set_others(self, names: list[str]) -> None:
-        plan = {n: self._methods[n] for n in names} if self._methods and all(
-            self._methods.get(n) in ("vmap", "loop") for n in names) else None
+        plan = (
+            {n: self._methods[n] for n in names}
+            if self._methods and all(self._methods.get(n) in ("vmap", "loop") for n in names)
+            else None
+        )
         self.others = PerExampleGradients(self.model, names, self.loss_fn, methods=plan) if names else None
 
     def start(self, batch: int) -> None:
@@ -220,8 +231,13 @@ class _DenseGroup:
         """{name: (B, *shape)} of every dense parameter. ``batch_grads`` (first batch only): the hooked
         parameters' batch gradients, to check the taps saw every use."""
         hooked = set(self.hooked)
-        failed = {n: f"{type(t.use.module).__name__} {t.use.module_name!r} {t.problem}"
-                  for t in self.taps if t.problem for n in t.use.attrs.values() if n in hooked}
+        failed = {
+            n: f"{type(t.use.module).__name__} {t.use.module_name!r} {t.problem}"
+            for t in self.taps
+            if t.problem
+            for n in t.use.attrs.values()
+            if n in hooked
+        }
         grads = gradients_from_taps(self.taps, deltas, {n: plain[n] for n in self.hooked}, batch)
         self.taps = []
         if batch_grads is not None:
@@ -230,9 +246,13 @@ class _DenseGroup:
                 if why:
                     failed[n] = why
             if failed:
-                log.warning("factored projection: %d parameters of the dense group are not computed by hooks "
-                            "(%s: %s); using vmap for them", len(failed), next(iter(failed)),
-                            next(iter(failed.values())))
+                log.warning(
+                    "factored projection: %d parameters of the dense group are not computed by hooks "
+                    "(%s: %s); using vmap for them",
+                    len(failed),
+                    next(iter(failed)),
+                    next(iter(failed.values())),
+                )
                 self.hooked = [n for n in self.hooked if n not in failed]
                 self._set_others([n for n in self.params if n not in self.hooked])
         if self.others is not None:
@@ -252,8 +272,14 @@ class FactoredFeatures(HookedFeaturizer):
 
     method = "factored hooks"
 
-    def __init__(self, model: nn.Module, spec: ProjectionSpec, loss_fn: LossFn | None = None,
-                 device: torch.device | str = "cpu", methods: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: ProjectionSpec,
+        loss_fn: LossFn | None = None,
+        device: torch.device | str = "cpu",
+        methods: Mapping[str, str] | None = None,
+    ):
         super().__init__(model, spec, loss_fn, device)
         self.plan = plan_from_spec(spec)
         self.factors = Factors(spec.seed, self.device)
@@ -278,8 +304,9 @@ class FactoredFeatures(HookedFeaturizer):
         with_grad = {k: (v.detach().requires_grad_(True) if k in hooked else v) for k, v in state.items()}
         return with_grad, state, scales
 
-    def __call__(self, states: Sequence[Any], inputs: Any,
-                 targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, states: Sequence[Any], inputs: Any, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Features (C, B, dim), losses (C, B) and exact squared norms (C, B) at every prepared state."""
         out = [self.one(prepared, inputs, targets) for prepared in states]
         feats, losses, sq_norms = (torch.stack([o[i] for o in out]) for i in range(3))
@@ -314,15 +341,19 @@ class FactoredFeatures(HookedFeaturizer):
         n_out, n_dense = len(outputs), len(dense_outputs)
         if check:
             self._checked = True
-            self._check_hooks(grads[:n_out], grads[n_out + n_dense: n_out + n_dense + len(self._weights)], state,
-                              batch)
+            self._check_hooks(
+                grads[:n_out], grads[n_out + n_dense : n_out + n_dense + len(self._weights)], state, batch
+            )
         deltas = iter(grads[:n_out])
         parts: dict[int, torch.Tensor] = {}
         sq_norms = torch.zeros(batch, dtype=torch.float32, device=self.device)
         for t in self.taps:
             scale = None if scales is None else scales.layers[t.layer.module]
-            calls = [t.call(a, delta, batch, scale)
-                     for (a, _o), delta in zip(t.calls, [next(deltas) for _ in t.calls]) if delta is not None]
+            calls = [
+                t.call(a, delta, batch, scale)
+                for (a, _o), delta in zip(t.calls, [next(deltas) for _ in t.calls])
+                if delta is not None
+            ]
             t.calls.clear()
             if not calls:
                 parts[id(t.layer)] = torch.zeros(batch, t.layer.out_width, device=self.device)
@@ -332,8 +363,8 @@ class FactoredFeatures(HookedFeaturizer):
             sq_norms += sq
             self.paths[t.layer.module] = how
         if dense is not None:
-            batch_grads = grads[n_out + n_dense + len(self._weights):] if check else None
-            g = dense.gradients(grads[n_out: n_out + n_dense], batch_grads, plain, inputs, targets, batch)
+            batch_grads = grads[n_out + n_dense + len(self._weights) :] if check else None
+            g = dense.gradients(grads[n_out : n_out + n_dense], batch_grads, plain, inputs, targets, batch)
             if scales is not None:
                 g = scales.apply(g)
             sq_norms += dense_sq_norms(g, batch)
@@ -363,7 +394,9 @@ class FactoredFeatures(HookedFeaturizer):
             want = torch.zeros_like(state[layer.weight]) if wg is None else wg.to(torch.float32)
             have = torch.zeros_like(want) if total is None else total.reshape(want.shape)
             self._require_batch_gradient(
-                have, want,
+                have,
+                want,
                 f"the factored projection does not see all of {layer.weight!r}'s gradient (the weight is "
                 "used outside its module's forward, or the layer's batch dimension is not first); "
-                "leave it out of layers or use projection='gaussian'")
+                "leave it out of layers or use projection='gaussian'",
+            )

@@ -77,7 +77,7 @@ class KronScale:
         if len(self.params) == 2:
             g = torch.cat([g, grads[self.params[1]].to(torch.float32).reshape(b, d_out, 1)], dim=2)
         g = self.q_out @ (((self.q_out.T @ g @ self.q_in) * self.inverse_root) @ self.q_in.T)
-        out = {self.params[0]: g[:, :, :weight[0].numel() // d_out].reshape(weight.shape)}
+        out = {self.params[0]: g[:, :, : weight[0].numel() // d_out].reshape(weight.shape)}
         if len(self.params) == 2:
             out[self.params[1]] = g[:, :, -1]
         return out
@@ -94,9 +94,11 @@ class Scales:
     kron: dict[str, KronScale] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> Scales:
-        return Scales({n: s.to(device) for n, s in self.params.items()},
-                      {m: s.to(device) for m, s in self.layers.items()},
-                      {m: s.to(device) for m, s in self.kron.items()})
+        return Scales(
+            {n: s.to(device) for n, s in self.params.items()},
+            {m: s.to(device) for m, s in self.layers.items()},
+            {m: s.to(device) for m, s in self.kron.items()},
+        )
 
     def apply(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-example gradients {name: (B, *shape)} times P^{1/2} (float32), in the order given."""
@@ -126,8 +128,9 @@ def from_out_in(kind: str, m: torch.Tensor, shape: Sequence[int]) -> torch.Tenso
     return m.reshape(tuple(shape))
 
 
-def rank1_factors(kind: str, params: Sequence[str], moments: Mapping[str, ParamMoments]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def rank1_factors(
+    kind: str, params: Sequence[str], moments: Mapping[str, ParamMoments]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(p (d_out,), q (d_in,)) with P^{1/2}_ij = p_i q_j for a layer's weight (and bias, the last column of q)."""
     weight = moments[params[0]]
     cols = [out_in(kind, weight.v_hat.to(torch.float64))]
@@ -155,8 +158,9 @@ def hooked_layers(spec: ProjectionSpec) -> list[tuple[str, str, tuple[str, ...]]
     return []
 
 
-def preconditioner_layers(preconditioner: str, spec: ProjectionSpec, model: nn.Module
-                          ) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+def preconditioner_layers(
+    preconditioner: str, spec: ProjectionSpec, model: nn.Module
+) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
     """The layers whose v̂ takes the rank-1 form for ``preconditioner`` ("adam" or "adafactor") on ``spec``."""
     from .factored import layer_groups
 
@@ -180,8 +184,10 @@ def preconditioner_scales(spec: ProjectionSpec, moments: Moments, device: torch.
     have = moments.params
     missing = [n for n, _ in spec.layers if n not in have]
     if missing:
-        raise CaptureError(f"the moments read from {moments.where} lack parameter {missing[0]}; "
-                           "re-capture, or pass preconditioner=None (--preconditioner none)")
+        raise CaptureError(
+            f"the moments read from {moments.where} lack parameter {missing[0]}; "
+            "re-capture, or pass preconditioner=None (--preconditioner none)"
+        )
     hooked = {module for _, module, _ in hooked_layers(spec)}
     shapes = dict(spec.layers)
     params: dict[str, torch.Tensor] = {}
@@ -209,6 +215,10 @@ def kfac_scales(curvature, checkpoint: int, device: torch.device | str = "cpu") 
     """P^{1/2} of checkpoint ``checkpoint`` (its index) from a fitted ``curvature`` (``preconditioner="kfac"``)."""
     kron = {}
     for m, layer in curvature.layers[checkpoint].items():
-        kron[m] = KronScale(layer.params, layer.q_out.to(torch.float32), layer.q_in.to(torch.float32),
-                            layer.inverse_root(curvature.damping).to(torch.float32))
+        kron[m] = KronScale(
+            layer.params,
+            layer.q_out.to(torch.float32),
+            layer.q_in.to(torch.float32),
+            layer.inverse_root(curvature.damping).to(torch.float32),
+        )
     return Scales({}, {}, kron).to(device)
