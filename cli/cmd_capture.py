@@ -40,8 +40,8 @@ def _layers(value: str | None) -> list[str] | None:
     return names
 
 
-@click.command("capture")
-@click.option(
+# The --model option of every command that loads the user's model.
+model_option = click.option(
     "--model",
     "model_ref",
     required=True,
@@ -49,6 +49,10 @@ def _layers(value: str | None) -> list[str] | None:
     callback=_ref,
     help="Zero-argument callable returning the torch model (module:function or file.py:function).",
 )
+
+
+@click.command("capture")
+@model_option
 @click.option(
     "--data",
     "data_ref",

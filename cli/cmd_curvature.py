@@ -6,19 +6,12 @@ import time
 
 import click
 
-from .cmd_capture import _layers, _ref
+from .cmd_capture import _layers, _ref, model_option
 from .settings import Settings, pass_settings, plural
 
 
 @click.command("fit-curvature")
-@click.option(
-    "--model",
-    "model_ref",
-    required=True,
-    metavar="MOD:FN",
-    callback=_ref,
-    help="Zero-argument callable returning the torch model (module:function or file.py:function).",
-)
+@model_option
 @click.option(
     "--data",
     "data_ref",
