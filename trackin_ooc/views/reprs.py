@@ -263,7 +263,7 @@ def index_html(index: Any) -> str:
     cal = index.calibration if index.complete else {}
     table = _calibration_table(cal)
     if table:
-        body += _details("calibration on held-in queries", table, open_=True)
+        body += _details("calibration on held-out queries", table, open_=True)
     return h.fragment(body)
 
 
