@@ -120,7 +120,7 @@ def test_cosine_index(clustered):
 
 # ---- recall and reading less ------------------------------------------------------------------------
 def test_recall_on_real_digits_gradients(digits_stores, digits_index):
-    """Held-out test examples, default n_probe (calibrated for recall@10 >= 0.95 on held-in queries)."""
+    """Held-out test examples, default n_probe (calibrated for recall@10 >= 0.95 on held-out queries)."""
     train, test = digits_stores
     exact = to.top_k(test, train, k=K)
     one_by_one = [to.top_k(test.path, train, k=K, index=digits_index) for _ in range(1)][0]

@@ -20,7 +20,7 @@ from .engine import ivf, ivf_graphs, planning, resources
 from .engine.array_module import resolve_backend
 from .engine.execute import compute
 from .errors import ArgumentError, StoreError
-from .ranks import label_top_k, rank_coordinate
+from .ranks import top_k_result
 from .store import GradientStore, StoreLike, backends, layout, open_store
 from .store.backends import StorageOptions
 from .store.guard import check_output_location, location
@@ -423,23 +423,17 @@ def index_top_k(
     if by_default and read > STREAM_FRACTION * tr.n_examples * max(1, len(rows)):
         # The test examples' lists together cover most rows: one streaming pass is cheaper, and exact.
         return _streamed(**stream, why="lists cover most rows")
-    pi, ps, oi, os_ = ivf_graphs.search_arrays(te, idx, plan, rows, int(k), normalize, backend)
-    dims = ("test", "rank")
-    ds = xr.Dataset(
-        {
-            "proponent_index": (dims, pi),
-            "proponent_score": (dims, ps),
-            "opponent_index": (dims, oi),
-            "opponent_score": (dims, os_),
-        },
-        coords={"test": te.example_ids(), "rank": rank_coordinate(k)},
+    arrays = ivf_graphs.search_arrays(te, idx, plan, rows, int(k), normalize, backend)
+    return top_k_result(
+        te,
+        tr,
+        arrays,
+        k=int(k),
+        normalize=normalize,
+        compute_now=compute_now,
+        progress=progress,
+        client=client,
         attrs={
-            "k": int(k),
-            "normalize": bool(normalize),
-            "test_store": te.path,
-            "train_store": tr.path,
-            "test_fingerprint": te.fingerprint,
-            "train_fingerprint": tr.fingerprint,
             "approximate": True,
             "index": idx.path,
             "n_probe": idx.n_probe if n_probe is None else n_probe,
@@ -449,11 +443,6 @@ def index_top_k(
             "bytes_read": int(read * tr.n_checkpoints * tr.feature_dim * itemsize(tr.dtype)),
         },
     )
-    if compute_now:
-        names = list(ds.data_vars)
-        values = compute(*(ds[n].data for n in names), desc="top-k", progress=progress, client=client)
-        ds = ds.copy(data={n: v for n, v in zip(names, values)})
-    return label_top_k(ds, te, tr)
 
 
 def _streamed(

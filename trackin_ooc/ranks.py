@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import dask
 import numpy as np
 import xarray as xr
@@ -43,3 +45,47 @@ def label_top_k(ds: xr.Dataset, test, train) -> xr.Dataset:
     if test.has_labels:
         ds = ds.assign_coords(test_label=("test", test.labels()))
     return ds
+
+
+def top_k_result(
+    test: Any,
+    train: Any,
+    arrays: tuple[Any, Any, Any, Any],
+    *,
+    k: int,
+    normalize: bool,
+    attrs: dict[str, Any],
+    compute_now: bool,
+    progress: bool | None,
+    client: Any,
+) -> xr.Dataset:
+    """The one place a top-k result is assembled, streamed or indexed: the four (test, rank) arrays
+    (proponent index and score, opponent index and score) with the stores' ids and fingerprints, computed
+    when ``compute_now``, then ranked and labelled (:func:`label_top_k`)."""
+    from .engine.execute import compute
+
+    pi, ps, oi, os_ = arrays
+    dims = ("test", "rank")
+    ds = xr.Dataset(
+        {
+            "proponent_index": (dims, pi),
+            "proponent_score": (dims, ps),
+            "opponent_index": (dims, oi),
+            "opponent_score": (dims, os_),
+        },
+        coords={"test": test.example_ids(), "rank": rank_coordinate(k)},
+        attrs={
+            "k": int(k),
+            "normalize": bool(normalize),
+            "test_store": test.path,
+            "train_store": train.path,
+            "test_fingerprint": test.fingerprint,
+            "train_fingerprint": train.fingerprint,
+            **attrs,
+        },
+    )
+    if compute_now:
+        names = list(ds.data_vars)
+        values = compute(*(ds[n].data for n in names), desc="top-k", progress=progress, client=client)
+        ds = ds.copy(data={n: v for n, v in zip(names, values)})
+    return label_top_k(ds, test, train)

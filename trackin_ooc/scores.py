@@ -14,7 +14,7 @@ from .engine import factor_kernels, graphs, planning, resources
 from .engine.array_module import resolve_backend
 from .engine.execute import compute
 from .errors import ArgumentError, NonFiniteWarning
-from .ranks import label_top_k, rank_coordinate
+from .ranks import top_k_result
 from .store import GradientStore, StoreLike, open_store
 from .store.backends import StorageOptions
 from .store.compatibility import check_compatible
@@ -355,28 +355,15 @@ def top_k(
         raise ArgumentError("n_probe needs an index: pass index=build_index(train) (or index=True)")
     backend = resolve_backend(device).name
     plan = plan_for(te, tr, memory_limit=memory_limit, k=int(k), client=client)
-    pi, ps, oi, os_ = graphs.topk_arrays(te, tr, plan, int(k), normalize, backend)
-    dims = ("test", "rank")
-    ds = xr.Dataset(
-        {
-            "proponent_index": (dims, pi),
-            "proponent_score": (dims, ps),
-            "opponent_index": (dims, oi),
-            "opponent_score": (dims, os_),
-        },
-        coords={"test": te.example_ids(), "rank": rank_coordinate(k)},
-        attrs={
-            "k": int(k),
-            "normalize": bool(normalize),
-            "test_store": te.path,
-            "train_store": tr.path,
-            "test_fingerprint": te.fingerprint,
-            "train_fingerprint": tr.fingerprint,
-            "approximate": False,
-        },
+    arrays = graphs.topk_arrays(te, tr, plan, int(k), normalize, backend)
+    return top_k_result(
+        te,
+        tr,
+        arrays,
+        k=int(k),
+        normalize=normalize,
+        attrs={"approximate": False},
+        compute_now=compute_now,
+        progress=progress,
+        client=client,
     )
-    if compute_now:
-        names = list(ds.data_vars)
-        values = compute(*(ds[n].data for n in names), desc="top-k", progress=progress, client=client)
-        ds = ds.copy(data={n: v for n, v in zip(names, values)})
-    return label_top_k(ds, te, tr)
