@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
-import pytest
+# OpenMP reads its thread count once, when torch loads it, and a thread that is not OpenMP's own (a
+# Dask worker thread) runs its parallel regions with that count, not torch.set_num_threads's: the same
+# count everywhere (tests/conftest.py sets torch's) keeps results bit for bit equal across threads.
+os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("TRACKIN_OOC_TEST_TORCH_THREADS", "1"))
+
+import pytest  # noqa: E402
 
 from trackin_ooc.engine.array_module import cupy_usable
 

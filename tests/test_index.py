@@ -233,9 +233,9 @@ def test_damaged_index_chunk_is_named(tmp_path):
 CHILD = textwrap.dedent(
     """
     import sys, dask, trackin_ooc as to
-    from trackin_ooc import indexing
+    from trackin_ooc.engine import ivf_build
     dask.config.set(scheduler="synchronous")
-    indexing.MIN_CHUNK_BYTES, indexing.WINDOW_BYTES = 1, 1 << 15  # a dozen small windows: a pass 2 to kill in
+    ivf_build.MIN_CHUNK_BYTES, ivf_build.WINDOW_BYTES = 1, 1 << 15  # a dozen small windows: a pass 2 to kill in
     to.build_index(sys.argv[1], n_lists=40, progress=False)
     """
 )
