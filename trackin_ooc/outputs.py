@@ -12,8 +12,8 @@ import os
 from .store import is_remote, is_unfinished
 from .store.backends import StorageOptions
 from .store.gradient_store import existing_store
+from .store.guard import check_file_output
 from .tables import check_output
-from .views.output import check_file_output
 
 __all__ = ["check_output", "check_capture_output", "check_file_output", "is_unfinished", "is_remote"]
 

@@ -303,3 +303,52 @@ def lay_out_output(
         return None
     clear_output(out, existing, storage_options)
     return make(out, storage_options)
+
+
+# ---- single-file outputs (views and reports: .html, .png) ---------------------------------------------
+# The mark a page (``<meta name="generator" content="trackin-ooc ...">``) or a picture (a ``Software``
+# text chunk) this package wrote carries: only such a file is replaced with overwrite.
+MARK = b"trackin-ooc"
+
+
+def written_here(path: str) -> bool:
+    """Whether the file at ``path`` is a page or picture this package wrote (its mark in the first 4 KiB)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    if head.startswith(b"\x89PNG"):
+        return b"Software\x00" + MARK in head
+    return b'name="generator" content="' + MARK in head
+
+
+def check_file_output(path: str | os.PathLike[str], *, what: str, overwrite: bool, inputs: Iterable[Any] = ()) -> str:
+    """Apply the output rule to a local file output; return its absolute path.
+
+    Raises ``OutputOverlapsInputError`` (an input's place), ``StoreExistsError`` (exists, no overwrite) or
+    ``OutputKindError`` (exists and is not an earlier output of this package, or is a folder).
+    """
+    if backends.is_remote(path):
+        raise OutputKindError(
+            f"{os.fspath(path)}: the {what} is written to a local file; give a local path and copy it afterwards"
+        )
+    final = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    check_not_an_input(final, inputs)
+    if not os.path.lexists(final):
+        parent = os.path.dirname(final)
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            raise OutputKindError(f"cannot write {final}: {parent} is a file, not a folder")
+        return final
+    if os.path.isdir(final):
+        raise OutputKindError(f"{final} is a folder; the {what} is one file: give a file name (say report.html)")
+    if not overwrite:
+        raise StoreExistsError(
+            f"{what} {final} already exists; pass overwrite=True (--overwrite) to replace it, or choose another path"
+        )
+    if not written_here(final):
+        raise OutputKindError(
+            f"{final} already exists and was not written by trackin-ooc; overwrite replaces only "
+            f"an earlier {what}: remove it deliberately first (rm {final}) or choose another path"
+        )
+    return final

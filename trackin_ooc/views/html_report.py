@@ -23,10 +23,11 @@ import xarray as xr
 from .._version import __version__
 from ..errors import TrackinError
 from ..ranks import rank_coordinate
+from ..store.guard import check_file_output
 from . import html as h
 from .examples import ViewError
 from .influence_view import InfluenceView, show
-from .output import check_file_output, write_text_output
+from .output import write_text_output
 from .plots import bars_svg, histogram_svg
 
 N_DISTRIBUTION = 100  # test examples whose scores against every training example make the histogram
