@@ -84,12 +84,10 @@ def build_model(cfg: TransformerConfig) -> nn.Module:
 
     torch.manual_seed(cfg.seed)
     # PretrainedConfig keywords (num_labels, attn_implementation) lie outside the typed signatures.
-    common: dict[str, Any] = dict(
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager"
-    )
+    eager: dict[str, Any] = {"attn_implementation": "eager"}
+    common: dict[str, Any] = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **eager)
     labelled: dict[str, Any] = {"num_labels": CLASSES}
     digit_classes: dict[str, Any] = {"num_labels": 10}  # ViT reads digits as patches
-    eager: dict[str, Any] = {"attn_implementation": "eager"}
     config: Any
     if cfg.family == "gpt2":
         config = hf.GPT2Config(

@@ -308,7 +308,8 @@ def lay_out_output(
 # ---- single-file outputs (views and reports: .html, .png) ---------------------------------------------
 # The mark a page (``<meta name="generator" content="trackin-ooc ...">``) or a picture (a ``Software``
 # text chunk) this package wrote carries: only such a file is replaced with overwrite.
-MARK = b"trackin-ooc"
+GENERATOR = "trackin-ooc"
+MARK = GENERATOR.encode()
 
 
 def written_here(path: str) -> bool:

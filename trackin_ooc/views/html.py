@@ -12,9 +12,10 @@ import base64
 import html as _html
 from collections.abc import Iterable, Mapping
 
+from ..store.guard import GENERATOR
+
 # No scripts, no fetches, no fonts or frames from anywhere; pictures only as data: URIs.
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
-GENERATOR = "trackin-ooc"
 
 CSS = """
 .tko{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;font-size:13px;color:#1f2328;line-height:1.35}
