@@ -442,3 +442,44 @@ def test_layer_without_batch_first_is_refused(tmp_path):
             batch_size=8,
             device="cpu",
         )
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(3, 16, 3, stride=2, padding=1),  # 9 positions, 16 channels: the batched product of patches
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),  # 36 positions, 4 channels: the grouped weight gradient
+        nn.Conv2d(3, 40, 3, dilation=2, padding="same", padding_mode="reflect"),  # 36 positions, 40 channels
+    ],
+    ids=["few-positions", "many-positions", "reflect-dilated"],
+)
+def test_formed_conv_gradients_equal_autograd(conv):
+    """Both ways ConvCall forms per-example gradients (chosen by positions against output channels) equal
+    autograd's, bias row last, and agree with each other, plain and preconditioned."""
+    from trackin_ooc.capturing.projection.calls import ConvCall
+    from trackin_ooc.capturing.projection.factors import LayerChoice
+    from trackin_ooc.capturing.projection.preconditioner import LayerScale
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 6, 6, generator=gen)
+    out = conv(x)
+    delta = torch.randn(out.shape, generator=gen)
+    has_bias = conv.bias is not None
+    d_in, d_out = 27 + has_bias, conv.out_channels
+    params = ("c.weight", "c.bias") if has_bias else ("c.weight",)
+    layer = LayerChoice("conv2d", "c", params, d_in, d_out, "factors").tap_layer()
+    ref = []
+    for i in range(5):
+        conv.zero_grad()
+        (conv(x[i : i + 1]) * delta[i : i + 1]).sum().backward()
+        g = conv.weight.grad.reshape(d_out, -1).T
+        ref.append(torch.cat([g, conv.bias.grad[None]]) if has_bias else g)
+    call = ConvCall(layer, conv, x, delta)
+    torch.testing.assert_close(call.formed(0, 5), torch.stack(ref), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(call.formed(1, 4), call._grouped(1, 4, delta[1:4]), rtol=1e-5, atol=1e-5)
+    p, q = torch.rand(d_out, generator=gen) + 0.5, torch.rand(d_in, generator=gen) + 0.5
+    scale = LayerScale(q[:-1] / q[-1], p * q[-1]) if has_bias else LayerScale(q, p)
+    scaled = ConvCall(layer, conv, x, delta, scale)
+    want = torch.stack(ref) * q[None, :, None] * p[None, None, :]
+    torch.testing.assert_close(scaled.formed(0, 5), want, rtol=1e-5, atol=1e-5)

@@ -36,7 +36,7 @@ from ..per_example.batches import call_functional
 from ..per_example.gradients import PerExampleGradients
 from ..per_example.hooked import LayerTap, gradient_mismatch, gradients_from_taps, open_taps, parameter_uses
 from ..per_example.losses import LossFn, check_losses
-from ..per_example.norms import dense_sq_norms, factored_sq_norms
+from ..per_example.norms import dense_sq_norms, factored_sq_norms, row_sq_norms
 from .calls import ConvCall, RowsCall
 from .costs import norm_cost
 from .factored import (
@@ -140,7 +140,7 @@ def layer_features(
         norms: list[torch.Tensor] = []
         for g in _formed_chunks(layer, calls, batch):
             feats.append(features_from_formed(layer, g, factors))
-            norms.append(g.pow(2).sum((1, 2)))
+            norms.append(row_sq_norms(g))
         return torch.cat(feats), torch.cat(norms), "formed"
     f = None
     p_in = factors.matrix(layer, "in")
@@ -153,7 +153,7 @@ def layer_features(
         part = combine(layer, a_proj, project_output(layer, c.delta, factors), factors)
         f = part if f is None else f.add_(part)
     if norm_how == "formed":
-        sq = torch.cat([g.pow(2).sum((1, 2)) for g in _formed_chunks(layer, calls, batch)])
+        sq = torch.cat([row_sq_norms(g) for g in _formed_chunks(layer, calls, batch)])
     else:
         sq = factored_sq_norms(
             [c.rows() for c in calls],
