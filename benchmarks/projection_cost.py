@@ -11,6 +11,10 @@ Cases (CPU, ``--threads`` threads, models from configs or the project's architec
 - ResNet-18 (11M parameters) at 32×32, batches of 32: the same ratio at each k. Target ≤ 4×.
 - The CIFAR ResNet (16-32-64, BatchNorm) at 4096 dims: ``trackin_ooc.capture`` of 64 examples with
   ``projection="gaussian"`` ÷ with ``projection="factored"`` (in-memory stores, one checkpoint). Target ≥ 2×.
+- The rule that picks how a convolution's per-example gradients are formed (a batched product of its
+  patches when it has few positions for its output channels, else a grouped weight gradient), on a seeded
+  sweep of random convolutions (channels 8–512, 2–64 pixels a side, kernels 1/3/5, strides 1/2, batches
+  4–32): the chosen way's time ÷ the faster way's, every case and the worst.
 
 Times are the median over batches after a warm-up batch (the first batch also checks the hooks and
 generates the tables). Every case is printed, then the worst ratio per target.
@@ -121,6 +125,45 @@ def capture_ratio(dim: int, n: int = 64) -> tuple[float, float, float]:
     return out["gaussian"], out["factored"], out["gaussian"] / out["factored"]
 
 
+def conv_rule_sweep(cases: int, seed: int = 0) -> float:
+    """Prints, per random convolution, both ways of forming its per-example gradients and the rule's pick;
+    returns the worst time of the pick ÷ the faster way."""
+    import random
+
+    from trackin_ooc.capturing.projection.calls import ConvCall
+    from trackin_ooc.capturing.projection.factors import LayerChoice
+
+    rng = random.Random(seed)
+    worst = 0.0
+    for _ in range(cases):
+        c, o = rng.choice((8, 16, 32, 64, 128, 256, 512)), rng.choice((8, 16, 32, 64, 128, 256, 512))
+        k, stride, side = rng.choice((1, 3, 5)), rng.choice((1, 2)), rng.choice((2, 4, 8, 16, 32, 64))
+        conv = torch.nn.Conv2d(c, o, k, stride=stride, padding=k // 2, bias=False)
+        b = max(1, min(32, (1 << 22) // (c * k * k * o)))  # the chunk of examples the hooks form at once
+        x = torch.randn(b, c, side * stride, side * stride)
+        delta = torch.randn(conv(x).shape)
+        layer = LayerChoice("conv2d", "c", ("c.weight",), c * k * k, o, "factors").tap_layer()
+        call = ConvCall(layer, conv, x, delta)
+        d = call.delta_map
+        with torch.no_grad():
+            times = {}
+            for name, fn in (("patches", call._patches), ("grouped", call._grouped)):
+                fn(0, b, d)
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    fn(0, b, d)
+                times[name] = (time.perf_counter() - t0) / 3
+        pick = "patches" if call.patches_first(o) else "grouped"
+        ratio = times[pick] / min(times.values())
+        worst = max(worst, ratio)
+        print(
+            f"conv {c:>3d}->{o:<3d} k{k} s{stride} {side:>2d}x{side:<2d} positions, batch {b:>2d}: patches "
+            f"{times['patches'] * 1e3:7.2f} ms, grouped {times['grouped'] * 1e3:7.2f} ms, picks {pick:8s} "
+            f"({ratio:.2f}x the faster)"
+        )
+    return worst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -153,6 +196,7 @@ def main() -> None:
         " (target >= 2)"
     )
     worst["cifar gaussian/factored >= 2x"] = ratio
+    worst["conv rule pick / faster way"] = conv_rule_sweep(12 if args.quick else 32)
     print("# worst case per target")
     for name, value in worst.items():
         print(f"{name:32s} {value:.2f}")

@@ -7,6 +7,8 @@ gradients; and on real trained models the factored ranking agrees with the exact
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -445,15 +447,17 @@ def test_layer_without_batch_first_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "conv",
+    "conv, patches",
     [
-        nn.Conv2d(3, 16, 3, stride=2, padding=1),  # 9 positions, 16 channels: the batched product of patches
-        nn.Conv2d(3, 4, 3, padding=1, bias=False),  # 36 positions, 4 channels: the grouped weight gradient
-        nn.Conv2d(3, 40, 3, dilation=2, padding="same", padding_mode="reflect"),  # 36 positions, 40 channels
+        (nn.Conv2d(3, 16, 3, stride=2, padding=1), True),  # 9 positions, 16 channels: the batched product
+        (nn.Conv2d(3, 4, 3, padding=1, bias=False), False),  # 36 positions, 4 channels: the grouped gradient
+        (nn.Conv2d(3, 40, 3, dilation=2, padding="same", padding_mode="reflect"), True),  # 36 positions
+        (nn.Conv2d(3, 10, 1), True),  # 1×1: 36 positions, 10 channels
+        (nn.Conv2d(3, 8, 1), False),  # 1×1: 36 positions, 8 channels
     ],
-    ids=["few-positions", "many-positions", "reflect-dilated"],
+    ids=["few-positions", "many-positions", "reflect-dilated", "one-by-one", "one-by-one-grouped"],
 )
-def test_formed_conv_gradients_equal_autograd(conv):
+def test_formed_conv_gradients_equal_autograd(conv, patches):
     """Both ways ConvCall forms per-example gradients (chosen by positions against output channels) equal
     autograd's, bias row last, and agree with each other, plain and preconditioned."""
     from trackin_ooc.capturing.projection.calls import ConvCall
@@ -466,7 +470,7 @@ def test_formed_conv_gradients_equal_autograd(conv):
     out = conv(x)
     delta = torch.randn(out.shape, generator=gen)
     has_bias = conv.bias is not None
-    d_in, d_out = 27 + has_bias, conv.out_channels
+    d_in, d_out = 3 * math.prod(conv.kernel_size) + has_bias, conv.out_channels
     params = ("c.weight", "c.bias") if has_bias else ("c.weight",)
     layer = LayerChoice("conv2d", "c", params, d_in, d_out, "factors").tap_layer()
     ref = []
@@ -476,6 +480,7 @@ def test_formed_conv_gradients_equal_autograd(conv):
         g = conv.weight.grad.reshape(d_out, -1).T
         ref.append(torch.cat([g, conv.bias.grad[None]]) if has_bias else g)
     call = ConvCall(layer, conv, x, delta)
+    assert call.patches_first(d_out) is patches
     torch.testing.assert_close(call.formed(0, 5), torch.stack(ref), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(call.formed(1, 4), call._grouped(1, 4, delta[1:4]), rtol=1e-5, atol=1e-5)
     p, q = torch.rand(d_out, generator=gen) + 0.5, torch.rand(d_in, generator=gen) + 0.5
