@@ -91,6 +91,29 @@ def test_every_list_probed_equals_exact_top_k(digits_stores, digits_index):
     assert to.top_k(test, train, k=K).attrs["approximate"] is False
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_small_and_large_query_blocks_equal_exact_top_k(clustered, tmp_path, monkeypatch, normalize):
+    """A query block with fewer test rows than folded features (C·F = 64 here) is scored in list order and its
+    columns put in train order; a larger one puts the rows in train order first. Both are exact top-k."""
+    from trackin_ooc.engine import ivf_tasks
+
+    train, _ = clustered
+    idx = to.build_index(train, n_lists=16, normalize=normalize, path=tmp_path / "index.zarr")
+    calls = []
+    real = ivf_tasks.kernels.score_topk
+    monkeypatch.setattr(ivf_tasks.kernels, "score_topk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    queries = train.read_grads(0, 100) * np.linspace(0.5, 2.0, 100)[None, :, None]
+    for n, rows_first in ((3, False), (100, True)):
+        test = to.from_arrays(
+            tmp_path / f"test{n}.zarr", queries[:, :n].astype(np.float16), train.learning_rates, dtype="float16"
+        )
+        calls.clear()
+        res = to.top_k(test, train, k=K, index=idx, n_probe=idx.n_lists, normalize=normalize, memory_limit="8GB")
+        assert bool(calls) is rows_first
+        want = tt.reference_influence(test.read_grads(), train.read_grads(), train.learning_rates, normalize=normalize)
+        tt.assert_top_k_equal(res, want, K)
+
+
 def test_scores_are_exact_for_the_ids_returned(clustered):
     train, test = clustered
     idx = to.build_index(train, n_lists=64, overwrite=True)

@@ -32,14 +32,14 @@ def label_top_k(ds: xr.Dataset, test, train) -> xr.Dataset:
     ds["rank"].attrs["description"] = TOP_K_RANK
     if train.has_labels:
         lazy = not isinstance(ds["proponent_index"].data, np.ndarray)
-        labels = dask.delayed(train.labels, pure=True)() if lazy else train.labels()
+        labels = dask.delayed(train.labels, pure=True)() if lazy else None
         dtype = train.label_dtype
         for side in ("proponent", "opponent"):
             index = ds[f"{side}_index"].data
             picked = (
                 index.map_blocks(_pick, labels, dtype=dtype, meta=np.empty((0, 0), dtype=dtype))
                 if lazy
-                else labels[index]
+                else train.labels(index)  # the chunks holding those rows only: a few for a small query
             )
             ds[f"{side}_label"] = (("test", "rank"), picked)
     if test.has_labels:

@@ -7,11 +7,10 @@ import os
 
 import dask
 from dask.callbacks import Callback
-from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from ..progress import progress_bar, progress_enabled
-from .resources import active_client, local_threads
+from .resources import active_client, local_threads, thread_pools
 
 
 class _TqdmCallback(Callback):
@@ -39,7 +38,7 @@ class _TqdmCallback(Callback):
 def _blas_threads_for_local_scheduler():
     """Dask threads × BLAS threads must not exceed the cores: give each task its share."""
     per_task = max(1, (os.cpu_count() or 1) // max(1, local_threads()))
-    with threadpool_limits(limits=per_task, user_api="blas"):
+    with thread_pools().limit(limits=per_task, user_api="blas"):
         yield
 
 

@@ -8,11 +8,11 @@ import threading
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from . import factor_kernels as fk
 from .array_module import ArrayBackend
 from .kernels import topk_to_host
+from .resources import thread_pools
 from .tasks import StoreRef, _open_output, done, exact_self_influence_block, getitem, merge_topk
 
 __all__ = [
@@ -46,7 +46,7 @@ def _one_blas_thread(backend: str):
         return
     with _blas_lock:
         if _blas["users"] == 0:
-            _blas["limiter"] = threadpool_limits(limits=1, user_api="blas")
+            _blas["limiter"] = thread_pools().limit(limits=1, user_api="blas")
         _blas["users"] += 1
     try:
         yield

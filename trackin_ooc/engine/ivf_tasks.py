@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 
 import numpy as np
 
@@ -187,31 +188,56 @@ def probe_block(
 
 def search_block(test_folded, index: IndexRef, rows: np.ndarray, k: int, normalize: bool, backend: str):
     """Exact scores of a test block against the index rows at positions ``rows``: the k best and worst,
-    indexed by train position (rows are put in train order first, so ties go to the lower train index)."""
+    indexed by train position (ties go to the lower train index, as in a streaming top-k).
+
+    The rows come in list order. With fewer test rows than folded features (a query of a few test
+    examples) the scores are computed in that order and their columns put in train order, which moves
+    far fewer values than putting the rows themselves in train order first.
+    """
     idx = index.open()
     raw, ids = idx.read_raw_rows(rows)
     order = np.argsort(ids, kind="stable")
     ids = ids[order]
-    train = fold_rows(raw, order, idx.dtype, normalize)
-    if backend == "numpy":
-        part = kernels.score_topk(test_folded, train, k, 0, np)
+    n_ckpt, _, feat = raw.shape
+    if backend == "numpy" and test_folded.shape[0] < n_ckpt * feat:
+        train = fold_rows(raw, None, idx.dtype, normalize)
+        scores = np.matmul(test_folded, train.T)[:, order]
+        part = kernels.select_topk(scores, k, 0, np)
+    elif backend == "numpy":
+        part = kernels.score_topk(test_folded, fold_rows(raw, order, idx.dtype, normalize), k, 0, np)
     else:
         be = ArrayBackend(backend)
+        train = fold_rows(raw, order, idx.dtype, normalize)
         scores = kernels.score_block(be.asarray(test_folded), be.asarray(train), be.xp)
         part = kernels.topk_to_host(kernels.select_topk(scores, k, 0, be.xp), be.to_host)
     return kernels.TopK(part.best_score, ids[part.best_index], part.worst_score, ids[part.worst_index])
 
 
-def fold_rows(raw: np.ndarray, order: np.ndarray, dtype: str, normalize: bool) -> np.ndarray:
-    """``kernels.fold_checkpoints`` of the stored rows ``raw[:, order]`` (on-disk dtype) in one pass: each
-    checkpoint's rows are gathered and converted to float32 straight into the folded (rows, C·F) array."""
-    n_ckpt, _, feat = raw.shape
-    out = np.empty((len(order), n_ckpt, feat), dtype=np.float32)
+_fold = threading.local()
+
+
+def _fold_buffer(shape: tuple[int, int, int]) -> np.ndarray:
+    """This thread's reusable float32 array for folded rows: a fresh one per query block spends about a
+    fifth of a one-example query in page faults."""
+    size = int(np.prod(shape))
+    buf = getattr(_fold, "buf", None)
+    if buf is None or buf.size < size:
+        buf = _fold.buf = None  # release the old one first
+        buf = _fold.buf = np.empty(size, dtype=np.float32)
+    return buf[:size].reshape(shape)
+
+
+def fold_rows(raw: np.ndarray, order: np.ndarray | None, dtype: str, normalize: bool) -> np.ndarray:
+    """``kernels.fold_checkpoints`` of the stored rows ``raw[:, order]`` (on-disk dtype; ``order=None``: as
+    they are) in one pass: each checkpoint's rows are gathered and converted to float32 straight into the
+    folded (rows, C·F) array, this thread's buffer (valid until its next call)."""
+    n_ckpt, n_rows, feat = raw.shape
+    out = _fold_buffer((n_rows, n_ckpt, feat))
     for c in range(n_ckpt):
-        picked = raw[c][order]
+        picked = raw[c] if order is None else raw[c][order]
         out[:, c, :] = picked if dtype != "bfloat16" else layout.decode(picked, dtype)
         if normalize:
             block = out[:, c, :]
             norms = np.sqrt(np.einsum("rf,rf->r", block, block, dtype=np.float32))
             block /= np.maximum(norms, kernels.NORM_EPS)[:, None]
-    return out.reshape(len(order), n_ckpt * feat)
+    return out.reshape(n_rows, n_ckpt * feat)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
 import dask
 import psutil
+from threadpoolctl import ThreadpoolController
 
 # Without a cluster, score with at most this much memory (and a quarter of the machine's).
 LOCAL_FRACTION = 0.25
@@ -43,6 +45,13 @@ def parse_memory(value) -> int:
     from dask.utils import parse_bytes
 
     return int(parse_bytes(str(value)))
+
+
+@functools.cache
+def thread_pools() -> ThreadpoolController:
+    """The process's BLAS and OpenMP thread pools, found once: ``threadpool_limits`` looks for them on
+    every call (about 8 ms, a tenth of an indexed top-k query)."""
+    return ThreadpoolController()
 
 
 def local_threads() -> int:

@@ -408,8 +408,17 @@ class GradientStore(ZarrGroup):
     def example_ids(self) -> np.ndarray:
         return np.asarray(self._array(layout.EXAMPLE)[:])
 
-    def labels(self) -> np.ndarray | None:
-        return np.asarray(self._array(layout.LABEL)[:]) if self.has_labels else None
+    def labels(self, rows: np.ndarray | None = None) -> np.ndarray | None:
+        """The labels of every row, or of ``rows`` (any shape of row indices; only their chunks are read)."""
+        if not self.has_labels:
+            return None
+        array = self._array(layout.LABEL)
+        if rows is None:
+            return np.asarray(array[:])
+        rows = np.asarray(rows, dtype=np.int64)
+        wanted, where = np.unique(rows, return_inverse=True)
+        got = np.asarray(array.get_orthogonal_selection(wanted)) if wanted.size else np.empty(0, array.dtype)
+        return got[where].reshape(rows.shape)
 
     def to_xarray(self) -> xr.Dataset:
         """An ``xarray.Dataset`` of the whole store, lazily backed by dask (nothing is read)."""
