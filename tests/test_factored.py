@@ -453,9 +453,9 @@ def test_layer_without_batch_first_is_refused(tmp_path):
         (nn.Conv2d(3, 4, 3, padding=1, bias=False), False),  # 36 positions, 4 channels: the grouped gradient
         (nn.Conv2d(3, 40, 3, dilation=2, padding="same", padding_mode="reflect"), True),  # 36 positions
         (nn.Conv2d(3, 10, 1), True),  # 1×1: 36 positions, 10 channels
-        (nn.Conv2d(3, 8, 1), False),  # 1×1: 36 positions, 8 channels
+        (nn.Conv2d(3, 2, 1, stride=2), True),  # 1×1, strided: 9 positions, 2 channels, still the product
     ],
-    ids=["few-positions", "many-positions", "reflect-dilated", "one-by-one", "one-by-one-grouped"],
+    ids=["few-positions", "many-positions", "reflect-dilated", "one-by-one", "one-by-one-strided"],
 )
 def test_formed_conv_gradients_equal_autograd(conv, patches):
     """Both ways ConvCall forms per-example gradients (chosen by positions against output channels) equal

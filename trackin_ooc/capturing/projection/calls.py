@@ -147,21 +147,21 @@ class ConvCall:
     def formed(self, start: int, stop: int) -> torch.Tensor:
         """Per-example weight gradients of examples ``start:stop`` as (b, d_in, d_out) (bias row last).
 
-        With fewer positions than output channels (a 1×1 kernel: than 4× the channels) the unfolded patches
-        (T·C·kh·kw values per example) are smaller than G itself: one batched product of patches and output
-        gradients, which writes G in its (d_in, d_out) layout at once. Otherwise the convolution's weight
-        gradient with the examples as groups, which never unfolds the T patches. On 160 random
-        convolutions (benchmarks/projection_cost.py) the batched product was up to 7× faster where few
-        positions leave a grouped backward idle, and up to 19× slower where many positions make the
-        patches large; the rule's pick was within 1.1× of the faster on average, 2.9× in the worst case.
+        A 1×1 kernel, or fewer positions than output channels: one batched product of the unfolded patches
+        and the output gradients, which writes G in its (d_in, d_out) layout at once (a 1×1 kernel's patches
+        are its input; otherwise they are smaller than G itself here). Otherwise the convolution's weight
+        gradient with the examples as groups, which never unfolds the T patches. On 192 random convolutions
+        (benchmarks/projection_cost.py) the batched product was up to 13× faster where few positions, or
+        few input channels per group of a 1×1 kernel, leave a grouped backward idle, and up to 19× slower
+        where many positions make 3×3 and 5×5 patches large; the rule's pick was 1.07× the faster on
+        average, 2.9× in the worst case.
         """
         d = self.delta_map[start:stop].to(torch.float32)
         return self._patches(start, stop, d) if self.patches_first(int(d.shape[1])) else self._grouped(start, stop, d)
 
     def patches_first(self, channels: int) -> bool:
         """Whether :meth:`formed` uses the batched product of unfolded patches (see there)."""
-        one_by_one = tuple(self.module.kernel_size) == (1, 1)
-        return self.positions < (4 if one_by_one else 1) * channels
+        return tuple(self.module.kernel_size) == (1, 1) or self.positions < channels
 
     def _patches(self, start: int, stop: int, d: torch.Tensor) -> torch.Tensor:
         m = self.module
