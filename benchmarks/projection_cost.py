@@ -12,7 +12,7 @@ Cases (CPU, ``--threads`` threads, models from configs or the project's architec
 - The CIFAR ResNet (16-32-64, BatchNorm) at 4096 dims: ``trackin_ooc.capture`` of 64 examples with
   ``projection="gaussian"`` ÷ with ``projection="factored"`` (in-memory stores, one checkpoint). Target ≥ 2×.
 - The rule that picks how a convolution's per-example gradients are formed (a batched product of its
-  patches when it has few positions for its output channels, else a grouped weight gradient), on a seeded
+  patches for a 1×1 kernel or fewer positions than output channels, else a grouped weight gradient), on a seeded
   sweep of random convolutions (channels 8–512, 2–64 pixels a side, kernels 1/3/5, strides 1/2, batches
   4–32): the chosen way's time ÷ the faster way's, every case and the worst.
 
