@@ -458,8 +458,8 @@ def test_layer_without_batch_first_is_refused(tmp_path):
     ids=["few-positions", "many-positions", "reflect-dilated", "one-by-one", "one-by-one-strided"],
 )
 def test_formed_conv_gradients_equal_autograd(conv, patches):
-    """Both ways ConvCall forms per-example gradients (chosen by positions against output channels) equal
-    autograd's, bias row last, and agree with each other, plain and preconditioned."""
+    """Both ways ConvCall forms per-example gradients (chosen by kernel size and positions against output
+    channels) equal autograd's, bias row last, and agree with each other, plain and preconditioned."""
     from trackin_ooc.capturing.projection.calls import ConvCall
     from trackin_ooc.capturing.projection.factors import LayerChoice
     from trackin_ooc.capturing.projection.preconditioner import LayerScale

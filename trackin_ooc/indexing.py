@@ -281,12 +281,12 @@ def index_top_k(
         progress=False,
         client=client,
     )
-    offsets = idx.list_offsets()
-    sizes = np.diff(offsets)
+    sizes = idx.list_sizes()
     read = int(sum(sizes[lists].sum() for lists in probed))
     if by_default and read > STREAM_FRACTION * tr.n_examples * max(1, len(probed)):
         # The test examples' lists together cover most rows: one streaming pass is cheaper, and exact.
         return _streamed(**stream, why="lists cover most rows")
+    offsets = idx.list_offsets()
     rows = [ivf.rows_of_lists(lists, offsets) for lists in probed]
     arrays = ivf_graphs.search_arrays(te, idx, plan, rows, int(k), normalize, backend)
     return top_k_result(

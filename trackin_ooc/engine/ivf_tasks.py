@@ -199,15 +199,14 @@ def search_block(test_folded, index: IndexRef, rows: np.ndarray, k: int, normali
     order = np.argsort(ids, kind="stable")
     ids = ids[order]
     n_ckpt, _, feat = raw.shape
-    if backend == "numpy" and test_folded.shape[0] < n_ckpt * feat:
-        train = fold_rows(raw, None, idx.dtype, normalize)
-        scores = np.matmul(test_folded, train.T)[:, order]
-        part = kernels.select_topk(scores, k, 0, np)
+    order_scores = backend == "numpy" and test_folded.shape[0] < n_ckpt * feat
+    train = fold_rows(raw, None if order_scores else order, idx.dtype, normalize)
+    if order_scores:
+        part = kernels.select_topk(np.matmul(test_folded, train.T)[:, order], k, 0, np)
     elif backend == "numpy":
-        part = kernels.score_topk(test_folded, fold_rows(raw, order, idx.dtype, normalize), k, 0, np)
+        part = kernels.score_topk(test_folded, train, k, 0, np)
     else:
         be = ArrayBackend(backend)
-        train = fold_rows(raw, order, idx.dtype, normalize)
         scores = kernels.score_block(be.asarray(test_folded), be.asarray(train), be.xp)
         part = kernels.topk_to_host(kernels.select_topk(scores, k, 0, be.xp), be.to_host)
     return kernels.TopK(part.best_score, ids[part.best_index], part.worst_score, ids[part.worst_index])

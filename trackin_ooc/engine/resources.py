@@ -50,7 +50,8 @@ def parse_memory(value) -> int:
 @functools.cache
 def thread_pools() -> ThreadpoolController:
     """The process's BLAS and OpenMP thread pools, found once: ``threadpool_limits`` looks for them on
-    every call (about 8 ms, a tenth of an indexed top-k query)."""
+    every call (about 8 ms, a tenth of an indexed top-k query). A library loaded later is not among them;
+    the engine's kernels use NumPy's BLAS, loaded with NumPy before any engine call."""
     return ThreadpoolController()
 
 

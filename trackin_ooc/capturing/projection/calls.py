@@ -153,7 +153,7 @@ class ConvCall:
         gradient with the examples as groups, which never unfolds the T patches. On 192 random convolutions
         (benchmarks/projection_cost.py) the batched product was up to 13× faster where few positions, or
         few input channels per group of a 1×1 kernel, leave a grouped backward idle, and up to 19× slower
-        where many positions make 3×3 and 5×5 patches large; the rule's pick was 1.07× the faster on
+        where many positions make 3×3 and 5×5 patches large; the rule's pick was 1.06× the faster on
         average, 2.9× in the worst case.
         """
         d = self.delta_map[start:stop].to(torch.float32)
